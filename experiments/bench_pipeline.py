@@ -1,0 +1,203 @@
+r"""Benchmarks the clip input pipeline (a benchmark, not a test).
+
+Makes fake clips with ffmpeg's test sources (testsrc2 with grain, so frames are as
+hard to JPEG-code as natural video; a noisy tone as audio), builds them with the
+real TFDS builders at the papers' defaults (224x224 JPEG frames, 1024x128 fbank)
+and measures:
+
+* build: clips/s of `download_and_prepare` (ffmpeg decode, fbank, JPEG; UCF101 adds
+  TV-L1 flow, also timed per frame pair);
+* read: stored examples/s of `tfds.data_source` random access (deserialisation only);
+* train / eval: examples/s of `clip_train_iterator` / `clip_eval_iterator` (decode,
+  crop, resize, flip, normalise, batch) for each thread count, with normalisation on
+  the host (float32 batches) or left to the device (`normalize=False`, uint8 frames).
+
+  python -m experiments.bench_pipeline --threads=1,2 --steps=20
+  python -m experiments.bench_pipeline --datasets=kinetics_sounds --num_clips=32
+
+The source is small and cached in memory, so the numbers are CPU costs (no disk I/O).
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmsafe.data import pipeline
+from mmsafe.data import tfds as mtfds
+from mmsafe.data.tfds import media
+
+_DATASETS = flags.DEFINE_list("datasets", ["kinetics_sounds", "ucf101_rgb_flow"],
+                              "Builders to benchmark.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where to put the fake data (default: a temp dir).")
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 16, "Fake clips per dataset (train split).")
+_SECONDS = flags.DEFINE_integer("seconds", 10, "Clip length (UCF101 clips: 7 s).")
+_SOURCE_SIZE = flags.DEFINE_string("source_size", "480x360", "Fake video size (WxH).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per measurement.")
+_THREADS = flags.DEFINE_list("threads", ["1", "2"], "Thread counts to measure.")
+_BUILD_WORKERS = flags.DEFINE_integer("build_workers", None, "Builder workers (default: CPUs).")
+
+
+def make_fake_clips(root: str, num: int, seconds: int, size: str, fps: int, audio: bool) -> None:
+  """`num` clips `clip{i}.mp4` (or .avi without audio) of detailed, grainy test video."""
+  os.makedirs(root, exist_ok=True)
+  for i in range(num):
+    args = ["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
+            f"testsrc2=size={size}:rate={fps}:duration={seconds},noise=alls=12:allf=t"]
+    if audio:
+      args += ["-f", "lavfi", "-i",
+               f"sine=frequency={200 + 50 * i}:sample_rate=44100:duration={seconds}",
+               "-c:a", "aac", "-shortest"]
+    name = f"clip{i}.mp4" if audio else f"clip{i}.avi"
+    args += ["-c:v", "mpeg4", "-q:v", "4", os.path.join(root, name)]
+    subprocess.run(args, check=True)
+
+
+def write_lists(manual: str, dataset: str, num: int) -> None:
+  """Lists for 3 classes: all clips in train, the first 8 also in test."""
+  if dataset == "ucf101_rgb_flow":
+    classes = ["ApplyEyeMakeup", "Biking", "Drumming"]
+    lists = os.path.join(manual, "ucfTrainTestlist")
+    os.makedirs(lists, exist_ok=True)
+    with open(os.path.join(lists, "classInd.txt"), "w") as f:
+      f.writelines(f"{i + 1} {c}\n" for i, c in enumerate(classes))
+    for i in range(num):
+      c = classes[i % 3]
+      os.makedirs(os.path.join(manual, "UCF-101", c), exist_ok=True)
+      os.replace(os.path.join(manual, f"clip{i}.avi"),
+                 os.path.join(manual, "UCF-101", c, f"v_{c}_g{i:02d}_c01.avi"))
+    with open(os.path.join(lists, "trainlist01.txt"), "w") as f:
+      f.writelines(f"{classes[i % 3]}/v_{classes[i % 3]}_g{i:02d}_c01.avi {i % 3 + 1}\n"
+                   for i in range(num))
+    with open(os.path.join(lists, "testlist01.txt"), "w") as f:
+      f.writelines(f"{classes[i % 3]}/v_{classes[i % 3]}_g{i:02d}_c01.avi\n"
+                   for i in range(min(num, 8)))
+    return
+  classes = ["a", "b", "c"]
+  with open(os.path.join(manual, "classes.txt"), "w") as f:
+    f.write("\n".join(classes) + "\n")
+  for split, count in (("train", num), ("test", min(num, 8))):
+    with open(os.path.join(manual, f"{split}.txt"), "w") as f:
+      f.writelines(f"clip{i}.mp4 {classes[i % 3]}\n" for i in range(count))
+
+
+def build(dataset: str, manual: str, data_dir: str):
+  """Builds `dataset` (paper defaults, 3 classes); returns (builder, seconds)."""
+  if dataset == "ucf101_rgb_flow":
+    config = mtfds.Ucf101Config(name="bench", num_classes=3, flow="compute")
+  else:
+    config = mtfds.AudioVisualConfig(name="bench", num_classes=3)
+  builder = mtfds.BUILDERS[dataset](data_dir=data_dir, config=config,
+                                    num_workers=_BUILD_WORKERS.value)
+  start = time.perf_counter()
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  return builder, time.perf_counter() - start
+
+
+def rate(iterator, batch_size: int, steps: int) -> float:
+  """Examples/s over `steps` batches after one warm-up batch."""
+  with iterator:
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(iterator)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def bench_dataset(dataset: str, workdir: str) -> dict:
+  manual = os.path.join(workdir, dataset, "manual")
+  data_dir = os.path.join(workdir, dataset, "tfds")
+  ucf = dataset == "ucf101_rgb_flow"
+  seconds = 7 if ucf else _SECONDS.value
+  if not os.path.isdir(manual):
+    make_fake_clips(manual, _NUM_CLIPS.value, seconds,
+                    "320x240" if ucf else _SOURCE_SIZE.value, 25, audio=not ucf)
+    write_lists(manual, dataset, _NUM_CLIPS.value)
+  result = {"dataset": dataset, "clips": _NUM_CLIPS.value, "clip_seconds": seconds}
+  builder, seconds_taken = build(dataset, manual, data_dir)
+  written = sum(s.num_examples for s in builder.info.splits.values())
+  result["build_clips_per_s"] = written / seconds_taken
+  result["build_workers"] = _BUILD_WORKERS.value or os.cpu_count()
+  source = builder.as_data_source()["train"]
+  record = source[0]
+  result["stored_kb_per_example"] = round(sum(
+      len(b) for b in np.ravel(record["visual"])) / 1024 + (
+          sum(len(b) for b in np.ravel(record["flow"])) / 1024 if ucf else
+          np.asarray(record["audio"]).nbytes / 1024), 1)
+  if ucf:
+    frames = media.extract_frame_numbers(
+        os.path.join(manual, "UCF-101", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g00_c01.avi"),
+        [0, 1], width=320, height=240)
+    start = time.perf_counter()
+    for _ in range(3):
+      media.tvl1_flow(media.to_gray(frames[0]), media.to_gray(frames[1]))
+    result["tvl1_s_per_pair_320x240"] = (time.perf_counter() - start) / 3
+
+  start = time.perf_counter()
+  for i in range(200):
+    source[i % len(source)]
+  result["read_examples_per_s"] = 200 / (time.perf_counter() - start)
+
+  b, steps = _BATCH_SIZE.value, _STEPS.value
+  for threads in map(int, _THREADS.value):
+    for normalize in (True, False):
+      config = pipeline.ClipPreprocessing(normalize=normalize)
+      tag = f"threads{threads}_{'f32' if normalize else 'uint8'}"
+      result[f"train_{tag}"] = rate(pipeline.clip_train_iterator(
+          _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config, num_threads=threads,
+          prefetch=2), b, steps)
+      result[f"eval_{tag}"] = rate(pipeline.clip_eval_iterator(
+          _Repeat(source, (steps + 1) * b), batch_size=b, config=config,
+          num_threads=threads, prefetch=2), b, steps)
+  return result
+
+
+class _Repeat:
+  """A source of `length` examples cycling over `source` (a few clips make many batches)."""
+
+  def __init__(self, source, length):
+    self._source, self._length = source, length
+
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, i):
+    return self._source[i % len(self._source)]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="mmsafe_bench_")
+  try:
+    results = [bench_dataset(d, workdir) for d in _DATASETS.value]
+  finally:
+    if _WORKDIR.value is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+              if line.startswith("model name")), platform.processor()) if os.path.exists(
+                  "/proc/cpuinfo") else platform.processor()
+  print(json.dumps({"host": {"cpu": cpu, "cores": os.cpu_count(),
+                             "python": platform.python_version()},
+                    "batch_size": _BATCH_SIZE.value,
+                    "results": [{k: round(v, 3) if isinstance(v, float) else v
+                                 for k, v in r.items()} for r in results]},
+                   indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,105 @@
+r"""Robustness report of a trained run: clean / FGM / PGD (multi- and uni-modal),
+missing modality and the decoupling attack, written to <workdir>/robustness/.
+
+  python -m experiments.evaluate --workdir=/tmp/mmsafe/ojt
+  python -m experiments.evaluate --workdir=/tmp/mmsafe/ojt --protocol=paper_reference \
+      --multi_eps=0.5 --uni_eps=1.0 --decoupling_fractions= --split=validation
+
+Writes robustness.json, robustness.md and PNG plots (see mmsafe.eval.report).
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmsafe.attacks import PROTOCOLS
+from mmsafe.eval import report
+from mmsafe.eval import robustness
+from mmsafe.train import loop
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/robustness).")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split to evaluate.")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "default", sorted(PROTOCOLS), "PGD protocol preset.")
+_MULTI_EPS = flags.DEFINE_list("multi_eps", ["0.125", "0.25", "0.5", "1.0"],
+                               "Eps grid of the multi-modal attacks (the protocol's budget "
+                               "is always added).")
+_UNI_EPS = flags.DEFINE_list("uni_eps", ["0.25", "0.5", "1.0", "2.0"],
+                             "Eps grid of the uni-modal attacks.")
+_ATTACKS = flags.DEFINE_list("attacks", ["fgm", "pgd"], "Subset of fgm,pgd.")
+_UNI_MODALITIES = flags.DEFINE_list("uni_modalities", None,
+                                    "Modalities attacked alone (default: each).")
+_FILLS = flags.DEFINE_list("missing_fills", ["zeros"],
+                           "Missing-modality fills: zeros,mean,noise (empty: skip).")
+_FRACTIONS = flags.DEFINE_list("decoupling_fractions", ["0.0025", "0.005", "0.0116", "0.025",
+                                                        "0.05"],
+                               "Decoupling attack l0 budgets (empty: skip).")
+_SCOPES = flags.DEFINE_list("decoupling_scopes", ["multi"],
+                            "'multi' (all modalities jointly) and/or modality names.")
+_MAX_CHANGE = flags.DEFINE_float("decoupling_max_change", 2.0,
+                                 "Bound on each changed entry (normalised units).")
+_ROUNDS = flags.DEFINE_integer("decoupling_rounds", 8, "Support-growing rounds.")
+_STEPS = flags.DEFINE_integer("decoupling_steps", 10, "Signed-gradient steps per round.")
+_BOX = flags.DEFINE_bool("box", False, "Clip attacks to the raw value range of bounded "
+                         "modalities (Dataset.value_range).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Examples per compiled attack call.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (0: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _floats(values, name):
+  try:
+    return tuple(float(v) for v in values or ())
+  except ValueError as e:
+    raise app.UsageError(f"--{name}: expected comma-separated numbers, got {values}") from e
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, model, variables, splits = loop.restore_run(_WORKDIR.value, which=_WHICH.value)
+  data = splits[_SPLIT.value]
+  inputs, labels = dict(data.inputs), np.asarray(data.labels)
+  if _MAX_EXAMPLES.value:
+    inputs = {m: x[:_MAX_EXAMPLES.value] for m, x in inputs.items()}
+    labels = labels[:_MAX_EXAMPLES.value]
+  suite = robustness.SuiteConfig(
+      protocol=_PROTOCOL.value,
+      multi_eps=_floats(_MULTI_EPS.value, "multi_eps"),
+      uni_eps=_floats(_UNI_EPS.value, "uni_eps"),
+      attacks=tuple(_ATTACKS.value or ()),
+      uni_modalities=None if _UNI_MODALITIES.value is None else tuple(_UNI_MODALITIES.value),
+      missing_fills=tuple(_FILLS.value or ()),
+      decoupling_fractions=_floats(_FRACTIONS.value, "decoupling_fractions"),
+      decoupling_scopes=tuple(_SCOPES.value or ()),
+      decoupling={"max_change": _MAX_CHANGE.value, "rounds": _ROUNDS.value,
+                  "steps_per_round": _STEPS.value},
+      batch_size=_BATCH.value, seed=_SEED.value)
+  bounds = ({m: data.normalized_range(m) for m in data.value_range if m in inputs}
+            if _BOX.value else None)
+  train = splits["train"]
+  fill_means = {m: np.asarray(train.inputs[m]).mean(axis=0) for m in inputs}
+  total = robustness.num_work_units(suite, data.modality_shapes, len(labels))
+  with tqdm(total=total, desc=f"robustness of {config['method']} on {config['dataset']}/"
+            f"{_SPLIT.value}", unit="batch", dynamic_ncols=True) as bar:
+    results = robustness.evaluate_robustness(
+        robustness.logits_apply(model), variables, inputs, labels, suite, bounds=bounds,
+        fill_means=fill_means, progress=bar.update)
+  results["meta"] = {"workdir": os.path.abspath(_WORKDIR.value), "method": config["method"],
+                     "dataset": config["dataset"], "split": _SPLIT.value,
+                     "checkpoint": _WHICH.value, "device": str(jax.devices()[0])}
+  out = _OUT.value or os.path.join(_WORKDIR.value, "robustness")
+  paths = report.write_report(results, out, title=f"Robustness of {config['method']} on "
+                              f"{config['dataset']} ({_SPLIT.value})")
+  print(json.dumps({"headline": results["headline"], "files": paths}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

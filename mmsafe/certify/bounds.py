@@ -1,0 +1,306 @@
+"""Certified l2 radii of multi-modal models (CRMT, ICLR 2024, Thm 3.3, Prop 3.4, Thm 3.5).
+
+For a sample `x` with label `y` and every wrong class `k != y`:
+
+* concat (JT) head, Thm 3.3 (eq. 5), with `c^(m)_k = ||W^(m)_y - W^(m)_k||`,
+  `zeta^(m)_k` the uni-modal margin (eq. 2) and `tau^(m)_k` its Lipschitz
+  constant (eq. 4):
+
+      r_k = (sum_m c^(m)_k zeta^(m)_k(x) + b_y - b_k) / sqrt(sum_m (c^(m)_k tau^(m)_k)^2)
+
+* orthogonal head, Thm 3.5 (eq. 10), with `tau~^(m)_k` the Lipschitz constant
+  of the uni-modal score `u^(m)_k` (eq. 9) and absolute values of `a` so the
+  bound stays sound for negative weights (the paper assumes `a >= 0`):
+
+      r_k = (h~_y(x) - h~_k(x)) / sqrt(sum_m (|a^(m)_y| tau~^(m)_y + |a^(m)_k| tau~^(m)_k)^2)
+
+In both numerators `sum_m c^(m)_k zeta^(m)_k + beta_k = h_y(x) - h_k(x)`, the
+fused logit margin. Proof sketch (both): for a perturbation `d`,
+`h_y - h_k` moves by at most `sum_m eta^(m)_k ||d^(m)|| <= ||eta_k|| ||d||`
+(Cauchy-Schwarz over modalities), with the vulnerability indicators
+
+      eta^(m)_k = c^(m)_k tau^(m)_k                         (JT, Sec. 3.3)
+      eta^(m)_k = |a^(m)_y| tau~^(m)_y + |a^(m)_k| tau~^(m)_k    (orthogonal)
+
+so no class overtakes `y` while `||d|| < r_k`. The certified radius is
+`r(x) = min_{k != y} r_k(x)` -- over *all* wrong classes, which is the sound
+certificate (the paper writes "the closest label j") -- and 0 when `x` is
+misclassified. Perturbing modality `m` alone (Prop. 3.4, eq. 7) gives
+`r^(m)_k = (h_y - h_k) / eta^(m)_k`.
+
+Whether a radius is a certificate depends on the Lipschitz constants: only
+kind "sound" (`mmsafe.certify.lipschitz`) gives one; "local" and "empirical"
+give estimates. `Certificate.kind` records which was used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmsafe.certify import lipschitz as lip
+from mmsafe.models.outputs import ModelOutput
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Certificate:
+  """Certified radii of a batch (all arrays have the batch as leading axis).
+
+  Attributes:
+    radius: [B] multi-modal certified radius `min_{k != y} r_k` (Thm 3.3 /
+      Thm 3.5), 0 for misclassified samples.
+    per_modality: modality -> [B] uni-modal radius (Prop. 3.4) for perturbing
+      that modality alone, 0 for misclassified samples.
+    per_class: [B, K] `r_k` for every class; `+inf` at `k = y`. Not clipped at
+      0: a negative entry marks a class that already beats `y`.
+    eta: modality -> [B, K] vulnerability indicators `eta^(m)_k` for the pair
+      `(y, k)`; 0 at `k = y`.
+    correct: [B] bool, `argmax h(x) == y`.
+    margin: [B, K] fused logit margins `h_y(x) - h_k(x)` (0 at `k = y`).
+    kind: the Lipschitz kind used: "local" | "empirical" | "sound" | "custom".
+  """
+
+  radius: Array
+  per_modality: dict[str, Array]
+  per_class: Array
+  eta: dict[str, Array]
+  correct: Array
+  margin: Array
+  kind: str = flax.struct.field(pytree_node=False, default="custom")
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return tuple(sorted(self.eta))
+
+
+def _concrete(value: Any) -> np.ndarray | None:
+  """The value as numpy when it is concrete, None when traced under jit."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return np.asarray(value)
+
+
+def _check_finite(name: str, value: Any) -> None:
+  concrete = _concrete(value)
+  if concrete is not None and not np.all(np.isfinite(concrete)):
+    raise ValueError(f"{name}: expected finite values, got {int((~np.isfinite(concrete)).sum())} "
+                     f"NaN/Inf entries of {concrete.size}")
+
+
+def _check_labels(labels: Array, batch: int, num_classes: int) -> Array:
+  labels = jnp.asarray(labels)
+  if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels: expected int[{batch}], got {labels.dtype}{list(labels.shape)}")
+  concrete = _concrete(labels)
+  if concrete is not None and concrete.size and (concrete.min() < 0
+                                                 or concrete.max() >= num_classes):
+    raise ValueError(f"labels: expected values in [0, {num_classes}), got range "
+                     f"[{concrete.min()}, {concrete.max()}]")
+  return labels
+
+
+def _check_head(output: ModelOutput) -> None:
+  head = output.head
+  num_classes = output.logits.shape[-1]
+  if output.logits.ndim != 2:
+    raise ValueError(f"output.logits: expected [B, K], got {tuple(output.logits.shape)}")
+  if head.bias.shape != (num_classes,):
+    raise ValueError(f"output.head.bias: expected [{num_classes}] (K from the logits), got "
+                     f"{tuple(head.bias.shape)}")
+  if head.kind not in lip.TARGETS:
+    raise ValueError(f"output.head.kind: expected one of {sorted(lip.TARGETS)}, got {head.kind!r}")
+  if not head.kernels:
+    raise ValueError("output.head.kernels: expected one kernel per modality, got none")
+  for m, kernel in head.kernels.items():
+    if kernel.ndim != 2 or kernel.shape[-1] != num_classes:
+      raise ValueError(f"output.head.kernels[{m!r}]: expected [d, K={num_classes}], got "
+                       f"{tuple(kernel.shape)}: the head's output dimension must equal K")
+    if head.kind == "orthogonal":
+      if kernel.shape[0] < num_classes:
+        raise ValueError(f"output.head.kernels[{m!r}]: head dimension d = {kernel.shape[0]} < "
+                         f"K = {num_classes}; an orthogonal head needs d >= K (W~ [K, d] with "
+                         f"orthonormal rows)")
+      if m not in head.weights or head.weights[m].shape != (num_classes,):
+        shape = tuple(head.weights[m].shape) if m in head.weights else None
+        raise ValueError(f"output.head.weights[{m!r}]: expected [{num_classes}], got {shape}")
+
+
+def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array], *,
+                     kind: str = "custom") -> Certificate:
+  """Certified radii, uni-modal radii and vulnerability indicators (Thm 3.3/3.5, Prop 3.4).
+
+  Args:
+    output: the model's `ModelOutput` (logits and head parameters are read).
+    labels: int [B] true labels `y`.
+    tau: modality -> [B, K] or [1, K] Lipschitz constants.
+      Orthogonal head: entry `[b, k]` is `tau~^(m)_k`, the constant of the
+      uni-modal score `u^(m)_k` (the label plays no role).
+      Concat head: entry `[b, k]` is `tau^(m)_k` for the pair `(y_b, k)`: the
+      constant of the margin `zeta^(m)_k = (W_y - W_k) phi / ||W_y - W_k||`
+      with `y = labels[b]`; entry `k = y` is ignored.
+      `LipschitzConstants.tau(labels)` produces exactly this.
+    kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
+
+  Returns:
+    A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
+
+  Raises:
+    ValueError for a head whose kernels are not `[d, K]` (or `d < K` for the
+    orthogonal head), missing/extra modalities in `tau`, wrong shapes, labels
+    out of range, or NaN/Inf logits or constants (when concrete).
+  """
+  _check_head(output)
+  logits = output.logits.astype(jnp.float32)
+  batch, num_classes = logits.shape
+  labels = _check_labels(labels, batch, num_classes)
+  head = output.head
+  modalities = sorted(head.kernels)
+  if sorted(tau) != modalities:
+    raise ValueError(f"tau: expected modalities {modalities}, got {sorted(tau)}")
+  _check_finite("output.logits", logits)
+  taus = {}
+  for m in modalities:
+    t = jnp.asarray(tau[m], jnp.float32)
+    if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] != num_classes:
+      raise ValueError(f"tau[{m!r}]: expected [B={batch}, K={num_classes}] or [1, K], got "
+                       f"{tuple(t.shape)}")
+    _check_finite(f"tau[{m!r}]", t)
+    concrete = _concrete(t)
+    if concrete is not None and np.any(concrete < 0):
+      raise ValueError(f"tau[{m!r}]: expected non-negative Lipschitz constants, got minimum "
+                       f"{concrete.min()}")
+    taus[m] = jnp.broadcast_to(t, (batch, num_classes))
+
+  is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
+  logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
+  margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k
+  correct = jnp.argmax(logits, axis=-1) == labels
+
+  eta = {}
+  for m in modalities:
+    if head.kind == "concat":
+      c = lip.integration_factors(head.kernels[m])[labels]  # [B, K]: c^(m)_k for (y_b, k)
+      value = c * taus[m]
+    else:
+      a = jnp.abs(head.weights[m].astype(jnp.float32))[None]  # [1, K]
+      a_tau = a * taus[m]
+      value = jnp.take_along_axis(a_tau, labels[:, None], axis=1) + a_tau
+    eta[m] = jnp.where(is_label, 0.0, value)
+
+  def radius_from(denominator):
+    # margin / denominator, with a zero denominator meaning no perturbation can
+    # move h_y - h_k: +inf if the margin is positive, 0 (never certified) else.
+    ok = denominator > 0
+    ratio = margin / jnp.where(ok, denominator, 1.0)
+    ratio = jnp.where(ok, ratio, jnp.where(margin > 0, jnp.inf, 0.0))
+    return jnp.where(is_label, jnp.inf, ratio)
+
+  def certified(per_class):
+    return jnp.where(correct, jnp.maximum(jnp.min(per_class, axis=-1), 0.0), 0.0)
+
+  per_class = radius_from(jnp.sqrt(sum(eta[m] ** 2 for m in modalities)))
+  per_modality = {m: certified(radius_from(eta[m])) for m in modalities}
+  return Certificate(radius=certified(per_class), per_modality=per_modality,
+                     per_class=per_class, eta=eta, correct=correct, margin=margin, kind=kind)
+
+
+def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array],
+                        kind: str, *, head=None, batches: Iterable[Any] | None = None,
+                        mode: str = "auto", chunk_size: int | None = None,
+                        **sound_options) -> lip.LipschitzConstants:
+  """Lipschitz constants of kind `kind` for `model` (dispatch to `mmsafe.certify.lipschitz`).
+
+  "local" uses `inputs`; "empirical" needs `batches` (the dataset to take the
+  maximum over); "sound" takes `sound_options` (`iterations`,
+  `failure_probability`, `method`, `key`, `exact_max_entries`).
+  """
+  if kind == "local":
+    return lip.local_constants(model, variables, inputs, head=head, mode=mode,
+                               chunk_size=chunk_size)
+  if kind == "empirical":
+    if batches is None:
+      raise ValueError("kind 'empirical': expected `batches` (a dataset to take the maximum "
+                       "of the local constants over) or precomputed `constants`")
+    return lip.empirical_constants(model, variables, batches, head=head, mode=mode,
+                                   chunk_size=chunk_size)
+  if kind == "sound":
+    return lip.sound_constants(model, variables, head=head, **sound_options)
+  raise ValueError(f"kind: expected one of {lip.KINDS}, got {kind!r}")
+
+
+def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], labels: Array,
+            kind: str = "local", *, constants: lip.LipschitzConstants | None = None,
+            batches: Iterable[Any] | None = None, mode: str = "auto",
+            chunk_size: int | None = None, **sound_options) -> Certificate:
+  """Certified radii of `model` on a batch, with Lipschitz constants of `kind`.
+
+  Args:
+    model, variables: a model from `mmsafe.models.build` and its variables
+      (evaluated in eval mode: batch-norm statistics are fixed).
+    inputs: modality -> [B, ...]; labels: int [B].
+    kind: "local" (per-sample gradient norms: an estimate), "empirical"
+      (maximum of local over `batches`: an estimate) or "sound" (global upper
+      bound: a certificate).
+    constants: precomputed `LipschitzConstants` of this `kind` (e.g. one
+      empirical/sound table reused across batches); computed when None.
+    batches: for kind "empirical" without `constants`: the dataset.
+    mode, chunk_size: Jacobian mode and chunking (see `local_lipschitz`).
+    **sound_options: for kind "sound" without `constants`.
+
+  Returns:
+    `Certificate` with `kind` recorded. Jit-able for kinds "local" and (with
+    `constants`) "empirical"/"sound".
+
+  Raises:
+    ValueError for NaN/Inf inputs (when concrete), a kind mismatch with
+    `constants`, or any error of `certified_radius`.
+  """
+  if kind not in lip.KINDS:
+    raise ValueError(f"kind: expected one of {lip.KINDS}, got {kind!r}")
+  for m in sorted(inputs):
+    _check_finite(f"inputs[{m!r}]", inputs[m])
+  head = lip.head_params(model, variables)
+  batch = next(iter(inputs.values())).shape[0] if inputs else 0
+  labels = _check_labels(labels, batch, head.num_classes)
+  if constants is None and kind != "local":
+    constants = lipschitz_constants(model, variables, inputs, kind, head=head, batches=batches,
+                                    mode=mode, chunk_size=chunk_size, **sound_options)
+  if constants is not None:
+    if constants.kind != kind:
+      raise ValueError(f"constants: expected Lipschitz constants of kind {kind!r}, got "
+                       f"{constants.kind!r}")
+    expected_target = lip.TARGETS.get(head.kind)
+    if constants.target != expected_target:
+      raise ValueError(f"constants: expected target {expected_target!r} for a "
+                       f"{head.kind!r} head, got {constants.target!r}")
+    for m, value in constants.values.items():
+      _check_finite(f"constants.values[{m!r}]", value)
+
+  def run(variables, inputs, labels, constants):
+    output = model.apply(variables, inputs)
+    if constants is None:
+      constants = lip.local_constants(model, variables, inputs, head=output.head, mode=mode,
+                                      chunk_size=chunk_size)
+    return certified_radius(output, labels, constants.tau(labels), kind=kind)
+
+  # Checks on concrete values ran above; the computation itself is compiled
+  # (once per call when called eagerly; wrap `certify` in `jax.jit` for reuse).
+  return jax.jit(run)(variables, inputs, labels, constants)
+
+
+def concatenate(certificates: Iterable[Certificate]) -> Certificate:
+  """Joins the certificates of several batches along the batch axis."""
+  certificates = list(certificates)
+  if not certificates:
+    raise ValueError("concatenate: expected at least one certificate")
+  kinds = {c.kind for c in certificates}
+  if len(kinds) > 1:
+    raise ValueError(f"concatenate: certificates of different kinds {sorted(kinds)}")
+  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *certificates)

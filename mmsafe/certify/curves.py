@@ -1,0 +1,116 @@
+"""Certified-accuracy curves, mean radii and vulnerability-indicator ratios.
+
+The certified accuracy at radius `t` is the fraction of samples that are
+classified correctly *and* have certified radius `r(x) >= t` (at `t = 0` it is
+the clean accuracy). Uni-modal curves use the Prop. 3.4 radii. The ratio of
+vulnerability indicators `eta^(m1) / eta^(m2)` per class pair `(y, k)` is the
+paper's Figure 3 heat map. All functions are pure and jit-able; `summarize`
+returns plain Python values for JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmsafe.certify.bounds import Certificate
+
+Array = jax.Array
+
+
+def _weights(valid: Array | None, batch: int) -> Array:
+  if valid is None:
+    return jnp.ones((batch,), jnp.float32)
+  valid = jnp.asarray(valid)
+  if valid.shape != (batch,):
+    raise ValueError(f"valid: expected bool[{batch}], got {valid.dtype}{list(valid.shape)}")
+  return valid.astype(jnp.float32)
+
+
+def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
+                       valid: Array | None = None) -> Array:
+  """`[T]`: fraction of (valid) samples with `correct & radius >= t` for each `t`."""
+  radius = jnp.asarray(radius)
+  if radius.ndim != 1 or jnp.shape(correct) != radius.shape:
+    raise ValueError(f"radius/correct: expected two [B] arrays, got {tuple(radius.shape)} and "
+                     f"{tuple(jnp.shape(correct))}")
+  weights = _weights(valid, radius.shape[0])
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  certified = jnp.asarray(correct)[None] & (radius[None] >= thresholds[:, None])  # [T, B]
+  return jnp.sum(certified * weights[None], axis=1) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def mean_radius(radius: Array, *, valid: Array | None = None) -> Array:
+  """Mean certified radius over (valid) samples; misclassified ones count as 0."""
+  radius = jnp.asarray(radius)
+  weights = _weights(valid, radius.shape[0])
+  return jnp.sum(radius * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def unimodal_certified_accuracy(certificate: Certificate, thresholds: Array, *,
+                                valid: Array | None = None) -> dict[str, Array]:
+  """modality -> `[T]` certified accuracy against perturbing that modality alone (Prop. 3.4)."""
+  return {m: certified_accuracy(r, certificate.correct, thresholds, valid=valid)
+          for m, r in sorted(certificate.per_modality.items())}
+
+
+def radius_grid(max_radius: float, num: int = 101) -> np.ndarray:
+  """`num` evenly spaced radii in `[0, max_radius]` (float32)."""
+  if not max_radius > 0 or num < 2:
+    raise ValueError(f"radius_grid: expected max_radius > 0 and num >= 2, got {max_radius}, {num}")
+  return np.linspace(0.0, float(max_radius), int(num), dtype=np.float32)
+
+
+def eta_ratio(certificate: Certificate, labels: Array, numerator: str, denominator: str, *,
+              num_classes: int | None = None, valid: Array | None = None) -> Array:
+  """`[K, K]` mean over samples of label `y` of `eta^(num)_k / eta^(den)_k` (paper Fig. 3).
+
+  Entry `(y, k)` averages the ratio over the (valid) samples with label `y`;
+  NaN on the diagonal, for labels without samples, and where an indicator of
+  the denominator is 0 for every such sample.
+  """
+  for m in (numerator, denominator):
+    if m not in certificate.eta:
+      raise ValueError(f"eta_ratio: unknown modality {m!r}; expected one of "
+                       f"{sorted(certificate.eta)}")
+  num = certificate.eta[numerator]
+  den = certificate.eta[denominator]
+  batch, k = num.shape
+  num_classes = k if num_classes is None else num_classes
+  labels = jnp.asarray(labels)
+  weights = _weights(valid, batch)[:, None] * (den > 0)
+  ratio = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  sums = jax.ops.segment_sum(ratio * weights, labels, num_segments=num_classes)
+  counts = jax.ops.segment_sum(weights, labels, num_segments=num_classes)
+  out = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), jnp.nan)
+  return jnp.where(jnp.eye(num_classes, k, dtype=bool), jnp.nan, out)
+
+
+def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
+              valid: Array | None = None) -> dict[str, Any]:
+  """A JSON-ready summary: clean accuracy, mean/median radius (correct samples),
+  the certified-accuracy curve and the uni-modal curves over `thresholds`."""
+  thresholds = np.asarray(thresholds, np.float32)
+  weights = np.asarray(_weights(valid, certificate.radius.shape[0])) > 0
+  radius = np.asarray(certificate.radius)
+  correct = np.asarray(certificate.correct)
+  certified = radius[weights & correct]
+  return {
+      "kind": certificate.kind,
+      "num_examples": int(weights.sum()),
+      "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else float("nan"),
+      "mean_radius": float(mean_radius(certificate.radius, valid=valid)),
+      "median_radius_correct": float(np.median(certified)) if certified.size else 0.0,
+      "thresholds": thresholds.tolist(),
+      "certified_accuracy": np.asarray(certified_accuracy(
+          certificate.radius, certificate.correct, thresholds, valid=valid)).tolist(),
+      "unimodal_mean_radius": {m: float(mean_radius(r, valid=valid))
+                               for m, r in sorted(certificate.per_modality.items())},
+      "unimodal_certified_accuracy": {
+          m: np.asarray(v).tolist()
+          for m, v in unimodal_certified_accuracy(certificate, thresholds, valid=valid).items()},
+  }

@@ -1,0 +1,538 @@
+"""Host-side batching of in-memory datasets and of TFDS clip datasets, and batch validation.
+
+Batches are plain numpy pytrees `{"inputs": {m: [B, ...]}, "label": int32[B]}`
+(DESIGN.md). The order of training examples is a pure function of
+`(seed, epoch)`, so a run resumed at any step sees exactly the batches an
+uninterrupted run would have seen.
+
+In-memory arrays: `train_batch`, `eval_batches`. Clip datasets built by
+`mmsafe.data.tfds` (random access through `tfds.data_source`): `clip_train_iterator`
+and `clip_eval_iterator` shard the index space per host (`host_train_indices`,
+`shard_indices`), apply `preprocess_clip` (training augmentation or
+deterministic evaluation preprocessing, then normalisation) in a thread pool
+and prefetch batches in the background.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
+                   num_classes: int) -> None:
+  """Fails fast on a malformed batch, naming the field, expected and actual value.
+
+  Checks: the "inputs" and "label" keys, every modality present (no extras),
+  per-example shapes, floating dtypes, finite values, integer labels in
+  `[0, num_classes)` and one batch size throughout.
+  """
+  for key in ("inputs", "label"):
+    if key not in batch:
+      raise ValueError(f"batch: missing key {key!r}; expected keys 'inputs' and 'label', "
+                       f"got {sorted(batch)}")
+  inputs = batch["inputs"]
+  missing = sorted(set(input_shapes) - set(inputs))
+  extra = sorted(set(inputs) - set(input_shapes))
+  if missing:
+    raise ValueError(f"batch['inputs']: missing modality {missing}; expected {sorted(input_shapes)}")
+  if extra:
+    raise ValueError(f"batch['inputs']: unexpected modality {extra}; expected {sorted(input_shapes)}")
+  labels = np.asarray(batch["label"])
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"batch['label']: expected int[B], got {labels.dtype}{list(labels.shape)}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"batch['label']: expected values in [0, {num_classes}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+  for m, shape in input_shapes.items():
+    x = np.asarray(inputs[m])
+    if x.shape != (labels.shape[0], *shape):
+      raise ValueError(f"batch['inputs'][{m!r}]: expected shape {[labels.shape[0], *shape]}, "
+                       f"got {list(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"batch['inputs'][{m!r}]: expected a floating dtype, got {x.dtype}")
+    finite = np.isfinite(x)
+    if not finite.all():
+      bad = int(np.argwhere(~finite.reshape(x.shape[0], -1).all(axis=1))[0, 0])
+      raise ValueError(f"batch['inputs'][{m!r}]: expected finite values, got "
+                       f"{int((~finite).sum())} NaN/Inf entries (first in example {bad})")
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The training order of epoch `epoch`: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def take(inputs: Mapping[str, np.ndarray], labels: np.ndarray, index: np.ndarray) -> dict:
+  """The batch made of examples `index`."""
+  return {"inputs": {m: x[index] for m, x in inputs.items()}, "label": labels[index]}
+
+
+def train_batch(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *, batch_size: int,
+                seed: int, step: int) -> dict:
+  """Training batch number `step` (0-based, counted over all epochs).
+
+  Each epoch is a fresh permutation; the incomplete last batch of an epoch is
+  dropped so every step sees `batch_size` examples.
+  """
+  steps_per_epoch = len(labels) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size: expected at most the {len(labels)} training examples, "
+                     f"got {batch_size}")
+  epoch, position = divmod(step, steps_per_epoch)
+  order = epoch_permutation(seed, epoch, len(labels))
+  return take(inputs, labels, order[position * batch_size:(position + 1) * batch_size])
+
+
+def eval_batches(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
+                 batch_size: int) -> Iterator[dict]:
+  """Fixed-order batches covering every example once; the last one is padded
+  (by repeating example 0) to `batch_size` and carries a boolean `"valid"` [B]
+  marking real examples, so a jitted evaluation compiles once. (`"mask"` is
+  reserved for per-modality presence masks.)"""
+  n = len(labels)
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    valid = index < n
+    batch = take(inputs, labels, np.where(valid, index, 0))
+    batch["valid"] = valid
+    yield batch
+
+
+# ----------------------------------------------------------------------------
+# Clip datasets read from TFDS (`mmsafe.data.tfds`): random access, per-host
+# sharding, read-time augmentation, normalisation, batching with prefetch.
+#
+# A *source* is anything with `len()` and `source[i]` returning one stored
+# example (`tfds.data_source(...)`, `builder.as_data_source()[split]`, or a list
+# of dicts): "visual" (object [T]: JPEG frames at 1 fps), optionally "audio"
+# ([F, B] log-mel fbank) and "flow" (object [T, 2]: JPEG u, v), "aspect" (the
+# source's display width / height) and "label".
+# ----------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUDIO_MEAN = -4.503877  # AST/CRMT fbank statistics: x -> (x - mean) / (2 * std)
+AUDIO_STD = 5.141276
+CLIP_MODALITIES = ("visual", "audio", "flow")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipPreprocessing:
+  """Read-time preprocessing of clip datasets (defaults: the papers').
+
+  Training: `num_frames` frames, one drawn uniformly within each of
+  `num_frames` equal segments ("thirds") of the stored 1-fps frames; each frame
+  gets its own random resized crop (area fraction in `crop_scale`, aspect ratio
+  log-uniform in `crop_ratio`, both measured in the source's display geometry,
+  torchvision's algorithm with its 10 tries and central fallback) resized to
+  `image_size` (Pillow bilinear) and a horizontal flip with probability 1/2 when
+  `flip`. A frame's flow images get the same crop and flip as its RGB frame (a
+  flip negates u). Evaluation: the middle frame of each segment, the whole frame
+  resized to `image_size x image_size`, no flip; deterministic.
+
+  Normalisation (`normalize=True`): frames `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`;
+  audio `(x + 4.503877) / (2 * 5.141276)`; flow `q / 127.5 - 1` (= flow / bound).
+  With `normalize=False` batches hold uint8 frames/flow and the stored audio
+  dtype (4x less host-to-device traffic); apply `normalize_inputs` on device.
+
+  Attributes:
+    modalities: the modalities to emit (default: all the records have).
+  """
+
+  image_size: int = 224
+  num_frames: int = 3
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+  flip: bool = True
+  normalize: bool = True
+  modalities: tuple[str, ...] | None = None
+
+
+def frame_segments(num_stored: int, num_frames: int) -> list[tuple[int, int]]:
+  """`num_frames` contiguous, non-empty `[start, stop)` segments covering `num_stored` frames
+  (`floor(k * n / num_frames)` boundaries); fewer stored frames than segments repeat frames."""
+  if num_stored <= 0:
+    raise ValueError(f"frame_segments: expected at least one stored frame, got {num_stored}")
+  bounds = [k * num_stored // num_frames for k in range(num_frames + 1)]
+  return [(min(a, num_stored - 1), max(b, min(a, num_stored - 1) + 1))
+          for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def select_frames(num_stored: int, num_frames: int,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+  """One stored-frame index per segment: uniform within it with `rng` (training), its
+  middle (`(start + stop - 1) // 2`) without (evaluation)."""
+  segments = frame_segments(num_stored, num_frames)
+  if rng is None:
+    return np.array([(a + b - 1) // 2 for a, b in segments], np.int64)
+  return np.array([rng.integers(a, b) for a, b in segments], np.int64)
+
+
+def random_resized_crop(rng: np.random.Generator, aspect: float,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+                        ) -> tuple[float, float, float, float]:
+  """torchvision's RandomResizedCrop parameters for a frame of display aspect
+  `aspect` (width / height), as a box `(x0, y0, x1, y1)` in fractions of the frame,
+  drawn in continuous coordinates (so a squashed stored frame crops the same region)."""
+  aspect = float(aspect) if aspect and np.isfinite(aspect) and aspect > 0 else 1.0
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = aspect * rng.uniform(scale[0], scale[1])
+    r = math.exp(rng.uniform(*log_ratio))
+    w, h = math.sqrt(target * r), math.sqrt(target / r)
+    if 0 < w <= aspect and 0 < h <= 1:
+      x0, y0 = rng.uniform(0, aspect - w), rng.uniform(0, 1 - h)
+      return (x0 / aspect, y0, (x0 + w) / aspect, y0 + h)
+  if aspect < ratio[0]:
+    w, h = aspect, aspect / ratio[0]
+  elif aspect > ratio[1]:
+    w, h = ratio[1], 1.0
+  else:
+    w, h = aspect, 1.0
+  x0, y0 = (aspect - w) / 2, (1 - h) / 2
+  return (x0 / aspect, y0, (x0 + w) / aspect, y0 + h)
+
+
+def decode_view(data: bytes, size: int, box: tuple[float, float, float, float] | None = None,
+                flip: bool = False) -> np.ndarray:
+  """Decodes a JPEG/PNG frame and returns the `box` region (fractions; None: all of it)
+  resized to `size x size` with Pillow's bilinear filter, optionally mirrored: uint8
+  `[size, size]` (gray) or `[size, size, 3]`."""
+  import io
+  from PIL import Image
+  with Image.open(io.BytesIO(bytes(data))) as img:
+    width, height = img.size
+    if box is None:
+      view = img if (width, height) == (size, size) else img.resize((size, size), Image.BILINEAR)
+    else:
+      view = img.resize((size, size), Image.BILINEAR,
+                        box=(box[0] * width, box[1] * height, box[2] * width, box[3] * height))
+    if flip:
+      view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(view)
+
+
+def clip_modalities(record: Mapping, config: ClipPreprocessing) -> tuple[str, ...]:
+  """The modalities emitted for `record` (config.modalities, checked, or all present)."""
+  present = tuple(m for m in CLIP_MODALITIES if m in record)
+  if config.modalities is None:
+    return present
+  missing = sorted(set(config.modalities) - set(present))
+  if missing:
+    raise ValueError(f"ClipPreprocessing.modalities: {missing} not in the dataset's "
+                     f"modalities {list(present)}")
+  return tuple(config.modalities)
+
+
+def normalize_inputs(inputs: Mapping) -> dict:
+  """Normalises raw inputs (as emitted with `normalize=False`) to float32 model space.
+
+  Uses only arithmetic and `astype`, so it also works on jax arrays under jit.
+  Modalities other than visual/audio/flow pass through unchanged.
+  """
+  out = dict(inputs)
+  if "visual" in out:
+    mean = np.asarray(IMAGENET_MEAN, np.float32)
+    std = np.asarray(IMAGENET_STD, np.float32)
+    out["visual"] = (out["visual"].astype(np.float32) * (1.0 / 255.0) - mean) / std
+  if "flow" in out:
+    out["flow"] = out["flow"].astype(np.float32) * (1.0 / 127.5) - 1.0
+  if "audio" in out:
+    out["audio"] = (out["audio"].astype(np.float32) - AUDIO_MEAN) * (1.0 / (2.0 * AUDIO_STD))
+  return out
+
+
+def preprocess_clip(record: Mapping, *, train: bool, rng: np.random.Generator | None = None,
+                    config: ClipPreprocessing = ClipPreprocessing()) -> dict:
+  """One stored example -> `{"inputs": {m: array}, "label": int32}` (see `ClipPreprocessing`).
+
+  Shapes: visual `[num_frames, image_size, image_size, 3]`, flow `[num_frames,
+  image_size, image_size, 2]`, audio `[F, B, 1]`. Training needs `rng` (all the
+  randomness comes from it, so equal generators give equal outputs); evaluation
+  uses none.
+  """
+  if train and rng is None:
+    raise ValueError("preprocess_clip: train=True needs an rng")
+  modalities = clip_modalities(record, config)
+  inputs = {}
+  frame_modalities = [m for m in ("visual", "flow") if m in modalities]
+  if frame_modalities:
+    stored = len(record[frame_modalities[0]])
+    chosen = select_frames(stored, config.num_frames, rng if train else None)
+    views = []
+    for _ in chosen:
+      if train:
+        box = random_resized_crop(rng, float(record.get("aspect", 1.0)), config.crop_scale,
+                                  config.crop_ratio)
+        views.append((box, bool(config.flip and rng.random() < 0.5)))
+      else:
+        views.append((None, False))
+    size = config.image_size
+    if "visual" in modalities:
+      inputs["visual"] = np.stack([decode_view(record["visual"][i], size, box, flip)
+                                   for i, (box, flip) in zip(chosen, views)])
+    if "flow" in modalities:
+      flows = []
+      for i, (box, flip) in zip(chosen, views):
+        u = decode_view(record["flow"][i][0], size, box, flip)
+        v = decode_view(record["flow"][i][1], size, box, flip)
+        flows.append(np.stack([255 - u if flip else u, v], axis=-1))
+      inputs["flow"] = np.stack(flows)
+  if "audio" in modalities:
+    inputs["audio"] = np.asarray(record["audio"])[..., None]
+  if config.normalize:
+    inputs = normalize_inputs(inputs)
+  return {"inputs": inputs, "label": np.int32(record["label"])}
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The augmentation randomness of example `index` in epoch `epoch`: independent of
+  the batch size, the number of hosts and threads."""
+  return np.random.default_rng([int(seed), int(epoch), int(index), 1])
+
+
+def shard_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+  """Host `process_index`'s contiguous block of `range(num_examples)`: blocks of all
+  hosts are disjoint, cover every index and differ in size by at most one."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index: expected in [0, {process_count}), got {process_index}")
+  start = num_examples * process_index // process_count
+  stop = num_examples * (process_index + 1) // process_count
+  return np.arange(start, stop)
+
+
+def host_train_indices(num_examples: int, *, batch_size: int, seed: int, step: int,
+                       process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The examples of this host's part of training batch `step` (0-based over all epochs).
+
+  The global batch of `batch_size * process_count` examples is the slice `step` of
+  `epoch_permutation(seed, epoch, num_examples)` (as `train_batch` does on one host)
+  and host `process_index` takes its `batch_size`-long block: within an epoch the
+  hosts' examples are disjoint and cover all but the `num_examples mod global batch`
+  dropped ones, and the global batches do not depend on the number of hosts.
+  """
+  global_batch = batch_size * process_count
+  steps_per_epoch = num_examples // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size: expected batch_size * process_count = {global_batch} "
+                     f"at most the {num_examples} training examples")
+  epoch, position = divmod(int(step), steps_per_epoch)
+  order = epoch_permutation(seed, epoch, num_examples)
+  start = position * global_batch + process_index * batch_size
+  return order[start:start + batch_size]
+
+
+class BatchIterator:
+  """Iterates over batches assembled ahead of time: a background thread walks the
+  batch plan and submits one job per example to a thread pool (decoding and
+  resizing in Pillow and numpy release the GIL); up to `prefetch` batches are in
+  flight. Each job writes its example into preallocated batch arrays.
+
+  Use as an iterator; `close()` (or a `with` block) stops the threads early.
+  Errors raised by a job are re-raised by `next()`.
+  """
+
+  _END = object()
+
+  def __init__(self, plan: Iterable[tuple[list[Callable[[], dict]], dict]],
+               spec: Mapping[str, tuple[tuple[int, ...], Any]], *, num_threads: int = 4,
+               prefetch: int = 2):
+    import queue
+    import threading
+    self._spec = dict(spec)
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
+                                                       thread_name_prefix="batch")
+    self._queue = queue.Queue(maxsize=max(1, int(prefetch)))
+    self._stop = threading.Event()
+    self._closed = False
+    self._thread = threading.Thread(target=self._produce, args=(iter(plan),), daemon=True,
+                                    name="batch-plan")
+    self._thread.start()
+
+  def _allocate(self, size: int) -> dict:
+    return {"inputs": {m: np.empty((size, *shape), dtype)
+                       for m, (shape, dtype) in self._spec.items()},
+            "label": np.empty((size,), np.int32)}
+
+  @staticmethod
+  def _fill(batch: dict, slot: int, job: Callable[[], dict]) -> None:
+    example = job()
+    for m, x in example["inputs"].items():
+      batch["inputs"][m][slot] = x
+    batch["label"][slot] = example["label"]
+
+  def _put(self, item) -> bool:
+    import queue
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, plan) -> None:
+    try:
+      for jobs, extra in plan:
+        if self._stop.is_set():
+          return
+        batch = self._allocate(len(jobs))
+        futures = [self._pool.submit(self._fill, batch, slot, job) for slot, job in enumerate(jobs)]
+        if not self._put((batch, futures, extra)):
+          for f in futures:
+            f.cancel()
+          return
+      self._put(self._END)
+    except BaseException as e:  # surfaced by __next__
+      self._put(e)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> dict:
+    if self._closed:
+      raise StopIteration
+    item = self._queue.get()
+    if item is self._END:
+      self.close()
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self.close()
+      raise item
+    batch, futures, extra = item
+    try:
+      for f in futures:
+        f.result()
+    except BaseException:
+      self.close()
+      raise
+    batch.update(extra)
+    return batch
+
+  def close(self) -> None:
+    """Stops the background work (pending jobs are cancelled)."""
+    if self._closed:
+      return
+    import queue
+    self._closed = True
+    self._stop.set()
+    while True:
+      try:
+        item = self._queue.get_nowait()
+      except queue.Empty:
+        break
+      if isinstance(item, tuple):
+        for f in item[1]:
+          f.cancel()
+    self._thread.join()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "BatchIterator":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown
+      pass
+
+
+def clip_output_spec(source: Sequence, config: ClipPreprocessing
+                     ) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Per-example output shape and dtype of each modality (from `source[0]`)."""
+  if len(source) == 0:
+    raise ValueError("source: expected at least one example, got an empty split")
+  record = source[0]
+  modalities = clip_modalities(record, config)
+  f32 = np.float32
+  size, t = config.image_size, config.num_frames
+  spec = {}
+  if "visual" in modalities:
+    spec["visual"] = ((t, size, size, 3), f32 if config.normalize else np.uint8)
+  if "flow" in modalities:
+    spec["flow"] = ((t, size, size, 2), f32 if config.normalize else np.uint8)
+  if "audio" in modalities:
+    audio = np.asarray(record["audio"])
+    spec["audio"] = ((*audio.shape, 1), f32 if config.normalize else audio.dtype)
+  return spec
+
+
+def _example_job(source: Sequence, index: int, train: bool, config: ClipPreprocessing,
+                 rng_key: tuple[int, int] | None) -> Callable[[], dict]:
+  def job() -> dict:
+    rng = example_rng(rng_key[0], rng_key[1], index) if rng_key is not None else None
+    return preprocess_clip(source[int(index)], train=train, rng=rng, config=config)
+  return job
+
+
+def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_step: int = 0,
+                        num_steps: int | None = None, process_index: int = 0,
+                        process_count: int = 1,
+                        config: ClipPreprocessing = ClipPreprocessing(),
+                        num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+  """Training batches of this host from step `start_step` on (forever, or `num_steps`).
+
+  `batch_size` is per host. Batch `step` holds `host_train_indices(...)` examples,
+  each augmented with `example_rng(seed, epoch, index)`: a pure function of
+  (seed, step, process_index, process_count), so a resumed run sees the same data.
+  """
+  n = len(source)
+  global_batch = batch_size * process_count
+  steps_per_epoch = n // global_batch
+  host_train_indices(n, batch_size=batch_size, seed=seed, step=0,
+                     process_index=process_index, process_count=process_count)  # validates
+
+  def plan():
+    step = int(start_step)
+    while num_steps is None or step < start_step + num_steps:
+      epoch = step // steps_per_epoch
+      index = host_train_indices(n, batch_size=batch_size, seed=seed, step=step,
+                                 process_index=process_index, process_count=process_count)
+      yield [_example_job(source, i, True, config, (seed, epoch)) for i in index], {}
+      step += 1
+
+  return BatchIterator(plan(), clip_output_spec(source, config), num_threads=num_threads,
+                       prefetch=prefetch)
+
+
+def clip_eval_batches(num_examples: int, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+  """This host's evaluation batches as (indices, valid) pairs: its `shard_indices` block,
+  padded (with the block's first example, or example 0) to the same number of
+  `batch_size` batches on every host, `valid` marking real examples."""
+  shard = shard_indices(num_examples, process_index, process_count)
+  longest = -(-num_examples // process_count)
+  num_batches = -(-longest // batch_size)
+  fill = shard[0] if len(shard) else 0
+  out = []
+  for b in range(num_batches):
+    position = np.arange(b * batch_size, (b + 1) * batch_size)
+    valid = position < len(shard)
+    index = np.full((batch_size,), fill, np.int64)
+    index[valid] = shard[position[valid]]
+    out.append((index, valid))
+  return out
+
+
+def clip_eval_iterator(source: Sequence, *, batch_size: int, process_index: int = 0,
+                       process_count: int = 1,
+                       config: ClipPreprocessing = ClipPreprocessing(),
+                       num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+  """Evaluation batches of this host (deterministic preprocessing), each with a boolean
+  `"valid"` [B]; every host yields the same number of batches (`clip_eval_batches`)."""
+  batches = clip_eval_batches(len(source), batch_size=batch_size, process_index=process_index,
+                              process_count=process_count)
+  plan = (([_example_job(source, i, False, config, None) for i in index], {"valid": valid})
+          for index, valid in batches)
+  return BatchIterator(plan, clip_output_spec(source, config), num_threads=num_threads,
+                       prefetch=prefetch)

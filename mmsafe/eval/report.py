@@ -1,0 +1,144 @@
+"""Writes a robustness report (the side-effect end of `mmsafe.eval.robustness`).
+
+`write_report(results, directory)` writes, atomically (temporary file + rename):
+
+    robustness.json          the results dict of `evaluate_robustness`, verbatim
+    robustness.md            headline table (CRMT Tables 1/2 layout), curves,
+                             missing-modality and decoupling tables
+    pgd_accuracy.png         robust accuracy vs eps, multi-modal and per modality
+    fgm_accuracy.png         (CRMT Fig. 1/4), one figure per attack kind run
+    missing_modality.png     accuracy with each modality missing
+    decoupling_asr.png       decoupling ASR vs fraction of input changed (MUROAN)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from mmsafe.eval import plots
+
+
+def _write_atomic(path: str, text: str) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    f.write(text)
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def _plot_atomic(plot_fn, path: str, *args, **kwargs) -> str:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
+  os.close(fd)
+  try:
+    plot_fn(*args, tmp, **kwargs)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def _to_builtin(value: Any):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (tuple, set)):
+    return list(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _pct(value: float | None) -> str:
+  return "-" if value is None else f"{100.0 * value:.1f}"
+
+
+def markdown(results: Mapping[str, Any], title: str = "Robustness report") -> str:
+  """The markdown report of a results dict (see `evaluate_robustness`)."""
+  protocol = results["protocol"]
+  lines = [f"# {title}", ""]
+  meta = results.get("meta") or {}
+  for key, value in meta.items():
+    lines.append(f"- {key}: {value}")
+  lines += [
+      f"- examples: {results['num_examples']}",
+      f"- PGD protocol `{protocol['name']}`: {protocol.get('description', '')} "
+      f"(steps={protocol['steps']}, restarts={protocol['restarts']}, "
+      f"random_start={protocol['random_start']}, keep_best={protocol['keep_best']}, "
+      f"loss={protocol['loss']})",
+      f"- budgets (l2, normalised space): multi-modal eps = {protocol['multi_eps']}, "
+      f"uni-modal eps = {protocol['uni_eps']}",
+      f"- box constraints: {', '.join(results['config'].get('box_constraints') or []) or 'none'}",
+      "", "Accuracies in %. Robust = correct both clean and attacked; PGD curves are the",
+      "per-example worst case over the eps grid up to each eps (raw per-eps values in the JSON).",
+      "", "## Headline (CRMT Tables 1-2 layout)", ""]
+  headline = results["headline"]
+  keys = list(headline)
+  lines.append("| " + " | ".join(keys) + " |")
+  lines.append("|" + "---|" * len(keys))
+  lines.append("| " + " | ".join(_pct(headline[k]) for k in keys) + " |")
+  for kind, scopes in results.get("curves", {}).items():
+    lines += ["", f"## {kind.upper()}: robust accuracy vs eps", "",
+              "| attacked | eps: accuracy |", "|---|---|"]
+    for scope, curve in scopes.items():
+      pairs = ", ".join(f"{e:g}: {_pct(a)}" for e, a in zip(curve["eps"], curve["accuracy"]))
+      lines.append(f"| {scope} ({'+'.join(curve['modalities'])}) | {pairs} |")
+  if results.get("missing"):
+    fills = sorted({f for per in results["missing"].values() for f in per})
+    lines += ["", "## Missing modality (accuracy)", "",
+              "| missing | " + " | ".join(fills) + " |", "|---|" + "---|" * len(fills)]
+    for m, per in results["missing"].items():
+      lines.append(f"| {m} | " + " | ".join(_pct(per.get(f)) for f in fills) + " |")
+  if results.get("decoupling"):
+    settings = results["config"].get("decoupling") or {}
+    lines += ["", "## Decoupling attack (l0 budget; MUROAN)", "",
+              f"Settings: {settings or 'defaults'}. ASR = fraction of clean-correct examples "
+              "misclassified (worst case over budgets up to each fraction).", "",
+              "| scope | entries | fraction % | changed (max) | mean changed % | ASR % | acc % |",
+              "|---|---|---|---|---|---|---|"]
+    for scope, curve in results["decoupling"].items():
+      for i, fraction in enumerate(curve["fraction"]):
+        lines.append(
+            f"| {scope} | {curve['num_entries']} | {100 * fraction:.2f} | {curve['count'][i]} | "
+            f"{100 * curve['mean_fraction_changed'][i]:.2f} | {_pct(curve['asr'][i])} | "
+            f"{_pct(curve['accuracy'][i])} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(results: Mapping[str, Any], directory: str, *, title: str = "Robustness report"
+                 ) -> dict[str, str]:
+  """Writes JSON, markdown and PNG plots of `results` into `directory` (created).
+
+  Returns:
+    name -> path of every file written.
+  """
+  os.makedirs(directory, exist_ok=True)
+  paths = {"json": os.path.join(directory, "robustness.json"),
+           "markdown": os.path.join(directory, "robustness.md")}
+  _write_atomic(paths["json"], json.dumps(results, indent=2, sort_keys=True,
+                                          default=_to_builtin) + "\n")
+  _write_atomic(paths["markdown"], markdown(results, title))
+  clean = results.get("clean_accuracy")
+  for kind, scopes in results.get("curves", {}).items():
+    path = os.path.join(directory, f"{kind}_accuracy.png")
+    paths[f"{kind}_plot"] = _plot_atomic(
+        plots.plot_robust_accuracy, path,
+        {scope: (c["eps"], c["accuracy"]) for scope, c in scopes.items()},
+        clean_accuracy=clean, title=f"l2-{kind.upper()} ({results['protocol']['name']})"
+        if kind == "pgd" else "l2-FGM")
+  if results.get("missing"):
+    paths["missing_plot"] = _plot_atomic(
+        plots.plot_missing_modality, os.path.join(directory, "missing_modality.png"),
+        results["missing"], clean_accuracy=clean, title="missing modality")
+  if results.get("decoupling"):
+    paths["decoupling_plot"] = _plot_atomic(
+        plots.plot_decoupling_asr, os.path.join(directory, "decoupling_asr.png"),
+        {scope: (c["fraction"], c["asr"]) for scope, c in results["decoupling"].items()},
+        title="decoupling attack")
+  return paths

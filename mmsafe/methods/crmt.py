@@ -1,0 +1,202 @@
+"""Certifiable Robust Multi-modal Training (CRMT; Yang et al., ICLR 2024, Sec. 3.4).
+
+Orthogonal head `h~_k = sum_m a^(m)_k u^(m)_k + b~_k` (eq. 8), trained in two steps:
+
+* Step 1: `CE(h~(x), y) + rho * L1` over encoders, `W~` (kept on the Stiefel
+  manifold by the optimizer) and `a`, where L1 (eq. 12) is the LogSumExp
+  relaxation of the smallest uni-modal score margin (eq. 11):
+      L1 = mean_i logsumexp_{m, k != y_i} (u^(m)_k(x_i) - u^(m)_{y_i}(x_i)).
+* Step 2: encoders, `W~`, `b~` and batch-norm statistics frozen; only `a` is
+  updated to minimise `L2 = -mean_i r_j(x_i)`, the Thm 3.5 (eq. 10) bound at
+  the closest wrong class `j = argmax_{k != y} h~_k(x_i)`, with `tau~` the
+  `empirical` Lipschitz constants of the uni-modal scores `u` (not of the fused
+  logits, so `a` is not counted twice) estimated once on the training set
+  when step 2 begins.
+
+Variants (registry names): `crmt` (CRMT-JT: step 1 then step 2), `crmt_at`
+(step 1 on l2-PGD adversarial inputs, then step 2), `crmt_mix` (step 1 with
+multi-modal mixup, then step 2), and the ablations of the paper's Fig. 5:
+`crmt_step1` (step 1 only), `crmt_step2` (plain CE on the orthogonal head, then
+step 2); `ojt` (CE only) lives in `jt.py`.
+
+Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (all
+step-1 variants but `crmt_step2`; see `margin_regularizer`), `attack_eps`, `attack_steps`, `attack_step_size`,
+`attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mmsafe import certify
+from mmsafe.data.pipeline import eval_batches
+from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, cross_entropy,
+                                   mix_inputs, required, sample_mixup)
+from mmsafe.methods.registry import register
+from mmsafe.models.heads import is_modality_weight
+
+Array = jax.Array
+
+# The key of the method state that holds step 2's Lipschitz constants.
+STATE_KEY = "crmt"
+
+
+def margin_regularizer(scores: Mapping[str, Array], labels: Array, floor: float = 0.0
+                       ) -> Array:
+  """Per-sample L1 of CRMT eq. 12 in a stable LogSumExp form, [B].
+
+  `log(sum_m sum_{k != y} exp(u^(m)_k - u^(m)_y) + floor)`: a smooth maximum
+  over modalities and wrong classes of the negative uni-modal margins (eq. 11).
+
+  Without a floor, L1 is unbounded below: it keeps rewarding larger margins by
+  inflating the features, and on encoders without normalisation layers step 1
+  diverges. The paper's code adds 1e-5 inside the logarithm, which bounds L1
+  below by `log(1e-5)` once every margin is large; `floor` reproduces that,
+  computed as `logaddexp(logsumexp(...), log(floor))` so it stays finite for
+  any scores.
+  """
+  differences = []
+  for m in sorted(scores):
+    u = scores[m].astype(jnp.float32)
+    is_label = jax.nn.one_hot(labels, u.shape[-1], dtype=bool)
+    u_y = jnp.take_along_axis(u, labels[:, None], axis=1)
+    differences.append(jnp.where(is_label, -jnp.inf, u - u_y))
+  l1 = jax.nn.logsumexp(jnp.concatenate(differences, axis=-1), axis=-1)
+  return jnp.logaddexp(l1, jnp.log(floor)) if floor > 0 else l1
+
+
+def step1_loss(output, labels: Array, rho: float, floor: float) -> tuple[Array, dict]:
+  """`CE + rho * L1` (CRMT step 1) and its parts."""
+  ce = cross_entropy(output.logits, labels)
+  l1 = margin_regularizer(output.scores, labels, floor).mean()
+  return ce + rho * l1, {"ce": ce, "l1": l1, "accuracy": accuracy(output.logits, labels)}
+
+
+def mixed_step1_loss(output, labels: Array, permutation: Array, lam: Array, rho: float,
+                     floor: float) -> tuple[Array, dict]:
+  """CRMT-Mix: `lam * (CE + rho L1)(y) + (1 - lam) * (CE + rho L1)(y[perm])` on
+  the mixed batch (both the CE and the L1 term are mixed)."""
+  loss_a, parts_a = step1_loss(output, labels, rho, floor)
+  loss_b, parts_b = step1_loss(output, labels[permutation], rho, floor)
+  parts = jax.tree_util.tree_map(lambda a, b: lam * a + (1.0 - lam) * b, parts_a, parts_b)
+  return lam * loss_a + (1.0 - lam) * loss_b, {**parts, "lambda": lam}
+
+
+def closest_class_bound(output, labels: Array, tau: Mapping[str, Array]) -> Array:
+  """`r_j(x)` of Thm 3.5 at `j = argmax_{k != y} h~_k(x)`, [B] (not clipped at 0)."""
+  per_class = certify.certified_radius(output, labels, tau).per_class
+  is_label = jax.nn.one_hot(labels, output.logits.shape[-1], dtype=bool)
+  closest = jnp.argmax(jnp.where(is_label, -jnp.inf, output.logits), axis=-1)
+  return jnp.take_along_axis(per_class, closest[:, None], axis=1)[:, 0]
+
+
+def _step1(model, config, name):
+  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
+    loss, metrics = step1_loss(out, batch["label"], rho, floor)
+    return loss, (new_state, metrics)
+
+  return loss_fn
+
+
+def _step1_adversarial(model, config, name):
+  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
+  attack = {key: required(config, f"attack_{key}", name)
+            for key in ("eps", "steps", "step_size", "random_start")}
+
+  def loss_fn(params, state, batch, rng):
+    adversarial = adversarial_inputs(model, params, state, batch, rng, **attack)
+    out, new_state = apply_model(model, params, state, adversarial, train=True)
+    loss, metrics = step1_loss(out, batch["label"], rho, floor)
+    return loss, (new_state, metrics)
+
+  return loss_fn
+
+
+def _step1_mixup(model, config, name):
+  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
+  alpha = required(config, "mixup_alpha", name)
+
+  def loss_fn(params, state, batch, rng):
+    labels = batch["label"]
+    lam, permutation = sample_mixup(rng, labels.shape[0], alpha)
+    mixed = mix_inputs(batch["inputs"], lam, permutation)
+    out, new_state = apply_model(model, params, state, mixed, train=True)
+    loss, metrics = mixed_step1_loss(out, labels, permutation, lam, rho, floor)
+    return loss, (new_state, metrics)
+
+  return loss_fn
+
+
+def _plain_cross_entropy(model, config, name):
+  del config, name
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
+    loss = cross_entropy(out.logits, batch["label"])
+    return loss, (new_state, {"ce": loss, "accuracy": accuracy(out.logits, batch["label"])})
+
+  return loss_fn
+
+
+def step2_objective(model, config=None):
+  """CRMT step 2: `L2 = -mean_i r_j(x_i)` (Thm 3.5 at the closest wrong class).
+
+  The model runs in inference mode (batch-norm statistics frozen) and every
+  parameter but `a` is behind `stop_gradient`; the step-2 optimizer
+  (`mmsafe.train.optimizer.make_step2_optimizer`) updates only `a`. `tau~`
+  is read from `state["crmt"]["tau"]` (see `estimate_tau`).
+  """
+  del config
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    frozen = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf if is_modality_weight(path, leaf) else jax.lax.stop_gradient(leaf),
+        params)
+    out, _ = apply_model(model, frozen, state, batch["inputs"], train=False)
+    bound = closest_class_bound(out, batch["label"], state[STATE_KEY]["tau"])
+    loss = -jnp.mean(bound)
+    return loss, (dict(state), {"bound": -loss, "accuracy": accuracy(out.logits, batch["label"])})
+
+  return loss_fn
+
+
+def init_state(model, variables) -> dict:
+  """Method state: step 2's `tau~` (zeros until `estimate_tau` fills it)."""
+  del model
+  weights = variables["params"]["head"]["a"]
+  return {STATE_KEY: {"tau": {m: jnp.zeros((1, a.shape[-1]), jnp.float32)
+                              for m, a in weights.items()}}}
+
+
+def prepare_step2(model, variables, dataset, *, batch_size: int) -> dict:
+  """The method state for step 2: `tau~`, the `empirical` Lipschitz constants of
+  the uni-modal scores over `dataset` (modality -> [1, K]), i.e. the maximum
+  per-sample gradient norm, as in the paper's code."""
+  constants = certify.empirical_constants(
+      model, variables, eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size))
+  return {STATE_KEY: {"tau": {m: jnp.asarray(v, jnp.float32)
+                              for m, v in constants.values.items()}}}
+
+
+_VARIANTS = {
+    "crmt": (_step1, True, "CRMT-JT: CE + rho L1 (step 1), then modality weights (step 2)"),
+    "crmt_at": (_step1_adversarial, True, "CRMT-AT: step 1 on l2-PGD inputs, then step 2"),
+    "crmt_mix": (_step1_mixup, True, "CRMT-Mix: step 1 with multi-modal mixup, then step 2"),
+    "crmt_step1": (_step1, False, "ablation: CRMT step 1 only"),
+    "crmt_step2": (_plain_cross_entropy, True, "ablation: CE on the orthogonal head, then step 2"),
+}
+
+for _name, (_make, _two_step, _description) in _VARIANTS.items():
+  register(_name, head="orthogonal", description=_description,
+           init_state=init_state, step2=step2_objective if _two_step else None,
+           prepare_step2=prepare_step2 if _two_step else None)(
+               lambda model, config, _make=_make, _name=_name: _make(model, config, _name))

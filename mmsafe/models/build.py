@@ -1,0 +1,123 @@
+"""`build(config) -> MultiModalModel`: encoders per modality composed with a head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmsafe.models.encoders import ENCODERS
+from mmsafe.models.heads import HEADS
+from mmsafe.models.outputs import ModelOutput
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_inputs(inputs: Mapping[str, Array], input_shapes: Mapping[str, tuple[int, ...]]) -> None:
+  """Checks modality names, per-example shapes and dtypes (static: works under jit).
+
+  Raises:
+    ValueError naming the modality, the expected and the actual value.
+  """
+  if not isinstance(inputs, Mapping):
+    raise ValueError(f"inputs: expected a dict modality -> array, got {type(inputs).__name__}")
+  missing = sorted(set(input_shapes) - set(inputs))
+  extra = sorted(set(inputs) - set(input_shapes))
+  if missing or extra:
+    raise ValueError(f"inputs: expected modalities {sorted(input_shapes)}, got {sorted(inputs)}"
+                     + (f" (missing {missing})" if missing else "")
+                     + (f" (unexpected {extra})" if extra else ""))
+  batch_sizes = set()
+  for m, shape in input_shapes.items():
+    x = inputs[m]
+    if not hasattr(x, "shape") or tuple(x.shape[1:]) != tuple(shape):
+      actual = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+      raise ValueError(f"inputs[{m!r}]: expected shape [B, {', '.join(map(str, shape))}], "
+                       f"got {actual}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"inputs[{m!r}]: expected a floating dtype, got {x.dtype}")
+    batch_sizes.add(x.shape[0])
+  if len(batch_sizes) > 1:
+    raise ValueError(f"inputs: modalities disagree on the batch size: "
+                     f"{ {m: inputs[m].shape[0] for m in input_shapes} }")
+
+
+class MultiModalModel(nn.Module):
+  """Per-modality encoders `phi^(m)` fused by a head (concat JT or orthogonal).
+
+  Attributes:
+    encoders: modality -> encoder module.
+    head: the fusion head module.
+    input_shapes: modality -> per-example input shape (checked on every call).
+  """
+
+  encoders: Mapping[str, nn.Module]
+  head: nn.Module
+  input_shapes: Mapping[str, tuple[int, ...]]
+
+  def __call__(self, inputs: Mapping[str, Array], train: bool = False) -> ModelOutput:
+    check_inputs(inputs, self.input_shapes)
+    features = {m: self.encoders[m](inputs[m], train=train).astype(jnp.float32)
+                for m in sorted(self.input_shapes)}
+    scores, logits, head = self.head(features)
+    return ModelOutput(features=features, scores=scores, logits=logits, head=head)
+
+  def encode(self, modality: str, x: Array, train: bool = False) -> Array:
+    """`phi^(m)(x)` for one modality alone (e.g. for per-modality Jacobians)."""
+    return self.encoders[modality](x, train=train).astype(jnp.float32)
+
+
+def build(config: Mapping[str, Any], *, num_classes: int | None = None,
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> MultiModalModel:
+  """Builds a model from a config (a dict or `ml_collections.ConfigDict`).
+
+  Config fields: `head` ("concat" | "orthogonal"), `encoders` (modality ->
+  dict(name="mlp"|"cnn"|"resnet18", **module attributes)), `dtype`
+  ("float32" | "bfloat16", for the encoders; the head is always float32),
+  optional `head_weight_init` (orthogonal head's initial `a`), and
+  `num_classes` / `input_shapes` unless given as keyword arguments (the
+  dataset usually supplies them).
+  """
+  config = dict(config)
+  num_classes = num_classes if num_classes is not None else config.get("num_classes")
+  input_shapes = input_shapes if input_shapes is not None else config.get("input_shapes")
+  if not num_classes or num_classes < 2:
+    raise ValueError(f"model.num_classes: expected an integer >= 2, got {num_classes!r}")
+  if not input_shapes:
+    raise ValueError(f"model.input_shapes: expected modality -> shape, got {input_shapes!r}")
+  head_kind = config.get("head", "concat")
+  if head_kind not in HEADS:
+    raise ValueError(f"model.head: expected one of {sorted(HEADS)}, got {head_kind!r}")
+  dtype_name = config.get("dtype", "float32")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {dtype_name!r}")
+  encoder_configs = dict(config.get("encoders") or {})
+  unknown = sorted(set(encoder_configs) - set(input_shapes))
+  if unknown:
+    raise ValueError(f"model.encoders: unknown modality {unknown}; the data has "
+                     f"{sorted(input_shapes)}")
+  encoders = {}
+  for m in sorted(input_shapes):
+    if m not in encoder_configs:
+      raise ValueError(f"model.encoders: no encoder configured for modality {m!r} "
+                       f"(configured: {sorted(encoder_configs)})")
+    enc = dict(encoder_configs[m])
+    name = enc.pop("name", None)
+    if name not in ENCODERS:
+      raise ValueError(f"model.encoders[{m!r}].name: expected one of {sorted(ENCODERS)}, "
+                       f"got {name!r}")
+    for key, value in enc.items():
+      if isinstance(value, list):
+        enc[key] = tuple(value)
+    encoders[m] = ENCODERS[name](dtype=_DTYPES[dtype_name], **enc)
+  head_kwargs = {}
+  if head_kind == "orthogonal" and config.get("head_weight_init") is not None:
+    head_kwargs["weight_init"] = config["head_weight_init"]
+  head = HEADS[head_kind](num_classes=num_classes, name="head", **head_kwargs)
+  return MultiModalModel(encoders=encoders, head=head,
+                         input_shapes={m: tuple(s) for m, s in input_shapes.items()})

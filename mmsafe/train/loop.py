@@ -1,0 +1,295 @@
+"""`train_and_evaluate(config, workdir)`: the one Python loop over training steps.
+
+Side effects (files in `workdir`, the progress bar) live here and nowhere else
+in `mmsafe/`. Layout of a workdir:
+
+    config.json          the run's config (written once the config is valid)
+    metrics.jsonl        one JSON line per log/eval event ({"step": ..., ...})
+    checkpoints/<step>/  orbax checkpoints: train state, best model, progress
+    results.json         final metrics of the model selected on validation
+
+Model selection uses the validation split; the test split is evaluated once,
+at the end, on the selected model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmsafe import data as data_lib
+from mmsafe import methods
+from mmsafe import models
+from mmsafe.train.checkpoint import Checkpointer
+from mmsafe.train.optimizer import make_optimizer, make_step2_optimizer, phased
+from mmsafe.train.state import TrainState
+from mmsafe.train.step import make_eval_step, make_train_step
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes JSON to `path` via a temporary file and a rename (never half-written)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=_to_builtin)
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def _to_builtin(value):
+  if isinstance(value, (np.generic, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, (tuple, set)):
+    return list(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class MetricsWriter:
+  """Appends JSON lines to `metrics.jsonl`; on resume drops lines past `step`."""
+
+  def __init__(self, path: str, resume_step: int | None):
+    self._path = path
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    elif resume_step is None and os.path.exists(path):
+      os.remove(path)
+
+  def write(self, step: int, **metrics) -> None:
+    with open(self._path, "a") as f:
+      f.write(json.dumps({"step": int(step), **metrics}, default=_to_builtin) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything a training run is made of, built from a validated config.
+
+  Attributes:
+    splits: "train" / "validation" / "test" datasets.
+    model: the `MultiModalModel`.
+    method: the `Method` trained.
+    optimizers: phase ("step1", and "step2" for two-step methods) -> optax
+      transformation; all share one optimizer state (`optimizer.phased`).
+    steps_per_epoch: optimizer steps per pass over the training split.
+    step1_steps: steps of the first phase; steps after it are step 2.
+    total_steps: all steps of the run.
+  """
+
+  splits: dict
+  model: Any
+  method: methods.Method
+  optimizers: dict
+  steps_per_epoch: int
+  step1_steps: int
+  total_steps: int
+
+  def phase(self, step: int) -> str:
+    return "step1" if step < self.step1_steps else "step2"
+
+
+def setup(config: Mapping[str, Any]) -> Run:
+  """Validates the config and builds everything a run needs, touching no file.
+
+  Raises ValueError naming the bad field before anything is written.
+  """
+  method = methods.get(config["method"])
+  data_kwargs = dict(config.get("data") or {})
+  splits = {split: data_lib.load(config["dataset"], split, **data_kwargs)
+            for split in ("train", "validation", "test")}
+  train = splits["train"]
+  encoders = dict(config["model"].get("encoders") or {})
+  model_config = {**dict(config["model"]), "head": method.head,
+                  "encoders": {m: encoders.get(m) for m in train.inputs if m in encoders}}
+  model = models.build(model_config, num_classes=train.num_classes,
+                       input_shapes=train.modality_shapes)
+  batch_size = int(config["batch_size"])
+  if batch_size < 1 or batch_size > len(train.labels):
+    raise ValueError(f"batch_size: expected 1..{len(train.labels)} (the training set size), "
+                     f"got {batch_size}")
+  num_epochs = int(config["num_epochs"])
+  if num_epochs < 1:
+    raise ValueError(f"num_epochs: expected >= 1, got {num_epochs}")
+  steps_per_epoch = len(train.labels) // batch_size
+  optimizers = {"step1": make_optimizer(config["optimizer"], steps_per_epoch)}
+  step2_epochs = 0
+  if method.two_step:
+    step2 = dict(config.get("step2") or {})
+    if not step2:
+      raise ValueError(f"step2: method {method.name!r} has a second step; expected a config "
+                       f"section step2 (learning_rate, momentum, weight_decay, num_epochs)")
+    step2_epochs = step2.get("num_epochs")
+    step2_epochs = num_epochs // 3 if step2_epochs is None else int(step2_epochs)
+    if step2_epochs < 1:
+      raise ValueError(f"step2.num_epochs: expected >= 1, got {step2_epochs}")
+    optimizers["step2"] = make_step2_optimizer(step2, steps_per_epoch)
+  return Run(splits=splits, model=model, method=method, optimizers=phased(optimizers),
+             steps_per_epoch=steps_per_epoch, step1_steps=num_epochs * steps_per_epoch,
+             total_steps=(num_epochs + step2_epochs) * steps_per_epoch)
+
+
+def init_train_state(run: Run, seed: int, batch_size: int) -> TrainState:
+  """The run's initial `TrainState` (deterministic in `seed`)."""
+  train = run.splits["train"]
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  example = data_lib.train_batch(train.inputs, train.labels, batch_size=batch_size,
+                                 seed=seed, step=0)
+  variables = jax.jit(run.model.init)(init_rng, example["inputs"])
+  method_state = run.method.init_state(run.model, variables) if run.method.init_state else None
+  return TrainState.create(variables, run.optimizers["step1"], train_rng, method_state)
+
+
+def evaluate(eval_step, variables, dataset, batch_size: int) -> dict[str, float]:
+  """Accuracy and mean cross-entropy of `variables` on a whole split."""
+  totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+  for batch in data_lib.eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size):
+    sums = eval_step(variables, batch)
+    for key in totals:
+      totals[key] += float(sums[key])
+  return {"accuracy": totals["correct"] / totals["count"],
+          "loss": totals["loss_sum"] / totals["count"]}
+
+
+def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+  """Trains `config.method` on `config.dataset`, evaluating on validation each
+  epoch, checkpointing to `workdir` and resuming from it when it holds a run.
+
+  Two-step methods (CRMT) run `num_epochs` epochs of step 1, then
+  `step2.num_epochs` (default `num_epochs // 3`) epochs of step 2; the phase
+  follows from the step counter, so a run stopped in step 2 resumes in step 2.
+  Model selection (best validation accuracy) restarts when step 2 begins, so
+  a two-step method reports a model that went through step 2.
+
+  Returns the final results (also written to `workdir/results.json`).
+  """
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  run = setup(config)
+  train = run.splits["train"]
+  seed = int(config.get("seed", 0))
+  batch_size = int(config["batch_size"])
+  eval_batch_size = int(config.get("eval_batch_size", 256))
+  log_every = int(config.get("log_every_steps", 0)) or run.steps_per_epoch
+  checkpoint_every = int(config.get("checkpoint_every_steps", 0)) or run.steps_per_epoch
+
+  train_state = init_train_state(run, seed, batch_size)
+  best = {"variables": train_state.variables}
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  progress = {"best_validation_accuracy": -1.0, "best_step": 0, "step2_prepared": False}
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    train_state, best, progress = checkpointer.restore(resume_step, train_state, best)
+  write_json_atomic(os.path.join(workdir, "config.json"), config)
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step)
+
+  method_kwargs = config.get("method_kwargs")
+  objectives = {"step1": run.method(run.model, method_kwargs)}
+  if run.method.two_step:
+    objectives["step2"] = run.method.step2(run.model, method_kwargs)
+  train_steps = {phase: jax.jit(make_train_step(objective, run.optimizers[phase]),
+                                donate_argnums=0) for phase, objective in objectives.items()}
+  eval_step = jax.jit(make_eval_step(run.model))
+  start_step = int(train_state.step)
+  pending: list[dict] = []
+  postfix: dict[str, str] = {}
+  start_time = time.time()
+  with tqdm(total=run.total_steps, initial=start_step, desc=f"{config['method']} "
+            f"on {config['dataset']}", unit="step", dynamic_ncols=True) as bar:
+    for step in range(start_step, run.total_steps):
+      phase = run.phase(step)
+      if phase == "step2" and not progress["step2_prepared"]:
+        train_state = train_state.replace(state={**train_state.state, **run.method.prepare_step2(
+            run.model, train_state.variables, train, batch_size=eval_batch_size)})
+        progress = {**progress, "step2_prepared": True, "best_validation_accuracy": -1.0}
+      batch = data_lib.train_batch(train.inputs, train.labels, batch_size=batch_size,
+                                   seed=seed, step=step)
+      if config.get("check_batches", True):
+        data_lib.validate_batch(batch, run.model.input_shapes, train.num_classes)
+      train_state, metrics = train_steps[phase](train_state, batch)
+      pending.append(metrics)
+      done = step + 1
+      end_of_phase = done in (run.step1_steps, run.total_steps)
+      if done % log_every == 0 or end_of_phase:
+        summary = _mean_metrics(pending, step=done)
+        pending = []
+        writer.write(done, phase=phase, **{f"train/{k}": v for k, v in summary.items()})
+        postfix["loss"] = f"{summary['loss']:.4f}"
+        bar.set_postfix(postfix)
+      if done % run.steps_per_epoch == 0 or end_of_phase:
+        val = evaluate(eval_step, train_state.variables, run.splits["validation"],
+                       eval_batch_size)
+        writer.write(done, epoch=done // run.steps_per_epoch, phase=phase,
+                     **{f"validation/{k}": v for k, v in val.items()})
+        postfix["val_acc"] = f"{val['accuracy']:.3f}"
+        bar.set_postfix(postfix)
+        if val["accuracy"] > progress["best_validation_accuracy"]:
+          progress = {**progress, "best_validation_accuracy": val["accuracy"], "best_step": done}
+          # A copy: the train step donates (reuses) the buffers of train_state.
+          best = {"variables": jax.tree_util.tree_map(jnp.copy, train_state.variables)}
+      if done % checkpoint_every == 0 or end_of_phase:
+        checkpointer.save(done, train_state, best, progress)
+      bar.update(1)
+  checkpointer.close()
+
+  test = evaluate(eval_step, best["variables"], run.splits["test"], eval_batch_size)
+  results = {
+      "method": config["method"], "dataset": config["dataset"], "seed": seed,
+      "steps": run.total_steps, "best_step": progress["best_step"],
+      "validation_accuracy": progress["best_validation_accuracy"],
+      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+      "train_seconds_this_run": time.time() - start_time,
+  }
+  writer.write(run.total_steps, **{f"test/{k}": v for k, v in test.items()})
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _mean_metrics(pending: list[dict], step: int) -> dict[str, float]:
+  """Means of the pending per-step metrics; raises on a non-finite loss."""
+  stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *pending))
+  summary = {k: float(np.mean(v)) for k, v in stacked.items()}
+  if not math.isfinite(summary["loss"]):
+    raise FloatingPointError(f"non-finite training loss {summary['loss']} at step {step}")
+  return summary
+
+
+def restore_run(workdir: str, which: str = "best"):
+  """Loads a finished or running training run from its workdir.
+
+  Args:
+    workdir: a directory written by `train_and_evaluate`.
+    which: "best" (the model selected on validation) or "latest".
+
+  Returns:
+    (config dict, model, variables, splits dict "train"/"validation"/"test").
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"workdir: expected a training run with config.json, found none "
+                            f"in {workdir!r}")
+  if which not in ("best", "latest"):
+    raise ValueError(f"which: expected 'best' or 'latest', got {which!r}")
+  with open(config_path) as f:
+    config = json.load(f)
+  run = setup(config)
+  template = init_train_state(run, int(config.get("seed", 0)), int(config["batch_size"]))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"workdir: no checkpoint under {workdir!r}/checkpoints")
+  train_state, best, _ = checkpointer.restore(step, template, {"variables": template.variables})
+  checkpointer.close()
+  variables = best["variables"] if which == "best" else train_state.variables
+  return config, run.model, variables, run.splits

@@ -1,0 +1,29 @@
+"""Shared fixtures: small models trained once per test session on mfeat."""
+
+import pytest
+
+from experiments.configs import embedded
+from mmsafe.train import loop
+
+
+def mfeat_config(method: str, num_epochs: int = 6):
+  """The embedded config, shrunk: `num_epochs` epochs of mfeat with `method`."""
+  config = embedded.get_config()
+  config.method = method
+  config.dataset = "mfeat"
+  config.num_epochs = num_epochs
+  config.optimizer.decay_epochs = (num_epochs - 1,)
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained_mfeat(tmp_path_factory):
+  """`{method: (model, variables, splits, workdir)}` for "jt" and "ojt", each trained
+  for a few epochs on mfeat (test accuracy well above chance)."""
+  runs = {}
+  for method in ("jt", "ojt"):
+    workdir = str(tmp_path_factory.mktemp(f"mfeat_{method}"))
+    loop.train_and_evaluate(mfeat_config(method), workdir)
+    _, model, variables, splits = loop.restore_run(workdir)
+    runs[method] = (model, variables, splits, workdir)
+  return runs

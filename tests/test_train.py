@@ -1,0 +1,155 @@
+"""End-to-end training: JT/OJT on mfeat, resume, checkpoints, failures that
+leave the workdir intact."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsafe import data as data_lib
+from mmsafe.manifold import orthogonality_error
+from mmsafe.train import Checkpointer, TrainState, loop, make_optimizer
+from tests.conftest import mfeat_config
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["jt", "ojt"])
+def test_trained_models_beat_chance_by_far(trained_mfeat, method):
+  _, _, _, workdir = trained_mfeat[method]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["method"] == method
+  assert results["test_accuracy"] > 0.85, results
+  lines = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  losses = [line["train/loss"] for line in lines if "train/loss" in line]
+  assert losses[-1] < losses[0]
+  assert any("validation/accuracy" in line for line in lines)
+
+
+def test_ojt_keeps_w_tilde_on_the_stiefel_manifold(trained_mfeat):
+  _, variables, _, _ = trained_mfeat["ojt"]
+  for m, w in variables["params"]["head"]["w_tilde"].items():
+    assert orthogonality_error(w) < 1e-5, m
+  # ... while a was trained away from its initial value 0.1.
+  a = variables["params"]["head"]["a"]
+  assert any(np.abs(np.asarray(v) - 0.1).max() > 1e-3 for v in a.values())
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  config = mfeat_config("ojt", num_epochs=2)
+  config.optimizer.decay_epochs = (1,)
+  full = loop.train_and_evaluate(config, str(tmp_path / "full"))
+  first = mfeat_config("ojt", num_epochs=1)
+  first.optimizer.decay_epochs = (1,)
+  loop.train_and_evaluate(first, str(tmp_path / "resumed"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["steps"] == full["steps"]
+  _, _, full_vars, _ = loop.restore_run(str(tmp_path / "full"), which="latest")
+  _, _, resumed_vars, _ = loop.restore_run(str(tmp_path / "resumed"), which="latest")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, full_vars, resumed_vars)
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  steps = [line["step"] for line in _read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl"))
+           if "train/loss" in line]
+  assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
+
+
+def test_checkpoint_round_trip(tmp_path):
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  optimizer = make_optimizer({"learning_rate": 0.1, "momentum": 0.9}, steps_per_epoch=10)
+  state = TrainState.create({"params": params, "batch_stats": {"m": jnp.zeros(2)}}, optimizer,
+                            jax.random.PRNGKey(3))
+  state = state.replace(step=jnp.asarray(7, jnp.int32))
+  checkpointer = Checkpointer(str(tmp_path))
+  checkpointer.save(7, state, {"variables": state.variables}, {"best_step": 5})
+  checkpointer.wait()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state)
+  restored, best, progress = checkpointer.restore(7, zeros, {"variables": zeros.variables})
+  checkpointer.close()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, state)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, best["variables"], state.variables)
+  assert progress == {"best_step": 5}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dataset", "mnist", r"dataset: expected one of .*got 'mnist'"),
+    ("method", "magic", r"method: expected one of .*got 'magic'"),
+    ("data.modalities", ("pix", "depth"), r"depth"),
+    ("batch_size", 0, r"batch_size: expected"),
+    ("optimizer.name", "lbfgs", r"optimizer.name: expected 'sgd' or 'adam', got 'lbfgs'"),
+])
+def test_bad_configs_fail_before_touching_the_workdir(tmp_path, field, value, message):
+  config = mfeat_config("jt", num_epochs=1)
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  good = mfeat_config("jt", num_epochs=1)
+  loop.train_and_evaluate(good, workdir)
+  before = loop.restore_run(workdir, which="latest")[2]
+  bad = mfeat_config("jt", num_epochs=3)
+  bad.optimizer.learning_rate = 1e30
+  bad.optimizer.decay_epochs = ()
+  with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step \d+"):
+    loop.train_and_evaluate(bad, workdir)
+  after = loop.restore_run(workdir, which="latest")[2]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def _batch():
+  return {"inputs": {"pix": np.zeros((4, 16, 15, 1), np.float32),
+                     "fou": np.zeros((4, 76), np.float32)},
+          "label": np.array([0, 1, 2, 3], np.int32)}
+
+
+SHAPES = {"pix": (16, 15, 1), "fou": (76,)}
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda b: b["inputs"].pop("fou"), r"missing modality \['fou'\]"),
+    (lambda b: b["inputs"].update(audio=b["inputs"]["fou"]), r"unexpected modality \['audio'\]"),
+    (lambda b: b["inputs"].update(fou=np.zeros((4, 75), np.float32)),
+     r"\['fou'\]: expected shape \[4, 76\], got \[4, 75\]"),
+    (lambda b: b["inputs"].update(fou=np.zeros((4, 76), np.int64)),
+     r"\['fou'\]: expected a floating dtype, got int64"),
+    (lambda b: b["inputs"]["pix"].__setitem__((2, 0, 0, 0), np.nan),
+     r"\['pix'\]: expected finite values, got 1 NaN/Inf entries \(first in example 2\)"),
+    (lambda b: b["inputs"]["fou"].__setitem__((1, 3), np.inf), r"\['fou'\]: expected finite"),
+    (lambda b: b.__setitem__("label", np.array([0, 1, 2, 10], np.int32)),
+     r"label.*\[0, 10\).*got range \[0, 10\]"),
+    (lambda b: b.__setitem__("label", np.zeros(4, np.float32)), r"label.*expected int"),
+    (lambda b: b.pop("label"), r"missing key 'label'"),
+])
+def test_bad_batches_fail_fast_naming_the_field(corrupt, message):
+  batch = _batch()
+  corrupt(batch)
+  with pytest.raises(ValueError, match=message):
+    data_lib.validate_batch(batch, SHAPES, num_classes=10)
+
+
+def test_training_batches_are_a_pure_function_of_seed_and_step():
+  inputs = {"x": np.arange(20, dtype=np.float32)[:, None]}
+  labels = np.arange(20, dtype=np.int32)
+  seen = [data_lib.train_batch(inputs, labels, batch_size=6, seed=1, step=s)["label"]
+          for s in range(3)]
+  np.testing.assert_array_equal(
+      seen[1], data_lib.train_batch(inputs, labels, batch_size=6, seed=1, step=1)["label"])
+  epoch = np.concatenate(seen)
+  assert len(set(epoch.tolist())) == 18  # one epoch: no example twice
+  assert not np.array_equal(seen[0], data_lib.train_batch(
+      inputs, labels, batch_size=6, seed=1, step=3)["label"])  # next epoch reshuffled
