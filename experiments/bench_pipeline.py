@@ -16,6 +16,9 @@ and measures:
   python -m experiments.bench_pipeline --datasets=kinetics_sounds --num_clips=32
 
 The source is small and cached in memory, so the numbers are CPU costs (no disk I/O).
+`cpu_ms_*` are CPU milliseconds per example on one thread (read = deserialisation
+only; train/eval = preprocessing of a read example), robust to other load on the
+machine: 1000 / (cpu_ms_read + cpu_ms_train_f32) is what one core sustains.
 """
 
 import json
@@ -39,7 +42,8 @@ from mmsafe.data.tfds import media
 _DATASETS = flags.DEFINE_list("datasets", ["kinetics_sounds", "ucf101_rgb_flow"],
                               "Builders to benchmark.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to put the fake data (default: a temp dir).")
-_NUM_CLIPS = flags.DEFINE_integer("num_clips", 16, "Fake clips per dataset (train split).")
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 16, "Fake Kinetics-Sounds clips (train split).")
+_UCF_CLIPS = flags.DEFINE_integer("ucf_clips", 3, "Fake UCF101 clips (TV-L1 on a CPU is slow).")
 _SECONDS = flags.DEFINE_integer("seconds", 10, "Clip length (UCF101 clips: 7 s).")
 _SOURCE_SIZE = flags.DEFINE_string("source_size", "480x360", "Fake video size (WxH).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -121,11 +125,14 @@ def bench_dataset(dataset: str, workdir: str) -> dict:
   data_dir = os.path.join(workdir, dataset, "tfds")
   ucf = dataset == "ucf101_rgb_flow"
   seconds = 7 if ucf else _SECONDS.value
+  num = _UCF_CLIPS.value if ucf else _NUM_CLIPS.value
   if not os.path.isdir(manual):
-    make_fake_clips(manual, _NUM_CLIPS.value, seconds,
-                    "320x240" if ucf else _SOURCE_SIZE.value, 25, audio=not ucf)
-    write_lists(manual, dataset, _NUM_CLIPS.value)
-  result = {"dataset": dataset, "clips": _NUM_CLIPS.value, "clip_seconds": seconds}
+    make_fake_clips(manual, num, seconds, "320x240" if ucf else _SOURCE_SIZE.value, 25,
+                    audio=not ucf)
+    write_lists(manual, dataset, num)
+  result = {"dataset": dataset, "clips": num, "clip_seconds": seconds,
+            "source": "320x240" if ucf else _SOURCE_SIZE.value}
+  shutil.rmtree(data_dir, ignore_errors=True)  # always time a fresh build
   builder, seconds_taken = build(dataset, manual, data_dir)
   written = sum(s.num_examples for s in builder.info.splits.values())
   result["build_clips_per_s"] = written / seconds_taken
@@ -150,13 +157,31 @@ def bench_dataset(dataset: str, workdir: str) -> dict:
     source[i % len(source)]
   result["read_examples_per_s"] = 200 / (time.perf_counter() - start)
 
+  # CPU milliseconds per example, one thread, no batching: robust to other load on
+  # the machine; 1000 / cpu_ms is the examples/s one core sustains.
+  records = [source[i] for i in range(len(source))]
+  start = time.process_time()
+  for i in range(100):
+    source[i % len(source)]
+  result["cpu_ms_read"] = (time.process_time() - start) * 10
+  for train in (True, False):
+    for normalize in (True, False):
+      config = pipeline.ClipPreprocessing(normalize=normalize)
+      start = time.process_time()
+      for i in range(60):
+        pipeline.preprocess_clip(records[i % len(records)], train=train,
+                                 rng=np.random.default_rng(i) if train else None, config=config)
+      tag = f"{'train' if train else 'eval'}_{'f32' if normalize else 'uint8'}"
+      result[f"cpu_ms_{tag}"] = (time.process_time() - start) / 60 * 1000
+
   b, steps = _BATCH_SIZE.value, _STEPS.value
   for threads in map(int, _THREADS.value):
     for normalize in (True, False):
       config = pipeline.ClipPreprocessing(normalize=normalize)
       tag = f"threads{threads}_{'f32' if normalize else 'uint8'}"
       result[f"train_{tag}"] = rate(pipeline.clip_train_iterator(
-          _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config, num_threads=threads,
+          _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
+          num_threads=threads,
           prefetch=2), b, steps)
       result[f"eval_{tag}"] = rate(pipeline.clip_eval_iterator(
           _Repeat(source, (steps + 1) * b), batch_size=b, config=config,

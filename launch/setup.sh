@@ -12,9 +12,9 @@ extras="${1:-}"
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 debian_packages=(
-  espeak-ng sox
+  espeak-ng
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
-  asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav
+  asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav asterisk-prompt-it-menardi-wav
 )
 if command -v apt-get >/dev/null; then
   missing=()

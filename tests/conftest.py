@@ -1,9 +1,18 @@
 """Shared fixtures: small models trained once per test session on mfeat."""
 
+import tempfile
+
+import jax
 import pytest
 
 from experiments.configs import embedded
 from mmsafe.train import loop
+
+# Many tests build the same small models and train steps afresh; a persistent
+# compilation cache (per test session) compiles each distinct program once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mmsafe_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def mfeat_config(method: str, num_epochs: int = 6):

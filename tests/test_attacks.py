@@ -13,6 +13,14 @@ from mmsafe import attacks
 from mmsafe.attacks import common
 
 B = 64
+# Jitted attacks shared by the tests: a call with the same model, static options
+# and shapes reuses one compilation (compiling dominates these tests' time).
+_COMMON = ("modalities", "loss", "return_info")
+PGD = jax.jit(attacks.pgd, static_argnums=0, static_argnames=_COMMON + (
+    "steps", "restarts", "random_start", "keep_best"))
+FGM = jax.jit(attacks.fgm, static_argnums=0, static_argnames=("modalities", "loss"))
+DECOUPLING = jax.jit(attacks.decoupling, static_argnums=0, static_argnames=_COMMON + (
+    "fraction", "max_count", "rounds", "steps_per_round", "random_start"))
 
 
 # ----------------------------------------------------------------------------
@@ -68,54 +76,57 @@ def _linear_distance(weights, logits, labels, scope):
   return dist
 
 
+LINEAR2, W2 = _linear(2)
+LINEAR5, W5 = _linear(5)
+NONLINEAR = _nonlinear()
+
+
 # ----------------------------------------------------------------------------
 # PGD against closed forms.
 
 
-@pytest.mark.parametrize("scope,loss", [(None, "ce"), ("a", "margin"), (("b", "c"), "ce")])
+@pytest.mark.parametrize("scope,loss", [(None, "ce"), ("a", "margin")])
 def test_pgd_binary_linear_reaches_the_analytic_optimum(scope, loss):
   """For K = 2 the optimal l2 perturbation is -eps (w_y - w_o)/||w_y - w_o||
   over the attacked modalities: the margin drops by exactly eps ||w_y - w_o||.
   (CE's float32 gradient direction is slightly off on very confident examples,
   hence the 1e-3 relative slack on the movement.)"""
-  logits_fn, weights = _linear(2)
   x = _inputs()
-  labels = jnp.asarray(_predict(logits_fn, x))
+  labels = jnp.asarray(_predict(LINEAR2, x))
   eps = jnp.linspace(0.1, 3.0, B)  # one radius per example
-  adv, info = attacks.pgd(logits_fn, x, labels, jax.random.PRNGKey(0), eps=eps, steps=10,
-                          modalities=scope, random_start=False, loss=loss, return_info=True)
+  adv, info = PGD(LINEAR2, x, labels, jax.random.PRNGKey(0), eps=eps, steps=10,
+                  modalities=scope, random_start=False, loss=loss, return_info=True)
   attacked = common.resolve_modalities(x, scope)
-  z0, z1 = np.asarray(logits_fn(x)), np.asarray(logits_fn(adv))
+  z0, z1 = np.asarray(LINEAR2(x)), np.asarray(LINEAR2(adv))
   y = np.asarray(labels)
   rows = np.arange(B)
   margin0 = z0[rows, y] - z0[rows, 1 - y]
   margin1 = z1[rows, y] - z1[rows, 1 - y]
-  w_norm = np.sqrt(sum(((weights[m][:, 0] - weights[m][:, 1]) ** 2).sum() for m in attacked))
+  w_norm = np.sqrt(sum(((W2[m][:, 0] - W2[m][:, 1]) ** 2).sum() for m in attacked))
   movement = np.asarray(eps) * w_norm
   np.testing.assert_array_less(np.abs(margin1 - (margin0 - movement)), 1e-3 * movement + 1e-4)
   # Flipped exactly when eps exceeds the distance to the boundary.
   distance = margin0 / w_norm
   np.testing.assert_array_equal(np.asarray(info["misclassified"]), np.asarray(eps) > distance)
-  np.testing.assert_allclose(np.asarray(info["norm"]), np.asarray(eps), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(info["norm"]), np.asarray(eps), rtol=1e-4)
+  for m in x:
+    if m not in attacked:
+      np.testing.assert_array_equal(np.asarray(adv[m]), np.asarray(x[m]))
 
 
-@pytest.mark.parametrize("scope", [None, "b"])
-def test_targeted_pgd_matches_the_multiclass_closed_form(scope):
-  """K = 5 linear model: the point is misclassifiable within eps iff eps > the
-  distance to the nearest boundary. Multi-targeted PGD over all K - 1 classes
-  flips every example at 1.05x the distance and none at 0.95x."""
-  k = 5
-  logits_fn, weights = _linear(k)
+def test_targeted_pgd_matches_the_multiclass_closed_form():
+  """K = 5 linear model: an example is misclassifiable within eps iff eps > the
+  distance to the nearest boundary, min_j (z_y - z_j) / ||w_y - w_j||.
+  Multi-targeted PGD over all K - 1 classes flips every example at 1.05x that
+  distance and none at 0.95x."""
   x = _inputs()
-  z = np.asarray(logits_fn(x))
+  z = np.asarray(LINEAR5(x))
   labels = z.argmax(1)
-  distance = _linear_distance(weights, z, labels, common.resolve_modalities(x, scope))
-  run = jax.jit(functools.partial(attacks.pgd, logits_fn, steps=30, modalities=scope,
-                                  restarts=k - 1, random_start=False, loss="targeted",
-                                  return_info=True))
+  distance = _linear_distance(W5, z, labels, sorted(x))
   for factor, flipped in ((1.05, True), (0.95, False)):
-    _, info = run(x, jnp.asarray(labels), jax.random.PRNGKey(0),
-                  eps=jnp.asarray(distance * factor))
+    _, info = PGD(LINEAR5, x, jnp.asarray(labels), jax.random.PRNGKey(0),
+                  eps=jnp.asarray(distance * factor), steps=30, restarts=4, random_start=False,
+                  loss="targeted", return_info=True)
     assert np.all(np.asarray(info["misclassified"]) == flipped), factor
 
 
@@ -140,13 +151,12 @@ def _numpy_pgd(weights, bias, x, labels, eps, steps, step_size):
 
 
 def test_pgd_agrees_with_an_independent_numpy_implementation():
-  logits_fn, weights = _linear(6)
-  bias = np.asarray(logits_fn({m: jnp.zeros((1, *s)) for m, s in SHAPES.items()}))[0]
-  x = _inputs()
-  labels = _predict(logits_fn, x)
-  adv = attacks.pgd(logits_fn, x, jnp.asarray(labels), jax.random.PRNGKey(0), eps=1.5, steps=7,
-                    step_size=0.4, random_start=False, keep_best=False)
-  expected = _numpy_pgd(weights, bias, x, labels, 1.5, 7, 0.4)
+  bias = np.asarray(LINEAR5({m: jnp.zeros((1, *s)) for m, s in SHAPES.items()}))[0]
+  x = _inputs(1)
+  labels = _predict(LINEAR5, x)
+  adv = PGD(LINEAR5, x, jnp.asarray(labels), jax.random.PRNGKey(0), eps=1.5, steps=7,
+            step_size=0.4, random_start=False, keep_best=False)
+  expected = _numpy_pgd(W5, bias, x, labels, 1.5, 7, 0.4)
   got = np.concatenate([np.asarray(adv[m]).reshape(B, -1) for m in sorted(adv)], 1)
   np.testing.assert_allclose(got, expected, atol=2e-4)
 
@@ -155,14 +165,13 @@ def test_pgd_agrees_with_an_independent_numpy_implementation():
 # Geometry, FGM, restarts.
 
 
-@pytest.mark.parametrize("scope", [None, "c", ("a", "c")])
+@pytest.mark.parametrize("scope", [None, ("a", "c")])
 def test_projection_keeps_the_joint_budget_and_untouched_modalities(scope):
-  logits_fn = _nonlinear()
   x = _inputs(3)
-  labels = jnp.asarray(_predict(logits_fn, x))
+  labels = jnp.asarray(_predict(NONLINEAR, x))
   eps = jnp.asarray(np.random.default_rng(0).uniform(0.0, 2.0, B), jnp.float32)
-  adv = jax.jit(functools.partial(attacks.pgd, logits_fn, steps=6, modalities=scope,
-                                  restarts=2))(x, labels, jax.random.PRNGKey(1), eps=eps)
+  adv, _ = PGD(NONLINEAR, x, labels, jax.random.PRNGKey(1), eps=eps, steps=6, modalities=scope,
+               restarts=2, return_info=True)
   attacked = common.resolve_modalities(x, scope)
   norm = np.sqrt(sum(((np.asarray(adv[m]) - np.asarray(x[m])) ** 2).reshape(B, -1).sum(1)
                      for m in attacked))
@@ -175,59 +184,55 @@ def test_projection_keeps_the_joint_budget_and_untouched_modalities(scope):
 
 
 def test_box_constraints_hold_with_the_l2_budget():
-  logits_fn = _nonlinear()
   x = {m: jnp.clip(v, -0.5, 0.5) for m, v in _inputs(4).items()}
-  labels = jnp.asarray(_predict(logits_fn, x))
+  labels = jnp.asarray(_predict(NONLINEAR, x))
   low, high = common.normalized_bounds(0.0, 6.0, 3.0, 6.0)  # raw [0, 6] -> [-0.5, 0.5]
   bounds = {"a": (low, high), "c": (jnp.full((2, 2, 2), -0.6), 0.6)}
-  adv = attacks.pgd(logits_fn, x, labels, jax.random.PRNGKey(0), eps=1.0, steps=5, bounds=bounds)
+  adv = PGD(NONLINEAR, x, labels, jax.random.PRNGKey(0), eps=1.0, steps=6, restarts=2,
+            bounds=bounds)
   assert float(jnp.min(adv["a"])) >= -0.5 and float(jnp.max(adv["a"])) <= 0.5
   assert float(jnp.min(adv["c"])) >= -0.6 - 1e-7 and float(jnp.max(adv["c"])) <= 0.6 + 1e-7
   assert float(jnp.max(attacks.joint_norm({m: adv[m] - x[m] for m in x}))) <= 1.0 + 1e-5
-  fgm_adv = attacks.fgm(logits_fn, x, labels, eps=5.0, bounds=bounds)
+  assert float(jnp.max(jnp.abs(adv["a"]))) == 0.5  # the box is active
+  fgm_adv = FGM(NONLINEAR, x, labels, eps=5.0, bounds=bounds)
   assert float(jnp.max(jnp.abs(fgm_adv["a"]))) <= 0.5
 
 
-@pytest.mark.parametrize("scope", [None, "a"])
-def test_fgm_equals_one_pgd_step_of_size_eps(scope):
-  logits_fn = _nonlinear()
+def test_fgm_equals_one_pgd_step_of_size_eps():
   x = _inputs(5)
-  labels = jnp.asarray(_predict(logits_fn, x))
+  labels = jnp.asarray(_predict(NONLINEAR, x))
+  scope = ("a", "c")
   eps = 0.7
-  by_fgm = attacks.fgm(logits_fn, x, labels, eps=eps, modalities=scope)
-  by_pgd = attacks.pgd(logits_fn, x, labels, jax.random.PRNGKey(0), eps=eps, steps=1,
-                       step_size=eps, modalities=scope, random_start=False, keep_best=False)
+  by_fgm = FGM(NONLINEAR, x, labels, eps=eps, modalities=scope)
+  by_pgd = PGD(NONLINEAR, x, labels, jax.random.PRNGKey(0), eps=eps, steps=1, step_size=eps,
+               modalities=scope, random_start=False, keep_best=False)
   for m in x:
     np.testing.assert_allclose(np.asarray(by_fgm[m]), np.asarray(by_pgd[m]), atol=1e-5)
-  moved = attacks.joint_norm({m: by_fgm[m] - x[m] for m in common.resolve_modalities(x, scope)})
+  np.testing.assert_array_equal(np.asarray(by_fgm["b"]), np.asarray(x["b"]))
+  moved = attacks.joint_norm({m: by_fgm[m] - x[m] for m in scope})
   np.testing.assert_allclose(np.asarray(moved), eps, rtol=1e-5)
 
 
-def test_restarts_are_never_weaker_than_one_run():
-  logits_fn = _nonlinear(num_classes=6, seed=2)
-  x = _inputs(6, batch=256)
-  labels = jnp.asarray(_predict(logits_fn, x))
-  run = jax.jit(functools.partial(attacks.pgd, logits_fn, eps=0.6, steps=3, return_info=True),
-                static_argnames="restarts")
+def test_restarts_are_never_weaker_than_one_run_and_pgd_beats_fgm():
+  x = _inputs(6)
+  labels = jnp.asarray(_predict(NONLINEAR, x))
   key = jax.random.PRNGKey(7)
-  _, one = run(x, labels, key, restarts=1)
-  _, many = run(x, labels, key, restarts=4)
+  eps = jnp.full((B,), 0.8)
+  # (the same static arguments as the projection test: one compilation for both)
+  _, one = PGD(NONLINEAR, x, labels, key, eps=eps, steps=6, modalities=None, restarts=1,
+               return_info=True)
+  _, many = PGD(NONLINEAR, x, labels, key, eps=eps, steps=6, modalities=None, restarts=2,
+                return_info=True)
   one_mis, many_mis = np.asarray(one["misclassified"]), np.asarray(many["misclassified"])
   assert np.all(many_mis >= one_mis)
   same = many_mis == one_mis
   assert np.all(np.asarray(many["loss"])[same] >= np.asarray(one["loss"])[same] - 1e-5)
-  assert many_mis.sum() > one_mis.sum()  # and here they do find more
-
-
-def test_pgd_at_least_as_strong_as_fgm_and_eps_zero_is_clean():
-  logits_fn = _nonlinear(num_classes=6, seed=3)
-  x = _inputs(8, batch=256)
-  labels = jnp.asarray(_predict(logits_fn, x))
-  fgm_wrong = _predict(logits_fn, attacks.fgm(logits_fn, x, labels, eps=0.5)) != labels
-  _, info = attacks.pgd(logits_fn, x, labels, jax.random.PRNGKey(0), eps=0.5, steps=20,
-                        restarts=2, return_info=True)
-  assert np.asarray(info["misclassified"]).sum() >= fgm_wrong.sum() > 0
-  still = attacks.pgd(logits_fn, x, labels, jax.random.PRNGKey(0), eps=0.0, steps=2)
+  assert np.any(np.asarray(many["loss"]) > np.asarray(one["loss"]) + 1e-3)  # restarts help
+  fgm_wrong = _predict(NONLINEAR, FGM(NONLINEAR, x, labels, eps=eps)) != np.asarray(labels)
+  assert many_mis.sum() >= fgm_wrong.sum() > 0
+  # eps = 0 leaves every input unchanged.
+  still, _ = PGD(NONLINEAR, x, labels, key, eps=jnp.zeros((B,)), steps=6, modalities=None,
+                 restarts=2, return_info=True)
   for m in x:
     np.testing.assert_array_equal(np.asarray(still[m]), np.asarray(x[m]))
 
@@ -236,17 +241,16 @@ def test_pgd_at_least_as_strong_as_fgm_and_eps_zero_is_clean():
 # Decoupling (l0) attack.
 
 
-@pytest.mark.parametrize("scope,fraction", [(None, 0.1), ("b", 0.4), (("a", "c"), 0.15)])
+@pytest.mark.parametrize("scope,fraction", [(None, 0.1), ("b", 0.4)])
 def test_decoupling_changes_at_most_the_allowed_entries(scope, fraction):
-  logits_fn = _nonlinear(num_classes=3, seed=4)
   x = _inputs(9)
-  labels = jnp.asarray(_predict(logits_fn, x))
+  labels = jnp.asarray(_predict(NONLINEAR, x))
   attacked = common.resolve_modalities(x, scope)
   k, n = attacks.decoupling_budget(x, fraction, scope)
   assert n == sum(int(np.prod(SHAPES[m])) for m in attacked) and k == int(fraction * n)
-  adv, info = attacks.decoupling(logits_fn, x, labels, jax.random.PRNGKey(0), fraction=fraction,
-                                 modalities=scope, rounds=3, steps_per_round=4, max_change=1.5,
-                                 random_start=True, return_info=True)
+  adv, info = DECOUPLING(NONLINEAR, x, labels, jax.random.PRNGKey(0), fraction=fraction,
+                         modalities=scope, rounds=3, steps_per_round=4, max_change=1.5,
+                         random_start=True, return_info=True)
   changed = sum((np.asarray(adv[m]) != np.asarray(x[m])).reshape(B, -1).sum(1) for m in attacked)
   assert changed.max() <= k and changed.max() > 0
   np.testing.assert_array_equal(changed, np.asarray(info["changed"]))
@@ -256,22 +260,20 @@ def test_decoupling_changes_at_most_the_allowed_entries(scope, fraction):
     if m not in attacked:
       np.testing.assert_array_equal(np.asarray(adv[m]), np.asarray(x[m]))
   np.testing.assert_array_equal(np.asarray(info["misclassified"]),
-                                _predict(logits_fn, adv) != np.asarray(labels))
+                                _predict(NONLINEAR, adv) != np.asarray(labels))
   assert np.asarray(info["misclassified"]).mean() > 0.05  # it does attack
 
 
 def test_decoupling_traced_budget_and_linear_success():
   """One compilation for several budgets (count traced, max_count static); on a
   linear model a larger l0 budget succeeds on more examples."""
-  logits_fn, _ = _linear(3)
   x = _inputs(10)
-  labels = jnp.asarray(_predict(logits_fn, x))
-  run = jax.jit(lambda count: attacks.decoupling(
-      logits_fn, x, labels, jax.random.PRNGKey(0), count=count, max_count=8, rounds=4,
-      steps_per_round=5, max_change=1.0, return_info=True)[1])
+  labels = jnp.asarray(_predict(LINEAR5, x))
   rates, changed = [], []
   for count in (0, 2, 8, 20):  # 20 is clipped to max_count
-    info = run(jnp.int32(count))
+    _, info = DECOUPLING(LINEAR5, x, labels, jax.random.PRNGKey(0), count=jnp.int32(count),
+                         max_count=8, rounds=4, steps_per_round=5, max_change=1.0,
+                         return_info=True)
     rates.append(float(np.mean(info["misclassified"])))
     changed.append(int(np.max(info["changed"])))
   assert changed[0] == 0 and changed[1] <= 2 and changed[2] <= 8 and changed[3] <= 8

@@ -64,11 +64,10 @@ def ks_manual(tmp_path_factory):
   a sidecar .wav), plus a too-short, a corrupt, a missing, a silent and a duplicate entry."""
   root = str(tmp_path_factory.mktemp("ks_manual"))
   vid = os.path.join(root, "vid")
-  make_clips([(os.path.join(vid, "a0.mp4"), 3, "sine@300"), (os.path.join(vid, "a1.mp4"), 3, "noise"),
-              (os.path.join(vid, "a2.mp4"), 3, "sine@500"), (os.path.join(vid, "a3.mp4"), 3, "noise"),
-              (os.path.join(vid, "b0.mp4"), 3, "sine@700"), (os.path.join(vid, "b1.mp4"), 4, None),
-              (os.path.join(vid, "short.mp4"), 1, "sine@400"),
-              (os.path.join(vid, "silent.mp4"), 3, None)])
+  make_clips([(os.path.join(vid, name), seconds, audio) for name, seconds, audio in [
+      ("a0.mp4", 3, "sine@300"), ("a1.mp4", 3, "noise"), ("a2.mp4", 3, "sine@500"),
+      ("a3.mp4", 3, "noise"), ("b0.mp4", 3, "sine@700"), ("b1.mp4", 4, None),
+      ("short.mp4", 1, "sine@400"), ("silent.mp4", 3, None)]])
   _ffmpeg("-f", "lavfi", "-i", "sine=frequency=900:sample_rate=16000:duration=4",
           os.path.join(vid, "b1.wav"))
   write(os.path.join(vid, "corrupt.mp4"), "this is not a video\n")
@@ -318,7 +317,8 @@ def test_ucf101_bad_lists(ucf_manual, tmp_path):
   bad = tmp_path / "manual"
   shutil.copytree(ucf_manual, bad)
   builder = mtfds.Ucf101RgbFlow(data_dir=str(tmp_path / "d"),
-                                config=mtfds.Ucf101Config(name="t", num_classes=3, flow="precomputed"))
+                                config=mtfds.Ucf101Config(name="t", num_classes=3,
+                                                          flow="precomputed"))
   write(str(bad / "ucfTrainTestlist" / "testlist01.txt"), "Juggling/v_Juggling_g01_c01.avi\n")
   with pytest.raises(ValueError, match=r"testlist01.txt:1: unknown class 'Juggling'"):
     builder.read_lists(str(bad))

@@ -120,7 +120,8 @@ def test_eval_preprocessing_deterministic_middle_frames_whole_frame():
   b = pipeline.preprocess_clip(record, train=False, config=raw)
   np.testing.assert_array_equal(a["inputs"]["visual"], b["inputs"]["visual"])
   for k, stored in enumerate(pipeline.select_frames(7, 3)):  # middle of each third: 1, 3, 5
-    np.testing.assert_array_equal(a["inputs"]["visual"][k], media.decode_jpeg(record["visual"][stored]))
+    np.testing.assert_array_equal(a["inputs"]["visual"][k],
+                                  media.decode_jpeg(record["visual"][stored]))
   assert a["inputs"]["visual"].dtype == np.uint8
   np.testing.assert_array_equal(a["inputs"]["audio"], record["audio"][..., None])
 
@@ -160,9 +161,13 @@ def test_normalize_inputs_matches_in_pipeline_normalisation():
   for m in ("visual", "flow", "audio"):
     np.testing.assert_allclose(again[m], normed["inputs"][m], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(normed["inputs"]["audio"], (0.0 + 4.503877) / (2 * 5.141276))
+  import jax.numpy as jnp  # the same function normalises on device
+  on_device = pipeline.normalize_inputs({m: jnp.asarray(x) for m, x in raw["inputs"].items()})
+  for m in ("visual", "flow", "audio"):
+    np.testing.assert_allclose(np.asarray(on_device[m]), normed["inputs"][m], rtol=1e-6, atol=1e-6)
   v = raw["inputs"]["visual"][0, 0, 0]
-  np.testing.assert_allclose(normed["inputs"]["visual"][0, 0, 0],
-                             (v / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(normed["inputs"]["visual"][0, 0, 0], (v / 255 - mean) / std,
                              rtol=1e-5)
 
 
@@ -203,7 +208,7 @@ def test_iterator_errors_surface_and_close_stops():
   records[2] = dict(records[2], visual=np.array([b"broken"] * 7, dtype=object))
   it = pipeline.clip_eval_iterator(records, batch_size=2, config=CONFIG)
   next(it)
-  with pytest.raises(Exception):
+  with pytest.raises(OSError):  # Pillow: cannot identify image file
     next(it)
   it = pipeline.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG)
   next(it)
@@ -224,3 +229,34 @@ def test_make_iterator_on_in_memory_and_record_sources():
   assert [b["valid"].sum() for b in evals] == [3]
   with pytest.raises(ValueError, match="dataset"):
     data_lib.load("no_such_dataset", "train")
+
+
+def test_dropped_iterator_stops_its_threads():
+  import gc
+  import threading
+  before = threading.active_count()
+  it = pipeline.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG,
+                                    num_threads=2)
+  next(it)
+  del it
+  gc.collect()
+  assert threading.active_count() <= before
+
+
+def test_make_iterator_on_embedded_arrays_matches_train_batch_and_eval_batches():
+  rng = np.random.default_rng(0)
+  inputs = {"x": rng.standard_normal((11, 4)).astype(np.float32)}
+  labels = np.arange(11, dtype=np.int32) % 3
+  dataset = data_lib.Dataset(name="toy", split="train", inputs=inputs, labels=labels,
+                             num_classes=3, stats={})
+  train = list(data_lib.make_iterator(dataset, train=True, batch_size=4, seed=2, start_step=1,
+                                      num_steps=3, process_index=0, process_count=1))
+  for step, batch in enumerate(train, start=1):
+    expected = pipeline.train_batch(inputs, labels, batch_size=4, seed=2, step=step)
+    np.testing.assert_array_equal(batch["inputs"]["x"], expected["inputs"]["x"])
+  evals = list(data_lib.make_iterator(dataset, train=False, batch_size=4, process_index=0,
+                                      process_count=1))
+  for got, expected in zip(evals, pipeline.eval_batches(inputs, labels, batch_size=4)):
+    np.testing.assert_array_equal(got["inputs"]["x"], expected["inputs"]["x"])
+    np.testing.assert_array_equal(got["valid"], expected["valid"])
+  assert len(evals) == 3

@@ -151,7 +151,10 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       run_best = (delta, per, misclassified)
     return keep_worse(best, *run_best)
 
-  best_delta, best_loss, best_mis = jax.lax.fori_loop(0, restarts, one_restart, nothing)
+  if restarts == 1:
+    best_delta, best_loss, best_mis = one_restart(0, nothing)
+  else:
+    best_delta, best_loss, best_mis = jax.lax.fori_loop(0, restarts, one_restart, nothing)
   adversarial = common.merge(inputs, {m: x[m] + best_delta[m] for m in attacked})
   if not return_info:
     return adversarial

@@ -36,6 +36,7 @@ give estimates. `Certificate.kind` records which was used.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import functools
 from typing import Any
 
 import flax.struct
@@ -176,8 +177,18 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
     if concrete is not None and np.any(concrete < 0):
       raise ValueError(f"tau[{m!r}]: expected non-negative Lipschitz constants, got minimum "
                        f"{concrete.min()}")
-    taus[m] = jnp.broadcast_to(t, (batch, num_classes))
+    taus[m] = t
+  return _radii(output, labels, taus, kind)
 
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array], kind: str) -> Certificate:
+  """The computation of `certified_radius` (arguments already checked)."""
+  head = output.head
+  modalities = sorted(head.kernels)
+  logits = output.logits.astype(jnp.float32)
+  batch, num_classes = logits.shape
+  taus = {m: jnp.broadcast_to(t, (batch, num_classes)) for m, t in taus.items()}
   is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
   logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k

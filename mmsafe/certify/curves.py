@@ -92,23 +92,38 @@ def eta_ratio(certificate: Certificate, labels: Array, numerator: str, denominat
 
 def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
               valid: Array | None = None) -> dict[str, Any]:
-  """A JSON-ready summary: clean accuracy, mean/median radius (correct samples),
-  the certified-accuracy curve and the uni-modal curves over `thresholds`."""
+  """A JSON-ready summary (plain floats and lists, no NaN/Inf).
+
+  Keys: kind, num_examples, clean_accuracy, mean_radius (over all samples,
+  misclassified ones as 0; an infinite radius -- a sample no class can ever
+  overtake, e.g. zero Lipschitz constants -- is left out of the mean and
+  counted in num_infinite_radius), median_radius_correct, thresholds,
+  certified_accuracy (the curve over `thresholds`), unimodal_mean_radius and
+  unimodal_certified_accuracy (Prop. 3.4, per modality).
+  """
   thresholds = np.asarray(thresholds, np.float32)
   weights = np.asarray(_weights(valid, certificate.radius.shape[0])) > 0
   radius = np.asarray(certificate.radius)
   correct = np.asarray(certificate.correct)
+
+  def finite_mean(r):
+    r = np.asarray(r)[weights]
+    r = r[np.isfinite(r)]
+    return float(r.mean()) if r.size else 0.0
+
   certified = radius[weights & correct]
+  certified = certified[np.isfinite(certified)]
   return {
       "kind": certificate.kind,
       "num_examples": int(weights.sum()),
-      "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else float("nan"),
-      "mean_radius": float(mean_radius(certificate.radius, valid=valid)),
+      "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else 0.0,
+      "mean_radius": finite_mean(radius),
+      "num_infinite_radius": int(np.sum(~np.isfinite(radius[weights]))),
       "median_radius_correct": float(np.median(certified)) if certified.size else 0.0,
       "thresholds": thresholds.tolist(),
       "certified_accuracy": np.asarray(certified_accuracy(
           certificate.radius, certificate.correct, thresholds, valid=valid)).tolist(),
-      "unimodal_mean_radius": {m: float(mean_radius(r, valid=valid))
+      "unimodal_mean_radius": {m: finite_mean(r)
                                for m, r in sorted(certificate.per_modality.items())},
       "unimodal_certified_accuracy": {
           m: np.asarray(v).tolist()

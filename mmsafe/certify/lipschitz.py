@@ -212,9 +212,13 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
     pairs = jnp.sqrt(jnp.maximum(squared, 0.0)) * (1.0 - jnp.eye(num_classes))
     return norms, pairs
 
-  if chunk_size is None:
-    return jax.vmap(one)((x, others))
-  return jax.lax.map(one, (x, others), batch_size=int(chunk_size))
+  def run(x, others):
+    if chunk_size is None:
+      return jax.vmap(one)((x, others))
+    return jax.lax.map(one, (x, others), batch_size=int(chunk_size))
+
+  # Compiled once per call (inlined when the caller is already under jit).
+  return jax.jit(run)(x, others)
 
 
 def local_lipschitz(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[str, Array],

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from mmsafe.data.embedded import EMBEDDED_DATASETS, Dataset, load_embedded
 from mmsafe.data.pipeline import (ClipPreprocessing, clip_eval_batches, clip_eval_iterator,
                                   clip_train_iterator, eval_batches, host_train_indices,
-                                  normalize_inputs, preprocess_clip, shard_indices, take,
-                                  train_batch, validate_batch)
+                                  normalize_inputs, preprocess_clip, take, train_batch,
+                                  validate_batch)
 
 TFDS_DATASETS = ("kinetics_sounds", "ucf101_rgb_flow", "vggsound")
 
@@ -45,20 +45,22 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Sequence
 def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: int,
                   seed: int = 0, start_step: int = 0, num_steps: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  config: ClipPreprocessing = ClipPreprocessing(), num_threads: int = 4,
+                  config: ClipPreprocessing | None = None, num_threads: int = 4,
                   prefetch: int = 2) -> Iterator[dict]:
   """Batches of this host for training (`train=True`: from `start_step`, forever or
   `num_steps`) or evaluation (one pass, with `"valid"`), from `load(...)`'s result.
 
   `batch_size` is per host; `process_index` / `process_count` default to JAX's.
   TFDS sources go through `clip_train_iterator` / `clip_eval_iterator` (with
-  `config`, `num_threads`, `prefetch`); embedded `Dataset`s are sliced in memory with
-  the same per-host index plans (with one host, exactly `train_batch` / `eval_batches`).
+  `config`, default `ClipPreprocessing()`, `num_threads`, `prefetch`); embedded
+  `Dataset`s are sliced in memory with the same per-host index plans (with one
+  host, exactly `train_batch` / `eval_batches`).
   """
   if process_index is None or process_count is None:
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+  config = ClipPreprocessing() if config is None else config
   if isinstance(data, Dataset):
     return _in_memory_iterator(data, train=train, batch_size=batch_size, seed=seed,
                                start_step=start_step, num_steps=num_steps,

@@ -279,6 +279,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
       write(f)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -646,13 +647,16 @@ def _image_pool(visual: str, data_dir) -> tuple[np.ndarray, np.ndarray, tuple[fl
 
 
 def _pair(clip_idx: np.ndarray, clip_labels: np.ndarray, repeats: int, pool_idx: np.ndarray,
-          pool_labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+          pool_labels: np.ndarray, key: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
   """Pairs every clip `repeats` times with images of its label.
 
   Per class, the images of the split are taken in a seeded random order and
   handed out in turn, so an image repeats only once all images of its class
-  have been used. Returns (clip indices, image indices), in a seeded order.
+  have been used. Returns (clip indices, image indices), in a seeded order that
+  does not depend on the image pool. `key` seeds both.
   """
+  order_rng = np.random.default_rng([*key, 0])
+  image_rng = np.random.default_rng([*key, 1])
   clips = np.repeat(clip_idx, repeats)
   labels = np.repeat(clip_labels, repeats)
   images = np.empty_like(clips)
@@ -660,11 +664,11 @@ def _pair(clip_idx: np.ndarray, clip_labels: np.ndarray, repeats: int, pool_idx:
     where = np.flatnonzero(labels == c)
     if where.size == 0:
       continue
-    candidates = rng.permutation(pool_idx[pool_labels[pool_idx] == c])
+    candidates = image_rng.permutation(pool_idx[pool_labels[pool_idx] == c])
     if candidates.size == 0:
       raise ValueError(f"av_digits: no image of class {c} in the image split")
     images[where] = candidates[np.arange(where.size) % candidates.size]
-  order = rng.permutation(clips.size)
+  order = order_rng.permutation(clips.size)
   return clips[order], images[order]
 
 
@@ -706,8 +710,8 @@ def load_av_digits(split: str, *, visual: str = "mfeat",
   def assemble(s: str) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
     clips = np.flatnonzero(clip_split == _SPLIT_CODES[s])
     repeats = test_images_per_clip if s == "test" else 1
-    rng = np.random.default_rng([int(seed), 0xA7D, _SPLIT_CODES[s]])
-    c, i = _pair(clips, clip_labels[clips], repeats, image_split[s], image_labels, rng)
+    key = (int(seed), 0xA7D, _SPLIT_CODES[s])
+    c, i = _pair(clips, clip_labels[clips], repeats, image_split[s], image_labels, key)
     raw = {}
     if "audio" in modalities:
       raw["audio"] = cache["audio"][c].astype(np.float32)[..., None]

@@ -231,21 +231,40 @@ def clip_modalities(record: Mapping, config: ClipPreprocessing) -> tuple[str, ..
   return tuple(config.modalities)
 
 
+def _scale_shift(x, scale, shift):
+  """float32 `x * scale - shift` with per-channel (last axis) `scale`, `shift`.
+
+  numpy arrays take a fast path (the per-channel constants tiled over the width, so
+  numpy's inner loops run over contiguous rows instead of 3-element broadcasts, ~15x
+  faster); other arrays (jax) use plain broadcasting.
+  """
+  scale, shift = np.asarray(scale, np.float32), np.asarray(shift, np.float32)
+  if isinstance(x, np.ndarray) and x.ndim >= 2:
+    width = x.shape[-2] * x.shape[-1]
+    reps = x.shape[-2] if scale.size > 1 else width
+    y = np.multiply(x.reshape(-1, width), np.tile(scale, reps), dtype=np.float32)
+    y -= np.tile(shift, reps)
+    return y.reshape(x.shape)
+  return x.astype(np.float32) * scale - shift
+
+
 def normalize_inputs(inputs: Mapping) -> dict:
   """Normalises raw inputs (as emitted with `normalize=False`) to float32 model space.
 
-  Uses only arithmetic and `astype`, so it also works on jax arrays under jit.
-  Modalities other than visual/audio/flow pass through unchanged.
+  Visual: `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`; flow: `x / 127.5 - 1`; audio:
+  `(x + 4.503877) / (2 * 5.141276)`. Works on numpy arrays and, with only
+  arithmetic and `astype`, on jax arrays under jit. Other modalities pass through.
   """
   out = dict(inputs)
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32)
   if "visual" in out:
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
-    out["visual"] = (out["visual"].astype(np.float32) * (1.0 / 255.0) - mean) / std
+    out["visual"] = _scale_shift(out["visual"], 1.0 / (255.0 * std), mean / std)
   if "flow" in out:
-    out["flow"] = out["flow"].astype(np.float32) * (1.0 / 127.5) - 1.0
+    out["flow"] = _scale_shift(out["flow"], [1.0 / 127.5], [1.0])
   if "audio" in out:
-    out["audio"] = (out["audio"].astype(np.float32) - AUDIO_MEAN) * (1.0 / (2.0 * AUDIO_STD))
+    scale = 1.0 / (2.0 * AUDIO_STD)
+    out["audio"] = _scale_shift(out["audio"], [scale], [AUDIO_MEAN * scale])
   return out
 
 
@@ -329,69 +348,79 @@ def host_train_indices(num_examples: int, *, batch_size: int, seed: int, step: i
   return order[start:start + batch_size]
 
 
+class _Producer:
+  """The background half of `BatchIterator` (kept apart so the thread holds no
+  reference to the iterator, which can then be garbage-collected and stop it)."""
+
+  END = object()
+
+  def __init__(self, spec: Mapping[str, tuple[tuple[int, ...], Any]], num_threads: int,
+               prefetch: int):
+    import queue
+    import threading
+    self.spec = dict(spec)
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
+                                                      thread_name_prefix="batch")
+    self.queue = queue.Queue(maxsize=max(1, int(prefetch)))
+    self.stop = threading.Event()
+
+  def allocate(self, size: int) -> dict:
+    return {"inputs": {m: np.empty((size, *shape), dtype)
+                       for m, (shape, dtype) in self.spec.items()},
+            "label": np.empty((size,), np.int32)}
+
+  @staticmethod
+  def fill(batch: dict, slot: int, job: Callable[[], dict]) -> None:
+    example = job()
+    for m, x in example["inputs"].items():
+      batch["inputs"][m][slot] = x
+    batch["label"][slot] = example["label"]
+
+  def put(self, item) -> bool:
+    import queue
+    while not self.stop.is_set():
+      try:
+        self.queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def run(self, plan: Iterator[tuple[list[Callable[[], dict]], dict]]) -> None:
+    try:
+      for jobs, extra in plan:
+        if self.stop.is_set():
+          return
+        batch = self.allocate(len(jobs))
+        futures = [self.pool.submit(self.fill, batch, slot, job) for slot, job in enumerate(jobs)]
+        if not self.put((batch, futures, extra)):
+          for f in futures:
+            f.cancel()
+          return
+      self.put(self.END)
+    except BaseException as e:  # surfaced by BatchIterator.__next__
+      self.put(e)
+
+
 class BatchIterator:
   """Iterates over batches assembled ahead of time: a background thread walks the
   batch plan and submits one job per example to a thread pool (decoding and
   resizing in Pillow and numpy release the GIL); up to `prefetch` batches are in
   flight. Each job writes its example into preallocated batch arrays.
 
-  Use as an iterator; `close()` (or a `with` block) stops the threads early.
-  Errors raised by a job are re-raised by `next()`.
+  Use as an iterator; `close()` (or a `with` block, or dropping the iterator) stops
+  the threads early. Errors raised by a job are re-raised by `next()`.
   """
-
-  _END = object()
 
   def __init__(self, plan: Iterable[tuple[list[Callable[[], dict]], dict]],
                spec: Mapping[str, tuple[tuple[int, ...], Any]], *, num_threads: int = 4,
                prefetch: int = 2):
-    import queue
     import threading
-    self._spec = dict(spec)
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
-                                                       thread_name_prefix="batch")
-    self._queue = queue.Queue(maxsize=max(1, int(prefetch)))
-    self._stop = threading.Event()
+    self._producer = _Producer(spec, num_threads, prefetch)
     self._closed = False
-    self._thread = threading.Thread(target=self._produce, args=(iter(plan),), daemon=True,
+    self._thread = threading.Thread(target=self._producer.run, args=(iter(plan),), daemon=True,
                                     name="batch-plan")
     self._thread.start()
-
-  def _allocate(self, size: int) -> dict:
-    return {"inputs": {m: np.empty((size, *shape), dtype)
-                       for m, (shape, dtype) in self._spec.items()},
-            "label": np.empty((size,), np.int32)}
-
-  @staticmethod
-  def _fill(batch: dict, slot: int, job: Callable[[], dict]) -> None:
-    example = job()
-    for m, x in example["inputs"].items():
-      batch["inputs"][m][slot] = x
-    batch["label"][slot] = example["label"]
-
-  def _put(self, item) -> bool:
-    import queue
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self, plan) -> None:
-    try:
-      for jobs, extra in plan:
-        if self._stop.is_set():
-          return
-        batch = self._allocate(len(jobs))
-        futures = [self._pool.submit(self._fill, batch, slot, job) for slot, job in enumerate(jobs)]
-        if not self._put((batch, futures, extra)):
-          for f in futures:
-            f.cancel()
-          return
-      self._put(self._END)
-    except BaseException as e:  # surfaced by __next__
-      self._put(e)
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -399,8 +428,8 @@ class BatchIterator:
   def __next__(self) -> dict:
     if self._closed:
       raise StopIteration
-    item = self._queue.get()
-    if item is self._END:
+    item = self._producer.queue.get()
+    if item is _Producer.END:
       self.close()
       raise StopIteration
     if isinstance(item, BaseException):
@@ -422,17 +451,18 @@ class BatchIterator:
       return
     import queue
     self._closed = True
-    self._stop.set()
+    producer = self._producer
+    producer.stop.set()
     while True:
       try:
-        item = self._queue.get_nowait()
+        item = producer.queue.get_nowait()
       except queue.Empty:
         break
       if isinstance(item, tuple):
         for f in item[1]:
           f.cancel()
     self._thread.join()
-    self._pool.shutdown(wait=True, cancel_futures=True)
+    producer.pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self) -> "BatchIterator":
     return self

@@ -1,0 +1,193 @@
+"""Gradient Blending (Wang, Tran & Feiszli, "What Makes Training Multi-modal
+Classification Networks Hard?", CVPR 2020), online variant.
+
+Heads and loss. With `M` modalities there are `M + 1` heads `k`: the fused
+head (the concat head's logits `h = sum_m s^(m) + b`) and one uni-modal head
+per modality, `s^(m) + b` (the concat head's block `W^(m) phi^(m)` plus the
+shared bias). The training loss blends their cross-entropies,
+
+    L = sum_k w_k CE(z_k, y),     sum_k w_k = 1,  w_k >= 0,
+
+so the uni-modal losses regularise each encoder. Choice: the uni-modal heads
+share `W^(m)` with the fused head instead of being separate linear layers (a
+method cannot add parameters to the model); `s^(m)` is exactly the uni-modal
+logit the concat head adds up.
+
+Weights from the overfitting-to-generalisation ratio (OGR). For a checkpoint
+pair (N, N + n) and head k, with training loss `L^T` and held-out loss `L^V`:
+`O = L^V - L^T` (overfitting), `Delta O_k = O_{N+n} - O_N`,
+`Delta G_k = L^V_N - L^V_{N+n}` (generalisation gained), OGR `= |Delta O / Delta G|`.
+The paper's optimal blend (Prop. 2) is `w*_k = (1/Z) Delta G_k / Delta O_k^2`.
+Choices the paper leaves open:
+* Normalisation: `Z = sum_k Delta G_k / Delta O_k^2`, i.e. `sum_k w_k = 1` (the
+  constraint of Prop. 2; the printed `Z` with `2 sigma^2` gives weights summing
+  to 2, only a constant factor on the loss).
+* A head whose held-out loss did not improve (`Delta G_k <= 0`) gets weight 0;
+  if no head improved, the previous weights are kept. `Delta O_k^2` is floored
+  at 1e-12 (a head that generalised without overfitting then takes all weight,
+  as the formula says).
+* Online G-Blend (the paper's Algorithm 2) re-estimates the weights every
+  super-epoch of `gb_super_epoch` epochs from the current model; mmsafe does
+  not train separate per-head copies for the estimate: it measures every
+  head's mean CE on the training split and on the held-out split with the
+  model at the end of consecutive super-epochs (evaluation mode), and blends
+  with the weights from the last two measurements. Until two measurements
+  exist the weights are uniform, `1 / (M + 1)`.
+* Held-out split: `gb_heldout_split` of the run's splits (the paper holds out
+  part of the training set; with mmsafe's embedded datasets this is the
+  "validation" split, which then informs M + 1 scalars per super-epoch).
+
+Loop hook (needed): re-estimation needs whole-split evaluations, which a pure
+train step cannot do. `on_epoch_end(model, config, variables, state, splits,
+*, epoch, batch_size) -> dict` returns the method-state entries to replace
+after epoch `epoch` (number of completed epochs; calling it once with
+`epoch=0` before the first step takes the first measurement at
+initialisation). Without the hook the weights stay uniform (a plain
+multi-task baseline). It is registered as the `Method` field `on_epoch_end`
+once `mmsafe.methods.registry.Method` has that field.
+
+Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_split`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmsafe.data.pipeline import eval_batches
+from mmsafe.methods.common import accuracy, apply_model, required
+from mmsafe.methods.registry import Method, register
+from mmsafe.models.outputs import ModelOutput
+
+Array = jax.Array
+
+STATE_KEY = "gb"
+FUSED = "fused"
+_FLOOR = 1e-12
+
+
+def head_names(modalities) -> tuple[str, ...]:
+  """Head order of the weight vectors: the fused head, then modalities sorted."""
+  return (FUSED, *sorted(modalities))
+
+
+def head_logits(output: ModelOutput) -> dict[str, Array]:
+  """`{"fused": h, m: s^(m) + b}` (concat head)."""
+  if output.head.kind != "concat":
+    raise ValueError(f"gb: expected a concat head, got {output.head.kind!r}")
+  logits = {FUSED: output.logits.astype(jnp.float32)}
+  for m, s in output.scores.items():
+    logits[m] = s.astype(jnp.float32) + output.head.bias
+  return logits
+
+
+def head_losses(output: ModelOutput, labels: Array) -> Array:
+  """Per-example CE of every head, [M + 1, B] in `head_names` order."""
+  logits = head_logits(output)
+  return jnp.stack([optax.softmax_cross_entropy_with_integer_labels(logits[k], labels)
+                    for k in head_names(output.scores)])
+
+
+def update_blending_weights(weights: Array, reference: Mapping[str, Array],
+                            current: Mapping[str, Array]) -> Array:
+  """Gradient-Blending weights from two measurements of every head's mean loss.
+
+  Args:
+    weights: [K] the weights in use (kept when no head generalised).
+    reference, current: `{"train": [K], "heldout": [K]}` mean losses at the
+      start and at the end of the super-epoch.
+
+  Returns:
+    [K] `w_k = relu(Delta G_k) / Delta O_k^2`, normalised to sum 1.
+  """
+  delta_g = reference["heldout"] - current["heldout"]
+  delta_o = ((current["heldout"] - current["train"])
+             - (reference["heldout"] - reference["train"]))
+  raw = jnp.maximum(delta_g, 0.0) / jnp.maximum(jnp.square(delta_o), _FLOOR)
+  total = jnp.sum(raw)
+  return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), weights)
+
+
+def init_state(model, variables) -> dict:
+  """Uniform weights; no reference measurement yet."""
+  del variables
+  k = len(model.input_shapes) + 1
+  zeros = jnp.zeros((k,), jnp.float32)
+  return {STATE_KEY: {"weights": jnp.full((k,), 1.0 / k, jnp.float32),
+                      "reference": {"train": zeros, "heldout": zeros},
+                      "has_reference": jnp.zeros((), jnp.int32)}}
+
+
+def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
+  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
+
+  @jax.jit
+  def sums(batch):
+    out = model.apply(variables, batch["inputs"], train=False)
+    valid = batch["valid"].astype(jnp.float32)
+    return jnp.sum(head_losses(out, batch["label"]) * valid, axis=1), jnp.sum(valid)
+
+  total, count = 0.0, 0.0
+  for batch in eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size):
+    s, c = sums(batch)
+    total, count = total + np.asarray(s, np.float64), count + float(c)
+  if count == 0:
+    raise ValueError("gb: the dataset split holds no example")
+  return (total / count).astype(np.float32)
+
+
+def on_epoch_end(model, config, variables, state, splits, *, epoch: int,
+                 batch_size: int) -> dict:
+  """Method-state entries after epoch `epoch`: every `gb_super_epoch` epochs,
+  measure the heads' losses on the training and held-out splits and, given a
+  previous measurement, re-estimate the blending weights. `{}` otherwise."""
+  every = int(required(config, "gb_super_epoch", "gb"))
+  split = required(config, "gb_heldout_split", "gb")
+  if every < 1:
+    raise ValueError(f"method_kwargs.gb_super_epoch: expected >= 1, got {every}")
+  if split not in splits:
+    raise ValueError(f"method_kwargs.gb_heldout_split: expected one of {sorted(splits)}, "
+                     f"got {split!r}")
+  if epoch % every:
+    return {}
+  current = {"train": jnp.asarray(mean_head_losses(model, variables, splits["train"],
+                                                   batch_size=batch_size)),
+             "heldout": jnp.asarray(mean_head_losses(model, variables, splits[split],
+                                                     batch_size=batch_size))}
+  gb = state[STATE_KEY]
+  weights = jnp.where(gb["has_reference"] > 0,
+                      update_blending_weights(gb["weights"], gb["reference"], current),
+                      gb["weights"])
+  return {STATE_KEY: {"weights": weights.astype(jnp.float32), "reference": current,
+                      "has_reference": jnp.ones((), jnp.int32)}}
+
+
+def _hook_fields() -> dict:
+  names = {field.name for field in dataclasses.fields(Method)}
+  return {"on_epoch_end": on_epoch_end} if "on_epoch_end" in names else {}
+
+
+@register("gb", head="concat", init_state=init_state, **_hook_fields(),
+          description="Gradient Blending: OGR-weighted uni-modal + fused CE")
+def make_objective(model, config):
+  del config
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    labels = batch["label"]
+    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
+    weights = jax.lax.stop_gradient(state[STATE_KEY]["weights"])
+    losses = jnp.mean(head_losses(out, labels), axis=1)
+    loss = jnp.dot(weights, losses)
+    names = head_names(out.scores)
+    metrics = {"ce": losses[0], "accuracy": accuracy(out.logits, labels),
+               **{f"ce_{k}": losses[i] for i, k in enumerate(names) if k != FUSED},
+               **{f"weight_{k}": weights[i] for i, k in enumerate(names)}}
+    return loss, (new_state, metrics)
+
+  return loss_fn

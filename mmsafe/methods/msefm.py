@@ -1,0 +1,217 @@
+"""MSEFM: MinSim + ExFMem (Tian & Xu, "Can audio-visual integration strengthen
+robustness under multimodal attacks?", CVPR 2021; reference code
+YapengTian/AV-Robustness-CVPR21, `main_defense.py`).
+
+The paper's defence has two parts, both implemented here on the encoder
+features `phi^(m)` of a concat (JT) head:
+
+* ExFMem, an external feature memory per modality: a bank `D^(m)` of `N`
+  clean training features. Each feature is sparse-coded over the bank with
+  ISTA (lasso `min_h 1/2 ||h D - phi||^2 + lambda ||h||_1`), reconstructed
+  from it, and blended with itself,
+      phi~^(m) = a * (h D^(m)) + (1 - a) * phi^(m),
+  so a perturbed feature is pulled back toward the span of clean features.
+  The fused logits are computed from the blended features with the concat
+  head's own parameters, `h(x) = sum_m phi~^(m) W^(m) + b`, and gradients flow
+  through the ISTA iterations into the encoders (as in the reference code).
+* MinSim, an audio-visual dissimilarity constraint: the loss adds the mean
+  cosine similarity between the blended features of different modalities of
+  the same example,
+      L = CE(h(x), y) + gamma * mean_{m < n} mean_i cos(phi~^(m)_i, phi~^(n)_i).
+
+Choices and simplifications (documented on purpose):
+* The memory. The reference loads a fixed bank of 1024 features computed
+  beforehand with a separately trained model. mmsafe keeps it inside the pure
+  train step: a ring buffer of the last `msefm_memory_size` clean training
+  features (no gradient; written after each step's loss, so a batch is never
+  reconstructed from itself). Until the buffer is full the features are used
+  unblended.
+* ISTA. The reference iterates to a tolerance (at most 2000 iterations) with
+  hand-tuned step sizes per dataset; mmsafe runs `msefm_ista_steps`
+  iterations from zero codes with the step `1 / L`, `L` the largest eigenvalue
+  of `D^T D` (the gradient's Lipschitz constant, so the iteration is monotone).
+* M > 2 modalities: MinSim averages over all modality pairs; it needs equal
+  feature dimensions across modalities (as the reference's 512/512).
+* Inference. The reference also applies ExFMem at test time. mmsafe's
+  evaluation (`make_eval_step`, attacks, certificates) runs `model.apply`,
+  which cannot read the memory in the method state; `memory_logits_fn` gives
+  the memory-defended logits for an evaluation that wants them (an
+  evaluation hook in the loop/eval code). Without it, MSEFM is evaluated as
+  the concat model trained with MinSim on memory-blended features.
+
+Hyper-parameters (`config.method_kwargs`): `msefm_sim_weight` (gamma),
+`msefm_memory_size` (N), `msefm_lasso` (lambda), `msefm_blend` (a),
+`msefm_ista_steps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
+from mmsafe.methods.registry import register
+from mmsafe.models.outputs import HeadParams
+
+Array = jax.Array
+
+STATE_KEY = "msefm"
+_HIGHEST = jax.lax.Precision.HIGHEST
+_COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
+
+
+def soft_threshold(x: Array, threshold: Array) -> Array:
+  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0.0)
+
+
+def ista(dictionary: Array, x: Array, *, lasso: float, steps: int) -> Array:
+  """Sparse codes `h` [B, N] of `x` [B, d] over the atoms (rows) of
+  `dictionary` [N, d]: `steps` ISTA iterations on
+  `1/2 ||h D - x||^2 + lasso ||h||_1` from `h = 0` with step `1 / L`,
+  `L = lambda_max(D^T D)`. Differentiable in `x`; `dictionary` is a constant."""
+  d = jax.lax.stop_gradient(dictionary).astype(jnp.float32)
+  x = x.astype(jnp.float32)
+  lipschitz = jnp.max(jnp.linalg.eigvalsh(jnp.matmul(d.T, d, precision=_HIGHEST)))
+  step = 1.0 / jnp.maximum(lipschitz, 1e-12)
+
+  def body(_, h):
+    residual = jnp.matmul(h, d, precision=_HIGHEST) - x
+    h = h - step * jnp.matmul(residual, d.T, precision=_HIGHEST)
+    return soft_threshold(h, step * lasso)
+
+  return jax.lax.fori_loop(0, steps, body, jnp.zeros((x.shape[0], d.shape[0]), jnp.float32))
+
+
+def memory_blend(features: Mapping[str, Array], memory: Mapping[str, Array], *, lasso: float,
+                 steps: int, blend: float) -> dict[str, Array]:
+  """ExFMem: `a * reconstruction + (1 - a) * phi` per modality."""
+  out = {}
+  for m, f in features.items():
+    codes = ista(memory[m], f, lasso=lasso, steps=steps)
+    reconstruction = jnp.matmul(codes, jax.lax.stop_gradient(memory[m]), precision=_HIGHEST)
+    out[m] = blend * reconstruction + (1.0 - blend) * f.astype(jnp.float32)
+  return out
+
+
+def fused_logits(head: HeadParams, features: Mapping[str, Array]) -> Array:
+  """The concat head on (blended) features: `sum_m phi~^(m) W^(m) + b`."""
+  if head.kind != "concat":
+    raise ValueError(f"msefm: expected a concat head, got {head.kind!r}")
+  return sum(jnp.matmul(features[m], head.kernels[m], precision=_HIGHEST)
+             for m in sorted(features)) + head.bias
+
+
+def cosine_similarity(a: Array, b: Array) -> Array:
+  """Row-wise cosine similarity, [B] (torch's eps on each norm)."""
+  na = jnp.maximum(jnp.linalg.norm(a, axis=-1), _COSINE_EPS)
+  nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), _COSINE_EPS)
+  return jnp.sum(a * b, axis=-1) / (na * nb)
+
+
+def cross_modal_similarity(features: Mapping[str, Array]) -> Array:
+  """MinSim term: mean over modality pairs and examples of the cosine similarity."""
+  names = sorted(features)
+  dims = {m: features[m].shape[-1] for m in names}
+  if len(set(dims.values())) != 1:
+    raise ValueError(f"msefm: the cross-modal similarity needs equal feature dimensions, got "
+                     f"{dims}")
+  pairs = [(m, n) for i, m in enumerate(names) for n in names[i + 1:]]
+  return sum(jnp.mean(cosine_similarity(features[m], features[n])) for m, n in pairs) / len(pairs)
+
+
+def write_memory(memory: Mapping[str, Array], pointer: Array, count: Array,
+                 features: Mapping[str, Array]) -> tuple[dict[str, Array], Array, Array]:
+  """Ring buffer: the batch's features (no gradient) overwrite the oldest rows."""
+  size = next(iter(memory.values())).shape[0]
+  batch = next(iter(features.values())).shape[0]
+  if batch > size:
+    raise ValueError(f"method_kwargs.msefm_memory_size: expected >= the batch size {batch}, "
+                     f"got {size}")
+  rows = (pointer + jnp.arange(batch)) % size
+  new = {m: bank.at[rows].set(jax.lax.stop_gradient(features[m]).astype(bank.dtype))
+         for m, bank in memory.items()}
+  return new, (pointer + batch) % size, jnp.minimum(count + batch, size)
+
+
+def _settings(config, name="msefm") -> dict[str, Any]:
+  settings = {"sim_weight": float(required(config, "msefm_sim_weight", name)),
+              "size": int(required(config, "msefm_memory_size", name)),
+              "lasso": float(required(config, "msefm_lasso", name)),
+              "blend": float(required(config, "msefm_blend", name)),
+              "steps": int(required(config, "msefm_ista_steps", name))}
+  if settings["size"] < 1 or settings["steps"] < 1:
+    raise ValueError(f"msefm: expected msefm_memory_size >= 1 and msefm_ista_steps >= 1, got "
+                     f"{settings['size']} and {settings['steps']}")
+  return settings
+
+
+# The reference code's memory: the first 1024 stored training features
+# (`torch.load(...)[:, :1024]` in main_defense.py).
+REFERENCE_MEMORY_SIZE = 1024
+
+
+def init_state(model, variables, config: Mapping | None = None) -> dict:
+  """An empty memory `[N, d_m]` per modality (dimensions from the head kernels),
+  `N = config["msefm_memory_size"]`. `Method.init_state` is called as
+  `(model, variables)` today; without `config` the size is the reference's
+  1024, and the objective rejects a mismatch with `msefm_memory_size`."""
+  size = int(config["msefm_memory_size"]) if config else REFERENCE_MEMORY_SIZE
+  head = variables["params"]["head"]
+  memory = {m: jnp.zeros((size, head[f"kernel_{m}"].shape[0]), jnp.float32)
+            for m in sorted(model.input_shapes)}
+  return {STATE_KEY: {"memory": memory, "pointer": jnp.zeros((), jnp.int32),
+                      "count": jnp.zeros((), jnp.int32)}}
+
+
+def defended_features(features: Mapping[str, Array], method_state: Mapping, settings: Mapping
+                      ) -> dict[str, Array]:
+  """ExFMem-blended features once the memory is full, the features otherwise."""
+  blended = memory_blend(features, method_state["memory"], lasso=settings["lasso"],
+                         steps=settings["steps"], blend=settings["blend"])
+  full = method_state["count"] >= settings["size"]
+  return {m: jnp.where(full, blended[m], features[m].astype(jnp.float32)) for m in features}
+
+
+def memory_logits_fn(model, variables, method_state: Mapping, config):
+  """`inputs -> logits` of the memory-defended model in evaluation mode (the
+  reference's test-time ExFMem), for evaluations that support it."""
+  settings = _settings(config)
+
+  def logits_fn(inputs):
+    out = model.apply(variables, inputs, train=False)
+    return fused_logits(out.head, defended_features(out.features, method_state, settings))
+
+  return logits_fn
+
+
+@register("msefm", head="concat", init_state=init_state,
+          description="MinSim + ExFMem: cross-modal dissimilarity + feature-memory reconstruction")
+def make_objective(model, config):
+  settings = _settings(config)
+
+  def loss_fn(params, state, batch, rng):
+    del rng
+    labels = batch["label"]
+    msefm = state[STATE_KEY]
+    size = next(iter(msefm["memory"].values())).shape[0]
+    if size != settings["size"]:
+      raise ValueError(f"msefm: the state's memory has {size} rows, method_kwargs."
+                       f"msefm_memory_size is {settings['size']} (create the state with "
+                       f"msefm.init_state(model, variables, method_kwargs))")
+    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
+    features = defended_features(out.features, msefm, settings)
+    logits = fused_logits(out.head, features)
+    ce = cross_entropy(logits, labels)
+    similarity = cross_modal_similarity(features)
+    loss = ce + settings["sim_weight"] * similarity
+    memory, pointer, count = write_memory(msefm["memory"], msefm["pointer"], msefm["count"],
+                                          out.features)
+    new_state = {**new_state, STATE_KEY: {"memory": memory, "pointer": pointer, "count": count}}
+    return loss, (new_state, {"ce": ce, "similarity": similarity,
+                              "accuracy": accuracy(logits, labels),
+                              "memory_full": (count >= settings["size"]).astype(jnp.float32)})
+
+  return loss_fn

@@ -1,0 +1,139 @@
+"""The robustness evaluation suite and report, on a small synthetic model and end
+to end (`python -m experiments.evaluate`) on a model trained on mfeat."""
+
+import json
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmsafe.attacks import PGDProtocol
+from mmsafe.eval import report
+from mmsafe.eval import robustness
+
+SHAPES = {"a": (4, 3), "b": (6,)}
+N = 100  # two batches of 64, the second padded
+
+
+def _model():
+  rng = np.random.default_rng(0)
+  hidden = {m: rng.normal(size=(int(np.prod(s)), 8)).astype(np.float32) for m, s in SHAPES.items()}
+  out = {m: rng.normal(size=(8, 5)).astype(np.float32) for m in SHAPES}
+
+  def apply_fn(variables, inputs):
+    return sum(jnp.tanh(inputs[m].reshape(inputs[m].shape[0], -1) @ hidden[m]) @ out[m]
+               * variables[m] for m in SHAPES)
+
+  return apply_fn, {"a": jnp.float32(1.0), "b": jnp.float32(0.7)}
+
+
+def _data(apply_fn, variables):
+  rng = np.random.default_rng(1)
+  inputs = {m: rng.normal(size=(N, *s)).astype(np.float32) for m, s in SHAPES.items()}
+  labels = np.asarray(jnp.argmax(apply_fn(variables, inputs), -1)).astype(np.int32)
+  labels[:10] = (labels[:10] + 1) % 5  # 90% clean accuracy
+  return inputs, labels
+
+
+def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
+  apply_fn, variables = _model()
+  inputs, labels = _data(apply_fn, variables)
+  protocol = PGDProtocol(name="test", steps=5, restarts=1, relative_step_size=None,
+                         random_start=False)
+  config = robustness.SuiteConfig(
+      protocol=protocol, multi_eps=(0.25, 1.0, 2.0), uni_eps=(0.5, 2.0), uni_modalities=("a",),
+      missing_fills=("zeros", "mean"), decoupling_fractions=(0.05, 0.2),
+      decoupling={"rounds": 2, "steps_per_round": 3, "max_change": 2.0}, batch_size=64)
+  calls = []
+  means = {m: x.mean(0) for m, x in inputs.items()}
+  results = robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config,
+                                           fill_means=means, progress=calls.append)
+  assert len(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 21
+  clean = results["clean_accuracy"]
+  assert results["num_examples"] == N and clean == pytest.approx(0.9)
+  # The paper budgets are added to the grids; the headline reads them.
+  curves = results["curves"]
+  assert curves["pgd"]["multi"]["eps"] == [0.25, 0.5, 1.0, 2.0]
+  assert curves["pgd"]["a"]["eps"] == [0.5, 1.0, 2.0] and "b" not in curves["pgd"]
+  headline = results["headline"]
+  assert set(headline) == {"clean", "fgm/multi@0.5", "pgd/multi@0.5", "fgm/a@1.0", "pgd/a@1.0",
+                           "missing/a", "missing/b"}
+  assert headline["pgd/multi@0.5"] == curves["pgd"]["multi"]["accuracy"][1]
+  for kind in ("fgm", "pgd"):
+    for scope, curve in curves[kind].items():
+      accuracy, raw = np.array(curve["accuracy"]), np.array(curve["accuracy_raw"])
+      assert np.all(accuracy <= clean) and np.all(raw <= clean), (kind, scope)
+      if kind == "pgd":
+        assert np.all(np.diff(accuracy) <= 0) and np.all(accuracy <= raw)
+        norm, eps = np.array(curve["mean_norm"]), np.array(curve["eps"])
+        assert np.all(norm <= eps * (1 + 1e-5)) and np.all(norm >= 0.8 * eps)
+  assert curves["pgd"]["multi"]["accuracy"][-1] < clean - 0.2  # eps = 2 does bite
+  # Missing modality: zeros fill equals a direct computation.
+  dropped = dict(inputs, a=np.zeros_like(inputs["a"]))
+  direct = np.mean(np.asarray(jnp.argmax(apply_fn(variables, dropped), -1)) == labels)
+  assert results["missing"]["a"]["zeros"] == pytest.approx(direct)
+  assert set(results["missing"]["b"]) == {"zeros", "mean"}
+  # Decoupling: ASR in [0, 1], non-decreasing in the budget, budgets respected.
+  dec = results["decoupling"]["multi"]
+  assert dec["num_entries"] == 18 and dec["count"] == [0, 3]
+  assert dec["asr"][0] == 0.0 and 0.0 < dec["asr"][1] <= 1.0
+  assert np.all(np.array(dec["mean_fraction_changed"]) <= np.array(dec["fraction"]) + 1e-9)
+  # The report.
+  results["meta"] = {"model": "synthetic"}
+  paths = report.write_report(results, str(tmp_path / "report"))
+  for name in ("json", "markdown", "pgd_plot", "fgm_plot", "missing_plot", "decoupling_plot"):
+    assert os.path.getsize(paths[name]) > 0, name
+  with open(paths["json"]) as f:
+    assert json.load(f)["headline"] == headline
+  with open(paths["markdown"]) as f:
+    text = f.read()
+  assert "## Headline" in text and "pgd/multi@0.5" in text and "Decoupling" in text
+
+
+def test_suite_rejects_bad_configs():
+  apply_fn, variables = _model()
+  inputs, labels = _data(apply_fn, variables)
+  cases = [
+      (robustness.SuiteConfig(attacks=("cw",)), r"attacks: expected a subset"),
+      (robustness.SuiteConfig(uni_modalities=("z",)), r"uni_modalities: unknown modality 'z'"),
+      (robustness.SuiteConfig(missing_fills=("median",)), r"missing_fills: expected values"),
+      (robustness.SuiteConfig(decoupling_scopes=("all",)), r"decoupling_scopes: expected"),
+      (robustness.SuiteConfig(multi_eps=(-1.0,)), r"multi_eps: expected finite values >= 0"),
+      (robustness.SuiteConfig(protocol="strongest"), r"protocol: expected one of"),
+      (robustness.SuiteConfig(missing_fills=("mean",)), r"fill_means: expected a mean"),
+  ]
+  for config, message in cases:
+    with pytest.raises(ValueError, match=message):
+      robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config)
+
+
+def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path):
+  from experiments import evaluate  # pylint: disable=import-outside-toplevel
+
+  _, _, _, workdir = trained_mfeat["jt"]
+  out = str(tmp_path / "robustness")
+  argv = ["evaluate", f"--workdir={workdir}", f"--out={out}", "--protocol=fast",
+          "--multi_eps=1.0,2.0", "--uni_modalities=", "--attacks=pgd",
+          "--decoupling_fractions=", "--max_examples=96", "--batch_size=96", "--box"]
+  flags.FLAGS(argv)
+  try:
+    evaluate.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  with open(os.path.join(out, "robustness.json")) as f:
+    results = json.load(f)
+  assert results["meta"]["dataset"] == "mfeat" and results["num_examples"] == 96
+  assert results["config"]["box_constraints"] == ["pix"]
+  clean = results["clean_accuracy"]
+  assert clean > 0.8
+  pgd = results["curves"]["pgd"]
+  assert list(pgd) == ["multi"] and pgd["multi"]["eps"] == [0.5, 1.0, 2.0]
+  accuracy = np.array(pgd["multi"]["accuracy"])
+  assert np.all(accuracy <= clean) and np.all(np.diff(accuracy) <= 0)
+  assert results["headline"]["pgd/multi@0.5"] == accuracy[0]
+  assert results["missing"]["pix"]["zeros"] < clean and not results["decoupling"]
+  for name in ("robustness.md", "pgd_accuracy.png", "missing_modality.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
