@@ -9,8 +9,9 @@ and measures:
   TV-L1 flow, also timed per frame pair);
 * read: stored examples/s of `tfds.data_source` random access (deserialisation only);
 * train / eval: examples/s of `clip_train_iterator` / `clip_eval_iterator` (decode,
-  crop, resize, flip, normalise, batch) for each thread count, with normalisation on
-  the host (float32 batches) or left to the device (`normalize=False`, uint8 frames).
+  crop, resize, flip, normalise, batch) for each thread / process count, with
+  normalisation on the host (float32 batches) or left to the device
+  (`normalize=False`, uint8 frames).
 
   python -m experiments.bench_pipeline --threads=1,2 --steps=20
   python -m experiments.bench_pipeline --datasets=kinetics_sounds --num_clips=32
@@ -49,6 +50,7 @@ _SOURCE_SIZE = flags.DEFINE_string("source_size", "480x360", "Fake video size (W
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per measurement.")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "Thread counts to measure.")
+_PROCESSES = flags.DEFINE_list("processes", ["2"], "Worker process counts to measure.")
 _BUILD_WORKERS = flags.DEFINE_integer("build_workers", None, "Builder workers (default: CPUs).")
 
 
@@ -175,17 +177,19 @@ def bench_dataset(dataset: str, workdir: str) -> dict:
       result[f"cpu_ms_{tag}"] = (time.process_time() - start) / 60 * 1000
 
   b, steps = _BATCH_SIZE.value, _STEPS.value
-  for threads in map(int, _THREADS.value):
+  workers = ([("threads", int(t)) for t in _THREADS.value if t]
+             + [("processes", int(p)) for p in _PROCESSES.value if p])
+  for kind, count in workers:
     for normalize in (True, False):
       config = pipeline.ClipPreprocessing(normalize=normalize)
-      tag = f"threads{threads}_{'f32' if normalize else 'uint8'}"
+      tag = f"{kind}{count}_{'f32' if normalize else 'uint8'}"
+      options = ({"num_threads": count} if kind == "threads" else {"processes": count})
       result[f"train_{tag}"] = rate(pipeline.clip_train_iterator(
           _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
-          num_threads=threads,
-          prefetch=2), b, steps)
+          prefetch=4, **options), b, steps)
       result[f"eval_{tag}"] = rate(pipeline.clip_eval_iterator(
-          _Repeat(source, (steps + 1) * b), batch_size=b, config=config,
-          num_threads=threads, prefetch=2), b, steps)
+          _Repeat(source, (steps + 1) * b), batch_size=b, config=config, prefetch=4,
+          **options), b, steps)
   return result
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs mmsafe and everything it needs on a fresh Debian/Ubuntu machine with
-# Python >= 3.11: the Debian packages behind the embedded audio data, then
+# Python >= 3.11: the Debian packages behind the embedded audio data and the
+# clip datasets' preprocessing (espeak-ng, Asterisk digit recordings, ffmpeg), then
 # mmsafe itself (editable) with the given pip extras into the active Python.
 #
 #   bash launch/setup.sh            # library + experiments
@@ -12,7 +13,7 @@ extras="${1:-}"
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 debian_packages=(
-  espeak-ng
+  espeak-ng ffmpeg
   asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav
   asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav asterisk-prompt-it-menardi-wav
 )

@@ -290,7 +290,9 @@ def test_ucf101_precomputed_flow_only(ucf_manual, tmp_path):
 
 
 def test_ucf101_computed_flow_shapes_labels_splits(ucf_manual, tmp_path):
-  pytest.importorskip("cv2", reason="TV-L1 needs opencv-contrib-python-headless")
+  cv2 = pytest.importorskip("cv2", reason="TV-L1 needs opencv-contrib-python-headless")
+  if not hasattr(cv2, "optflow"):
+    pytest.skip("TV-L1 needs opencv-contrib-python-headless (cv2.optflow)")
   builder = _ucf(tmp_path, ucf_manual, flow="auto")
   assert builder.info.features["label"].names == UCF_CLASSES
   summary = mtfds.skip_summary(builder.info)
@@ -327,3 +329,21 @@ def test_ucf101_bad_lists(ucf_manual, tmp_path):
     builder.read_lists(str(bad))
   with pytest.raises(ValueError, match="expected 101 classes"):
     mtfds.Ucf101RgbFlow(data_dir=str(tmp_path / "e"), config="split1").read_lists(str(bad))
+
+
+def test_prepare_script_builds_and_prints_the_skip_summary(ks_manual, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "experiments.prepare", "--dataset=kinetics_sounds",
+             f"--manual_dir={ks_manual}", f"--data_dir={tmp_path}", "--num_workers=4",
+             "--override=num_classes=3", "--override=frame_size=16",
+             "--override=num_audio_frames=128"]
+  done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "train: 4 of 9 listed clips written; skipped 5" in done.stdout
+  assert "vid/corrupt.mp4  [corrupt]" in done.stdout
+  assert "11/11" in done.stderr and "skipped=5" in done.stderr  # the tqdm bar
+  assert os.path.isdir(tmp_path / "kinetics_sounds" /
+                       "default_frame_size16_num_audio_frames128_num_classes3")
+  done = subprocess.run(command[:4] + [f"--manual_dir={tmp_path / 'nowhere'}"], cwd=root,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and "nowhere does not exist or is empty" in done.stderr

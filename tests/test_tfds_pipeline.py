@@ -188,6 +188,19 @@ def test_train_iterator_resumes_and_threads_do_not_change_batches():
                                       "audio": (20, 8, 1)}, num_classes=3)
 
 
+def test_worker_processes_give_the_same_batches_as_threads():
+  records = _records(n=6)
+  kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)
+  with pipeline.clip_train_iterator(records, num_threads=2, **kwargs) as it:
+    threads = list(it)
+  with pipeline.clip_train_iterator(records, processes=2, **kwargs) as it:
+    processes = list(it)
+  for a, b in zip(threads, processes):
+    for m in a["inputs"]:
+      np.testing.assert_array_equal(a["inputs"][m], b["inputs"][m])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def test_two_hosts_eval_iterators_cover_the_split_once():
   records = _records(n=5, with_flow=False)
   config = pipeline.ClipPreprocessing(image_size=8, modalities=("audio",))

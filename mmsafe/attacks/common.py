@@ -287,6 +287,27 @@ def clip_to_box(x: Mapping[str, Array], delta: Mapping[str, Array],
   return out
 
 
+def add_in_box(x: Mapping[str, Array], delta: Mapping[str, Array],
+               box: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:
+  """`x + delta`, clipped into the box for the modalities that have one.
+
+  Removes the last-ulp rounding of `x + (clip(x + d) - x)`; entries whose clean
+  value lies outside the box may stay where they are (the box is widened to
+  include `x`), so this never moves `x + delta` further from `x`. The clip is
+  straight-through: the gradient w.r.t. `delta` is the identity, so entries
+  sitting on a bound keep their gradient.
+  """
+  out = {}
+  for m, d in delta.items():
+    value = x[m] + d
+    if m in box:
+      low, high = box[m]
+      clipped = jnp.clip(value, jnp.minimum(low, x[m]), jnp.maximum(high, x[m]))
+      value = value + jax.lax.stop_gradient(clipped - value)
+    out[m] = value
+  return out
+
+
 def per_example_loss(logits: Array, labels: Array, loss: str, target: Array | None = None
                      ) -> Array:
   """The attack objective per example [B] (to maximise).

@@ -153,14 +153,21 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
   limit = common.per_example(max_change, 2)
   alpha = common.per_example(step_size, 2)
 
+  def add(delta):
+    # x + delta clipped into the box widened to include x (straight-through; see
+    # common.add_in_box): exactly x where delta is zero.
+    value = x + delta
+    clipped = jnp.clip(value, jnp.minimum(low, x), jnp.maximum(high, x))
+    return value + jax.lax.stop_gradient(clipped - value)
+
   def output(delta, support):
     # Where the support is off, the clean entries pass through bit-for-bit.
-    return common.merge(inputs, unflatten(jnp.where(support, x + delta, x)))
+    return common.merge(inputs, unflatten(jnp.where(support, add(delta), x)))
 
   def evaluate(delta):
-    # delta is zero off the support, so x + delta equals x there; the gradient
+    # delta is zero off the support, so the input equals x there; the gradient
     # covers every entry (the saliency of entries not chosen yet).
-    logits = logits_fn(common.merge(inputs, unflatten(x + delta)))
+    logits = logits_fn(common.merge(inputs, unflatten(add(delta))))
     per = common.per_example_loss(logits, labels, loss)
     return jnp.sum(per), (per, jnp.argmax(logits, axis=-1) != labels)
 

@@ -58,4 +58,4 @@ def fgm(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, *,
   grad = jax.grad(objective)(x)
   delta = common.scale(common.normalize_l2(grad), eps)
   delta = common.clip_to_box(x, delta, box)
-  return common.merge(inputs, {m: x[m] + delta[m] for m in attacked})
+  return common.merge(inputs, common.add_in_box(x, delta, box))

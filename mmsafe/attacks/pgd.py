@@ -97,7 +97,7 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
   x = {m: inputs[m].astype(jnp.float32) for m in attacked}
 
   def evaluate(delta, target):
-    logits = logits_fn(common.merge(inputs, {m: x[m] + delta[m] for m in attacked}))
+    logits = logits_fn(common.merge(inputs, common.add_in_box(x, delta, box)))
     per = common.per_example_loss(logits, labels, loss, target)
     misclassified = jnp.argmax(logits, axis=-1) != labels
     return jnp.sum(per), (per, misclassified)
@@ -155,7 +155,7 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
     best_delta, best_loss, best_mis = one_restart(0, nothing)
   else:
     best_delta, best_loss, best_mis = jax.lax.fori_loop(0, restarts, one_restart, nothing)
-  adversarial = common.merge(inputs, {m: x[m] + best_delta[m] for m in attacked})
+  adversarial = common.merge(inputs, common.add_in_box(x, best_delta, box))
   if not return_info:
     return adversarial
   return adversarial, {"misclassified": best_mis, "loss": best_loss,

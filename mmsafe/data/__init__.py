@@ -46,15 +46,15 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
                   seed: int = 0, start_step: int = 0, num_steps: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   config: ClipPreprocessing | None = None, num_threads: int = 4,
-                  prefetch: int = 2) -> Iterator[dict]:
+                  prefetch: int = 2, processes: int = 0) -> Iterator[dict]:
   """Batches of this host for training (`train=True`: from `start_step`, forever or
   `num_steps`) or evaluation (one pass, with `"valid"`), from `load(...)`'s result.
 
   `batch_size` is per host; `process_index` / `process_count` default to JAX's.
   TFDS sources go through `clip_train_iterator` / `clip_eval_iterator` (with
-  `config`, default `ClipPreprocessing()`, `num_threads`, `prefetch`); embedded
-  `Dataset`s are sliced in memory with the same per-host index plans (with one
-  host, exactly `train_batch` / `eval_batches`).
+  `config`, default `ClipPreprocessing()`, `num_threads` or `processes`,
+  `prefetch`); embedded `Dataset`s are sliced in memory with the same per-host
+  index plans (with one host, exactly `train_batch` / `eval_batches`).
   """
   if process_index is None or process_count is None:
     import jax
@@ -69,10 +69,10 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
     return clip_train_iterator(data, batch_size=batch_size, seed=seed, start_step=start_step,
                                num_steps=num_steps, process_index=process_index,
                                process_count=process_count, config=config,
-                               num_threads=num_threads, prefetch=prefetch)
+                               num_threads=num_threads, prefetch=prefetch, processes=processes)
   return clip_eval_iterator(data, batch_size=batch_size, process_index=process_index,
                             process_count=process_count, config=config,
-                            num_threads=num_threads, prefetch=prefetch)
+                            num_threads=num_threads, prefetch=prefetch, processes=processes)
 
 
 def _in_memory_iterator(data: Dataset, *, train: bool, batch_size: int, seed: int,

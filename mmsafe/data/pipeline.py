@@ -18,7 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -348,19 +348,51 @@ def host_train_indices(num_examples: int, *, batch_size: int, seed: int, step: i
   return order[start:start + batch_size]
 
 
+def _make_example(source: Sequence, index: int, train: bool, config: ClipPreprocessing,
+                  rng_key: tuple[int, int] | None) -> dict:
+  """Example `index` of `source`, preprocessed; `rng_key` = (seed, epoch) when training."""
+  rng = example_rng(rng_key[0], rng_key[1], index) if rng_key is not None else None
+  return preprocess_clip(source[int(index)], train=train, rng=rng, config=config)
+
+
+_WORKER_STATE: dict = {}
+
+
+def _init_worker_process(source: Sequence, config: ClipPreprocessing) -> None:
+  _WORKER_STATE.update(source=source, config=config)
+
+
+def _worker_process_example(index: int, train: bool, rng_key: tuple[int, int] | None) -> dict:
+  return _make_example(_WORKER_STATE["source"], index, train, _WORKER_STATE["config"], rng_key)
+
+
+def _write(batch: dict, slot: int, example: dict) -> None:
+  for m, x in example["inputs"].items():
+    batch["inputs"][m][slot] = x
+  batch["label"][slot] = example["label"]
+
+
 class _Producer:
   """The background half of `BatchIterator` (kept apart so the thread holds no
   reference to the iterator, which can then be garbage-collected and stop it)."""
 
   END = object()
 
-  def __init__(self, spec: Mapping[str, tuple[tuple[int, ...], Any]], num_threads: int,
-               prefetch: int):
+  def __init__(self, source: Sequence, config: ClipPreprocessing, train: bool, *,
+               num_threads: int, prefetch: int, processes: int):
+    import multiprocessing
     import queue
     import threading
-    self.spec = dict(spec)
-    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
-                                                      thread_name_prefix="batch")
+    self.source, self.config, self.train = source, config, train
+    self.spec = clip_output_spec(source, config)
+    self.processes = int(processes)
+    if self.processes > 0:  # "spawn": safe next to JAX's threads
+      self.pool = concurrent.futures.ProcessPoolExecutor(
+          self.processes, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker_process, initargs=(source, config))
+    else:
+      self.pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
+                                                        thread_name_prefix="batch")
     self.queue = queue.Queue(maxsize=max(1, int(prefetch)))
     self.stop = threading.Event()
 
@@ -369,12 +401,8 @@ class _Producer:
                        for m, (shape, dtype) in self.spec.items()},
             "label": np.empty((size,), np.int32)}
 
-  @staticmethod
-  def fill(batch: dict, slot: int, job: Callable[[], dict]) -> None:
-    example = job()
-    for m, x in example["inputs"].items():
-      batch["inputs"][m][slot] = x
-    batch["label"][slot] = example["label"]
+  def fill(self, batch: dict, slot: int, index: int, rng_key) -> None:
+    _write(batch, slot, _make_example(self.source, index, self.train, self.config, rng_key))
 
   def put(self, item) -> bool:
     import queue
@@ -386,13 +414,18 @@ class _Producer:
         continue
     return False
 
-  def run(self, plan: Iterator[tuple[list[Callable[[], dict]], dict]]) -> None:
+  def run(self, plan: Iterator[tuple[np.ndarray, tuple[int, int] | None, dict]]) -> None:
     try:
-      for jobs, extra in plan:
+      for index, rng_key, extra in plan:
         if self.stop.is_set():
           return
-        batch = self.allocate(len(jobs))
-        futures = [self.pool.submit(self.fill, batch, slot, job) for slot, job in enumerate(jobs)]
+        batch = self.allocate(len(index))
+        if self.processes > 0:  # examples come back pickled; the consumer writes them
+          futures = [self.pool.submit(_worker_process_example, int(i), self.train, rng_key)
+                     for i in index]
+        else:  # threads write straight into the batch
+          futures = [self.pool.submit(self.fill, batch, slot, int(i), rng_key)
+                     for slot, i in enumerate(index)]
         if not self.put((batch, futures, extra)):
           for f in futures:
             f.cancel()
@@ -403,20 +436,29 @@ class _Producer:
 
 
 class BatchIterator:
-  """Iterates over batches assembled ahead of time: a background thread walks the
-  batch plan and submits one job per example to a thread pool (decoding and
-  resizing in Pillow and numpy release the GIL); up to `prefetch` batches are in
-  flight. Each job writes its example into preallocated batch arrays.
+  """Batches of preprocessed clips assembled ahead of time.
+
+  A background thread walks the batch plan (`(indices, rng_key, extra)` per batch;
+  `rng_key` = (seed, epoch) for training, None for evaluation) and submits one job
+  per example; up to `prefetch` batches are in flight. Workers are `num_threads`
+  threads writing straight into preallocated batch arrays (Pillow's decoding and
+  resizing and numpy's arithmetic release the GIL; deserialisation and Python glue do
+  not, which caps one process at a few cores), or, with `processes > 0`, that many
+  "spawn" processes, each holding its own copy of the source (TFDS data sources and
+  lists of dicts pickle), whose examples are copied into the batch by `next()`.
+  Results do not depend on the kind or number of workers.
 
   Use as an iterator; `close()` (or a `with` block, or dropping the iterator) stops
-  the threads early. Errors raised by a job are re-raised by `next()`.
+  the workers early. Errors raised by a job are re-raised by `next()`.
   """
 
-  def __init__(self, plan: Iterable[tuple[list[Callable[[], dict]], dict]],
-               spec: Mapping[str, tuple[tuple[int, ...], Any]], *, num_threads: int = 4,
-               prefetch: int = 2):
+  def __init__(self, source: Sequence, plan: Iterable[tuple[np.ndarray, Any, dict]], *,
+               train: bool, config: ClipPreprocessing = ClipPreprocessing(),
+               num_threads: int = 4, prefetch: int = 2, processes: int = 0):
     import threading
-    self._producer = _Producer(spec, num_threads, prefetch)
+    self._closed = True
+    self._producer = _Producer(source, config, train, num_threads=num_threads,
+                               prefetch=prefetch, processes=processes)
     self._closed = False
     self._thread = threading.Thread(target=self._producer.run, args=(iter(plan),), daemon=True,
                                     name="batch-plan")
@@ -437,8 +479,10 @@ class BatchIterator:
       raise item
     batch, futures, extra = item
     try:
-      for f in futures:
-        f.result()
+      for slot, f in enumerate(futures):
+        example = f.result()
+        if example is not None:
+          _write(batch, slot, example)
     except BaseException:
       self.close()
       raise
@@ -497,42 +541,34 @@ def clip_output_spec(source: Sequence, config: ClipPreprocessing
   return spec
 
 
-def _example_job(source: Sequence, index: int, train: bool, config: ClipPreprocessing,
-                 rng_key: tuple[int, int] | None) -> Callable[[], dict]:
-  def job() -> dict:
-    rng = example_rng(rng_key[0], rng_key[1], index) if rng_key is not None else None
-    return preprocess_clip(source[int(index)], train=train, rng=rng, config=config)
-  return job
-
-
 def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_step: int = 0,
                         num_steps: int | None = None, process_index: int = 0,
                         process_count: int = 1,
                         config: ClipPreprocessing = ClipPreprocessing(),
-                        num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+                        num_threads: int = 4, prefetch: int = 2,
+                        processes: int = 0) -> BatchIterator:
   """Training batches of this host from step `start_step` on (forever, or `num_steps`).
 
   `batch_size` is per host. Batch `step` holds `host_train_indices(...)` examples,
   each augmented with `example_rng(seed, epoch, index)`: a pure function of
   (seed, step, process_index, process_count), so a resumed run sees the same data.
+  Workers: `num_threads` threads, or `processes` processes (see `BatchIterator`).
   """
   n = len(source)
-  global_batch = batch_size * process_count
-  steps_per_epoch = n // global_batch
+  steps_per_epoch = n // (batch_size * process_count)
   host_train_indices(n, batch_size=batch_size, seed=seed, step=0,
                      process_index=process_index, process_count=process_count)  # validates
 
   def plan():
     step = int(start_step)
     while num_steps is None or step < start_step + num_steps:
-      epoch = step // steps_per_epoch
       index = host_train_indices(n, batch_size=batch_size, seed=seed, step=step,
                                  process_index=process_index, process_count=process_count)
-      yield [_example_job(source, i, True, config, (seed, epoch)) for i in index], {}
+      yield index, (int(seed), step // steps_per_epoch), {}
       step += 1
 
-  return BatchIterator(plan(), clip_output_spec(source, config), num_threads=num_threads,
-                       prefetch=prefetch)
+  return BatchIterator(source, plan(), train=True, config=config, num_threads=num_threads,
+                       prefetch=prefetch, processes=processes)
 
 
 def clip_eval_batches(num_examples: int, *, batch_size: int, process_index: int = 0,
@@ -557,12 +593,12 @@ def clip_eval_batches(num_examples: int, *, batch_size: int, process_index: int 
 def clip_eval_iterator(source: Sequence, *, batch_size: int, process_index: int = 0,
                        process_count: int = 1,
                        config: ClipPreprocessing = ClipPreprocessing(),
-                       num_threads: int = 4, prefetch: int = 2) -> BatchIterator:
+                       num_threads: int = 4, prefetch: int = 2,
+                       processes: int = 0) -> BatchIterator:
   """Evaluation batches of this host (deterministic preprocessing), each with a boolean
   `"valid"` [B]; every host yields the same number of batches (`clip_eval_batches`)."""
   batches = clip_eval_batches(len(source), batch_size=batch_size, process_index=process_index,
                               process_count=process_count)
-  plan = (([_example_job(source, i, False, config, None) for i in index], {"valid": valid})
-          for index, valid in batches)
-  return BatchIterator(plan, clip_output_spec(source, config), num_threads=num_threads,
-                       prefetch=prefetch)
+  plan = ((index, None, {"valid": valid}) for index, valid in batches)
+  return BatchIterator(source, plan, train=False, config=config, num_threads=num_threads,
+                       prefetch=prefetch, processes=processes)

@@ -117,24 +117,38 @@ def init_state(model, variables) -> dict:
   """Uniform weights; no reference measurement yet."""
   del variables
   k = len(model.input_shapes) + 1
-  zeros = jnp.zeros((k,), jnp.float32)
+  # Distinct buffers: the train step donates the state.
   return {STATE_KEY: {"weights": jnp.full((k,), 1.0 / k, jnp.float32),
-                      "reference": {"train": zeros, "heldout": zeros},
+                      "reference": {"train": jnp.zeros((k,), jnp.float32),
+                                    "heldout": jnp.zeros((k,), jnp.float32)},
                       "has_reference": jnp.zeros((), jnp.int32)}}
 
 
-def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
-  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
+_SUMS_CACHE: list = []  # [(model, jitted sums)]: one compilation per model
+
+
+def _head_loss_sums(model):
+  """Jitted `(variables, batch) -> (per-head CE sums over valid examples, count)`."""
+  for cached, fn in _SUMS_CACHE:
+    if cached is model:
+      return fn
 
   @jax.jit
-  def sums(batch):
+  def sums(variables, batch):
     out = model.apply(variables, batch["inputs"], train=False)
     valid = batch["valid"].astype(jnp.float32)
     return jnp.sum(head_losses(out, batch["label"]) * valid, axis=1), jnp.sum(valid)
 
+  _SUMS_CACHE[:] = [*_SUMS_CACHE[-7:], (model, sums)]
+  return sums
+
+
+def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
+  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
+  sums = _head_loss_sums(model)
   total, count = 0.0, 0.0
   for batch in eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size):
-    s, c = sums(batch)
+    s, c = sums(variables, batch)
     total, count = total + np.asarray(s, np.float64), count + float(c)
   if count == 0:
     raise ValueError("gb: the dataset split holds no example")

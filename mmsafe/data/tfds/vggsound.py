@@ -6,7 +6,8 @@ The official `vggsound.csv` (`youtube_id,start_seconds,label,split`) converts to
 the list format with one line per clip, e.g. for clips saved as
 `video/<youtube_id>_<start:06d>.mp4`:
 `video/---g-f_I2yQ_000001.mp4 people marching` in `train.txt` or `test.txt`,
-and `classes.txt` holding the 309 distinct labels (sorted, as the reference code).
+and `classes.txt` holding the 309 distinct labels, one per line (their order
+defines the label ids; sorting them alphabetically is a reproducible choice).
 
 Manual directory layout and per-clip processing: `mmsafe.data.tfds.audio_visual`.
 

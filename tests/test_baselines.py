@@ -1,0 +1,389 @@
+"""The baselines of CRMT's Tables 1-2 (GB, OGM-GE, PMR, MSEFM, MMAT, Mixup):
+one test per method for its defining behaviour, on tiny models, and a short
+training run of each through the loop."""
+
+import json
+import math
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmsafe import methods, models
+from mmsafe.methods import common, gb, mixup, mmat, msefm, ogm, pmr
+from mmsafe.train import loop
+from tests.conftest import mfeat_config
+
+SHAPES = {"a": (6,), "b": (5,)}
+CLASSES = 3
+
+
+def _model(width=16):
+  encoders = {m: {"name": "mlp", "widths": (width,)} for m in SHAPES}
+  return models.build({"head": "concat", "encoders": encoders}, num_classes=CLASSES,
+                      input_shapes=SHAPES)
+
+
+def _batch(seed=0, size=24, informative="a"):
+  """Modality `informative` carries the label (a one-hot code plus noise); the
+  other modality is noise."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  labels = jnp.arange(size) % CLASSES
+  inputs = {m: 0.3 * jax.random.normal(k, (size, *SHAPES[m])) for m, k in zip(SHAPES, keys)}
+  code = 2.0 * jax.nn.one_hot(labels, SHAPES[informative][0])
+  inputs[informative] = inputs[informative] + code
+  return {"inputs": inputs, "label": labels.astype(jnp.int32)}
+
+
+def _ce(model, params, batch):
+  return common.cross_entropy(model.apply({"params": params}, batch["inputs"]).logits,
+                              batch["label"])
+
+
+@pytest.fixture(scope="module")
+def dominant():
+  """A tiny concat model trained jointly until modality "a" dominates, its
+  batch, and the plain CE gradients there."""
+  model, batch = _model(), _batch()
+  params = model.init(jax.random.PRNGKey(1), batch["inputs"])["params"]
+  step = jax.jit(lambda p: jax.tree_util.tree_map(
+      lambda w, g: w - 0.5 * g, p, jax.grad(lambda q: _ce(model, q, batch))(p)))
+  for _ in range(15):
+    params = step(params)
+  ce, plain = jax.jit(jax.value_and_grad(lambda p: _ce(model, p, batch)))(params)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  return types.SimpleNamespace(model=model, params=params, batch=batch, plain=plain, ce=ce,
+                               apply=apply)
+
+
+def _tree_allclose(a, b, **kwargs):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **kwargs), a, b)
+
+
+# ---------------------------------------------------------------- OGM-GE
+
+
+OGM_CONFIG = {"ogm_alpha": 2.0, "ogm_ge": False, "ogm_start_epoch": 0, "ogm_end_epoch": None}
+
+
+def _ogm_grads(model, params, batch, config, seed=0):
+  objective = methods.get("ogm")(model, config)
+  state = {"model": {}, **ogm.init_state(model, {"params": params})}
+  (loss, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      params, state, batch, jax.random.PRNGKey(seed))
+  return loss, grads, new_state, metrics
+
+
+def test_ogm_scales_only_the_dominant_encoder_by_the_formula(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  loss, grads, new_state, metrics = _ogm_grads(model, params, batch, OGM_CONFIG)
+
+  # The coefficient by hand: o^(m) = s^(m) + b/2, summed true-class softmax.
+  out = dominant.apply(params, batch["inputs"])
+  labels = np.asarray(batch["label"])
+  score = {}
+  for m in SHAPES:
+    o = np.asarray(out.scores[m], np.float64) + np.asarray(out.head.bias) / 2
+    p = np.exp(o - o.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    score[m] = p[np.arange(len(labels)), labels].sum()
+  ratio = score["a"] / score["b"]
+  assert ratio > 1.2, ratio  # "a" dominates
+  coefficient = 1.0 - math.tanh(2.0 * (ratio - 1.0))
+  assert coefficient < 0.9
+  np.testing.assert_allclose(metrics["coefficient_a"], coefficient, rtol=1e-5)
+  np.testing.assert_allclose(metrics["coefficient_b"], 1.0)
+
+  np.testing.assert_allclose(loss, dominant.ce, rtol=1e-6)
+  _tree_allclose(grads["encoders_a"],
+                 jax.tree_util.tree_map(lambda g: coefficient * g, plain["encoders_a"]),
+                 rtol=1e-4, atol=1e-7)
+  _tree_allclose(grads["encoders_b"], plain["encoders_b"], rtol=1e-5, atol=1e-7)
+  _tree_allclose(grads["head"], plain["head"], rtol=1e-5, atol=1e-7)
+  assert int(new_state["ogm"]["step"]) == 1
+
+  # Outside the modulation window (epoch 0 < start epoch 1) the step is plain JT.
+  late = {**OGM_CONFIG, "ogm_start_epoch": 1, "steps_per_epoch": 5}
+  _, outside, _, _ = _ogm_grads(model, params, batch, late)
+  _tree_allclose(outside, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_ogm_ge_adds_noise_with_the_gradients_own_std_to_the_encoders_only(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  base_config = {**OGM_CONFIG, "ogm_ge": False}
+  _, modulated, _, metrics = _ogm_grads(model, params, batch, base_config)
+  _, enhanced, _, _ = _ogm_grads(model, params, batch, {**base_config, "ogm_ge": True})
+  _, again, _, _ = _ogm_grads(model, params, batch, {**base_config, "ogm_ge": True})
+  _, other, _, _ = _ogm_grads(model, params, batch, {**base_config, "ogm_ge": True}, seed=1)
+  _tree_allclose(enhanced["head"], plain["head"], rtol=1e-5, atol=1e-7)
+  _tree_allclose(enhanced, again, rtol=0, atol=0)  # deterministic in the step's rng
+  for m in SHAPES:
+    g = np.asarray(plain[f"encoders_{m}"]["Dense_0"]["kernel"])  # 6x16 / 5x16 entries
+    noise = (np.asarray(enhanced[f"encoders_{m}"]["Dense_0"]["kernel"])
+             - np.asarray(modulated[f"encoders_{m}"]["Dense_0"]["kernel"]))
+    assert 0.6 < noise.std() / g.std(ddof=1) < 1.4, (m, noise.std(), g.std())
+    assert abs(noise.mean()) < 0.5 * g.std(ddof=1)
+    assert not np.allclose(noise, np.asarray(other[f"encoders_{m}"]["Dense_0"]["kernel"])
+                           - np.asarray(modulated[f"encoders_{m}"]["Dense_0"]["kernel"]))
+
+
+def test_ogm_window_needs_steps_per_epoch():
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    methods.get("ogm")(_model(), {**OGM_CONFIG, "ogm_end_epoch": 3})
+
+
+# ------------------------------------------------------------------- PMR
+
+
+def test_pmr_prototypes_are_an_ema_of_class_means():
+  features = {"a": jnp.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])}
+  labels = jnp.array([0, 0, 2])
+  prototypes = {"a": jnp.array([[10.0, 10.0], [7.0, 7.0], [-1.0, -1.0]])}
+  seen = jnp.array([1, 1, 0], jnp.int32)
+  new, new_seen = pmr.update_prototypes(prototypes, seen, features, labels, momentum=0.9)
+  np.testing.assert_allclose(new["a"][0], 0.9 * np.array([10.0, 10.0]) + 0.1 * np.array([2.0, 1.0]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(new["a"][1], [7.0, 7.0])  # class 1 absent: unchanged
+  np.testing.assert_allclose(new["a"][2], [5.0, 5.0])  # first prototype: the class mean
+  np.testing.assert_array_equal(new_seen, [1, 1, 1])
+
+
+def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  out = dominant.apply(params, batch["inputs"])
+  labels = batch["label"]
+  # Prototypes: the class means of the current features.
+  onehot = jax.nn.one_hot(labels, CLASSES)
+  means = {m: (onehot.T @ out.features[m]) / onehot.sum(0)[:, None] for m in SHAPES}
+  state = {"model": {}, "pmr": {"prototypes": means, "seen": jnp.ones((CLASSES,), jnp.int32),
+                                "step": jnp.zeros((), jnp.int32)}}
+  config = {"pmr_alpha": 0.7, "pmr_momentum": 0.5, "pmr_start_epoch": 0, "pmr_end_epoch": None}
+  objective = methods.get("pmr")(model, config)
+  (loss, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      params, state, batch, jax.random.PRNGKey(0))
+  assert float(metrics["ratio_a"]) > 1.0 > float(metrics["ratio_b"])
+  assert float(metrics["coefficient_a"]) == 0.0
+  np.testing.assert_allclose(metrics["coefficient_b"], 0.7, rtol=1e-6)
+
+  def pce_b(p):
+    features = model.apply({"params": p}, batch["inputs"]).features["b"]
+    dist = jnp.sqrt(jnp.sum((features[:, None] - means["b"][None]) ** 2, -1))
+    return common.cross_entropy(-dist, labels)
+
+  np.testing.assert_allclose(loss, dominant.ce + 0.7 * jax.jit(pce_b)(params), rtol=1e-5)
+  extra = jax.jit(jax.grad(pce_b))(params)
+  _tree_allclose(grads["encoders_a"], plain["encoders_a"], rtol=1e-5, atol=1e-7)
+  _tree_allclose(grads["head"], plain["head"], rtol=1e-5, atol=1e-7)
+  _tree_allclose(grads["encoders_b"], jax.tree_util.tree_map(
+      lambda g, e: g + 0.7 * e, plain["encoders_b"], extra["encoders_b"]), rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(extra["encoders_b"]["Dense_0"]["kernel"])).max() > 1e-4
+  # ... and the prototypes moved toward this batch's means (here: equal to them).
+  _tree_allclose(new_state["pmr"]["prototypes"], means, rtol=1e-5, atol=1e-6)
+  assert int(new_state["pmr"]["step"]) == 1
+
+
+# ----------------------------------------------------------------- MSEFM
+
+
+def _numpy_ista(d, x, lasso, steps):
+  d, x = np.asarray(d, np.float64), np.asarray(x, np.float64)
+  step = 1.0 / np.linalg.eigvalsh(d.T @ d).max()
+  h = np.zeros((x.shape[0], d.shape[0]))
+  for _ in range(steps):
+    h = h - step * (h @ d - x) @ d.T
+    h = np.sign(h) * np.maximum(np.abs(h) - step * lasso, 0.0)
+  return h
+
+
+def test_msefm_memory_is_a_ring_buffer_of_the_latest_features():
+  memory = {"a": jnp.zeros((5, 2))}
+  pointer, count = jnp.array(0), jnp.array(0)
+  for start in (0, 3, 6):
+    features = {"a": jnp.arange(start, start + 3, dtype=jnp.float32)[:, None].repeat(2, 1)}
+    memory, pointer, count = msefm.write_memory(memory, pointer, count, features)
+  # Rows written in order 0..8 into 5 slots: slot i holds the last write i (mod 5).
+  np.testing.assert_array_equal(memory["a"][:, 0], [5, 6, 7, 8, 4])
+  assert int(pointer) == 4 and int(count) == 5
+
+
+def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  config = {"msefm_sim_weight": 0.8, "msefm_memory_size": 24, "msefm_lasso": 0.05,
+            "msefm_blend": 0.6, "msefm_ista_steps": 30}
+  objective = jax.jit(methods.get("msefm")(model, config))
+  state = {"model": {}, **msefm.init_state(model, {"params": params}, config)}
+  out = dominant.apply(params, batch["inputs"])
+  bank = {m: out.features[m] + 0.1 for m in SHAPES}  # a full memory, not the batch itself
+  full = {"model": {}, "msefm": {"memory": bank, "pointer": jnp.array(0),
+                                 "count": jnp.array(24)}}
+
+  def by_hand(blended):
+    f = {m: np.asarray(v, np.float64) for m, v in blended.items()}
+    logits = sum(f[m] @ np.asarray(out.head.kernels[m]) for m in SHAPES) + np.asarray(
+        out.head.bias)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ce = -logp[np.arange(24), np.asarray(batch["label"])].mean()
+    cos = (f["a"] * f["b"]).sum(1) / np.linalg.norm(f["a"], axis=1) / np.linalg.norm(f["b"], axis=1)
+    return ce + 0.8 * cos.mean()
+
+  # An empty memory leaves the features as they are.
+  loss, (new_state, _) = objective(params, state, batch, None)
+  np.testing.assert_allclose(loss, by_hand(out.features), rtol=1e-5)
+  np.testing.assert_allclose(new_state["msefm"]["memory"]["a"], out.features["a"], rtol=1e-6)
+  assert int(new_state["msefm"]["count"]) == 24
+
+  # A full memory: phi~ = 0.6 * (ISTA codes @ D) + 0.4 * phi.
+  blended = {m: 0.6 * _numpy_ista(bank[m], out.features[m], 0.05, 30) @ np.asarray(bank[m])
+             + 0.4 * np.asarray(out.features[m]) for m in SHAPES}
+  loss, (_, metrics) = objective(params, full, batch, None)
+  np.testing.assert_allclose(loss, by_hand(blended), rtol=1e-4)
+  codes = msefm.ista(bank["a"], out.features["a"], lasso=0.05, steps=30)
+  np.testing.assert_allclose(codes, _numpy_ista(bank["a"], out.features["a"], 0.05, 30),
+                             rtol=1e-3, atol=1e-5)
+  # The similarity term's gradient reaches both encoders through the blend.
+  settings = msefm._settings(config)
+  similarity = lambda p: msefm.cross_modal_similarity(msefm.defended_features(
+      model.apply({"params": p}, batch["inputs"]).features, full["msefm"], settings))
+  np.testing.assert_allclose(metrics["similarity"], similarity(params), rtol=1e-5)
+  grads = jax.jit(jax.grad(similarity))(params)
+  for m in SHAPES:
+    assert np.abs(np.asarray(grads[f"encoders_{m}"]["Dense_0"]["kernel"])).max() > 1e-5
+
+
+# ------------------------------------------------------------------ MMAT
+
+
+def test_mmat_trains_on_pgd_inputs_inside_the_joint_eps_ball(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  config = {"attack_eps": 0.5, "attack_steps": 4, "attack_step_size": 0.25,
+            "attack_random_start": True}
+  objective = methods.get("mmat")(model, config)
+  rng = jax.random.PRNGKey(3)
+  state = {"model": {}}
+
+  @jax.jit
+  def run(params):
+    adversarial = common.adversarial_inputs(model, params, state, batch, rng, eps=0.5, steps=4,
+                                            step_size=0.25, random_start=True)
+    return objective(params, state, batch, rng), adversarial, _ce_on(model, params, adversarial,
+                                                                        batch["label"])
+
+  (loss, (_, metrics)), adversarial, adversarial_ce = run(params)
+  norms = np.asarray(mmat.joint_norms(adversarial, batch["inputs"]))
+  assert np.all(norms <= 0.5 * (1 + 1e-5)) and norms.mean() > 0.25, norms
+  np.testing.assert_allclose(loss, adversarial_ce, rtol=1e-6)
+  np.testing.assert_allclose(metrics["max_perturbation_norm"], norms.max(), rtol=1e-6)
+  assert float(loss) > float(dominant.ce) + 0.05  # harder than clean
+
+
+def _ce_on(model, params, inputs, labels):
+  return common.cross_entropy(model.apply({"params": params}, inputs).logits, labels)
+
+
+# ----------------------------------------------------------------- Mixup
+
+
+def test_mixup_with_lambda_one_is_plain_ce_and_zero_is_permuted_ce(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  state = {"model": {}}
+  permutation = jnp.roll(jnp.arange(24), 5)
+  loss_fn = jax.jit(lambda p, lam: mixup.mixup_loss(model, p, state, batch, lam,
+                                                     permutation)[0])
+  np.testing.assert_allclose(loss_fn(params, 1.0), dominant.ce, rtol=1e-6)
+  _tree_allclose(jax.jit(jax.grad(loss_fn))(params, 1.0),
+                 plain, rtol=1e-5, atol=1e-8)
+  permuted = {"inputs": {m: x[permutation] for m, x in batch["inputs"].items()},
+              "label": batch["label"][permutation]}
+  permuted_ce = common.cross_entropy(dominant.apply(params, permuted["inputs"]).logits,
+                                    permuted["label"])
+  np.testing.assert_allclose(loss_fn(params, 0.0), permuted_ce, rtol=1e-6)
+  # The registered objective mixes with lambda ~ Beta(alpha, alpha).
+  _, (_, metrics) = jax.jit(methods.get("mixup")(model, {"mixup_alpha": 1.0}))(
+      params, state, batch, jax.random.PRNGKey(0))
+  assert 0.0 < float(metrics["lambda"]) < 1.0
+
+
+# -------------------------------------------------------------------- GB
+
+
+def test_gb_weights_follow_the_ogr_formula():
+  reference = {"train": jnp.array([1.0, 1.2, 2.0]), "heldout": jnp.array([1.5, 1.4, 2.1])}
+  current = {"train": jnp.array([0.5, 1.0, 1.0]), "heldout": jnp.array([1.2, 1.3, 2.3])}
+  weights = gb.update_blending_weights(jnp.full(3, 1 / 3), reference, current)
+  delta_g = np.array([0.3, 0.1, -0.2])
+  delta_o = np.array([(1.2 - 0.5) - (1.5 - 1.0), (1.3 - 1.0) - (1.4 - 1.2), (2.3 - 1.0) - 0.1])
+  raw = np.maximum(delta_g, 0) / delta_o ** 2
+  np.testing.assert_allclose(weights, raw / raw.sum(), rtol=1e-5)
+  assert float(weights[2]) == 0.0  # held-out loss went up: no weight
+  # No head generalised: the weights in use are kept.
+  worse = {"train": current["train"], "heldout": reference["heldout"] + 0.1}
+  kept = gb.update_blending_weights(jnp.array([0.2, 0.3, 0.5]), reference, worse)
+  np.testing.assert_allclose(kept, [0.2, 0.3, 0.5])
+
+
+def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  weights = jnp.array([0.5, 0.3, 0.2])
+  state = {"model": {}, **gb.init_state(model, {"params": params})}
+  np.testing.assert_allclose(state["gb"]["weights"], np.full(3, 1 / 3))
+  state["gb"] = {**state["gb"], "weights": weights}
+  loss, _ = jax.jit(methods.get("gb")(model, {}))(params, state, batch, None)
+  out = dominant.apply(params, batch["inputs"])
+  heads = [out.logits, out.scores["a"] + out.head.bias, out.scores["b"] + out.head.bias]
+  expected = sum(w * common.cross_entropy(z, batch["label"]) for w, z in zip(weights, heads))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+  # The hook: a measurement every 2 epochs; weights from two measurements.
+  train = types.SimpleNamespace(inputs=batch["inputs"], labels=np.asarray(batch["label"]))
+  held = _batch(seed=7, size=15)
+  heldout = types.SimpleNamespace(inputs=held["inputs"], labels=np.asarray(held["label"]))
+  splits = {"train": train, "validation": heldout}
+  config = {"gb_super_epoch": 2, "gb_heldout_split": "validation"}
+  hook = lambda p, s, epoch: gb.on_epoch_end(model, config, {"params": p}, s, splits,
+                                             epoch=epoch, batch_size=10)
+
+  def measured(p):
+    result = {}
+    for split, data in (("train", train), ("heldout", heldout)):
+      o = dominant.apply(p, data.inputs)
+      zs = [o.logits, o.scores["a"] + o.head.bias, o.scores["b"] + o.head.bias]
+      result[split] = np.array([float(common.cross_entropy(z, jnp.asarray(data.labels)))
+                                for z in zs])
+    return result
+
+  first = hook(params, state, 0)
+  np.testing.assert_allclose(first["gb"]["weights"], weights)  # no reference yet
+  _tree_allclose(first["gb"]["reference"], measured(params), rtol=1e-5)
+  state = {**state, **first}
+  assert hook(params, state, 1) == {}
+  # "Train" further: perturb the parameters, then re-estimate at epoch 2.
+  later = jax.tree_util.tree_map(
+      lambda w, g: w - 0.3 * g, params, plain)
+  second = hook(later, state, 2)
+  ref, cur = measured(params), measured(later)
+  delta_g = ref["heldout"] - cur["heldout"]
+  delta_o = (cur["heldout"] - cur["train"]) - (ref["heldout"] - ref["train"])
+  raw = np.maximum(delta_g, 0) / delta_o ** 2
+  assert raw.sum() > 0
+  np.testing.assert_allclose(second["gb"]["weights"], raw / raw.sum(), rtol=1e-3, atol=1e-6)
+  _tree_allclose(second["gb"]["reference"], cur, rtol=1e-5)
+
+
+# ---------------------------------------------------- training on mfeat
+
+
+@pytest.mark.parametrize("method", ["gb", "ogm", "pmr", "msefm", "mmat", "mixup"])
+def test_baseline_trains_on_mfeat(tmp_path, method):
+  config = mfeat_config(method, num_epochs=1)
+  config.optimizer.decay_epochs = ()
+  config.data.modalities = ("fou", "kar")  # MLP encoders: cheap to compile
+  results = loop.train_and_evaluate(config, str(tmp_path))
+  assert results["test_accuracy"] > 0.3, results  # chance: 0.1
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
+  assert losses and all(math.isfinite(v) for v in losses)
