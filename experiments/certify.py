@@ -113,9 +113,14 @@ def make_certifier(model, *, mode: str, chunk_size: int | None):
   kind structure (local: Jacobians; empirical/sound: the precomputed constants)."""
   local = jax.jit(lambda v, x, y: certify_lib.certify(model, v, x, y, "local", mode=mode,
                                                       chunk_size=chunk_size))
-  fixed = jax.jit(lambda v, x, y, values, target: certify_lib.certified_radius(
-      model.apply(v, x), y, certify_lib.LipschitzConstants(values=values, target=target)
-      .tau(y)), static_argnums=(4,))
+
+  def certify_fixed(variables, inputs, labels, values, target):
+    with jax.default_matmul_precision("highest"):
+      output = model.apply(variables, inputs)
+    constants = certify_lib.LipschitzConstants(values=values, target=target)
+    return certify_lib.certified_radius(output, labels, constants.tau(labels))
+
+  fixed = jax.jit(certify_fixed, static_argnums=(4,))
 
   def run(variables, inputs, labels, kind, constants=None):
     if kind == "local":

@@ -6,6 +6,10 @@ missing modality and the decoupling attack, written to <workdir>/robustness/.
       --multi_eps=0.5 --uni_eps=1.0 --decoupling_fractions= --split=validation
 
 Writes robustness.json, robustness.md and PNG plots (see mmsafe.eval.report).
+
+With --strength_sweep it instead measures PGD robust accuracy over a steps x
+restarts grid at the paper budgets (times --sweep_scales) and writes
+pgd_strength.{json,md}: the evidence that a protocol's attack has converged.
 """
 
 import json
@@ -51,6 +55,11 @@ _BOX = flags.DEFINE_bool("box", False, "Clip attacks to the raw value range of b
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Examples per compiled attack call.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
+_SWEEP = flags.DEFINE_bool("strength_sweep", False, "Run the PGD steps x restarts sweep instead.")
+_SWEEP_STEPS = flags.DEFINE_list("sweep_steps", ["4", "10", "20", "50", "100"], "Sweep steps.")
+_SWEEP_RESTARTS = flags.DEFINE_list("sweep_restarts", ["1", "3", "5"], "Sweep restarts.")
+_SWEEP_SCALES = flags.DEFINE_list("sweep_scales", ["1", "4"],
+                                  "Multiples of the paper budgets (multi 0.5, uni 1.0) to sweep.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -70,6 +79,9 @@ def main(argv):
   if _MAX_EXAMPLES.value:
     inputs = {m: x[:_MAX_EXAMPLES.value] for m, x in inputs.items()}
     labels = labels[:_MAX_EXAMPLES.value]
+  if _SWEEP.value:
+    _strength_sweep(config, model, variables, splits, inputs, labels)
+    return
   suite = robustness.SuiteConfig(
       protocol=_PROTOCOL.value,
       multi_eps=_floats(_MULTI_EPS.value, "multi_eps"),
@@ -99,6 +111,28 @@ def main(argv):
   paths = report.write_report(results, out, title=f"Robustness of {config['method']} on "
                               f"{config['dataset']} ({_SPLIT.value})")
   print(json.dumps({"headline": results["headline"], "files": paths}, indent=2))
+
+
+def _strength_sweep(config, model, variables, splits, inputs, labels):
+  protocol = PROTOCOLS[_PROTOCOL.value]
+  scales = _floats(_SWEEP_SCALES.value, "sweep_scales")
+  budgets = [(robustness.MULTI, protocol.multi_eps * s) for s in scales]
+  budgets += [(m, protocol.uni_eps * s) for m in sorted(inputs) for s in scales]
+  steps = [int(v) for v in _SWEEP_STEPS.value]
+  restarts = [int(v) for v in _SWEEP_RESTARTS.value]
+  batches = -(-len(labels) // _BATCH.value)
+  total = len(budgets) * len(steps) * max(restarts) * batches
+  with tqdm(total=total, desc="PGD strength sweep", unit="batch", dynamic_ncols=True) as bar:
+    sweep = robustness.pgd_strength_sweep(
+        robustness.logits_apply(model), variables, inputs, labels, budgets=budgets, steps=steps,
+        restarts=restarts, batch_size=_BATCH.value, seed=_SEED.value, progress=bar.update)
+  sweep["meta"] = {"workdir": os.path.abspath(_WORKDIR.value), "method": config["method"],
+                   "dataset": config["dataset"], "split": _SPLIT.value,
+                   "device": str(jax.devices()[0])}
+  del splits
+  out = _OUT.value or os.path.join(_WORKDIR.value, "robustness")
+  paths = report.write_sweep(sweep, out)
+  print(json.dumps({"accuracy": sweep["accuracy"], "files": paths}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_attacks_never_break_sound_radii(trained_mfeat, method, tmp_path, capsys
   results, certificates, labels = certify_experiment.run_certification(
       model, variables, splits, kinds=["local", "empirical", "sound"],
       max_examples=NUM_EXAMPLES, batch_size=NUM_EXAMPLES, empirical_split="validation", seed=1,
-      **ATTACK)
+      power_iterations=100, **ATTACK)
   kinds = results["kinds"]
   for kind, entry in kinds.items():
     attack = entry["attack"]
@@ -39,6 +39,8 @@ def test_attacks_never_break_sound_radii(trained_mfeat, method, tmp_path, capsys
   assert np.all(radius["sound"] <= radius["empirical"] * (1 + 1e-5))
   assert np.all(radius["empirical"] <= radius["local"] * (1 + 1e-5) + 1e-6)
   assert set(kinds["sound"]["lipschitz"]["encoder_lipschitz"]) == {"pix", "fou"}
+  if method != "jt":
+    return
 
   paths = certify_experiment.write_reports(results, certificates, labels, str(tmp_path))
   names = sorted(os.path.basename(p) for p in paths)

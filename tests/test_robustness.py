@@ -137,3 +137,17 @@ def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path):
   assert results["missing"]["pix"]["zeros"] < clean and not results["decoupling"]
   for name in ("robustness.md", "pgd_accuracy.png", "missing_modality.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def test_strength_sweep_is_monotone_in_restarts(tmp_path):
+  apply_fn, variables = _model()
+  inputs, labels = _data(apply_fn, variables)
+  sweep = robustness.pgd_strength_sweep(apply_fn, variables, inputs, labels,
+                                        budgets=[("multi", 1.0)], steps=(3,), restarts=(1, 3),
+                                        batch_size=64)
+  (row,) = sweep["accuracy"]["multi@1.0"]
+  assert sweep["clean_accuracy"] == pytest.approx(0.9)
+  assert row[1] <= row[0] < sweep["clean_accuracy"]
+  paths = report.write_sweep(sweep, str(tmp_path))
+  with open(paths["markdown"]) as f:
+    assert "| 3 |" in f.read()

@@ -4,7 +4,10 @@ Usage:
   python -m experiments.train --config=experiments/configs/embedded.py \
       --config.method=ojt --config.dataset=mfeat --workdir=/tmp/run
 
-`get_config("runlocal")` shrinks the run to a smoke test (a few steps).
+The config arg is a comma-separated list: a dataset name (`mfeat`, the
+default, `av_digits` or `av_digits_8x8`), which also sets that dataset's
+budget, and/or `runlocal`, which shrinks the run to a smoke test (a few steps):
+`--config=experiments/configs/embedded.py:av_digits,runlocal`.
 Encoders are configured for every view of both datasets; a run builds the
 ones for the modalities it loads (`config.data.modalities`, default: the
 dataset's default pair).
@@ -59,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mlp = {"name": "mlp", "widths": (256, 128)}
   config.model.encoders = {
       "pix": small_cnn, "fou": mlp, "fac": mlp, "kar": mlp, "zer": mlp, "mor": mlp,
-      "visual": small_cnn, "audio": small_cnn,
+      "visual": small_cnn, "audio": {"name": "cnn", "channels": (16, 32), "features": 128},
   }
 
   config.batch_size = 64
@@ -77,10 +80,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0: once per epoch.
   config.check_batches = True
 
-  if arg == "runlocal":
-    config.num_epochs = 2
-    config.optimizer.decay_epochs = (1,)
-    config.step2.num_epochs = 1
-  elif arg:
-    raise ValueError(f"config arg: expected '' or 'runlocal', got {arg!r}")
+  options = [option for option in (arg or "").split(",") if option]
+  options.sort(key=lambda option: option == "runlocal")  # Shrink last.
+  for option in options:
+    if option in ("av_digits", "av_digits_8x8"):
+      # 3,600 training pairs with 100x40 spectrograms: fewer, costlier epochs.
+      config.dataset = option
+      config.num_epochs = 12
+      config.optimizer.decay_epochs = (9,)
+    elif option == "mfeat":
+      config.dataset = option
+    elif option == "runlocal":
+      config.num_epochs = 2
+      config.optimizer.decay_epochs = (1,)
+      config.step2.num_epochs = 1
+    else:
+      raise ValueError(f"config arg: expected a comma-separated subset of "
+                       f"['mfeat', 'av_digits', 'av_digits_8x8', 'runlocal'], got {option!r}")
   return config

@@ -225,7 +225,8 @@ def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array], kind: str
 def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array],
                         kind: str, *, head=None, batches: Iterable[Any] | None = None,
                         mode: str = "auto", chunk_size: int | None = None,
-                        **sound_options) -> lip.LipschitzConstants:
+                        precision: str | None = "highest", **sound_options
+                        ) -> lip.LipschitzConstants:
   """Lipschitz constants of kind `kind` for `model` (dispatch to `mmsafe.certify.lipschitz`).
 
   "local" uses `inputs`; "empirical" needs `batches` (the dataset to take the
@@ -234,13 +235,13 @@ def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str
   """
   if kind == "local":
     return lip.local_constants(model, variables, inputs, head=head, mode=mode,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, precision=precision)
   if kind == "empirical":
     if batches is None:
       raise ValueError("kind 'empirical': expected `batches` (a dataset to take the maximum "
                        "of the local constants over) or precomputed `constants`")
     return lip.empirical_constants(model, variables, batches, head=head, mode=mode,
-                                   chunk_size=chunk_size)
+                                   chunk_size=chunk_size, precision=precision)
   if kind == "sound":
     return lip.sound_constants(model, variables, head=head, **sound_options)
   raise ValueError(f"kind: expected one of {lip.KINDS}, got {kind!r}")
@@ -249,7 +250,8 @@ def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str
 def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], labels: Array,
             kind: str = "local", *, constants: lip.LipschitzConstants | None = None,
             batches: Iterable[Any] | None = None, mode: str = "auto",
-            chunk_size: int | None = None, **sound_options) -> Certificate:
+            chunk_size: int | None = None, precision: str | None = "highest",
+            **sound_options) -> Certificate:
   """Certified radii of `model` on a batch, with Lipschitz constants of `kind`.
 
   Args:
@@ -263,6 +265,8 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
       empirical/sound table reused across batches); computed when None.
     batches: for kind "empirical" without `constants`: the dataset.
     mode, chunk_size: Jacobian mode and chunking (see `local_lipschitz`).
+    precision: matmul/conv precision of the model inside the Jacobians and
+      the forward pass ("highest" by default; None: the ambient setting).
     **sound_options: for kind "sound" without `constants`.
 
   Returns:
@@ -282,7 +286,8 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   labels = _check_labels(labels, batch, head.num_classes)
   if constants is None and kind != "local":
     constants = lipschitz_constants(model, variables, inputs, kind, head=head, batches=batches,
-                                    mode=mode, chunk_size=chunk_size, **sound_options)
+                                    mode=mode, chunk_size=chunk_size, precision=precision,
+                                    **sound_options)
   if constants is not None:
     if constants.kind != kind:
       raise ValueError(f"constants: expected Lipschitz constants of kind {kind!r}, got "
@@ -295,10 +300,14 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
       _check_finite(f"constants.values[{m!r}]", value)
 
   def run(variables, inputs, labels, constants):
-    output = model.apply(variables, inputs)
+    if precision is None:
+      output = model.apply(variables, inputs)
+    else:
+      with jax.default_matmul_precision(precision):
+        output = model.apply(variables, inputs)
     if constants is None:
       constants = lip.local_constants(model, variables, inputs, head=output.head, mode=mode,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, precision=precision)
     return certified_radius(output, labels, constants.tau(labels), kind=kind)
 
   # Checks on concrete values ran above; the computation itself is compiled

@@ -150,8 +150,8 @@ def _resolve_mode(mode: str, input_dim: int, num_outputs: int) -> str:
 
 
 def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[str, Array],
-                   modality: str, mode: str = "auto", *, chunk_size: int | None = None
-                   ) -> tuple[Array, Array]:
+                   modality: str, mode: str = "auto", *, chunk_size: int | None = None,
+                   precision: str | None = "highest") -> tuple[Array, Array]:
   """Row norms and pairwise row distances of the per-example Jacobian of the scores.
 
   For each example `b` with Jacobian `J_b = d s^(m)(x_b) / d x_b^(m)` ([K, D],
@@ -175,6 +175,10 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
       dimension is smaller than K, else jacrev).
     chunk_size: examples per vectorised chunk (`jax.lax.map(..., batch_size)`),
       to bound memory; None: the whole batch at once (`jax.vmap`).
+    precision: `jax.default_matmul_precision` for the model's matmuls and
+      convolutions inside the Jacobian ("highest": full float32, as DESIGN.md
+      asks for everything the bounds use; None: the ambient setting, e.g.
+      TF32 on GPUs).
 
   Returns:
     (norms [B, K], pairs [B, K, K]) in float32.
@@ -196,6 +200,12 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
   jacobian = jax.jacfwd if mode == "jacfwd" else jax.jacrev
 
   def one(args):
+    if precision is None:
+      return one_example(args)
+    with jax.default_matmul_precision(precision):
+      return one_example(args)
+
+  def one_example(args):
     x_b, others_b = args
 
     def scores(x_single):
@@ -223,7 +233,8 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
 
 def local_lipschitz(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[str, Array],
                     modality: str, mode: str = "auto", *, labels: Array | None = None,
-                    kernel: Array | None = None, chunk_size: int | None = None) -> Array:
+                    kernel: Array | None = None, chunk_size: int | None = None,
+                    precision: str | None = "highest") -> Array:
   """Local Lipschitz estimates `[B, K]`: gradient norms at each sample.
 
   * `labels=None`: `||grad_x u^(m)_k(x_b)||` for every class k, i.e. the local
@@ -237,9 +248,10 @@ def local_lipschitz(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping
     the vulnerability indicator `eta^(m)_k = c^(m)_k tau^(m)_k`). Entry `k = y`
     is 0.
 
-  See `jacobian_norms` for `score_fn`, `mode` and `chunk_size`.
+  See `jacobian_norms` for `score_fn`, `mode`, `chunk_size` and `precision`.
   """
-  norms, pairs = jacobian_norms(score_fn, inputs, modality, mode, chunk_size=chunk_size)
+  norms, pairs = jacobian_norms(score_fn, inputs, modality, mode, chunk_size=chunk_size,
+                                precision=precision)
   if labels is None:
     return norms
   labels = jnp.asarray(labels)
@@ -275,12 +287,13 @@ def head_params(model, variables):
 
 
 def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], *,
-                    head=None, mode: str = "auto", chunk_size: int | None = None
-                    ) -> LipschitzConstants:
+                    head=None, mode: str = "auto", chunk_size: int | None = None,
+                    precision: str | None = "highest") -> LipschitzConstants:
   """Kind "local": per-sample gradient norms for every modality (see module doc).
 
   Orthogonal head: `[B, K]` norms of the uni-modal score gradients. Concat
   head: `[B, K, K]` constants of the margins `zeta^(m)_k` for every pair.
+  `mode`, `chunk_size`, `precision`: see `jacobian_norms`.
   """
   head = head_params(model, variables) if head is None else head
   target = _target(head.kind)
@@ -289,7 +302,7 @@ def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Ar
     values = {}
     for m in sorted(head.kernels):
       norms, pairs = jacobian_norms(model_score_fn(model, variables, m, head.kernels[m]), inputs,
-                                    m, mode, chunk_size=chunk_size)
+                                    m, mode, chunk_size=chunk_size, precision=precision)
       values[m] = norms if target == "scores" else _safe_divide(
           pairs, integration_factors(head.kernels[m])[None])
     return values
@@ -306,8 +319,8 @@ def _target(head_kind: str) -> str:
 
 
 def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[Any], *,
-                        head=None, mode: str = "auto", chunk_size: int | None = None
-                        ) -> LipschitzConstants:
+                        head=None, mode: str = "auto", chunk_size: int | None = None,
+                        precision: str | None = "highest") -> LipschitzConstants:
   """Kind "empirical": the maximum of `local` over a dataset, per class (pair).
 
   Streams `batches` (batch dicts `{"inputs": ..., "valid": bool[B]?}` as from
@@ -315,6 +328,8 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
   `valid == False` (padding) are ignored. The maximum runs over every example
   regardless of its label: the constant of `u^(m)_k` (or of `zeta^(m)_k` for
   the pair (y, k)) is a property of the function, not of class-y inputs.
+
+  `mode`, `chunk_size`, `precision`: see `jacobian_norms`.
 
   Returns:
     `LipschitzConstants` with values `[1, K]` (scores) or `[1, K, K]` (margins).
@@ -332,7 +347,7 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
     out = {}
     for m in modalities:
       norms, pairs = jacobian_norms(model_score_fn(model, variables, m, head.kernels[m]),
-                                    inputs, m, mode, chunk_size=chunk_size)
+                                    inputs, m, mode, chunk_size=chunk_size, precision=precision)
       value = norms if target == "scores" else _safe_divide(pairs, factors[m][None])
       mask = valid.reshape((-1,) + (1,) * (value.ndim - 1))
       out[m] = jnp.max(jnp.where(mask, value, -jnp.inf), axis=0)
@@ -656,6 +671,9 @@ def sound_constants(model, variables: Mapping[str, Any], *, head=None, key: Arra
   `Lip(phi^(m))` for every pair (0 on the diagonal). `Lip(phi^(m))` from
   `encoder_lipschitz`.
   """
+  if not (hasattr(model, "encoders") and hasattr(model, "input_shapes")):
+    raise NotImplementedError(f"sound_constants: expected a model from mmsafe.models.build "
+                              f"(with `encoders` and `input_shapes`), got {type(model).__name__}")
   head = head_params(model, variables) if head is None else head
   target = _target(head.kind)
   key = jax.random.PRNGKey(0) if key is None else key

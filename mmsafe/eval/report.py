@@ -142,3 +142,33 @@ def write_report(results: Mapping[str, Any], directory: str, *, title: str = "Ro
         {scope: (c["fraction"], c["asr"]) for scope, c in results["decoupling"].items()},
         title="decoupling attack")
   return paths
+
+
+def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") -> str:
+  """Markdown tables of `robustness.pgd_strength_sweep` (rows: steps; columns: restarts)."""
+  lines = [f"# {title}", ""]
+  for key, value in (sweep.get("meta") or {}).items():
+    lines.append(f"- {key}: {value}")
+  lines += [f"- examples: {sweep['num_examples']}, clean accuracy "
+            f"{_pct(sweep['clean_accuracy'])}%, loss {sweep['loss']}, step size 2.5 eps / steps, "
+            "random starts, worst iterate kept", "",
+            "Robust accuracy (%) of l2-PGD; rows: steps, columns: restarts.", ""]
+  for budget, rows in sweep["accuracy"].items():
+    lines += [f"## {budget}", "",
+              "| steps | " + " | ".join(f"{r} restart(s)" for r in sweep["restarts"]) + " |",
+              "|---|" + "---|" * len(sweep["restarts"])]
+    for steps, row in zip(sweep["steps"], rows):
+      lines.append(f"| {steps} | " + " | ".join(_pct(v) for v in row) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_sweep(sweep: Mapping[str, Any], directory: str) -> dict[str, str]:
+  """Writes `pgd_strength.json` and `pgd_strength.md` into `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  paths = {"json": os.path.join(directory, "pgd_strength.json"),
+           "markdown": os.path.join(directory, "pgd_strength.md")}
+  _write_atomic(paths["json"], json.dumps(sweep, indent=2, sort_keys=True,
+                                          default=_to_builtin) + "\n")
+  _write_atomic(paths["markdown"], sweep_markdown(sweep))
+  return paths

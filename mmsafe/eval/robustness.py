@@ -379,3 +379,69 @@ class RobustnessEvaluator:
     return evaluate_robustness(self.apply_fn, variables, self.inputs, self.labels, self.config,
                                bounds=self.bounds, fill_means=self.fill_means,
                                progress=progress)
+
+
+def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, np.ndarray],
+                       labels: np.ndarray, *, budgets: Sequence[tuple[str, float]],
+                       steps: Sequence[int] = (4, 10, 20, 50, 100),
+                       restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
+                       batch_size: int = 256, seed: int = 0,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Robust accuracy of l2-PGD over a steps x restarts grid: evidence that an
+  attack protocol has converged (more steps/restarts no longer lower it).
+
+  For each step count, `max(restarts)` independent randomly started runs are
+  made (step size 2.5 eps / steps, worst iterate kept); the result for R
+  restarts is the per-example worst case over the first R runs (an example
+  counts as broken when any of them misclassifies it), which is exactly what
+  `pgd(..., restarts=R)` computes with its own keys.
+
+  Args:
+    budgets: (scope, eps) pairs; scope "multi" or a modality name.
+    steps, restarts: the grids.
+
+  Returns:
+    {"clean_accuracy", "num_examples", "steps", "restarts", "loss",
+     "accuracy": {"<scope>@<eps>": [[acc for R in restarts] for S in steps]}}.
+  """
+  labels = np.asarray(labels)
+  modalities = sorted(inputs)
+  for scope, eps in budgets:
+    if scope != MULTI and scope not in inputs:
+      raise ValueError(f"budgets: expected scope {MULTI!r} or one of {modalities}, got {scope!r}")
+    if not eps >= 0:
+      raise ValueError(f"budgets: expected eps >= 0, got {eps!r} for {scope!r}")
+  restarts = sorted(set(int(r) for r in restarts))
+  steps = sorted(set(int(s) for s in steps))
+  if not restarts or restarts[0] < 1 or not steps or steps[0] < 1:
+    raise ValueError(f"steps/restarts: expected non-empty grids of integers >= 1, got "
+                     f"{steps}/{restarts}")
+  batch_size = min(batch_size, len(labels))
+  predict = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1))
+  correct = np.concatenate([
+      (np.asarray(predict(variables, b["inputs"])) == b["label"])[b["valid"]]
+      for b in eval_batches(inputs, labels, batch_size=batch_size)])
+  base_key = jax.random.PRNGKey(seed)
+  table: dict[str, list[list[float]]] = {}
+  for scope, eps in budgets:
+    rows = []
+    for num_steps in steps:
+      run = jax.jit(lambda v, x, y, k, e, s=num_steps, m=(None if scope == MULTI else scope):
+                    attacks.pgd(lambda i: apply_fn(v, i), x, y, k, eps=e, steps=s, modalities=m,
+                                loss=loss, return_info=True)[1]["misclassified"])
+      broken = []
+      for r in range(restarts[-1]):
+        parts = []
+        for b_index, batch in enumerate(eval_batches(inputs, labels, batch_size=batch_size)):
+          key = jax.random.fold_in(jax.random.fold_in(base_key, r), b_index)
+          parts.append(np.asarray(run(variables, batch["inputs"],
+                                      jnp.asarray(batch["label"], jnp.int32), key,
+                                      jnp.float32(eps)))[batch["valid"]])
+          if progress is not None:
+            progress(1)
+        broken.append(np.concatenate(parts))
+      rows.append([float((correct & ~np.any(broken[:count], axis=0)).mean())
+                   for count in restarts])
+    table[f"{scope}@{float(eps)}"] = rows
+  return {"clean_accuracy": float(correct.mean()), "num_examples": int(len(labels)),
+          "steps": steps, "restarts": restarts, "loss": loss, "accuracy": table}

@@ -45,7 +45,7 @@ def mixup_loss(model, params, state, batch, lam: Array, permutation: Array):
 
 
 @register("mixup", head="concat",
-          description="multi-modal mixup: one Beta(alpha, alpha) lambda for all modalities, mixed CE")
+          description="multi-modal mixup: one Beta(alpha, alpha) lambda shared by all modalities")
 def make_objective(model, config):
   alpha = float(required(config, "mixup_alpha", "mixup"))
 

@@ -79,7 +79,9 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
   Config fields: `head` ("concat" | "orthogonal"), `encoders` (modality ->
   dict(name="mlp"|"cnn"|"resnet18", **module attributes)), `dtype`
   ("float32" | "bfloat16", for the encoders; the head is always float32),
-  optional `head_weight_init` (orthogonal head's initial `a`), and
+  optional `head_weight_init` (orthogonal head's initial `a`), optional
+  `batch_norm_axis_name` (the `jax.pmap` axis over which encoders with batch
+  norm average their training statistics; default None), and
   `num_classes` / `input_shapes` unless given as keyword arguments (the
   dataset usually supplies them).
   """
@@ -114,6 +116,8 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
     for key, value in enc.items():
       if isinstance(value, list):
         enc[key] = tuple(value)
+    if config.get("batch_norm_axis_name") and "axis_name" in ENCODERS[name].__dataclass_fields__:
+      enc.setdefault("axis_name", config["batch_norm_axis_name"])
     encoders[m] = ENCODERS[name](dtype=_DTYPES[dtype_name], **enc)
   head_kwargs = {}
   if head_kind == "orthogonal" and config.get("head_weight_init") is not None:

@@ -64,12 +64,13 @@ class ResidualBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
+  axis_name: str | None = None  # batch-norm statistics over this pmap axis (None: local)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+                             epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name)
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
     y = nn.relu(norm()(y))
     y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
@@ -86,12 +87,15 @@ class ResNet18(nn.Module):
   Any number of input channels (3 for RGB, 1 for spectrograms, 2 for optical
   flow stacks). Clip frames are folded into the batch, encoded independently and
   their globally pooled 512-d features averaged over time, as in the CRMT
-  reference code.
+  reference code. `axis_name`: under `jax.pmap`, the named axis over which
+  training-mode batch-norm statistics are averaged (None: this device's batch;
+  `jax.jit` over a sharded global batch needs none).
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -102,13 +106,13 @@ class ResNet18(nn.Module):
     x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 dtype=self.dtype, name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="stem_norm")(x)
+                     dtype=self.dtype, axis_name=self.axis_name, name="stem_norm")(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(width, strides, dtype=self.dtype)(x, train)
+        x = ResidualBlock(width, strides, dtype=self.dtype, axis_name=self.axis_name)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if frames is not None:
       x = einops.reduce(x, "(b t) d -> b d", "mean", t=frames)

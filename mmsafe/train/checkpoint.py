@@ -1,7 +1,13 @@
 """Orbax checkpointing of the whole run: train state, best model, progress.
 
 Saves are atomic (orbax writes to a temporary directory and renames it), so a
-run that dies mid-save leaves the previous checkpoint intact.
+run that dies mid-save (kill -9, preemption) leaves the previous checkpoint
+intact; the half-written temporary directory is removed when the next run opens
+the directory. Saves are asynchronous: `save` returns once the arrays are copied
+off the devices (so the caller may donate them), the files are written in the
+background (`wait`). On several processes every process calls every method
+(orbax writes each array once and synchronises the processes); templates may be
+replicated global arrays, which restore with the same sharding.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2):
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
