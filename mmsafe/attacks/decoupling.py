@@ -57,7 +57,8 @@ def budget(inputs: common.Inputs, fraction: float,
 def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
                key: Array, *, fraction: float | None = None,
                modalities: str | Sequence[str] | None = None, count: int | Array | None = None,
-               max_count: int | None = None, rounds: int = 8, steps_per_round: int = 10, max_change: float | Array = 2.0,
+               max_count: int | None = None, rounds: int = 8, steps_per_round: int = 10,
+               max_change: float | Array = 2.0,
                step_size: float | Array | None = None, bounds: common.Bounds | None = None,
                loss: str = "margin", random_start: bool = False, return_info: bool = False):
   """MUROAN-style decoupling attack with an l0 budget (see the module docstring).
@@ -123,7 +124,8 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
   steps_per_round = common.check_positive_int(steps_per_round, "steps_per_round")
   loss = common.check_loss(loss)
   if loss == "targeted":
-    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), got 'targeted'")
+    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), "
+                     "got 'targeted'")
   max_change = common.check_radius(max_change, b, "max_change")
   concrete = common._concrete(max_change)  # pylint: disable=protected-access
   if concrete is not None and np.any(concrete <= 0):

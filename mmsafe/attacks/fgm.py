@@ -47,7 +47,8 @@ def fgm(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, *,
   eps = common.check_radius(eps, b, "eps")
   loss = common.check_loss(loss)
   if loss == "targeted":
-    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), got 'targeted'")
+    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), "
+                     "got 'targeted'")
   box = common.check_bounds(bounds, inputs, attacked)
   x = {m: inputs[m].astype(jnp.float32) for m in attacked}
 

@@ -168,7 +168,10 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
   Args:
     score_fn: `inputs -> scores`, where scores is `[B, K]`, a dict
       modality -> `[B, K]` or a `ModelOutput` (its `.scores[modality]`). It
-      must treat examples independently (batch-norm in eval mode).
+      must treat examples independently (batch-norm in eval mode). Arrays it
+      closes over become constants of the compiled program: for large models
+      call this under `jax.jit` with the variables as arguments (as
+      `local_constants` does).
     inputs: modality -> `[B, ...]`; only `inputs[modality]` is differentiated.
     modality: the modality whose input the Jacobian is taken against.
     mode: "jacfwd", "jacrev", or "auto" (jacfwd when the per-example input
@@ -342,18 +345,20 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
   modalities = sorted(head.kernels)
   factors = {m: integration_factors(head.kernels[m]) for m in modalities}
 
+  # Variables and kernels are arguments (not closed-over constants) so large
+  # models are not baked into the compiled program.
   @jax.jit
-  def batch_max(inputs, valid):
+  def batch_max(variables, kernels, factors, inputs, valid):
     out = {}
     for m in modalities:
-      norms, pairs = jacobian_norms(model_score_fn(model, variables, m, head.kernels[m]),
+      norms, pairs = jacobian_norms(model_score_fn(model, variables, m, kernels[m]),
                                     inputs, m, mode, chunk_size=chunk_size, precision=precision)
       value = norms if target == "scores" else _safe_divide(pairs, factors[m][None])
       mask = valid.reshape((-1,) + (1,) * (value.ndim - 1))
       out[m] = jnp.max(jnp.where(mask, value, -jnp.inf), axis=0)
     return out
 
-  running, count = None, 0
+  running = None
   for batch in batches:
     inputs = batch["inputs"] if isinstance(batch, Mapping) and "inputs" in batch else batch
     size = next(iter(inputs.values())).shape[0]
@@ -361,8 +366,7 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
         np.asarray(batch["valid"], bool))
     if size == 0 or not valid.any():
       continue
-    count += int(valid.sum())
-    maxima = batch_max(inputs, jnp.asarray(valid))
+    maxima = batch_max(variables, dict(head.kernels), factors, inputs, jnp.asarray(valid))
     running = maxima if running is None else jax.tree_util.tree_map(jnp.maximum, running, maxima)
   if running is None:
     raise ValueError("empirical_constants: the dataset is empty (no valid example in `batches`); "

@@ -151,7 +151,8 @@ def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") 
     lines.append(f"- {key}: {value}")
   lines += [f"- examples: {sweep['num_examples']}, clean accuracy "
             f"{_pct(sweep['clean_accuracy'])}%, loss {sweep['loss']}, step size 2.5 eps / steps, "
-            "random starts, worst iterate kept", "",
+            f"restart 0 from {'a random point' if sweep.get('random_start') else 'the clean input'}"
+            ", later restarts random, worst iterate kept", "",
             "Robust accuracy (%) of l2-PGD; rows: steps, columns: restarts.", ""]
   for budget, rows in sweep["accuracy"].items():
     lines += [f"## {budget}", "",

@@ -385,16 +385,17 @@ def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, n
                        labels: np.ndarray, *, budgets: Sequence[tuple[str, float]],
                        steps: Sequence[int] = (4, 10, 20, 50, 100),
                        restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
-                       batch_size: int = 256, seed: int = 0,
+                       random_start: bool = False, batch_size: int = 256, seed: int = 0,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Robust accuracy of l2-PGD over a steps x restarts grid: evidence that an
   attack protocol has converged (more steps/restarts no longer lower it).
 
-  For each step count, `max(restarts)` independent randomly started runs are
-  made (step size 2.5 eps / steps, worst iterate kept); the result for R
+  For each step count, `max(restarts)` independent runs are made (step size
+  2.5 eps / steps, worst iterate kept; run 0 starts at the clean input unless
+  `random_start`, the others at random points of the ball); the result for R
   restarts is the per-example worst case over the first R runs (an example
-  counts as broken when any of them misclassifies it), which is exactly what
-  `pgd(..., restarts=R)` computes with its own keys.
+  counts as broken when any of them misclassifies it), which is what
+  `pgd(..., restarts=R, random_start=random_start)` computes (with its own keys).
 
   Args:
     budgets: (scope, eps) pairs; scope "multi" or a modality name.
@@ -426,9 +427,11 @@ def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, n
   for scope, eps in budgets:
     rows = []
     for num_steps in steps:
-      run = jax.jit(lambda v, x, y, k, e, s=num_steps, m=(None if scope == MULTI else scope):
-                    attacks.pgd(lambda i: apply_fn(v, i), x, y, k, eps=e, steps=s, modalities=m,
-                                loss=loss, return_info=True)[1]["misclassified"])
+      run = jax.jit(lambda v, x, y, k, e, s=num_steps, m=(None if scope == MULTI else scope),
+                    rs=True: attacks.pgd(lambda i: apply_fn(v, i), x, y, k, eps=e, steps=s,
+                                         modalities=m, loss=loss, random_start=rs,
+                                         return_info=True)[1]["misclassified"],
+                    static_argnames="rs")
       broken = []
       for r in range(restarts[-1]):
         parts = []
@@ -436,7 +439,8 @@ def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, n
           key = jax.random.fold_in(jax.random.fold_in(base_key, r), b_index)
           parts.append(np.asarray(run(variables, batch["inputs"],
                                       jnp.asarray(batch["label"], jnp.int32), key,
-                                      jnp.float32(eps)))[batch["valid"]])
+                                      jnp.float32(eps), rs=random_start or r > 0)
+                                  )[batch["valid"]])
           if progress is not None:
             progress(1)
         broken.append(np.concatenate(parts))
@@ -444,4 +448,5 @@ def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, n
                    for count in restarts])
     table[f"{scope}@{float(eps)}"] = rows
   return {"clean_accuracy": float(correct.mean()), "num_examples": int(len(labels)),
-          "steps": steps, "restarts": restarts, "loss": loss, "accuracy": table}
+          "steps": steps, "restarts": restarts, "loss": loss, "random_start": random_start,
+          "accuracy": table}

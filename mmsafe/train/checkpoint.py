@@ -31,7 +31,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        directory if "://" in directory else os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              cleanup_tmp_directories=True))
 

@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the one Python loop over training steps.
 
-Side effects (files in `workdir`, the progress bar) live here and nowhere else
-in `mmsafe/`. Layout of a workdir:
+Side effects (files in `workdir`, the progress bar, signal handlers, starting
+`jax.distributed`) live here and nowhere else in `mmsafe/`. Layout of a workdir:
 
     config.json          the run's config (written once the config is valid)
     metrics.jsonl        one JSON line per log/eval event ({"step": ..., ...})
@@ -10,6 +10,21 @@ in `mmsafe/`. Layout of a workdir:
 
 Model selection uses the validation split; the test split is evaluated once,
 at the end, on the selected model.
+
+Data parallelism (`config.parallel`: "none" | "jit" | "pmap"; see
+`mmsafe.train.parallel`) runs the same steps on all devices of all processes;
+`config.batch_size` is the global batch. With several processes (after
+`initialize_distributed`), every process runs this loop, loads only its rows of
+each global batch, and process 0 alone writes the JSON files.
+
+Preemption: checkpoints are written every `config.checkpoint_every_steps` steps
+(0: once per epoch) and at the end of each phase. On SIGTERM the loop finishes
+the step in flight, saves a checkpoint and raises `Preempted` (with several
+processes, they agree on the step first). Rerunning the same command resumes
+from the latest checkpoint: the step (training batches are a pure function of
+`(seed, step)`), the RNG and optimizer state, the CRMT phase, the model
+selection so far and the not-yet-logged training metrics, so an interrupted run
+ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,22 +34,35 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe import models
+from mmsafe.train import parallel as parallel_lib
 from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.optimizer import make_optimizer, make_step2_optimizer, phased
 from mmsafe.train.state import TrainState
-from mmsafe.train.step import make_eval_step, make_train_step
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, what
+# a shell reports for a SIGTERM-ed process): the launch scripts requeue on it.
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+  """`train_and_evaluate` stopped on SIGTERM after saving a checkpoint at `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: checkpoint saved at step {step}; rerun the same command "
+                     f"to resume")
+    self.step = step
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
@@ -54,14 +82,24 @@ def _to_builtin(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _json_line_step(line: str) -> int | None:
+  """The step of a metrics line; None for a line torn by a killed process."""
+  try:
+    return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+  except ValueError:
+    return None
+
+
 class MetricsWriter:
-  """Appends JSON lines to `metrics.jsonl`; on resume drops lines past `step`."""
+  """Appends JSON lines to `metrics.jsonl`; on resume drops lines past `step`
+  (and a last line torn by a killed process)."""
 
   def __init__(self, path: str, resume_step: int | None):
     self._path = path
     if resume_step is not None and os.path.exists(path):
       with open(path) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+        kept = [line for line in f
+                if (step := _json_line_step(line)) is not None and step <= resume_step]
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(path + ".tmp", path)
@@ -71,6 +109,13 @@ class MetricsWriter:
   def write(self, step: int, **metrics) -> None:
     with open(self._path, "a") as f:
       f.write(json.dumps({"step": int(step), **metrics}, default=_to_builtin) + "\n")
+
+
+class _NullWriter:
+  """The metrics writer of processes other than process 0."""
+
+  def write(self, step: int, **metrics) -> None:
+    del step, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,21 +145,34 @@ class Run:
     return "step1" if step < self.step1_steps else "step2"
 
 
+def build_model(config: Mapping[str, Any], method: methods.Method, train,
+                batch_norm_axis_name: str | None = None):
+  """The run's model for `method` on the training split `train`; with
+  `batch_norm_axis_name`, batch norm averages its statistics over that pmap axis
+  (same parameters)."""
+  encoders = dict(config["model"].get("encoders") or {})
+  model_config = {**dict(config["model"]), "head": method.head,
+                  "encoders": {m: encoders.get(m) for m in train.inputs if m in encoders}}
+  if batch_norm_axis_name is not None:
+    model_config["batch_norm_axis_name"] = batch_norm_axis_name
+  return models.build(model_config, num_classes=train.num_classes,
+                      input_shapes=train.modality_shapes)
+
+
 def setup(config: Mapping[str, Any]) -> Run:
   """Validates the config and builds everything a run needs, touching no file.
 
   Raises ValueError naming the bad field before anything is written.
   """
   method = methods.get(config["method"])
+  if config.get("parallel", "none") not in parallel_lib.MODES:
+    raise ValueError(f"parallel: expected one of {list(parallel_lib.MODES)}, got "
+                     f"{config.get('parallel')!r}")
   data_kwargs = dict(config.get("data") or {})
   splits = {split: data_lib.load(config["dataset"], split, **data_kwargs)
             for split in ("train", "validation", "test")}
   train = splits["train"]
-  encoders = dict(config["model"].get("encoders") or {})
-  model_config = {**dict(config["model"]), "head": method.head,
-                  "encoders": {m: encoders.get(m) for m in train.inputs if m in encoders}}
-  model = models.build(model_config, num_classes=train.num_classes,
-                       input_shapes=train.modality_shapes)
+  model = build_model(config, method, train)
   batch_size = int(config["batch_size"])
   if batch_size < 1 or batch_size > len(train.labels):
     raise ValueError(f"batch_size: expected 1..{len(train.labels)} (the training set size), "
@@ -151,15 +209,81 @@ def init_train_state(run: Run, seed: int, batch_size: int) -> TrainState:
   return TrainState.create(variables, run.optimizers["step1"], train_rng, method_state)
 
 
-def evaluate(eval_step, variables, dataset, batch_size: int) -> dict[str, float]:
-  """Accuracy and mean cross-entropy of `variables` on a whole split."""
+def evaluate(eval_step, variables, dataset, batch_size: int,
+             parallel: parallel_lib.DataParallel | None = None) -> dict[str, float]:
+  """Accuracy and mean cross-entropy of `variables` on a whole split.
+
+  `batch_size` is the global evaluation batch (a multiple of the devices); with
+  `parallel`, `eval_step` and `variables` are in its compiled / training form and
+  this process loads its rows of each batch.
+  """
+  parallel = parallel or parallel_lib.DataParallel("none")
+  rows = parallel.rows(batch_size)
+  n = len(dataset.labels)
   totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-  for batch in data_lib.eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size):
-    sums = eval_step(variables, batch)
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    valid = index < n
+    batch = data_lib.take(dataset.inputs, dataset.labels, np.where(valid, index, 0)[rows])
+    batch["valid"] = valid[rows]
+    sums = parallel.host(eval_step(variables, parallel.put_batch(batch, batch_size)))
     for key in totals:
       totals[key] += float(sums[key])
   return {"accuracy": totals["correct"] / totals["count"],
           "loss": totals["loss_sum"] / totals["count"]}
+
+
+class _SigtermFlag:
+  """While active, SIGTERM sets `self.raised` instead of killing the process (the
+  loop saves and stops at the next step boundary); the previous handler comes back
+  on exit. Outside the main thread (no signal handlers there) it does nothing."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __enter__(self) -> "_SigtermFlag":
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None
+                           ) -> bool:
+  """Starts `jax.distributed` when the run spans several processes; call it before
+  any other JAX computation.
+
+  Args:
+    mode: "off" (never), "on" (always: `jax.distributed.initialize` with the given
+      arguments, auto-detected on TPU pods, SLURM, Open MPI, ... when omitted) or
+      "auto" (when the arguments or the environment say the run has several
+      processes: `parallel.distributed_cluster`).
+    coordinator_address, num_processes, process_id: `jax.distributed.initialize`'s.
+
+  CPU processes exchange collectives through gloo. Returns whether it started.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"distributed: expected 'auto', 'on' or 'off', got {mode!r}")
+  if mode == "off":
+    return False
+  if mode == "auto" and coordinator_address is None and parallel_lib.distributed_cluster(
+      os.environ, tpu_vm=os.path.exists("/dev/accel0")) is None:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True
 
 
 def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
@@ -173,63 +297,83 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   a two-step method reports a model that went through step 2.
 
   Returns the final results (also written to `workdir/results.json`).
+
+  Raises:
+    Preempted: on SIGTERM, after saving a checkpoint (see the module docstring).
   """
   config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   run = setup(config)
   train = run.splits["train"]
   seed = int(config.get("seed", 0))
   batch_size = int(config["batch_size"])
-  eval_batch_size = int(config.get("eval_batch_size", 256))
+  par = parallel_lib.DataParallel.create(config.get("parallel", "none"))
+  par.check_batch_size("batch_size", batch_size)
+  eval_batch_size = par.round_batch_size(int(config.get("eval_batch_size", 256)))
   log_every = int(config.get("log_every_steps", 0)) or run.steps_per_epoch
   checkpoint_every = int(config.get("checkpoint_every_steps", 0)) or run.steps_per_epoch
+  sync_every = max(1, int(config.get("preemption_sync_steps", 10)))
+  primary = jax.process_index() == 0
 
-  train_state = init_train_state(run, seed, batch_size)
-  best = {"variables": train_state.variables}
+  host_state = init_train_state(run, seed, batch_size)
+  state = par.canonical(host_state)
+  best = {"variables": par.canonical(host_state.variables)}
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              max_to_keep=int(config.get("checkpoint_max_to_keep", 2)))
   progress = {"best_validation_accuracy": -1.0, "best_step": 0, "step2_prepared": False}
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
-    train_state, best, progress = checkpointer.restore(resume_step, train_state, best)
-  write_json_atomic(os.path.join(workdir, "config.json"), config)
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step)
+    state, best, progress = checkpointer.restore(resume_step, state, best)
+  pending = _pending_from_json(progress.pop("pending_metrics", {}))
+  if primary:
+    write_json_atomic(os.path.join(workdir, "config.json"), config)
+  writer = (MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step) if primary
+            else _NullWriter())
 
   method_kwargs = config.get("method_kwargs")
-  objectives = {"step1": run.method(run.model, method_kwargs)}
+  train_model = (run.model if par.axis_name is None
+                 else build_model(config, run.method, train, par.axis_name))
+  objectives = {"step1": run.method(train_model, method_kwargs)}
   if run.method.two_step:
-    objectives["step2"] = run.method.step2(run.model, method_kwargs)
-  train_steps = {phase: jax.jit(make_train_step(objective, run.optimizers[phase]),
-                                donate_argnums=0) for phase, objective in objectives.items()}
-  eval_step = jax.jit(make_eval_step(run.model))
-  start_step = int(train_state.step)
-  pending: list[dict] = []
+    objectives["step2"] = run.method.step2(train_model, method_kwargs)
+  train_steps = {phase: par.compile_train_step(objective, run.optimizers[phase])
+                 for phase, objective in objectives.items()}
+  eval_step = par.compile_eval_step(run.model)
+  train_state = par.to_train(state)
+  del state, host_state
+  start_step = int(par.host(train_state.step))
+  rows = par.rows(batch_size)
   postfix: dict[str, str] = {}
   start_time = time.time()
-  with tqdm(total=run.total_steps, initial=start_step, desc=f"{config['method']} "
-            f"on {config['dataset']}", unit="step", dynamic_ncols=True) as bar:
+  with _SigtermFlag() as sigterm, tqdm(
+      total=run.total_steps, initial=start_step, desc=f"{config['method']} on "
+      f"{config['dataset']}", unit="step", dynamic_ncols=True, disable=not primary) as bar:
     for step in range(start_step, run.total_steps):
       phase = run.phase(step)
       if phase == "step2" and not progress["step2_prepared"]:
-        train_state = train_state.replace(state={**train_state.state, **run.method.prepare_step2(
-            run.model, train_state.variables, train, batch_size=eval_batch_size)})
+        host = par.host(train_state)
+        host = host.replace(state={**host.state, **run.method.prepare_step2(
+            run.model, host.variables, train, batch_size=eval_batch_size)})
+        train_state = par.to_train(par.canonical(host))
         progress = {**progress, "step2_prepared": True, "best_validation_accuracy": -1.0}
-      batch = data_lib.train_batch(train.inputs, train.labels, batch_size=batch_size,
-                                   seed=seed, step=step)
+      index = data_lib.host_train_indices(len(train.labels), batch_size=batch_size, seed=seed,
+                                          step=step)
+      batch = data_lib.take(train.inputs, train.labels, index[rows])
       if config.get("check_batches", True):
         data_lib.validate_batch(batch, run.model.input_shapes, train.num_classes)
-      train_state, metrics = train_steps[phase](train_state, batch)
+      train_state, metrics = train_steps[phase](train_state, par.put_batch(batch, batch_size))
       pending.append(metrics)
       done = step + 1
       end_of_phase = done in (run.step1_steps, run.total_steps)
       if done % log_every == 0 or end_of_phase:
-        summary = _mean_metrics(pending, step=done)
+        summary = _mean_metrics([par.metrics_to_host(m) for m in pending], step=done)
         pending = []
         writer.write(done, phase=phase, **{f"train/{k}": v for k, v in summary.items()})
         postfix["loss"] = f"{summary['loss']:.4f}"
         bar.set_postfix(postfix)
       if done % run.steps_per_epoch == 0 or end_of_phase:
         val = evaluate(eval_step, train_state.variables, run.splits["validation"],
-                       eval_batch_size)
+                       eval_batch_size, par)
         writer.write(done, epoch=done // run.steps_per_epoch, phase=phase,
                      **{f"validation/{k}": v for k, v in val.items()})
         postfix["val_acc"] = f"{val['accuracy']:.3f}"
@@ -237,13 +381,23 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
         if val["accuracy"] > progress["best_validation_accuracy"]:
           progress = {**progress, "best_validation_accuracy": val["accuracy"], "best_step": done}
           # A copy: the train step donates (reuses) the buffers of train_state.
-          best = {"variables": jax.tree_util.tree_map(jnp.copy, train_state.variables)}
-      if done % checkpoint_every == 0 or end_of_phase:
-        checkpointer.save(done, train_state, best, progress)
+          best = {"variables": par.from_train(train_state.variables)}
+      # Several processes agree on the step to stop at (a collective, every
+      # `sync_every` steps); one process reads its own flag every step.
+      preempted = ((jax.process_count() == 1 or done % sync_every == 0
+                    or done == run.total_steps) and par.any_process(sigterm.raised))
+      if done % checkpoint_every == 0 or end_of_phase or preempted:
+        pending = [par.metrics_to_host(m) for m in pending]
+        checkpointer.save(done, par.checkpoint_view(train_state), best,
+                          {**progress, "pending_metrics": _pending_to_json(pending)})
       bar.update(1)
+      if preempted and done < run.total_steps:
+        checkpointer.close()
+        raise Preempted(done)
   checkpointer.close()
 
-  test = evaluate(eval_step, best["variables"], run.splits["test"], eval_batch_size)
+  test = evaluate(eval_step, par.to_train(best["variables"]), run.splits["test"],
+                  eval_batch_size, par)
   results = {
       "method": config["method"], "dataset": config["dataset"], "seed": seed,
       "steps": run.total_steps, "best_step": progress["best_step"],
@@ -252,17 +406,35 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
       "train_seconds_this_run": time.time() - start_time,
   }
   writer.write(run.total_steps, **{f"test/{k}": v for k, v in test.items()})
-  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  if primary:
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
 
 
 def _mean_metrics(pending: list[dict], step: int) -> dict[str, float]:
-  """Means of the pending per-step metrics; raises on a non-finite loss."""
-  stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *pending))
+  """Means of the pending per-step metrics (host values); raises on a non-finite loss."""
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *pending)
   summary = {k: float(np.mean(v)) for k, v in stacked.items()}
   if not math.isfinite(summary["loss"]):
     raise FloatingPointError(f"non-finite training loss {summary['loss']} at step {step}")
   return summary
+
+
+def _pending_to_json(pending: list[dict]) -> dict:
+  """Not-yet-logged per-step metrics (host values) -> JSON (exact: dtype + values)."""
+  if not pending:
+    return {}
+  return {k: {"dtype": str(np.asarray(pending[0][k]).dtype),
+              "values": [np.asarray(m[k]).item() for m in pending]} for k in pending[0]}
+
+
+def _pending_from_json(payload: Mapping) -> list[dict]:
+  """The inverse of `_pending_to_json`."""
+  if not payload:
+    return []
+  length = len(next(iter(payload.values()))["values"])
+  return [{k: np.asarray(v["values"][i], dtype=v["dtype"]) for k, v in payload.items()}
+          for i in range(length)]
 
 
 def restore_run(workdir: str, which: str = "best"):

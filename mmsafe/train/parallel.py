@@ -15,7 +15,10 @@ Two modes run the same pure train step (`make_train_step`):
 
 `"none"` is the single-device `jax.jit` step. With any mode, `config.batch_size`
 is the global batch: the updates are the same (to float rounding) whatever the
-number of devices and processes.
+number of devices and processes. One difference: under `"pmap"` an objective's
+own randomness (mixup permutations, PGD random starts) acts on each device's
+share of the batch, with the same key on every device (mixup's lambda is shared);
+`"jit"` draws it for the global batch exactly as one device does.
 
 Row ownership: a process supplies the rows of each global batch that its
 devices hold (`process_rows`), so the global batch is exactly the one-device
@@ -98,12 +101,17 @@ def _pmap_identity():
   return jax.pmap(lambda x: x, axis_name=AXIS)
 
 
+def pmap_device_put(tree):
+  """Leaves `[local_device_count, ...]` -> arrays laid out as `jax.pmap` outputs (row
+  i on local device i), so a pmapped function takes them without a transfer."""
+  return _pmap_identity()(tree)
+
+
 def replicate_pmap(tree):
   """Host values -> one replica per local device, laid out as `jax.pmap` outputs."""
   n = jax.local_device_count()
-  stacked = jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))),
-                                   tree)
-  return _pmap_identity()(stacked)
+  return pmap_device_put(jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree))
 
 
 def split_for_pmap(batch, num_devices: int):
@@ -203,10 +211,10 @@ class DataParallel:
   # Train state: host form <-> canonical (checkpoint) form <-> training form.
 
   def canonical(self, host_tree):
-    """Host values (equal on every process) -> the canonical form: device arrays
-    (`"none"`) or arrays replicated over the mesh."""
+    """Host values (equal on every process) -> the canonical form (new buffers):
+    device arrays (`"none"`) or arrays replicated over the mesh."""
     if self.mode == "none":
-      return jax.tree_util.tree_map(jnp.asarray, host_tree)
+      return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), host_tree)
     return replicate(host_tree, self.mesh)
 
   def to_train(self, canonical_tree):
@@ -222,11 +230,19 @@ class DataParallel:
       return replicate(unreplicate_pmap(train_tree), self.mesh)
     return jax.tree_util.tree_map(jnp.copy, train_tree)
 
-  def host(self, train_tree):
-    """Training form -> numpy values of this process."""
+  def checkpoint_view(self, train_tree):
+    """Training form -> canonical form for a checkpoint (no copy where they agree:
+    orbax copies the arrays off the devices before `save` returns)."""
     if self.mode == "pmap":
-      return unreplicate_pmap(train_tree)
-    return to_host(train_tree)
+      return self.from_train(train_tree)
+    return train_tree
+
+  def host(self, train_tree):
+    """Training form -> numpy values of this process (numpy leaves pass through)."""
+    unstack = unreplicate_pmap if self.mode == "pmap" else to_host
+    return jax.tree_util.tree_map(
+        lambda x: np.array(x) if isinstance(x, (np.ndarray, np.generic)) else unstack(x),
+        train_tree)
 
   def put_batch(self, local_batch: dict, global_size: int) -> Any:
     """This process's rows (`rows(global_size)`) of a global batch -> what the
