@@ -137,7 +137,6 @@ def main(argv):
                         "encoders": {"visual": resnet, "audio": resnet}},
                        num_classes=_CLASSES.value, input_shapes=shapes)
   method = methods.get("crmt")
-  objective = method(model, {"rho": 2.0, "l1_floor": 1e-5})
   # Kinetics-Sounds in the paper: SGD, lr 1e-3, momentum 0.9, weight decay 1e-4.
   optimizer = make_optimizer({"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9,
                               "weight_decay": 1e-4}, steps_per_epoch=300)

@@ -37,14 +37,13 @@ Choices the paper leaves open:
   part of the training set; with mmsafe's embedded datasets this is the
   "validation" split, which then informs M + 1 scalars per super-epoch).
 
-Loop hook (needed): re-estimation needs whole-split evaluations, which a pure
-train step cannot do. `on_epoch_end(model, config, variables, state, splits,
+Loop hook: re-estimation needs whole-split evaluations, which a pure train
+step cannot do. `on_epoch_end(model, config, variables, state, splits,
 *, epoch, batch_size) -> dict` returns the method-state entries to replace
 after epoch `epoch` (number of completed epochs; calling it once with
 `epoch=0` before the first step takes the first measurement at
-initialisation). Without the hook the weights stay uniform (a plain
-multi-task baseline). It is registered as the `Method` field `on_epoch_end`
-once `mmsafe.methods.registry.Method` has that field.
+initialisation). It is registered as the `Method` field `on_epoch_end`,
+which the training loop calls after every first-step epoch.
 
 Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_split`.
 """
@@ -52,7 +51,6 @@ Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_split`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +59,7 @@ import optax
 
 from mmsafe.data.pipeline import eval_batches
 from mmsafe.methods.common import accuracy, apply_model, required
-from mmsafe.methods.registry import Method, register
+from mmsafe.methods.registry import register
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -181,12 +179,7 @@ def on_epoch_end(model, config, variables, state, splits, *, epoch: int,
                       "has_reference": jnp.ones((), jnp.int32)}}
 
 
-def _hook_fields() -> dict:
-  names = {field.name for field in dataclasses.fields(Method)}
-  return {"on_epoch_end": on_epoch_end} if "on_epoch_end" in names else {}
-
-
-@register("gb", head="concat", init_state=init_state, **_hook_fields(),
+@register("gb", head="concat", init_state=init_state, on_epoch_end=on_epoch_end,
           description="Gradient Blending: OGR-weighted uni-modal + fused CE")
 def make_objective(model, config):
   del config

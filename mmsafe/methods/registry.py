@@ -40,6 +40,10 @@ class Method:
       step-2 optimizer.
     prepare_step2: `(model, variables, train_dataset, *, batch_size) -> dict`
       of method state entries computed once when step 2 begins.
+    on_epoch_end: `(model, config, variables, state, splits, *, epoch,
+      batch_size) -> dict` of method state entries to replace after each
+      first-step epoch (and once with `epoch=0` before training), for what a
+      pure train step cannot see, e.g. Gradient Blending's held-out losses.
   """
 
   name: str
@@ -49,6 +53,7 @@ class Method:
   init_state: Callable[[Any, Any], dict] | None = None
   step2: Callable[[Any, Mapping[str, Any]], Objective] | None = None
   prepare_step2: Callable[..., dict] | None = None
+  on_epoch_end: Callable[..., dict] | None = None
 
   @property
   def two_step(self) -> bool:

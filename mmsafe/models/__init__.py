@@ -5,9 +5,10 @@ from mmsafe.models.encoders import ENCODERS, MLPEncoder, ResNet18, SmallCNN
 from mmsafe.models.heads import (HEADS, STIEFEL_PARAM, ConcatHead, OrthogonalHead,
                                  is_modality_weight, is_stiefel_leaf)
 from mmsafe.models.outputs import HeadParams, ModelOutput
+from mmsafe.models.transformer import MultiModalTransformer
 
 __all__ = [
     "ENCODERS", "HEADS", "ConcatHead", "HeadParams", "MLPEncoder", "ModelOutput",
-    "MultiModalModel", "OrthogonalHead", "ResNet18", "STIEFEL_PARAM", "SmallCNN", "build",
-    "check_inputs", "is_modality_weight", "is_stiefel_leaf",
+    "MultiModalModel", "MultiModalTransformer", "OrthogonalHead", "ResNet18", "STIEFEL_PARAM",
+    "SmallCNN", "build", "check_inputs", "is_modality_weight", "is_stiefel_leaf",
 ]

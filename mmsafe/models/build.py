@@ -1,4 +1,5 @@
-"""`build(config) -> MultiModalModel`: encoders per modality composed with a head."""
+"""`build(config) -> MultiModalModel`: encoders per modality composed with a head
+(or, with `architecture="transformer"`, a `MultiModalTransformer`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mmsafe.models.outputs import ModelOutput
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHITECTURES = ("encoders", "transformer")
 
 
 def check_inputs(inputs: Mapping[str, Array], input_shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -73,10 +75,14 @@ class MultiModalModel(nn.Module):
 
 
 def build(config: Mapping[str, Any], *, num_classes: int | None = None,
-          input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> MultiModalModel:
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> nn.Module:
   """Builds a model from a config (a dict or `ml_collections.ConfigDict`).
 
-  Config fields: `head` ("concat" | "orthogonal"), `encoders` (modality ->
+  Config fields: `head` ("concat" | "orthogonal"), `architecture`
+  ("encoders", the default: a `MultiModalModel`; "transformer": a
+  `mmsafe.models.transformer.MultiModalTransformer` configured by the
+  `transformer` sub-config, see `transformer.from_config`; `encoders` is
+  then ignored), `encoders` (modality ->
   dict(name="mlp"|"cnn"|"resnet18", **module attributes)), `dtype`
   ("float32" | "bfloat16", for the encoders; the head is always float32),
   optional `head_weight_init` (orthogonal head's initial `a`), optional
@@ -98,6 +104,19 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
   dtype_name = config.get("dtype", "float32")
   if dtype_name not in _DTYPES:
     raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {dtype_name!r}")
+  architecture = config.get("architecture") or "encoders"
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"model.architecture: expected one of {list(ARCHITECTURES)}, "
+                     f"got {architecture!r}")
+  head_kwargs = {}
+  if head_kind == "orthogonal" and config.get("head_weight_init") is not None:
+    head_kwargs["weight_init"] = config["head_weight_init"]
+  head = HEADS[head_kind](num_classes=num_classes, name="head", **head_kwargs)
+  if architecture == "transformer":
+    # Imported here: transformer.py imports `check_inputs` from this module.
+    from mmsafe.models import transformer  # pylint: disable=import-outside-toplevel
+    return transformer.from_config(config.get("transformer") or {}, head=head,
+                                   input_shapes=input_shapes, dtype=_DTYPES[dtype_name])
   encoder_configs = dict(config.get("encoders") or {})
   unknown = sorted(set(encoder_configs) - set(input_shapes))
   if unknown:
@@ -119,9 +138,5 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
     if config.get("batch_norm_axis_name") and "axis_name" in ENCODERS[name].__dataclass_fields__:
       enc.setdefault("axis_name", config["batch_norm_axis_name"])
     encoders[m] = ENCODERS[name](dtype=_DTYPES[dtype_name], **enc)
-  head_kwargs = {}
-  if head_kind == "orthogonal" and config.get("head_weight_init") is not None:
-    head_kwargs["weight_init"] = config["head_weight_init"]
-  head = HEADS[head_kind](num_classes=num_classes, name="head", **head_kwargs)
   return MultiModalModel(encoders=encoders, head=head,
                          input_shapes={m: tuple(s) for m, s in input_shapes.items()})

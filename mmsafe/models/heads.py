@@ -8,7 +8,7 @@ encoders' dtype, because the bounds are read off its outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax

@@ -330,7 +330,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   writer = (MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step) if primary
             else _NullWriter())
 
-  method_kwargs = config.get("method_kwargs")
+  # Methods whose schedule is in epochs count them from the step counter.
+  method_kwargs = {**(config.get("method_kwargs") or {}), "steps_per_epoch": run.steps_per_epoch}
   train_model = (run.model if par.axis_name is None
                  else build_model(config, run.method, train, par.axis_name))
   objectives = {"step1": run.method(train_model, method_kwargs)}
@@ -350,6 +351,9 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
       f"{config['dataset']}", unit="step", dynamic_ncols=True, disable=not primary) as bar:
     for step in range(start_step, run.total_steps):
       phase = run.phase(step)
+      if run.method.on_epoch_end and step == 0:
+        train_state = _end_of_epoch(run, par, train_state, method_kwargs, epoch=0,
+                                    batch_size=eval_batch_size)
       if phase == "step2" and not progress["step2_prepared"]:
         host = par.host(train_state)
         host = host.replace(state={**host.state, **run.method.prepare_step2(
@@ -382,6 +386,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
           progress = {**progress, "best_validation_accuracy": val["accuracy"], "best_step": done}
           # A copy: the train step donates (reuses) the buffers of train_state.
           best = {"variables": par.from_train(train_state.variables)}
+        if run.method.on_epoch_end and phase == "step1":
+          train_state = _end_of_epoch(run, par, train_state, method_kwargs,
+                                      epoch=done // run.steps_per_epoch,
+                                      batch_size=eval_batch_size)
       # Several processes agree on the step to stop at (a collective, every
       # `sync_every` steps); one process reads its own flag every step.
       preempted = ((jax.process_count() == 1 or done % sync_every == 0
@@ -409,6 +417,16 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   if primary:
     write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _end_of_epoch(run: Run, par, train_state, method_kwargs, *, epoch: int, batch_size: int):
+  """Applies the method's `on_epoch_end` state update (e.g. GB's blending weights)."""
+  host = par.host(train_state)
+  update = run.method.on_epoch_end(run.model, method_kwargs, host.variables, host.state,
+                                   run.splits, epoch=epoch, batch_size=batch_size)
+  if not update:
+    return train_state
+  return par.to_train(par.canonical(host.replace(state={**host.state, **update})))
 
 
 def _mean_metrics(pending: list[dict], step: int) -> dict[str, float]:
