@@ -205,19 +205,20 @@ class PGDProtocol:
 # datasets): BUILD_NOTES.md, "Attack strength". The budgets are CRMT's (Sec. 4.1).
 PROTOCOLS: dict[str, PGDProtocol] = {
     "default": PGDProtocol(
-        name="default", steps=50, restarts=3, relative_step_size=None, random_start=True,
-        description="l2-PGD, 50 steps of 2.5*eps/50, 3 restarts (restart 0 random), "
-                    "worst iterate kept, CE loss"),
+        name="default", steps=50, restarts=5, relative_step_size=None, random_start=False,
+        description="l2-PGD, 50 steps of 2.5*eps/50, 5 restarts (restart 0 from the clean "
+                    "input, 4 from uniform random points of the ball), worst iterate kept, "
+                    "CE loss"),
     "paper_reference": PGDProtocol(
         name="paper_reference", steps=4, restarts=1, relative_step_size=1.0 / 3.0,
         random_start=False, keep_best=False,
         description="CRMT reference code: 4 steps of eps/3 from the clean input, last iterate"),
     "fast": PGDProtocol(
-        name="fast", steps=10, restarts=1, relative_step_size=None, random_start=True,
-        description="smoke runs: 10 steps of 2.5*eps/10, 1 random restart"),
+        name="fast", steps=10, restarts=1, relative_step_size=None, random_start=False,
+        description="smoke runs: 10 steps of 2.5*eps/10 from the clean input"),
     "strong": PGDProtocol(
-        name="strong", steps=100, restarts=5, relative_step_size=None, random_start=True,
-        description="verification: 100 steps of 2.5*eps/100, 5 restarts"),
+        name="strong", steps=100, restarts=10, relative_step_size=None, random_start=False,
+        description="verification: 100 steps of 2.5*eps/100, 10 restarts (restart 0 clean)"),
 }
 
 

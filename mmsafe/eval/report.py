@@ -55,8 +55,8 @@ def _to_builtin(value: Any):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _pct(value: float | None) -> str:
-  return "-" if value is None else f"{100.0 * value:.1f}"
+def _pct(value: float | None, digits: int = 1) -> str:
+  return "-" if value is None else f"{100.0 * value:.{digits}f}"
 
 
 def markdown(results: Mapping[str, Any], title: str = "Robustness report") -> str:
@@ -150,7 +150,7 @@ def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") 
   for key, value in (sweep.get("meta") or {}).items():
     lines.append(f"- {key}: {value}")
   lines += [f"- examples: {sweep['num_examples']}, clean accuracy "
-            f"{_pct(sweep['clean_accuracy'])}%, loss {sweep['loss']}, step size 2.5 eps / steps, "
+            f"{_pct(sweep['clean_accuracy'], 2)}%, loss {sweep['loss']}, step size 2.5 eps / steps, "
             f"restart 0 from {'a random point' if sweep.get('random_start') else 'the clean input'}"
             ", later restarts random, worst iterate kept", "",
             "Robust accuracy (%) of l2-PGD; rows: steps, columns: restarts.", ""]
@@ -159,7 +159,7 @@ def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") 
               "| steps | " + " | ".join(f"{r} restart(s)" for r in sweep["restarts"]) + " |",
               "|---|" + "---|" * len(sweep["restarts"])]
     for steps, row in zip(sweep["steps"], rows):
-      lines.append(f"| {steps} | " + " | ".join(_pct(v) for v in row) + " |")
+      lines.append(f"| {steps} | " + " | ".join(_pct(v, 2) for v in row) + " |")
     lines.append("")
   return "\n".join(lines)
 

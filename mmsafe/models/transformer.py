@@ -72,7 +72,7 @@ _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 
 def modality_kind(shape: Sequence[int]) -> str:
-  """"vector" | "sequence" | "image" | "clip" for a per-example shape."""
+  """The kind of a per-example shape: "vector", "sequence", "image" or "clip"."""
   if len(shape) not in _KINDS:
     raise ValueError(f"expected a per-example shape of rank 1 (vector [D]), 2 (sequence "
                      f"[L, D]), 3 (image [H, W, C]) or 4 (clip [T, H, W, C]), got {tuple(shape)}")
