@@ -24,16 +24,14 @@ the report gives how often the radius is broken.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 from tqdm.auto import tqdm
 
 from mmsafe import certify as certify_lib
-from mmsafe.eval import plots
+from mmsafe.eval import report
 from mmsafe.eval.certification import run_certification
 from mmsafe.train import loop
 
@@ -55,33 +53,6 @@ _NUM_THRESHOLDS = flags.DEFINE_integer("num_thresholds", 101, "Radii in the curv
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks and power iterations.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to certify.")
 
-def write_reports(results: dict[str, Any], outdir: str) -> list[str]:
-  """Writes results.json and the PNG figures; returns the written paths."""
-  os.makedirs(outdir, exist_ok=True)
-  paths = [os.path.join(outdir, "results.json")]
-  loop.write_json_atomic(paths[0], results)
-  curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
-            for kind, entry in results["kinds"].items()}
-  paths.append(plots.plot_certified_accuracy(
-      curves, os.path.join(outdir, "certified_accuracy.png"),
-      title=f"certified accuracy ({results['split']}, {results['head']} head)"))
-  for kind, entry in results["kinds"].items():
-    summary = entry["summary"]
-    uni = {f"{m} only": (summary["thresholds"], acc)
-           for m, acc in summary["unimodal_certified_accuracy"].items()}
-    uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
-    paths.append(plots.plot_certified_accuracy(
-        uni, os.path.join(outdir, f"unimodal_{kind}.png"),
-        title=f"uni-modal certified accuracy ({kind})"))
-    if "eta_ratio" in entry:
-      eta = entry["eta_ratio"]
-      matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
-      paths.append(plots.plot_eta_ratio_heatmap(
-          matrix, os.path.join(outdir, f"eta_ratio_{kind}.png"), numerator=eta["numerator"],
-          denominator=eta["denominator"], title=f"vulnerability ratio ({kind})"))
-  return paths
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -97,7 +68,7 @@ def main(argv):
       attack_steps=_ATTACK_STEPS.value, attack_restarts=_ATTACK_RESTARTS.value,
       num_thresholds=_NUM_THRESHOLDS.value, seed=_SEED.value,
       track=lambda iterable, total, description: tqdm(iterable, total=total, desc=description))
-  paths = write_reports(results, os.path.join(workdir, "certify"))
+  paths = report.write_certification_report(results, os.path.join(workdir, "certify"))
   for kind, entry in results["kinds"].items():
     summary = entry["summary"]
     attack = entry.get("attack", {})

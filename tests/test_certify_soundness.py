@@ -14,8 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import certify as certify_experiment
 from mmsafe.eval import certification
+from mmsafe.eval import report
 
 NUM_EXAMPLES = 64
 ATTACK = dict(attack_steps=30, attack_restarts=2)
@@ -50,7 +50,7 @@ def test_attacks_never_break_sound_radii(trained_mfeat, method, tmp_path, capsys
     return
   assert np.all(radius["sound"] <= radius["empirical"] * (1 + 1e-5))
 
-  paths = certify_experiment.write_reports(results, str(tmp_path))
+  paths = report.write_certification_report(results, str(tmp_path))
   names = sorted(os.path.basename(p) for p in paths)
   assert names == sorted(["results.json", "certified_accuracy.png"]
                          + [f"unimodal_{k}.png" for k in kinds]

@@ -144,6 +144,8 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       return delta, run_best
 
     delta, run_best = jax.lax.fori_loop(0, steps, step, (delta, nothing))
+    if restarts == 1 and not keep_best and not return_info:
+      return delta, None, None  # nothing to select: skip the final forward pass
     _, (per, misclassified) = evaluate(delta, target)
     if keep_best:
       run_best = keep_worse(run_best, delta, per, misclassified)

@@ -173,3 +173,31 @@ def write_sweep(sweep: Mapping[str, Any], directory: str) -> dict[str, str]:
                                           default=_to_builtin) + "\n")
   _write_atomic(paths["markdown"], sweep_markdown(sweep))
   return paths
+
+
+def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[str]:
+  """Writes `run_certification`'s results.json and its PNG figures (certified
+  accuracy per kind, uni-modal curves, eta ratio heat maps); returns the paths."""
+  os.makedirs(outdir, exist_ok=True)
+  paths = [os.path.join(outdir, "results.json")]
+  _write_atomic(paths[0], json.dumps(results, indent=2, sort_keys=True, default=_to_builtin))
+  curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
+            for kind, entry in results["kinds"].items()}
+  paths.append(plots.plot_certified_accuracy(
+      curves, os.path.join(outdir, "certified_accuracy.png"),
+      title=f"certified accuracy ({results['split']}, {results['head']} head)"))
+  for kind, entry in results["kinds"].items():
+    summary = entry["summary"]
+    uni = {f"{m} only": (summary["thresholds"], acc)
+           for m, acc in summary["unimodal_certified_accuracy"].items()}
+    uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
+    paths.append(plots.plot_certified_accuracy(
+        uni, os.path.join(outdir, f"unimodal_{kind}.png"),
+        title=f"uni-modal certified accuracy ({kind})"))
+    if "eta_ratio" in entry:
+      eta = entry["eta_ratio"]
+      matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
+      paths.append(plots.plot_eta_ratio_heatmap(
+          matrix, os.path.join(outdir, f"eta_ratio_{kind}.png"), numerator=eta["numerator"],
+          denominator=eta["denominator"], title=f"vulnerability ratio ({kind})"))
+  return paths
