@@ -255,7 +255,7 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
     compile_key = (task.kind, task.scope, task.value if task.kind == "missing" else None)
     if compile_key not in compiled:
       compiled[compile_key] = _compile(task, apply_fn, protocol, config, bounds, max_counts,
-                                           fill_means)
+                                       fill_means)
     run = compiled[compile_key]
     value = task.value[1] if task.kind == "decoupling" else task.value
     value = jnp.float32(0.0) if value is None or task.kind == "missing" else value
