@@ -24,16 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import ks_shapes
 from mmsafe import attacks
 from mmsafe import models
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per attack call.")
-_FRAMES = flags.DEFINE_integer("frames", 3, "Visual frames per example.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Visual frame height and width.")
-_AUDIO_FRAMES = flags.DEFINE_integer("audio_frames", 1024, "Spectrogram frames.")
-_AUDIO_BINS = flags.DEFINE_integer("audio_bins", 128, "Spectrogram frequency bins.")
-_CLASSES = flags.DEFINE_integer("num_classes", 31, "Classes (KS: 31).")
-_WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512"], "ResNet18 stage widths.")
 _HEAD = flags.DEFINE_enum("head", "concat", ["concat", "orthogonal"], "Fusion head.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
 _PROTOCOLS = flags.DEFINE_list("protocols", ["paper_reference"],
@@ -59,21 +54,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   b = _BATCH.value
-  widths = tuple(int(w) for w in _WIDTHS.value)
-  visual_shape = ((_FRAMES.value,) if _FRAMES.value > 1 else ()) + (_IMAGE.value, _IMAGE.value, 3)
-  shapes = {"visual": visual_shape, "audio": (_AUDIO_FRAMES.value, _AUDIO_BINS.value, 1)}
+  widths = ks_shapes.resnet_widths()
+  shapes = ks_shapes.input_shapes(fold_single_frame=True)
   model = models.build({"head": _HEAD.value, "dtype": _DTYPE.value,
                         "encoders": {m: {"name": "resnet18", "widths": widths} for m in shapes}},
-                       num_classes=_CLASSES.value, input_shapes=shapes)
+                       num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   inputs = {m: jax.random.normal(k, (b,) + s, jnp.float32)
             for k, (m, s) in zip(keys[:2], sorted(shapes.items()))}
-  labels = jax.random.randint(keys[2], (b,), 0, _CLASSES.value)
+  labels = jax.random.randint(keys[2], (b,), 0, ks_shapes.CLASSES.value)
   variables = jax.jit(model.init)(jax.random.PRNGKey(1), {m: x[:1] for m, x in inputs.items()})
   apply_fn = lambda v, x: model.apply(v, x, train=False).logits
   common = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "batch": b,
             "shapes": {m: list(s) for m, s in shapes.items()}, "widths": list(widths),
-            "dtype": _DTYPE.value, "num_classes": _CLASSES.value}
+            "dtype": _DTYPE.value, "num_classes": ks_shapes.CLASSES.value}
 
   forward = jax.jit(apply_fn)
   compile_s, seconds = _time(forward, variables, inputs, repeats=_REPEATS.value)

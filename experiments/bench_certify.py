@@ -25,16 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import ks_shapes
 from mmsafe import certify
 from mmsafe import models
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Examples per certified batch.")
-_FRAMES = flags.DEFINE_integer("frames", 3, "Video frames per clip.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Frame height and width.")
-_AUDIO_FRAMES = flags.DEFINE_integer("audio_frames", 1024, "Spectrogram frames.")
-_AUDIO_BINS = flags.DEFINE_integer("audio_bins", 128, "Mel bins.")
-_CLASSES = flags.DEFINE_integer("num_classes", 31, "Classes K.")
-_WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512"], "ResNet18 stage widths.")
 _HEAD = flags.DEFINE_enum("head", "orthogonal", ["concat", "orthogonal"], "Fusion head.")
 _MODE = flags.DEFINE_enum("mode", "auto", ["auto", "jacfwd", "jacrev"], "Jacobian mode.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Examples per Jacobian chunk (0: whole batch).")
@@ -109,12 +104,11 @@ def naive_radii(model, variables, inputs, labels, n: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  widths = tuple(int(w) for w in _WIDTHS.value)
-  shapes = {"visual": (_FRAMES.value, _IMAGE.value, _IMAGE.value, 3),
-            "audio": (_AUDIO_FRAMES.value, _AUDIO_BINS.value, 1)}
+  widths = ks_shapes.resnet_widths()
+  shapes = ks_shapes.input_shapes()
   model = models.build({"head": _HEAD.value,
                         "encoders": {m: {"name": "resnet18", "widths": widths} for m in shapes}},
-                       num_classes=_CLASSES.value, input_shapes=shapes)
+                       num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
   rng = np.random.default_rng(0)
   batch = _BATCH.value
   inputs = {m: jnp.asarray(rng.normal(size=(batch, *s)), jnp.float32) for m, s in shapes.items()}
@@ -126,7 +120,7 @@ def main(argv):
   run = jax.jit(lambda v, x, y: certify.certify(model, v, x, y, "local", mode=_MODE.value,
                                                 chunk_size=chunk, precision=precision))
   print(f"devices: {jax.devices()}  backend: {jax.default_backend()}")
-  print(f"shapes: { {m: (batch, *s) for m, s in shapes.items()} }, K={_CLASSES.value}, "
+  print(f"shapes: { {m: (batch, *s) for m, s in shapes.items()} }, K={ks_shapes.CLASSES.value}, "
         f"ResNet18 widths {widths}, {_HEAD.value} head, precision {_PRECISION.value}")
   with jax.default_matmul_precision(_PRECISION.value):
     start = time.perf_counter()
@@ -145,7 +139,7 @@ def main(argv):
       n = min(_NAIVE.value, batch)
       radii, naive_s = naive_radii(model, variables, inputs, labels, n)
       np.testing.assert_allclose(radii, np.asarray(cert.radius)[:n], rtol=2e-3)
-      rows.append((f"naive loop ({n} samples x {len(shapes)} modalities x {_CLASSES.value} "
+      rows.append((f"naive loop ({n} samples x {len(shapes)} modalities x {ks_shapes.CLASSES.value} "
                    f"classes)", n, naive_s, n / naive_s))
   print(f"\nfirst call (compile + run): {compile_s:.2f} s; median of {_REPEATS.value} runs below")
   print(f"{'path':<58} {'samples':>7} {'seconds':>10} {'samples/s':>10}")

@@ -45,18 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import ks_shapes
 from mmsafe import methods
 from mmsafe import models
 from mmsafe.train import TrainState, make_optimizer
 from mmsafe.train.parallel import DataParallel, pmap_device_put
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (examples per step).")
-_FRAMES = flags.DEFINE_integer("frames", 3, "Visual frames per example.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Visual frame height and width.")
-_AUDIO_FRAMES = flags.DEFINE_integer("audio_frames", 1024, "Spectrogram frames.")
-_AUDIO_BINS = flags.DEFINE_integer("audio_bins", 128, "Spectrogram frequency bins.")
-_CLASSES = flags.DEFINE_integer("num_classes", 31, "Classes (KS: 31).")
-_WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512"], "ResNet18 stage widths.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
 _INPUT_DTYPE = flags.DEFINE_enum("input_dtype", None, ["float32", "bfloat16"],
                                  "Dtype of the batch on the device (default: --dtype).")
@@ -129,13 +124,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   batch_size = _BATCH.value
-  widths = tuple(int(w) for w in _WIDTHS.value)
-  shapes = {"visual": (_FRAMES.value, _IMAGE.value, _IMAGE.value, 3),
-            "audio": (_AUDIO_FRAMES.value, _AUDIO_BINS.value, 1)}
+  widths = ks_shapes.resnet_widths()
+  shapes = ks_shapes.input_shapes()
   resnet = {"name": "resnet18", "widths": widths}
   model = models.build({"head": "orthogonal", "dtype": _DTYPE.value,
                         "encoders": {"visual": resnet, "audio": resnet}},
-                       num_classes=_CLASSES.value, input_shapes=shapes)
+                       num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
   method = methods.get("crmt")
   # Kinetics-Sounds in the paper: SGD, lr 1e-3, momentum 0.9, weight decay 1e-4.
   optimizer = make_optimizer({"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9,
@@ -151,7 +145,7 @@ def main(argv):
   host_batch = {
       "inputs": {m: np.asarray(jax.random.normal(k, (batch_size, *s), jnp.float32)
                                ).astype(input_dtype) for k, (m, s) in zip(keys, shapes.items())},
-      "label": np.asarray(jax.random.randint(data_rng, (batch_size,), 0, _CLASSES.value),
+      "label": np.asarray(jax.random.randint(data_rng, (batch_size,), 0, ks_shapes.CLASSES.value),
                           np.int32)}
   example = {m: x[:2] for m, x in host_batch["inputs"].items()}
   variables = jax.jit(model.init)(init_rng, example)
@@ -162,7 +156,7 @@ def main(argv):
   train_model = (model if par.axis_name is None else models.build(
       {"head": "orthogonal", "dtype": _DTYPE.value, "batch_norm_axis_name": par.axis_name,
        "encoders": {"visual": resnet, "audio": resnet}},
-      num_classes=_CLASSES.value, input_shapes=shapes))
+      num_classes=ks_shapes.CLASSES.value, input_shapes=shapes))
   step = par.compile_train_step(method(train_model, {"rho": 2.0, "l1_floor": 1e-5}), optimizer)
   batch = par.put_batch(host_batch, batch_size)
   batch = pmap_device_put(batch) if par.mode == "pmap" else jax.device_put(batch)
