@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe.eval import robustness
 from mmsafe.eval.certification import run_certification
@@ -38,7 +39,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
   """Headline robustness numbers and mean certified radii of one trained run."""
   config, model, variables, splits = loop.restore_run(workdir)
-  test = splits["test"]
+  test = data_lib.in_memory(splits["test"])
   suite = robustness.SuiteConfig(protocol=protocol, multi_eps=(), uni_eps=(),
                                  decoupling_fractions=())
   report = robustness.evaluate_robustness(robustness.logits_apply(model), variables, test.inputs,

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmsafe import data as data_lib
 from mmsafe.attacks import PROTOCOLS
 from mmsafe.eval import report
 from mmsafe.eval import robustness
@@ -54,6 +55,8 @@ _BOX = flags.DEFINE_bool("box", False, "Clip attacks to the raw value range of b
                          "modalities (Dataset.value_range).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Examples per compiled attack call.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples (0: all).")
+_FILL_EXAMPLES = flags.DEFINE_integer(
+    "fill_examples", 0, "Training examples averaged for the 'mean' missing-modality fill (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
 _SWEEP = flags.DEFINE_bool("strength_sweep", False, "Run the PGD steps x restarts sweep instead.")
 _SWEEP_STEPS = flags.DEFINE_list("sweep_steps", ["4", "10", "20", "50", "100"], "Sweep steps.")
@@ -76,11 +79,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, model, variables, splits = loop.restore_run(_WORKDIR.value, which=_WHICH.value)
-  data = splits[_SPLIT.value]
+  data = data_lib.in_memory(splits[_SPLIT.value], _MAX_EXAMPLES.value)
   inputs, labels = dict(data.inputs), np.asarray(data.labels)
-  if _MAX_EXAMPLES.value:
-    inputs = {m: x[:_MAX_EXAMPLES.value] for m, x in inputs.items()}
-    labels = labels[:_MAX_EXAMPLES.value]
   if _SWEEP.value:
     _strength_sweep(config, model, variables, splits, inputs, labels)
     return
@@ -98,8 +98,7 @@ def main(argv):
       batch_size=_BATCH.value, seed=_SEED.value)
   bounds = ({m: data.normalized_range(m) for m in data.value_range if m in inputs}
             if _BOX.value else None)
-  train = splits["train"]
-  fill_means = {m: np.asarray(train.inputs[m]).mean(axis=0) for m in inputs}
+  fill_means = data_lib.modality_means(splits["train"], _FILL_EXAMPLES.value)
   total = robustness.num_work_units(suite, data.modality_shapes, len(labels))
   with tqdm(total=total, desc=f"robustness of {config['method']} on {config['dataset']}/"
             f"{_SPLIT.value}", unit="batch", dynamic_ncols=True) as bar:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmsafe import data as data_lib
 from mmsafe import methods, models
 from mmsafe.methods import common, gb, mixup, mmat, msefm, ogm, pmr
 from mmsafe.train import loop
@@ -338,9 +339,11 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
   # The hook: a measurement every 2 epochs; weights from two measurements.
-  train = types.SimpleNamespace(inputs=batch["inputs"], labels=np.asarray(batch["label"]))
-  held = _batch(seed=7, size=15)
-  heldout = types.SimpleNamespace(inputs=held["inputs"], labels=np.asarray(held["label"]))
+  def split(name, b):
+    return data_lib.Dataset(name="toy", split=name, inputs=b["inputs"],
+                            labels=np.asarray(b["label"]), num_classes=CLASSES, stats={})
+
+  train, heldout = split("train", batch), split("validation", _batch(seed=7, size=15))
   splits = {"train": train, "validation": heldout}
   config = {"gb_super_epoch": 2, "gb_heldout_split": "validation"}
   hook = lambda p, s, epoch: gb.on_epoch_end(model, config, {"params": p}, s, splits,

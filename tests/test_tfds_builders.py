@@ -2,6 +2,7 @@
 sources: shapes, dtypes, labels, split sizes, skip counting, bad input, and the
 input pipeline on the written data (two hosts' shards)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -167,6 +168,54 @@ def test_two_hosts_read_disjoint_covering_shards_of_the_written_split(ks_built):
            for h in range(2)]
   ids = [b["inputs"]["audio"].tobytes() for host in train for b in host]
   assert len(set(ids)) == 4  # 2 steps x 2 hosts x 1 example: one epoch, all distinct
+
+
+def test_in_memory_split_inverts_to_the_raw_pixels_and_fbank(ks_built):
+  _, data_dir, _ = ks_built
+  split = data_lib.load("kinetics_sounds/tiny", "train", data_dir=data_dir, image_size=16)
+  assert isinstance(split, data_lib.ClipDataset) and split.num_classes == 3
+  assert split.modality_shapes == {"audio": (AUDIO_FRAMES, 128, 1), "visual": (3, 16, 16, 3)}
+  data = data_lib.in_memory(split)
+  raw_config = pipeline.ClipPreprocessing(image_size=16, normalize=False)
+  raw = [pipeline.preprocess_clip(split[i], train=False, config=raw_config) for i in range(4)]
+  for m in ("visual", "audio"):
+    expected = np.stack([r["inputs"][m] for r in raw]).astype(np.float32)
+    np.testing.assert_allclose(data.stats[m].denormalize(data.inputs[m]), expected, atol=2e-3)
+  np.testing.assert_array_equal(data.labels, [r["label"] for r in raw])
+  low, high = data.normalized_range("visual")  # frames are bytes: attack boxes hold them
+  assert (data.inputs["visual"] >= low - 1e-6).all() and (data.inputs["visual"] <= high + 1e-6).all()
+  assert len(data_lib.in_memory(split, 3)) == 3
+  means = data_lib.modality_means(split, batch_size=3)  # streamed over a padded batch
+  for m in means:
+    np.testing.assert_allclose(means[m], data.inputs[m].mean(axis=0), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"data: unknown option\(s\) \['frames'\]"):
+    data_lib.load("kinetics_sounds/tiny", "train", data_dir=data_dir, frames=3)
+
+
+def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
+  """The clip config's pipeline end to end (runlocal): TFDS batches through both CRMT
+  steps (tau~ estimated over the ClipDataset), then the evaluation scripts' reader."""
+  from experiments.configs import clips
+  from mmsafe.train import loop
+  _, data_dir, _ = ks_built
+  config = clips.get_config("kinetics_sounds,runlocal")
+  config.dataset = "kinetics_sounds/tiny"
+  config.data.data_dir = data_dir
+  config.data.splits.validation = "test"  # 4 training clips: nothing to hold out
+  config.data.splits.train = "train"
+  config.num_epochs = 1
+  config.data.image_size = 16
+  workdir = str(tmp_path / "run")
+  results = loop.train_and_evaluate(config, workdir)
+  assert results["steps"] == 4 and 0 <= results["test_accuracy"] <= 1  # 2 + 2 steps of 2 clips
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  step2 = [line for line in lines if line.get("phase") == "step2" and "train/bound" in line]
+  assert step2 and all(np.isfinite(line["train/bound"]) for line in step2)  # tau~ > 0
+  _, model, _, splits = loop.restore_run(workdir)
+  assert model.input_shapes == {"audio": (AUDIO_FRAMES, 128, 1), "visual": (3, 16, 16, 3)}
+  test = data_lib.in_memory(splits["test"])
+  assert test.inputs["visual"].shape == (2, 3, 16, 16, 3)
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,7 @@ def test_checkpoint_round_trip(tmp_path):
     ("data.modalities", ("pix", "depth"), r"depth"),
     ("batch_size", 0, r"batch_size: expected"),
     ("optimizer.name", "lbfgs", r"optimizer.name: expected 'sgd' or 'adam', got 'lbfgs'"),
+    ("data.splits", {"valid": "test"}, r"data.splits: expected keys among .*got \['valid'\]"),
 ])
 def test_bad_configs_fail_before_touching_the_workdir(tmp_path, field, value, message):
   config = mfeat_config("jt", num_epochs=1)

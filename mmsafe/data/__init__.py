@@ -5,7 +5,9 @@ datasets built with TFDS (`kinetics_sounds`, `ucf101_rgb_flow`, `vggsound`; see
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 
+from mmsafe.data.clip_dataset import ClipDataset, full_pass, in_memory, modality_means
 from mmsafe.data.embedded import EMBEDDED_DATASETS, Dataset, load_embedded
 from mmsafe.data.pipeline import (ClipPreprocessing, clip_eval_batches, clip_eval_iterator,
                                   clip_train_iterator, eval_batches, host_train_indices,
@@ -15,13 +17,14 @@ from mmsafe.data.pipeline import (ClipPreprocessing, clip_eval_batches, clip_eva
 TFDS_DATASETS = ("kinetics_sounds", "ucf101_rgb_flow", "vggsound")
 
 
-def load(name: str, split: str, **kwargs) -> Dataset | Sequence[dict]:
+def load(name: str, split: str, **kwargs) -> Dataset | ClipDataset:
   """Loads split `split` of dataset `name`.
 
-  Embedded datasets: in-memory arrays (see `Dataset`). TFDS clip datasets
-  (`TFDS_DATASETS`, optionally with a config: "ucf101_rgb_flow/split2"): a
-  random-access data source of stored examples (`load_tfds`); batch it with
-  `make_iterator`.
+  Embedded datasets: in-memory arrays (see `Dataset`; kwargs: `modalities`).
+  TFDS clip datasets (`TFDS_DATASETS`, optionally with a config:
+  "ucf101_rgb_flow/split2"; `split` may be a TFDS slice such as
+  "train[95%:]"): a `ClipDataset` of stored examples (`load_tfds`); batch
+  either with `make_iterator`.
   """
   if name in EMBEDDED_DATASETS:
     return load_embedded(name, split, **kwargs)
@@ -31,15 +34,34 @@ def load(name: str, split: str, **kwargs) -> Dataset | Sequence[dict]:
                    f"got {name!r}")
 
 
-def load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Sequence[dict]:
+def load_tfds(name: str, split: str, *, data_dir: str | None = None,
+              **preprocessing) -> ClipDataset:
   """The prepared TFDS dataset `name` ("name" or "name/config") split `split` as a
-  `tfds.data_source` (random access, no TensorFlow). `data_dir`: where
-  `experiments/prepare.py` wrote it (default: TFDS's, `$TFDS_DATA_DIR` or
-  ~/tensorflow_datasets)."""
+  `ClipDataset` over `tfds.data_source` (random access, no TensorFlow).
+
+  Args:
+    data_dir: where `experiments/prepare.py` wrote it (default: TFDS's,
+      `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+    **preprocessing: `ClipPreprocessing` fields (image_size, num_frames,
+      modalities, ...); unknown names fail.
+  """
   import tensorflow_datasets as tfds
 
   import mmsafe.data.tfds  # noqa: F401  (registers the builders)
-  return tfds.data_source(name, split=split, data_dir=data_dir)
+  fields = {f.name for f in dataclasses.fields(ClipPreprocessing)}
+  unknown = sorted(set(preprocessing) - fields)
+  if unknown:
+    raise ValueError(f"data: unknown option(s) {unknown} for clip dataset {name!r}; expected "
+                     f"data_dir or ClipPreprocessing fields {sorted(fields)}")
+  if preprocessing.get("modalities") is not None:
+    preprocessing["modalities"] = tuple(preprocessing["modalities"])
+  for key in ("crop_scale", "crop_ratio"):
+    if key in preprocessing:
+      preprocessing[key] = tuple(preprocessing[key])
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  return ClipDataset(name=name, split=split, source=source,
+                     num_classes=int(source.dataset_info.features["label"].num_classes),
+                     preprocessing=ClipPreprocessing(**preprocessing))
 
 
 def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: int,
@@ -52,7 +74,7 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
 
   `batch_size` is per host; `process_index` / `process_count` default to JAX's.
   TFDS sources go through `clip_train_iterator` / `clip_eval_iterator` (with
-  `config`, default `ClipPreprocessing()`, `num_threads` or `processes`,
+  `config`, default: a `ClipDataset`'s own or `ClipPreprocessing()`, `num_threads` or `processes`,
   `prefetch`); embedded `Dataset`s are sliced in memory with the same per-host
   index plans (with one host, exactly `train_batch` / `eval_batches`).
   """
@@ -60,7 +82,8 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  config = ClipPreprocessing() if config is None else config
+  if config is None:
+    config = data.preprocessing if isinstance(data, ClipDataset) else ClipPreprocessing()
   if isinstance(data, Dataset):
     return _in_memory_iterator(data, train=train, batch_size=batch_size, seed=seed,
                                start_step=start_step, num_steps=num_steps,
@@ -94,6 +117,7 @@ def _in_memory_iterator(data: Dataset, *, train: bool, batch_size: int, seed: in
     step += 1
 
 
-__all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "ClipPreprocessing", "Dataset", "eval_batches",
-           "load", "load_embedded", "load_tfds", "make_iterator", "normalize_inputs",
-           "preprocess_clip", "take", "train_batch", "validate_batch"]
+__all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "ClipDataset", "ClipPreprocessing", "Dataset",
+           "eval_batches", "full_pass", "in_memory", "load", "load_embedded", "load_tfds",
+           "make_iterator", "modality_means", "normalize_inputs", "preprocess_clip", "take", "train_batch",
+           "validate_batch"]

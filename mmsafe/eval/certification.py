@@ -66,12 +66,6 @@ def make_radius_attack(logits_fn, *, steps: int, restarts: int):
   return run
 
 
-def _subset(dataset, max_examples: int):
-  n = len(dataset.labels) if max_examples <= 0 else min(max_examples, len(dataset.labels))
-  index = np.arange(n)
-  return {m: x[index] for m, x in dataset.inputs.items()}, dataset.labels[index]
-
-
 def _batches(inputs, labels, batch_size):
   return data_lib.eval_batches(inputs, labels, batch_size=min(batch_size, len(labels)))
 
@@ -154,8 +148,8 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
   for kind in kinds:
     if kind not in certify_lib.KINDS:
       raise ValueError(f"kinds: expected a subset of {certify_lib.KINDS}, got {kind!r}")
-  dataset = splits[split]
-  inputs, labels = _subset(dataset, max_examples)
+  dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
+  inputs, labels = dict(dataset.inputs), np.asarray(dataset.labels)
   key = jax.random.PRNGKey(seed)
   head = certify_lib.lipschitz.head_params(model, variables)
   results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
@@ -169,10 +163,10 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
     constants = None
     if kind == "empirical":
       source = splits[empirical_split]
-      total = math.ceil(len(source.labels) / min(batch_size, len(source.labels)))
+      total = math.ceil(len(source) / min(batch_size, len(source)))
       constants = certify_lib.empirical_constants(
           model, variables,
-          track(_batches(source.inputs, source.labels, batch_size), total,
+          track(data_lib.full_pass(source, batch_size=batch_size), total,
                 f"empirical constants ({empirical_split})"),
           head=head, mode=mode, chunk_size=chunk_size)
     elif kind == "sound":

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe import certify
-from mmsafe.data.pipeline import eval_batches
+from mmsafe.data.clip_dataset import full_pass
 from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, cross_entropy,
                                    mix_inputs, required, sample_mixup)
 from mmsafe.methods.registry import register
@@ -182,7 +182,7 @@ def prepare_step2(model, variables, dataset, *, batch_size: int) -> dict:
   the uni-modal scores over `dataset` (modality -> [1, K]), i.e. the maximum
   per-sample gradient norm, as in the paper's code."""
   constants = certify.empirical_constants(
-      model, variables, eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size))
+      model, variables, full_pass(dataset, batch_size=batch_size))
   return {STATE_KEY: {"tau": {m: jnp.asarray(v, jnp.float32)
                               for m, v in constants.values.items()}}}
 

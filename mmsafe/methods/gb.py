@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsafe.data.pipeline import eval_batches
+from mmsafe.data.clip_dataset import full_pass
 from mmsafe.methods.common import accuracy, apply_model, required
 from mmsafe.methods.registry import register
 from mmsafe.models.outputs import ModelOutput
@@ -145,7 +145,7 @@ def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarra
   """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
   sums = _head_loss_sums(model)
   total, count = 0.0, 0.0
-  for batch in eval_batches(dataset.inputs, dataset.labels, batch_size=batch_size):
+  for batch in full_pass(dataset, batch_size=batch_size):
     s, c = sums(variables, batch)
     total, count = total + np.asarray(s, np.float64), count + float(c)
   if count == 0:

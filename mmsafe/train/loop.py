@@ -30,6 +30,7 @@ ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,6 +55,7 @@ from mmsafe.train.state import TrainState
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, what
 # a shell reports for a SIGTERM-ed process): the launch scripts requeue on it.
 PREEMPTED_EXIT_CODE = 143
+SPLIT_ROLES = ("train", "validation", "test")
 
 
 class Preempted(Exception):
@@ -152,11 +154,32 @@ def build_model(config: Mapping[str, Any], method: methods.Method, train,
   (same parameters)."""
   encoders = dict(config["model"].get("encoders") or {})
   model_config = {**dict(config["model"]), "head": method.head,
-                  "encoders": {m: encoders.get(m) for m in train.inputs if m in encoders}}
+                  "encoders": {m: encoders.get(m) for m in train.modality_shapes
+                               if m in encoders}}
   if batch_norm_axis_name is not None:
     model_config["batch_norm_axis_name"] = batch_norm_axis_name
   return models.build(model_config, num_classes=train.num_classes,
                       input_shapes=train.modality_shapes)
+
+
+def load_splits(config: Mapping[str, Any]) -> dict:
+  """The run's "train" / "validation" / "test" datasets.
+
+  `config.data` holds the loader's options (embedded: `modalities`; clip
+  datasets: `data_dir` and `ClipPreprocessing` fields) and, optionally, `splits`:
+  role -> the split read for it, e.g. `{"validation": "train[95%:]", "train":
+  "train[:95%]"}` for a clip dataset built without a validation list (TFDS
+  slices of the shuffled stored order).
+  """
+  data_kwargs = dict(config.get("data") or {})
+  names = {role: role for role in SPLIT_ROLES}
+  overrides = dict(data_kwargs.pop("splits", None) or {})
+  unknown = sorted(set(overrides) - set(SPLIT_ROLES))
+  if unknown:
+    raise ValueError(f"data.splits: expected keys among {list(SPLIT_ROLES)}, got {unknown}")
+  names.update(overrides)
+  return {role: data_lib.load(config["dataset"], names[role], **data_kwargs)
+          for role in SPLIT_ROLES}
 
 
 def setup(config: Mapping[str, Any]) -> Run:
@@ -168,19 +191,17 @@ def setup(config: Mapping[str, Any]) -> Run:
   if config.get("parallel", "none") not in parallel_lib.MODES:
     raise ValueError(f"parallel: expected one of {list(parallel_lib.MODES)}, got "
                      f"{config.get('parallel')!r}")
-  data_kwargs = dict(config.get("data") or {})
-  splits = {split: data_lib.load(config["dataset"], split, **data_kwargs)
-            for split in ("train", "validation", "test")}
+  splits = load_splits(config)
   train = splits["train"]
   model = build_model(config, method, train)
   batch_size = int(config["batch_size"])
-  if batch_size < 1 or batch_size > len(train.labels):
-    raise ValueError(f"batch_size: expected 1..{len(train.labels)} (the training set size), "
+  if batch_size < 1 or batch_size > len(train):
+    raise ValueError(f"batch_size: expected 1..{len(train)} (the training set size), "
                      f"got {batch_size}")
   num_epochs = int(config["num_epochs"])
   if num_epochs < 1:
     raise ValueError(f"num_epochs: expected >= 1, got {num_epochs}")
-  steps_per_epoch = len(train.labels) // batch_size
+  steps_per_epoch = len(train) // batch_size
   optimizers = {"step1": make_optimizer(config["optimizer"], steps_per_epoch)}
   step2_epochs = 0
   if method.two_step:
@@ -200,32 +221,42 @@ def setup(config: Mapping[str, Any]) -> Run:
 
 def init_train_state(run: Run, seed: int, batch_size: int) -> TrainState:
   """The run's initial `TrainState` (deterministic in `seed`)."""
-  train = run.splits["train"]
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-  example = data_lib.train_batch(train.inputs, train.labels, batch_size=batch_size,
-                                 seed=seed, step=0)
-  variables = jax.jit(run.model.init)(init_rng, example["inputs"])
+  example = {m: np.zeros((batch_size, *shape), np.float32)
+             for m, shape in run.splits["train"].modality_shapes.items()}
+  variables = jax.jit(run.model.init)(init_rng, example)
   method_state = run.method.init_state(run.model, variables) if run.method.init_state else None
   return TrainState.create(variables, run.optimizers["step1"], train_rng, method_state)
 
 
+def host_batch_size(parallel: parallel_lib.DataParallel, global_size: int) -> int:
+  """The rows of a global batch this process loads: a contiguous block, the one
+  `make_iterator` gives host `jax.process_index()`."""
+  rows = parallel.rows(global_size)
+  size = global_size // jax.process_count()
+  if not np.array_equal(rows, np.arange(size) + jax.process_index() * size):
+    raise ValueError(f"parallel: this process holds rows {rows.tolist()} of a global batch of "
+                     f"{global_size}; expected the contiguous block {jax.process_index()} of "
+                     f"size {size} (devices not ordered by process)")
+  return size
+
+
 def evaluate(eval_step, variables, dataset, batch_size: int,
-             parallel: parallel_lib.DataParallel | None = None) -> dict[str, float]:
+             parallel: parallel_lib.DataParallel | None = None,
+             loader: Mapping[str, Any] | None = None) -> dict[str, float]:
   """Accuracy and mean cross-entropy of `variables` on a whole split.
 
   `batch_size` is the global evaluation batch (a multiple of the devices); with
   `parallel`, `eval_step` and `variables` are in its compiled / training form and
-  this process loads its rows of each batch.
+  this process loads its shard of the split (`make_iterator`, with the `loader`
+  options of clip datasets).
   """
   parallel = parallel or parallel_lib.DataParallel("none")
-  rows = parallel.rows(batch_size)
-  n = len(dataset.labels)
+  batches = data_lib.make_iterator(dataset, train=False,
+                                   batch_size=host_batch_size(parallel, batch_size),
+                                   **dict(loader or {}))
   totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-  for start in range(0, n, batch_size):
-    index = np.arange(start, start + batch_size)
-    valid = index < n
-    batch = data_lib.take(dataset.inputs, dataset.labels, np.where(valid, index, 0)[rows])
-    batch["valid"] = valid[rows]
+  for batch in batches:
     sums = parallel.host(eval_step(variables, parallel.put_batch(batch, batch_size)))
     for key in totals:
       totals[key] += float(sums[key])
@@ -343,10 +374,12 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   train_state = par.to_train(state)
   del state, host_state
   start_step = int(par.host(train_state.step))
-  rows = par.rows(batch_size)
+  loader = dict(config.get("loader") or {})
+  train_batches = data_lib.make_iterator(train, train=True, seed=seed, start_step=start_step,
+                                         batch_size=host_batch_size(par, batch_size), **loader)
   postfix: dict[str, str] = {}
   start_time = time.time()
-  with _SigtermFlag() as sigterm, tqdm(
+  with contextlib.closing(train_batches), _SigtermFlag() as sigterm, tqdm(
       total=run.total_steps, initial=start_step, desc=f"{config['method']} on "
       f"{config['dataset']}", unit="step", dynamic_ncols=True, disable=not primary) as bar:
     for step in range(start_step, run.total_steps):
@@ -360,9 +393,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
             run.model, host.variables, train, batch_size=eval_batch_size)})
         train_state = par.to_train(par.canonical(host))
         progress = {**progress, "step2_prepared": True, "best_validation_accuracy": -1.0}
-      index = data_lib.host_train_indices(len(train.labels), batch_size=batch_size, seed=seed,
-                                          step=step)
-      batch = data_lib.take(train.inputs, train.labels, index[rows])
+      batch = next(train_batches)
       if config.get("check_batches", True):
         data_lib.validate_batch(batch, run.model.input_shapes, train.num_classes)
       train_state, metrics = train_steps[phase](train_state, par.put_batch(batch, batch_size))
@@ -377,7 +408,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
         bar.set_postfix(postfix)
       if done % run.steps_per_epoch == 0 or end_of_phase:
         val = evaluate(eval_step, train_state.variables, run.splits["validation"],
-                       eval_batch_size, par)
+                       eval_batch_size, par, loader)
         writer.write(done, epoch=done // run.steps_per_epoch, phase=phase,
                      **{f"validation/{k}": v for k, v in val.items()})
         postfix["val_acc"] = f"{val['accuracy']:.3f}"
@@ -405,7 +436,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   checkpointer.close()
 
   test = evaluate(eval_step, par.to_train(best["variables"]), run.splits["test"],
-                  eval_batch_size, par)
+                  eval_batch_size, par, loader)
   results = {
       "method": config["method"], "dataset": config["dataset"], "seed": seed,
       "steps": run.total_steps, "best_step": progress["best_step"],

@@ -1,0 +1,89 @@
+"""The CRMT paper's settings on its clip datasets: Kinetics-Sounds, UCF101, VGGSound.
+
+Yang et al., "Quantifying and Enhancing Multi-modal Robustness with Modality
+Preference", ICLR 2024, Sec. 5 and the reference code: ResNet18 encoders per
+modality trained from scratch, batch 64, SGD with learning rate 1e-3, momentum
+0.9, weight decay 1e-4, 140 epochs with the rate x0.1 at epoch 60, rho = 2.0;
+step 2 of CRMT for 140 // 3 epochs at 0.03 x the rate (weight decay 1e-2).
+Inputs (`mmsafe.data.ClipPreprocessing`): 3 frames of 224x224 (one per third
+of the clip), the 1024x128 log-mel fbank for audio, TV-L1 flow for UCF101.
+
+Prepare the data first (`python -m experiments.prepare --dataset=...`), then:
+  python -m experiments.train --config=experiments/configs/clips.py:kinetics_sounds \
+      --config.method=crmt --config.data.data_dir=$TFDS_DATA_DIR --workdir=/ckpt/ks_crmt
+
+The config arg is a comma-separated list: a dataset (`kinetics_sounds`, the
+default, `ucf101` = `ucf101_rgb_flow/split1`, `ucf101_split2`,
+`ucf101_split3`, `vggsound`) and/or `runlocal`, which shrinks the run to a
+smoke test (two tiny epochs, 32x32 frames, narrow encoders).
+
+Model selection uses a validation split, never the test split: by default the
+last 5% of the stored training order (TFDS shuffles it when writing), i.e.
+`data.splits.train = "train[:95%]"`, `data.splits.validation = "train[95%:]"`.
+A dataset prepared with a `validation.txt` list can use it instead:
+`--config.data.splits.train=train --config.data.splits.validation=validation`.
+Everything else (method hyper-parameters, step 2, checkpointing) comes from
+`experiments/configs/embedded.py`.
+"""
+
+import ml_collections
+
+from experiments.configs import embedded
+
+# Config arg -> (TFDS name, the modality pair).
+DATASETS = {
+    "kinetics_sounds": ("kinetics_sounds", ("audio", "visual")),
+    "ucf101": ("ucf101_rgb_flow/split1", ("flow", "visual")),
+    "ucf101_split2": ("ucf101_rgb_flow/split2", ("flow", "visual")),
+    "ucf101_split3": ("ucf101_rgb_flow/split3", ("flow", "visual")),
+    "vggsound": ("vggsound", ("audio", "visual")),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  options = [option for option in (arg or "").split(",") if option]
+  unknown = [o for o in options if o not in (*DATASETS, "runlocal")]
+  datasets = [o for o in options if o in DATASETS] or ["kinetics_sounds"]
+  if unknown or len(datasets) > 1:
+    raise ValueError(f"config arg: expected at most one of {list(DATASETS)} and/or 'runlocal', "
+                     f"got {options}")
+  name, modalities = DATASETS[datasets[0]]
+
+  config = embedded.get_config()
+  config.dataset = name
+  config.method = "crmt"
+  config.data = ml_collections.ConfigDict({
+      "data_dir": ml_collections.FieldReference(None, field_type=str),
+      "splits": {"train": "train[:95%]", "validation": "train[95%:]", "test": "test"},
+      "modalities": modalities, "image_size": 224, "num_frames": 3,
+  })
+  # Decoding workers of the input pipeline (`mmsafe.data.make_iterator`): threads
+  # (Pillow and numpy release the GIL) or, with processes > 0, worker processes.
+  config.loader = ml_collections.ConfigDict({"num_threads": 16, "prefetch": 4, "processes": 0})
+
+  resnet18 = {"name": "resnet18", "widths": (64, 128, 256, 512), "stage_sizes": (2, 2, 2, 2)}
+  config.model.encoders = {m: dict(resnet18) for m in modalities}
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.num_epochs = 140
+  config.optimizer = ml_collections.ConfigDict({
+      "name": "sgd", "learning_rate": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
+      "decay_epochs": (60,), "decay_factor": 0.1, "retraction": "qr"})
+  config.step2.learning_rate = 0.03 * config.optimizer.learning_rate
+  config.log_every_steps = 50
+  # One mesh over every device of every process; batch_size is the global batch.
+  config.parallel = "jit"
+
+  if "runlocal" in options:
+    config.num_epochs = 2
+    config.optimizer.decay_epochs = (1,)
+    config.step2.num_epochs = 1
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.log_every_steps = 1
+    config.data.image_size = 32
+    config.loader.num_threads = 2
+    for m in modalities:
+      config.model.encoders[m] = {"name": "resnet18", "widths": (4, 8, 8, 8),
+                                  "stage_sizes": (1, 1, 1, 1)}
+  return config
