@@ -1,3 +1,54 @@
-"""mmsafe: certifiably robust multi-modal learning in JAX/Flax (CRMT, ICLR 2024)."""
+"""mmsafe: certifiably robust multi-modal learning in JAX/Flax.
+
+Implements CRMT (Yang et al., "Quantifying and Enhancing Multi-modal Robustness
+with Modality Preference", ICLR 2024): certified l2 radii of multi-modal
+classifiers from uni-modal margins, Lipschitz constants and integration
+weights, and the two-step training that enlarges them; with the baselines the
+paper compares against, attacks and datasets.
+
+The stable public API (pure functions of arrays / pytrees; jit-able unless a
+docstring says otherwise):
+
+  models     `build(config, num_classes=, input_shapes=)` -> a Flax module whose
+             `apply(variables, {modality: [B, ...]})` returns a `ModelOutput`
+             (features, per-modality `scores`, fused `logits` [B, K], `head`).
+  manifold   Stiefel manifold: `random_stiefel`, `project_tangent`,
+             `retract_qr` / `retract_polar` / `retract_cayley` and
+             `stiefel_transform` (an optax wrapper keeping W~ W~^T = I, eq. 8).
+  certify    `certified_radius` (Thm 3.3 / 3.5, Prop. 3.4), `radius_from_scores`
+             (Thm 3.3 for any model whose logits sum per-modality scores),
+             `certify`, and Lipschitz constants: `local_lipschitz` /
+             `local_constants` (jacfwd/jacrev, vmapped), `empirical_constants`,
+             `sound_constants`.
+  attacks    `fgm`, `pgd` (joint l2 budget over any modalities), `drop_modality`,
+             `decoupling` (MUROAN l0); each takes `logits_fn(inputs) -> [B, K]`.
+  methods    objectives by name, `methods.get(name)(model, config)` ->
+             `loss_fn(params, state, batch, rng)`; CRMT's `margin_regularizer`
+             (L1, eq. 12) and `closest_class_bound` (step 2, eq. 10) in
+             `mmsafe.methods.crmt`.
+  train      `make_train_step(objective, optimizer)`, `make_eval_step(model)`,
+             `TrainState`, optimizers; `train.loop.train_and_evaluate` runs a
+             config (the only Python loop over steps).
+  data       `load(name, split)` (embedded `mfeat` / `av_digits` in memory; TFDS
+             clip datasets), `make_iterator`, `validate_batch`.
+  eval       `evaluate_robustness`, `run_certification`, reports and plots.
+
+The most used names are also importable from here: `mmsafe.build`,
+`mmsafe.ModelOutput`, `mmsafe.certified_radius`, `mmsafe.radius_from_scores`,
+`mmsafe.pgd`, `mmsafe.fgm`, `mmsafe.stiefel_transform`, `mmsafe.make_train_step`.
+"""
+
+from mmsafe import attacks, certify, data, manifold, methods, models, train
+from mmsafe.attacks import fgm, pgd
+from mmsafe.certify import certified_radius, radius_from_scores
+from mmsafe.manifold import stiefel_transform
+from mmsafe.models import HeadParams, ModelOutput, build
+from mmsafe.train import make_eval_step, make_train_step
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "HeadParams", "ModelOutput", "attacks", "build", "certified_radius", "certify", "data", "fgm",
+    "make_eval_step", "make_train_step", "manifold", "methods", "models", "pgd",
+    "radius_from_scores", "stiefel_transform", "train",
+]

@@ -131,6 +131,33 @@ def test_jt_radius_equals_the_exact_radius_of_a_linear_model(num_modalities):
   assert np.argmax(moved_logits[b]) != y
 
 
+def test_radius_from_scores_equals_the_exact_radius_of_a_linear_model():
+  """A user's model given only as per-modality scores: with eta = the exact
+  gradient norms of s_y - s_k it is the closed-form radius, like the JT head."""
+  A, x, kernels, weights, bias = _linear_problem(3, "concat", seed=5)
+  labels = _labels_mostly_correct(A, x, kernels, weights, bias, "concat")
+  out = _linear_output(A, x, kernels, weights, bias, "concat")
+  eta = {m: np.stack([[np.linalg.norm(_gradients(A, kernels, weights, "concat", y, k)[m])
+                       for k in range(K)] for y in labels]) for m in A}
+  cert = certify.radius_from_scores(out.scores, jnp.asarray(labels), eta, bias=out.head.bias,
+                                    kind="local")
+  exact, exact_uni = _exact_radii(A, x, kernels, weights, bias, "concat", labels)
+  np.testing.assert_allclose(cert.radius, exact, rtol=1e-4, atol=1e-6)
+  for m in A:
+    np.testing.assert_allclose(cert.per_modality[m], exact_uni[m], rtol=1e-4, atol=1e-6)
+  assert cert.kind == "local" and not cert.correct[0] and cert.radius[0] == 0
+  jitted = jax.jit(lambda s, e: certify.radius_from_scores(s, jnp.asarray(labels), e,
+                                                            bias=out.head.bias).radius)
+  np.testing.assert_allclose(jitted(out.scores, eta), cert.radius, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"eta: expected the modalities of scores"):
+    certify.radius_from_scores(out.scores, jnp.asarray(labels), {"m0": eta["m0"]})
+  with pytest.raises(ValueError, match=r"eta\['m1'\]: expected non-negative"):
+    certify.radius_from_scores(out.scores, jnp.asarray(labels), {**eta, "m1": -eta["m1"]})
+  with pytest.raises(ValueError, match=r"scores: expected one \[B, K\] shape"):
+    certify.radius_from_scores({**out.scores, "m2": out.scores["m2"][:3]}, jnp.asarray(labels),
+                               eta)
+
+
 @pytest.mark.parametrize("num_modalities", [2, 3])
 @pytest.mark.parametrize("negative_a", [False, True])
 def test_orthogonal_radius_is_below_the_exact_radius_of_a_linear_model(num_modalities, negative_a):

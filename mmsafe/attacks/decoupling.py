@@ -63,6 +63,16 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
                loss: str = "margin", random_start: bool = False, return_info: bool = False):
   """MUROAN-style decoupling attack with an l0 budget (see the module docstring).
 
+  The threat model of Vishwamitra et al. 2021 (a small fraction of the input
+  entries changes); the algorithm (saliency-grown support, signed-gradient
+  steps) is this library's, not the paper's.
+
+  Pure and jit-able (one `lax.fori_loop` nest): the arrays (`inputs`,
+  `labels`, `key`, `max_change`, `step_size`, `bounds` and, with a static
+  `max_count`, `count`) may be traced; `logits_fn`, `fraction`, `rounds`,
+  `steps_per_round`, `modalities`, `loss` and the boolean options are static.
+  Checks that need values run only on concrete inputs.
+
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K].
     inputs: modality -> float [B, ...] in normalised space.

@@ -2,7 +2,7 @@
 normalised jointly over the attacked modalities.
 
 Goodfellow et al., "Explaining and harnessing adversarial examples" (ICLR
-2015), in its l2 form (Miyato et al. 2016); used with eps = 0.5 (multi-modal)
+2015), in its l2 form (Miyato et al., ICLR 2017); used with eps = 0.5 (multi-modal)
 and eps = 1.0 (uni-modal) in CRMT (Yang et al., ICLR 2024, Sec. 4.1).
 """
 
@@ -22,6 +22,13 @@ def fgm(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, *,
         eps: float | Array, modalities: str | Sequence[str] | None = None,
         bounds: common.Bounds | None = None, loss: str = "ce") -> dict[str, Array]:
   """l2 FGM: `x' = x + eps * g / ||g||_2`, `g = grad_x loss(logits_fn(x), y)`.
+
+  Goodfellow et al. 2015, in the l2 form of Miyato et al. 2017; CRMT Sec. 4.1
+  uses eps = 0.5 (multi-modal) and 1.0 (uni-modal).
+
+  Pure and jit-able: the arrays (`inputs`, `labels`, `eps`, `bounds`) may be
+  traced; `logits_fn`, `modalities` and `loss` are static (close over them).
+  Checks that need values (eps >= 0, low <= high) run only on concrete inputs.
 
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over

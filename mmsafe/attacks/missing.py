@@ -26,6 +26,12 @@ def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
                   ) -> dict[str, Array]:
   """Replaces `inputs[modality]` ([B, ...]) by a fill; other modalities are untouched.
 
+  The "missing modality" perturbation of CRMT Sec. 4.1 (Table 2).
+
+  Pure and jit-able: `inputs`, `mean`, `key` and `noise_std` may be traced;
+  `modality` and `fill` are static. Shape checks are static; the
+  `noise_std >= 0` check runs only for a Python number.
+
   Args:
     inputs: modality -> float [B, ...] in normalised space.
     modality: the modality to drop.

@@ -45,6 +45,15 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
   a misclassified point beats a correctly classified one; ties go to the
   higher loss.
 
+  Madry et al. 2018, in its l2 form; CRMT Sec. 4.1 uses eps = 0.5
+  (multi-modal) and 1.0 (uni-modal).
+
+  Pure and jit-able (one `lax.fori_loop` nest): the arrays (`inputs`,
+  `labels`, `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`,
+  `steps`, `restarts`, `modalities`, `loss` and the boolean options are
+  static (close over them). Checks that need values (eps >= 0) run only on
+  concrete inputs.
+
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over
       the model variables). Examples must not interact (e.g. batch norm in

@@ -10,7 +10,7 @@
 """
 
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
-                                   lipschitz_constants)
+                                   lipschitz_constants, radius_from_scores)
 from mmsafe.certify.curves import (certified_accuracy, eta_ratio, mean_radius, radius_grid,
                                    summarize, unimodal_certified_accuracy)
 from mmsafe.certify.lipschitz import (KINDS, LipschitzConstants, avg_pool_operator_norm,
@@ -24,6 +24,7 @@ __all__ = [
     "certified_radius", "certify", "concatenate", "conv_operator_norm", "empirical_constants",
     "encoder_lipschitz", "eta_ratio", "integration_factors", "jacobian_norms",
     "lipschitz_constants", "local_constants", "local_lipschitz", "max_pool_lipschitz",
-    "mean_radius", "model_score_fn", "operator_norm", "power_iteration_factor", "radius_grid",
+    "mean_radius", "model_score_fn", "operator_norm", "power_iteration_factor",
+    "radius_from_scores", "radius_grid",
     "sound_constants", "summarize", "unimodal_certified_accuracy",
 ]

@@ -166,44 +166,98 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
   if sorted(tau) != modalities:
     raise ValueError(f"tau: expected modalities {modalities}, got {sorted(tau)}")
   _check_finite("output.logits", logits)
-  taus = {}
-  for m in modalities:
-    t = jnp.asarray(tau[m], jnp.float32)
-    if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] != num_classes:
-      raise ValueError(f"tau[{m!r}]: expected [B={batch}, K={num_classes}] or [1, K], got "
-                       f"{tuple(t.shape)}")
-    _check_finite(f"tau[{m!r}]", t)
-    concrete = _concrete(t)
-    if concrete is not None and np.any(concrete < 0):
-      raise ValueError(f"tau[{m!r}]: expected non-negative Lipschitz constants, got minimum "
-                       f"{concrete.min()}")
-    taus[m] = t
+  taus = {m: _checked_constants(f"tau[{m!r}]", tau[m], batch, num_classes) for m in modalities}
   return _radii(output, labels, taus, kind)
+
+
+def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[str, Array], *,
+                       bias: Array | None = None, kind: str = "custom") -> Certificate:
+  """Thm 3.3 (CRMT eq. 5) for any model whose fused logits are a sum of
+  per-modality scores: `h(x) = sum_m s^(m)(x^(m)) + b`.
+
+  With `eta^(m)_k` a Lipschitz constant of `s^(m)_y - s^(m)_k` in `x^(m)`
+  (`local_lipschitz(score_fn, inputs, m, labels=labels)` without `kernel`
+  estimates it; an upper bound makes the radius a certificate),
+
+      r(x) = min_{k != y} (h_y(x) - h_k(x)) / sqrt(sum_m (eta^(m)_k)^2),
+
+  the same bound as `certified_radius` for a JT head, where
+  `eta^(m)_k = c^(m)_k tau^(m)_k`; no head parameters are needed.
+
+  Args:
+    scores: modality -> [B, K] per-modality scores `s^(m)`.
+    labels: int [B] true labels `y`.
+    eta: modality -> [B, K] or [1, K] constants for the pairs `(y_b, k)`
+      (entry `k = y` ignored), non-negative.
+    bias: optional [K] bias `b` of the fused logits.
+    kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
+
+  Returns:
+    A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
+  """
+  modalities = sorted(scores)
+  if not modalities or sorted(eta) != modalities:
+    raise ValueError(f"eta: expected the modalities of scores {modalities}, got {sorted(eta)}")
+  shapes = {m: tuple(jnp.shape(scores[m])) for m in modalities}
+  if len(set(shapes.values())) != 1 or len(shapes[modalities[0]]) != 2:
+    raise ValueError(f"scores: expected one [B, K] shape for every modality, got {shapes}")
+  logits = sum(jnp.asarray(scores[m], jnp.float32) for m in modalities)
+  batch, num_classes = logits.shape
+  if bias is not None:
+    if jnp.shape(bias) != (num_classes,):
+      raise ValueError(f"bias: expected [{num_classes}], got {tuple(jnp.shape(bias))}")
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  labels = _check_labels(labels, batch, num_classes)
+  _check_finite("scores", logits)
+  eta = {m: _checked_constants(f"eta[{m!r}]", eta[m], batch, num_classes) for m in modalities}
+  return _radii_from_eta(logits, labels, eta, kind)
+
+
+def _checked_constants(name: str, value: Array, batch: int, num_classes: int) -> Array:
+  """float32 [B, K] or [1, K] non-negative finite constants, else a ValueError."""
+  t = jnp.asarray(value, jnp.float32)
+  if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] != num_classes:
+    raise ValueError(f"{name}: expected [B={batch}, K={num_classes}] or [1, K], got "
+                     f"{tuple(t.shape)}")
+  _check_finite(name, t)
+  concrete = _concrete(t)
+  if concrete is not None and np.any(concrete < 0):
+    raise ValueError(f"{name}: expected non-negative Lipschitz constants, got minimum "
+                     f"{concrete.min()}")
+  return t
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array], kind: str) -> Certificate:
-  """The computation of `certified_radius` (arguments already checked)."""
+  """The computation of `certified_radius` (arguments already checked): the
+  vulnerability indicators of the head, then `_radii_from_eta`."""
   head = output.head
-  modalities = sorted(head.kernels)
   logits = output.logits.astype(jnp.float32)
   batch, num_classes = logits.shape
-  taus = {m: jnp.broadcast_to(t, (batch, num_classes)) for m, t in taus.items()}
+  eta = {}
+  for m in sorted(head.kernels):
+    tau = jnp.broadcast_to(taus[m], (batch, num_classes))
+    if head.kind == "concat":
+      c = lip.integration_factors(head.kernels[m])[labels]  # [B, K]: c^(m)_k for (y_b, k)
+      eta[m] = c * tau
+    else:
+      a_tau = jnp.abs(head.weights[m].astype(jnp.float32))[None] * tau  # [B, K]
+      eta[m] = jnp.take_along_axis(a_tau, labels[:, None], axis=1) + a_tau
+  return _radii_from_eta(logits, labels, eta, kind)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: str
+                    ) -> Certificate:
+  """Radii from fused logits [B, K] and vulnerability indicators modality -> [B|1, K]."""
+  batch, num_classes = logits.shape
+  modalities = sorted(eta)
   is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
   logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k
   correct = jnp.argmax(logits, axis=-1) == labels
-
-  eta = {}
-  for m in modalities:
-    if head.kind == "concat":
-      c = lip.integration_factors(head.kernels[m])[labels]  # [B, K]: c^(m)_k for (y_b, k)
-      value = c * taus[m]
-    else:
-      a = jnp.abs(head.weights[m].astype(jnp.float32))[None]  # [1, K]
-      a_tau = a * taus[m]
-      value = jnp.take_along_axis(a_tau, labels[:, None], axis=1) + a_tau
-    eta[m] = jnp.where(is_label, 0.0, value)
+  eta = {m: jnp.where(is_label, 0.0, jnp.broadcast_to(e, (batch, num_classes)))
+         for m, e in eta.items()}
 
   def radius_from(denominator):
     # margin / denominator, with a zero denominator meaning no perturbation can
@@ -254,6 +308,9 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
             **sound_options) -> Certificate:
   """Certified radii of `model` on a batch, with Lipschitz constants of `kind`.
 
+  The radii of Thm 3.3 (eq. 5, concat head) or Thm 3.5 (eq. 10, orthogonal
+  head) and the uni-modal radii of Prop. 3.4 (eq. 7), via `certified_radius`.
+
   Args:
     model, variables: a model from `mmsafe.models.build` and its variables
       (evaluated in eval mode: batch-norm statistics are fixed).
@@ -270,8 +327,12 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
     **sound_options: for kind "sound" without `constants`.
 
   Returns:
-    `Certificate` with `kind` recorded. Jit-able for kinds "local" and (with
-    `constants`) "empirical"/"sound".
+    `Certificate` with `kind` recorded (radius [B], per_class [B, K]).
+
+  Pure; jit-able (with `model`, `kind` and the options static, e.g. closed
+  over) for kinds "local" and "sound", and for "empirical" when `constants`
+  is given; computing empirical constants streams `batches` in Python (see
+  `empirical_constants`). Checks that need values run only on concrete inputs.
 
   Raises:
     ValueError for NaN/Inf inputs (when concrete), a kind mismatch with

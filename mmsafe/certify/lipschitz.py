@@ -252,6 +252,13 @@ def local_lipschitz(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping
     is 0.
 
   See `jacobian_norms` for `score_fn`, `mode`, `chunk_size` and `precision`.
+
+  Returns:
+    float32 [B, K] estimates (not certificates).
+
+  Pure and jit-able with `score_fn`, `modality`, `mode`, `chunk_size` and
+  `precision` static (close over them); `inputs`, `labels` and `kernel` may
+  be traced.
   """
   norms, pairs = jacobian_norms(score_fn, inputs, modality, mode, chunk_size=chunk_size,
                                 precision=precision)
@@ -294,9 +301,22 @@ def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Ar
                     precision: str | None = "highest") -> LipschitzConstants:
   """Kind "local": per-sample gradient norms for every modality (see module doc).
 
-  Orthogonal head: `[B, K]` norms of the uni-modal score gradients. Concat
-  head: `[B, K, K]` constants of the margins `zeta^(m)_k` for every pair.
+  Orthogonal head: `[B, K]` norms of the uni-modal score gradients, the local
+  `tau~^(m)_k` of CRMT eq. 9. Concat head: `[B, K, K]` constants of the
+  margins `zeta^(m)_k` for every pair, the local `tau^(m)_k` of CRMT eq. 4
+  (margins of eq. 2). Estimates, not certificates.
   `mode`, `chunk_size`, `precision`: see `jacobian_norms`.
+
+  Args:
+    model, variables: a model from `mmsafe.models.build` and its variables
+      (evaluated in eval mode).
+    inputs: modality -> [B, ...].
+    head: the model's `HeadParams` (computed by one forward pass when None).
+
+  Returns:
+    `LipschitzConstants` of kind "local". Pure and jit-able with `model` and
+    the options static (close over them); `variables`, `inputs` and `head`
+    may be traced.
   """
   head = head_params(model, variables) if head is None else head
   target = _target(head.kind)
@@ -332,7 +352,13 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
   regardless of its label: the constant of `u^(m)_k` (or of `zeta^(m)_k` for
   the pair (y, k)) is a property of the function, not of class-y inputs.
 
+  As in the CRMT reference code, this estimates `tau~^(m)_k` (CRMT eq. 9) or
+  `tau^(m)_k` (CRMT eq. 4) by the largest local gradient norm seen.
   `mode`, `chunk_size`, `precision`: see `jacobian_norms`.
+
+  Pure, but not jit-able itself: it iterates over `batches` in Python (a
+  stream of any length) and reads each `valid` mask as concrete numpy; each
+  batch's maximum is one jitted computation.
 
   Returns:
     `LipschitzConstants` with values `[1, K]` (scores) or `[1, K, K]` (margins).
@@ -673,7 +699,25 @@ def sound_constants(model, variables: Mapping[str, Any], *, head=None, key: Arra
   row norms of `W~` (never an assumed 1). Concat head: the margin
   `zeta^(m)_k` is `phi^(m)` along a unit direction, so its constant is
   `Lip(phi^(m))` for every pair (0 on the diagonal). `Lip(phi^(m))` from
-  `encoder_lipschitz`.
+  `encoder_lipschitz`. These bound `tau~^(m)_k` (CRMT eq. 9) and
+  `tau^(m)_k` (CRMT eq. 4) for every input, so the radii of Thm 3.3 / Thm 3.5
+  computed with them are certificates (up to the power-iteration failure
+  probability for large conv layers).
+
+  Args:
+    model, variables: a model from `mmsafe.models.build` (encoders MLP, CNN
+      or ResNet18) and its variables.
+    head: the model's `HeadParams` (computed by one forward pass when None).
+    key: PRNG key of the power iterations (default `PRNGKey(0)`).
+    method, iterations, failure_probability, exact_max_entries: see
+      `operator_norm`.
+
+  Returns:
+    `LipschitzConstants` of kind "sound" with values `[1, K]` (scores) or
+    `[1, K, K]` (margins), and `encoder` modality -> scalar `Lip(phi^(m))`.
+
+  Pure and jit-able with `model` and the options static (close over them);
+  `variables`, `head` and `key` may be traced.
   """
   if not (hasattr(model, "encoders") and hasattr(model, "input_shapes")):
     raise NotImplementedError(f"sound_constants: expected a model from mmsafe.models.build "

@@ -1,15 +1,12 @@
 """Matplotlib figures for reports (certified-accuracy curves, robust-accuracy
 curves, eta heat maps, decoupling ASR). Each function draws one figure and saves
-it as a PNG to the given path (the Agg backend: no display needed)."""
+it as a PNG to the given path. Figures are made with `matplotlib.figure.Figure`
+directly, not pyplot: no display, and the process's backend is left alone."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.figure import Figure
+import numpy as np
 
 
 def plot_certified_accuracy(curves, path, *, title=None, xlabel="l2 radius",
@@ -24,7 +21,8 @@ def plot_certified_accuracy(curves, path, *, title=None, xlabel="l2 radius",
   """
   if not curves:
     raise ValueError("plot_certified_accuracy: expected at least one curve")
-  fig, ax = plt.subplots(figsize=(5.0, 3.6))
+  fig = Figure(figsize=(5.0, 3.6))
+  ax = fig.subplots()
   for name, (radii, accuracy) in curves.items():
     radii, accuracy = np.asarray(radii, float), np.asarray(accuracy, float)
     if radii.shape != accuracy.shape or radii.ndim != 1:
@@ -41,7 +39,6 @@ def plot_certified_accuracy(curves, path, *, title=None, xlabel="l2 radius",
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -69,7 +66,8 @@ def plot_eta_ratio_heatmap(ratio, path, *, numerator, denominator, class_names=N
     shown = np.where(ratio > 0, np.log10(ratio), np.nan) if log_scale else ratio
   masked = np.ma.masked_invalid(shown)
   size = max(3.5, 0.28 * k + 2.0)
-  fig, ax = plt.subplots(figsize=(size + 1.0, size))
+  fig = Figure(figsize=(size + 1.0, size))
+  ax = fig.subplots()
   image = ax.imshow(masked, cmap="magma")
   label = f"eta^({numerator}) / eta^({denominator})"
   fig.colorbar(image, ax=ax, label=f"log10 {label}" if log_scale else label)
@@ -82,7 +80,6 @@ def plot_eta_ratio_heatmap(ratio, path, *, numerator, denominator, class_names=N
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -101,7 +98,8 @@ def plot_robust_accuracy(curves, path, *, clean_accuracy=None, title=None,
   """
   if not curves:
     raise ValueError("plot_robust_accuracy: expected at least one curve")
-  fig, ax = plt.subplots(figsize=(5.0, 3.6))
+  fig = Figure(figsize=(5.0, 3.6))
+  ax = fig.subplots()
   for name, (eps, accuracy) in curves.items():
     eps, accuracy = np.asarray(eps, float), np.asarray(accuracy, float)
     if eps.shape != accuracy.shape or eps.ndim != 1:
@@ -120,7 +118,6 @@ def plot_robust_accuracy(curves, path, *, clean_accuracy=None, title=None,
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -137,7 +134,8 @@ def plot_decoupling_asr(curves, path, *, title=None,
   """
   if not curves:
     raise ValueError("plot_decoupling_asr: expected at least one curve")
-  fig, ax = plt.subplots(figsize=(5.0, 3.6))
+  fig = Figure(figsize=(5.0, 3.6))
+  ax = fig.subplots()
   for name, (fraction, asr) in curves.items():
     fraction, asr = np.asarray(fraction, float), np.asarray(asr, float)
     if fraction.shape != asr.shape or fraction.ndim != 1:
@@ -154,7 +152,6 @@ def plot_decoupling_asr(curves, path, *, title=None,
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -174,7 +171,8 @@ def plot_missing_modality(accuracy, path, *, clean_accuracy=None, title=None,
   modalities = list(accuracy)
   fills = sorted({f for per_fill in accuracy.values() for f in per_fill})
   width = 0.8 / max(len(fills), 1)
-  fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(modalities) + 2.0), 3.6))
+  fig = Figure(figsize=(max(4.0, 1.2 * len(modalities) + 2.0), 3.6))
+  ax = fig.subplots()
   positions = np.arange(len(modalities))
   for i, fill in enumerate(fills):
     values = [accuracy[m].get(fill, np.nan) for m in modalities]
@@ -190,5 +188,4 @@ def plot_missing_modality(accuracy, path, *, clean_accuracy=None, title=None,
     ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

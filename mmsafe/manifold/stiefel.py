@@ -97,11 +97,19 @@ def random_stiefel(key: Array, k: int, d: int, dtype: Any = jnp.float32) -> Arra
   groups"); without the sign fix the distribution is not Haar. The result is
   returned transposed, so its rows are orthonormal: ``W W^T = I_k``.
 
+  Used to initialise the orthogonal head's ``W~^(m)`` (``[K, d_m]``, CRMT
+  eq. 8) on the manifold of Absil et al. 2008 (row convention).
+
+  Pure; jit-able with ``k``, ``d`` and ``dtype`` static (they fix the shape).
+
   Args:
     key: a ``jax.random`` key.
     k: number of rows (orthonormal vectors), ``1 <= k <= d``.
     d: ambient dimension.
     dtype: floating dtype of the result (computed in at least float32).
+
+  Returns:
+    ``[k, d]`` matrix with ``W W^T = I_k``.
 
   Raises:
     ValueError: if ``k > d`` or ``k < 1``.
@@ -120,10 +128,12 @@ def random_stiefel(key: Array, k: int, d: int, dtype: Any = jnp.float32) -> Arra
 def project_tangent(w: Array, g: Array) -> Array:
   """Orthogonal projection of an ambient vector onto the tangent space at ``w``.
 
-  ``P_w(g) = g - sym(g w^T) w`` with ``sym(A) = (A + A^T)/2`` (Absil, Mahony &
-  Sepulchre 2008, Section 3.6.1, transposed to the row convention). The result
-  ``xi`` satisfies ``xi w^T + w xi^T = 0``. Applied to a Euclidean gradient
-  it gives the Riemannian gradient for the metric induced by the embedding.
+  ``P_w(g) = g - sym(g w^T) w`` with ``sym(A) = (A + A^T)/2`` (Absil et al.
+  2008, Sec. 3.6.1, transposed to the row convention). The result ``xi``
+  satisfies ``xi w^T + w xi^T = 0``. Applied to a Euclidean gradient it gives
+  the Riemannian gradient for the metric induced by the embedding.
+
+  Pure; jit- and vmap-able (shape checks are static).
 
   Args:
     w: ``[k, d]`` point with ``w w^T = I_k``.
@@ -148,11 +158,11 @@ def project_tangent(w: Array, g: Array) -> Array:
 def retract_qr(w: Array, xi: Optional[Array] = None) -> Array:
   """QR retraction ``R_w(xi) = qf((w + xi)^T)^T`` onto St(k, d).
 
-  Absil, Mahony & Sepulchre (2008), Section 4.1.1, in the row convention:
-  take the thin QR decomposition ``(w + xi)^T = Q R`` (Q ``[d, k]``), flip
-  the signs of Q's columns so that ``diag(R) > 0`` (this makes the map unique
-  and continuous), and return ``Q^T``. A first-order retraction. Costs
-  ``O(d k^2)``.
+  Absil et al. 2008 (Sec. 4.1.1), in the row convention: take the thin QR
+  decomposition ``(w + xi)^T = Q R`` (Q ``[d, k]``), flip the signs of Q's
+  columns so that ``diag(R) > 0`` (this makes the map unique and
+  continuous), and return ``Q^T``. A first-order retraction. Costs
+  ``O(d k^2)``. Pure; jit- and vmap-able (shape checks are static).
 
   Args:
     w: ``[k, d]`` full-rank matrix (a point plus a step, or a point if
@@ -174,11 +184,12 @@ def retract_qr(w: Array, xi: Optional[Array] = None) -> Array:
 def retract_polar(w: Array, xi: Optional[Array] = None) -> Array:
   """Polar retraction ``R_w(xi) = (Y Y^T)^{-1/2} Y`` with ``Y = w + xi``.
 
-  Absil, Mahony & Sepulchre (2008), Section 4.1.1; Absil & Malick (2012):
-  the nearest (Frobenius) row-orthonormal matrix to ``Y``; a second-order
-  retraction. Computed stably from the thin SVD ``Y = U S V^T`` as
-  ``U V^T`` (no explicit inverse square root of the Gram matrix, which would
-  square the condition number). Costs ``O(d k^2)``.
+  Absil et al. 2008 (Sec. 4.1.1); Absil & Malick (2012): the nearest
+  (Frobenius) row-orthonormal matrix to ``Y``; a second-order retraction.
+  Computed stably from the thin SVD ``Y = U S V^T`` as ``U V^T`` (no explicit
+  inverse square root of the Gram matrix, which would square the condition
+  number). Costs ``O(d k^2)``. Pure; jit- and vmap-able (shape checks are
+  static).
 
   Args:
     w: ``[k, d]`` full-rank matrix (a point plus a step, or a point if
@@ -209,8 +220,10 @@ def retract_cayley(w: Array, xi: Array) -> Array:
     Y = (I - A/2)^{-1} (I + A/2) X = X + U (I_{2k} - V^T U / 2)^{-1} V^T X,
 
   with ``A = U V^T``, ``U = [P Z, X]``, ``V = [X, -P Z]`` (Sherman-Morrison-
-  Woodbury; Wen & Yin 2013, Section 2). Only a ``2k x 2k`` system is
-  solved: ``O(d k^2)``. Returns ``Y^T``; ``d/dt R_w(t xi)|_{t=0} = xi``.
+  Woodbury; Wen & Yin 2013, Sec. 2; a retraction in the sense of Absil et al.
+  2008, Sec. 4.1). Only a ``2k x 2k`` system is solved: ``O(d k^2)``. Returns
+  ``Y^T``; ``d/dt R_w(t xi)|_{t=0} = xi``. Pure; jit- and vmap-able (shape
+  checks are static).
 
   Args:
     w: ``[k, d]`` point with ``w w^T = I_k``.
@@ -301,8 +314,8 @@ def stiefel_transform(inner: optax.GradientTransformation,
                       ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optax optimiser so that selected leaves stay on St(k, d).
 
-  Riemannian optimisation by projection and retraction (Absil, Mahony &
-  Sepulchre 2008, Chapter 4), with momentum/Adam made Riemannian by
+  Riemannian optimisation by projection and retraction (Absil et al. 2008,
+  Ch. 4), with momentum/Adam made Riemannian by
   projection-based vector transport (close to Li, Li & Todorovic 2020,
   "Efficient Riemannian optimization on the Stiefel manifold via the Cayley
   transform", ICLR, who project the momentum buffer itself). For each leaf
@@ -345,6 +358,11 @@ def stiefel_transform(inner: optax.GradientTransformation,
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update`` requires
     ``params``; extra keyword arguments are forwarded to ``inner``.
+
+  Pure: building it has no side effects, and the returned ``init`` /
+  ``update`` are pure and jit-able (the leaf selection depends only on key
+  paths and shapes, so it is static under ``jax.jit``). Used for the
+  orthogonal head's ``W~^(m)`` (``[K, d_m]``, CRMT eq. 8).
   """
   if retraction not in RETRACTIONS:
     raise ValueError(f"stiefel_transform: unknown retraction {retraction!r}; "

@@ -30,12 +30,21 @@ def apply_model(model, params, state: Mapping, inputs: Mapping[str, Array], *,
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean softmax cross-entropy in float32."""
+  """Mean softmax cross-entropy in float32: the CE term of CRMT step 1 (Sec. 3.4).
+
+  Args:
+    logits: [B, K] fused logits `h(x)`.
+    labels: int [B] true labels.
+
+  Returns:
+    Scalar `mean_i CE(h(x_i), y_i)`. Pure and jit-able.
+  """
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels).mean()
 
 
 def accuracy(logits: Array, labels: Array) -> Array:
+  """Fraction of `argmax(logits [B, K]) == labels [B]`, a float scalar. Pure and jit-able."""
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 

@@ -20,8 +20,8 @@ multi-modal mixup, then step 2), and the ablations of the paper's Fig. 5:
 step 2); `ojt` (CE only) lives in `jt.py`.
 
 Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (all
-step-1 variants but `crmt_step2`; see `margin_regularizer`), `attack_eps`, `attack_steps`, `attack_step_size`,
-`attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`).
+step-1 variants but `crmt_step2`; see `margin_regularizer`), `attack_eps`, `attack_steps`,
+`attack_step_size`, `attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ def margin_regularizer(scores: Mapping[str, Array], labels: Array, floor: float 
   below by `log(1e-5)` once every margin is large; `floor` reproduces that,
   computed as `logaddexp(logsumexp(...), log(floor))` so it stays finite for
   any scores.
+
+  Args:
+    scores: modality -> [B, K] uni-modal scores `u^(m) = W~^(m) phi^(m)`.
+    labels: int [B] true labels `y`.
+    floor: added inside the logarithm, >= 0 (a Python float).
+
+  Returns:
+    [B] per-sample L1; CRMT's L1 is its mean. Pure; jit-able with `floor`
+    static (it selects a branch in Python).
   """
   differences = []
   for m in sorted(scores):
@@ -86,7 +95,20 @@ def mixed_step1_loss(output, labels: Array, permutation: Array, lam: Array, rho:
 
 
 def closest_class_bound(output, labels: Array, tau: Mapping[str, Array]) -> Array:
-  """`r_j(x)` of Thm 3.5 at `j = argmax_{k != y} h~_k(x)`, [B] (not clipped at 0)."""
+  """`r_j(x)` of Thm 3.5 (eq. 10) at `j = argmax_{k != y} h~_k(x)`, [B] (not clipped at 0).
+
+  The quantity CRMT step 2 maximises (`L2 = -mean_i r_j(x_i)`, Sec. 3.4).
+
+  Args:
+    output: the orthogonal-head model's `ModelOutput` (logits [B, K]).
+    labels: int [B] true labels `y`.
+    tau: modality -> [B, K] or [1, K] constants `tau~^(m)_k` of the uni-modal
+      scores (CRMT eq. 9), as for `mmsafe.certify.certified_radius`.
+
+  Returns:
+    [B] radii at the closest wrong class. Pure and jit-able (value checks
+    run only on concrete inputs).
+  """
   per_class = certify.certified_radius(output, labels, tau).per_class
   is_label = jax.nn.one_hot(labels, output.logits.shape[-1], dtype=bool)
   closest = jnp.argmax(jnp.where(is_label, -jnp.inf, output.logits), axis=-1)

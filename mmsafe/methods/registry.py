@@ -84,4 +84,5 @@ def get(name: str) -> Method:
 
 
 def names() -> tuple[str, ...]:
+  """The registered method names, sorted (e.g. "crmt", "jt", "mmat", ...)."""
   return tuple(sorted(_REGISTRY))

@@ -90,6 +90,17 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
   norm average their training statistics; default None), and
   `num_classes` / `input_shapes` unless given as keyword arguments (the
   dataset usually supplies them).
+
+  The model maps `inputs` (modality -> [B, ...], per-example shapes
+  `input_shapes[m]`) to a `ModelOutput`: features modality -> [B, d_m],
+  scores modality -> [B, K] and fused logits [B, K]. Head "concat" is the
+  joint-training head `h(x) = sum_m W^(m) phi^(m)(x^(m)) + b` (CRMT Sec. 3.1;
+  its margins decompose as in eq. 3); "orthogonal" is
+  `h~_k = sum_m a^(m)_k W~^(m)_k phi^(m) + b~_k` (CRMT eq. 8).
+
+  Pure: it only validates the config and constructs a Flax module (plain
+  Python, nothing to jit). The returned module's `init` / `apply` are pure
+  and jit-able (`train` static; input checks are static, on shapes/dtypes).
   """
   config = dict(config)
   num_classes = num_classes if num_classes is not None else config.get("num_classes")

@@ -64,6 +64,15 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       batch) are averaged over the axis, so the update equals the global-batch
       update, and the floating leaves of the new non-parameter state are made
       equal on all devices (`sync_replicas`). Every device uses the same `rng`.
+
+  Returns:
+    `train_step(train_state, batch) -> (new_train_state, metrics)`, where
+    `batch` holds "inputs" (modality -> [B, ...]) and "label" (int [B]) plus
+    whatever `objective` reads, and `metrics` are scalars. `train_step` is pure
+    and jit-able (or pmap-able with `axis_name`) when `objective` is; this
+    factory itself is plain Python. The objectives are e.g. CRMT step 1
+    (`CE + rho * L1`, CRMT eq. 12) and step 2 (`L2 = -mean_i r(x_i)`, the
+    Thm 3.5 bound of eq. 10), CRMT Sec. 3.4, or the baselines of Sec. 4.1.
   """
 
   def train_step(train_state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -86,7 +95,22 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 def make_eval_step(model, axis_name: str | None = None) -> Callable[[dict, dict], dict]:
   """Sums of correct predictions and cross-entropy over the valid examples of
   a batch (`batch["valid"]`, all valid when absent), in evaluation mode; under
-  `jax.pmap` with `axis_name`, summed over the devices of the axis."""
+  `jax.pmap` with `axis_name`, summed over the devices of the axis.
+
+  The clean accuracy (the "w/o" attack column of CRMT Table 1, Sec. 4.2) is
+  `correct / count`; the mean cross-entropy is `loss_sum / count`.
+
+  Args:
+    model: a Flax model returning a `ModelOutput` (e.g. `mmsafe.models.build`).
+    axis_name: None, or the `jax.pmap` axis to sum over.
+
+  Returns:
+    `eval_step(variables, batch) -> {"correct", "loss_sum", "count"}` (scalar
+    sums), with `batch` holding "inputs" (modality -> [B, ...]), "label"
+    (int [B]) and optionally "valid" (bool [B]); logits are [B, K].
+    `eval_step` is pure and jit-able (or pmap-able with `axis_name`); this
+    factory itself is plain Python.
+  """
 
   def eval_step(variables: dict, batch: dict) -> dict:
     out = model.apply(variables, batch["inputs"], train=False)
