@@ -139,7 +139,8 @@ def main(argv):
       n = min(_NAIVE.value, batch)
       radii, naive_s = naive_radii(model, variables, inputs, labels, n)
       np.testing.assert_allclose(radii, np.asarray(cert.radius)[:n], rtol=2e-3)
-      rows.append((f"naive loop ({n} samples x {len(shapes)} modalities x {ks_shapes.CLASSES.value} "
+      rows.append((f"naive loop ({n} samples x {len(shapes)} modalities x "
+                   f"{ks_shapes.CLASSES.value} "
                    f"classes)", n, naive_s, n / naive_s))
   print(f"\nfirst call (compile + run): {compile_s:.2f} s; median of {_REPEATS.value} runs below")
   print(f"{'path':<58} {'samples':>7} {'seconds':>10} {'samples/s':>10}")

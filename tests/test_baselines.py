@@ -211,7 +211,7 @@ def test_msefm_memory_is_a_ring_buffer_of_the_latest_features():
 
 
 def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
-  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  model, params, batch = dominant.model, dominant.params, dominant.batch
   config = {"msefm_sim_weight": 0.8, "msefm_memory_size": 24, "msefm_lasso": 0.05,
             "msefm_blend": 0.6, "msefm_ista_steps": 30}
   objective = jax.jit(methods.get("msefm")(model, config))
@@ -259,7 +259,7 @@ def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
 
 
 def test_mmat_trains_on_pgd_inputs_inside_the_joint_eps_ball(dominant):
-  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  model, params, batch = dominant.model, dominant.params, dominant.batch
   config = {"attack_eps": 0.5, "attack_steps": 4, "attack_step_size": 0.25,
             "attack_random_start": True}
   objective = methods.get("mmat")(model, config)

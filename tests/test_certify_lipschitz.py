@@ -97,7 +97,7 @@ def test_jacfwd_and_jacrev_agree(tiny_models, head):
 def _finite_difference_jacobian(fn, x, modality, h=1e-3):
   """[B, K, D] central differences of `fn(inputs)` ([B, K]) w.r.t. inputs[modality]."""
   xm = np.asarray(x[modality], np.float32)
-  b, d = xm.shape[0], int(np.prod(xm.shape[1:]))
+  d = int(np.prod(xm.shape[1:]))
   cols = []
   for i in range(d):  # one input direction at a time: an independent brute force
     e = np.zeros((d,), np.float32)

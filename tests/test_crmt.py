@@ -75,8 +75,8 @@ def test_mixup_with_lambda_one_reduces_to_step1():
   np.testing.assert_allclose(mixed, plain, rtol=1e-6)
   np.testing.assert_allclose(mixed_parts["l1"], plain_parts["l1"], rtol=1e-6)
   inputs = {"a": jnp.arange(12.0).reshape(4, 3)}
-  np.testing.assert_array_equal(methods.common.mix_inputs(inputs, 1.0, jnp.array([3, 2, 1, 0]))["a"],
-                                inputs["a"])
+  mixed = methods.common.mix_inputs(inputs, 1.0, jnp.array([3, 2, 1, 0]))
+  np.testing.assert_array_equal(mixed["a"], inputs["a"])
   # ... and lambda = 0 trains on the permuted labels only.
   zero, _ = crmt.mixed_step1_loss(out, labels, permutation, 0.0, 2.0, 1e-5)
   np.testing.assert_allclose(zero, crmt.step1_loss(out, labels[permutation], 2.0, 1e-5)[0],

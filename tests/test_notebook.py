@@ -36,7 +36,8 @@ def test_demo_runs_on_a_reduced_budget_and_produces_its_figures(tmp_path):
   outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-  assert len(images) >= 4, f"expected the attack curves, certified curves and 2 heat maps; got {len(images)}"
+  assert len(images) >= 4, (f"expected the attack curves, certified curves and 2 heat maps; "
+                            f"got {len(images)}")
   assert "jt: test accuracy" in text and "crmt: test accuracy" in text
   assert re.search(r"crmt\s+sound: mean radius [\d.]+, attack broke 0/", text), text[-2000:]
   assert re.search(r"jt\s+sound: mean radius [\d.]+, attack broke 0/", text), text[-2000:]

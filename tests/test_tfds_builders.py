@@ -183,7 +183,8 @@ def test_in_memory_split_inverts_to_the_raw_pixels_and_fbank(ks_built):
     np.testing.assert_allclose(data.stats[m].denormalize(data.inputs[m]), expected, atol=2e-3)
   np.testing.assert_array_equal(data.labels, [r["label"] for r in raw])
   low, high = data.normalized_range("visual")  # frames are bytes: attack boxes hold them
-  assert (data.inputs["visual"] >= low - 1e-6).all() and (data.inputs["visual"] <= high + 1e-6).all()
+  visual = data.inputs["visual"]
+  assert (visual >= low - 1e-6).all() and (visual <= high + 1e-6).all()
   assert len(data_lib.in_memory(split, 3)) == 3
   means = data_lib.modality_means(split, batch_size=3)  # streamed over a padded batch
   for m in means:

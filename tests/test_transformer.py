@@ -19,7 +19,7 @@ import pytest
 from experiments.configs import mmt_av_digits
 from mmsafe import certify, methods, models
 from mmsafe.models import transformer
-from mmsafe.models.heads import is_modality_weight, is_stiefel_leaf
+from mmsafe.models.heads import is_stiefel_leaf
 from mmsafe.train import TrainState, make_optimizer, make_train_step
 from mmsafe.train import loop
 

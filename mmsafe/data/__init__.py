@@ -74,8 +74,8 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
 
   `batch_size` is per host; `process_index` / `process_count` default to JAX's.
   TFDS sources go through `clip_train_iterator` / `clip_eval_iterator` (with
-  `config`, default: a `ClipDataset`'s own or `ClipPreprocessing()`, `num_threads` or `processes`,
-  `prefetch`); embedded `Dataset`s are sliced in memory with the same per-host
+  `config`, default: a `ClipDataset`'s own or `ClipPreprocessing()`, `num_threads` or
+  `processes`, `prefetch`); embedded `Dataset`s are sliced in memory with the same per-host
   index plans (with one host, exactly `train_batch` / `eval_batches`).
   """
   if process_index is None or process_count is None:
@@ -119,5 +119,5 @@ def _in_memory_iterator(data: Dataset, *, train: bool, batch_size: int, seed: in
 
 __all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "ClipDataset", "ClipPreprocessing", "Dataset",
            "eval_batches", "full_pass", "in_memory", "load", "load_embedded", "load_tfds",
-           "make_iterator", "modality_means", "normalize_inputs", "preprocess_clip", "take", "train_batch",
-           "validate_batch"]
+           "make_iterator", "modality_means", "normalize_inputs", "preprocess_clip", "take",
+           "train_batch", "validate_batch"]

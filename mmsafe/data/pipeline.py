@@ -40,9 +40,11 @@ def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
   missing = sorted(set(input_shapes) - set(inputs))
   extra = sorted(set(inputs) - set(input_shapes))
   if missing:
-    raise ValueError(f"batch['inputs']: missing modality {missing}; expected {sorted(input_shapes)}")
+    raise ValueError(f"batch['inputs']: missing modality {missing}; "
+                     f"expected {sorted(input_shapes)}")
   if extra:
-    raise ValueError(f"batch['inputs']: unexpected modality {extra}; expected {sorted(input_shapes)}")
+    raise ValueError(f"batch['inputs']: unexpected modality {extra}; "
+                     f"expected {sorted(input_shapes)}")
   labels = np.asarray(batch["label"])
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"batch['label']: expected int[B], got {labels.dtype}{list(labels.shape)}")

@@ -150,7 +150,8 @@ def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") 
   for key, value in (sweep.get("meta") or {}).items():
     lines.append(f"- {key}: {value}")
   lines += [f"- examples: {sweep['num_examples']}, clean accuracy "
-            f"{_pct(sweep['clean_accuracy'], 2)}%, loss {sweep['loss']}, step size 2.5 eps / steps, "
+            f"{_pct(sweep['clean_accuracy'], 2)}%, loss {sweep['loss']}, "
+            f"step size 2.5 eps / steps, "
             f"restart 0 from {'a random point' if sweep.get('random_start') else 'the clean input'}"
             ", later restarts random, worst iterate kept", "",
             "Robust accuracy (%) of l2-PGD; rows: steps, columns: restarts.", ""]
