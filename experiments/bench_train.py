@@ -149,7 +149,9 @@ def main(argv):
                           np.int32)}
   example = {m: x[:2] for m, x in host_batch["inputs"].items()}
   variables = jax.jit(model.init)(init_rng, example)
-  state = TrainState.create(variables, optimizer, train_rng, method.init_state(model, variables))
+  method_kwargs = {"rho": 2.0, "l1_floor": 1e-5}
+  state = TrainState.create(variables, optimizer, train_rng,
+                            method.init_state(model, variables, method_kwargs))
   flops = forward_flops(model, variables, {m: jnp.asarray(x[:1]) for m, x in example.items()})
   train_flops_per_sample = 3.0 * sum(flops.values())
 
@@ -157,7 +159,7 @@ def main(argv):
       {"head": "orthogonal", "dtype": _DTYPE.value, "batch_norm_axis_name": par.axis_name,
        "encoders": {"visual": resnet, "audio": resnet}},
       num_classes=ks_shapes.CLASSES.value, input_shapes=shapes))
-  step = par.compile_train_step(method(train_model, {"rho": 2.0, "l1_floor": 1e-5}), optimizer)
+  step = par.compile_train_step(method(train_model, method_kwargs), optimizer)
   batch = par.put_batch(host_batch, batch_size)
   batch = pmap_device_put(batch) if par.mode == "pmap" else jax.device_put(batch)
   state = par.to_train(par.canonical(state))

@@ -18,7 +18,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import numpy as np
 
 from mmsafe import data as data_lib
 from mmsafe import methods
@@ -83,9 +82,7 @@ def main(argv):
   print(f"\n{_CONFIG.value.dataset}, test split, models selected on validation "
         f"(PGD protocol {_PROTOCOL.value!r}; radius/sound is a certificate, "
         f"radius/empirical an estimate):\n\n{table}")
-  loop.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"),
-                         [{k: (float(v) if isinstance(v, (float, np.floating)) else v)
-                           for k, v in row.items()} for row in rows])
+  loop.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)
   with open(os.path.join(_WORKDIR.value, "comparison.md"), "w") as f:
     f.write(table)
 

@@ -82,7 +82,7 @@ def main(argv):
   data = data_lib.in_memory(splits[_SPLIT.value], _MAX_EXAMPLES.value)
   inputs, labels = dict(data.inputs), np.asarray(data.labels)
   if _SWEEP.value:
-    _strength_sweep(config, model, variables, splits, inputs, labels)
+    _strength_sweep(config, model, variables, inputs, labels)
     return
   suite = robustness.SuiteConfig(
       protocol=_PROTOCOL.value,
@@ -114,7 +114,7 @@ def main(argv):
   print(json.dumps({"headline": results["headline"], "files": paths}, indent=2))
 
 
-def _strength_sweep(config, model, variables, splits, inputs, labels):
+def _strength_sweep(config, model, variables, inputs, labels):
   protocol = PROTOCOLS[_PROTOCOL.value]
   scales = _floats(_SWEEP_SCALES.value, "sweep_scales")
   budgets = [(robustness.MULTI, protocol.multi_eps * s) for s in scales]
@@ -131,7 +131,6 @@ def _strength_sweep(config, model, variables, splits, inputs, labels):
   sweep["meta"] = {"workdir": os.path.abspath(_WORKDIR.value), "method": config["method"],
                    "dataset": config["dataset"], "split": _SPLIT.value,
                    "device": str(jax.devices()[0])}
-  del splits
   out = _OUT.value or os.path.join(_WORKDIR.value, "robustness")
   paths = report.write_sweep(sweep, out)
   print(json.dumps({"accuracy": sweep["accuracy"], "files": paths}, indent=2))

@@ -45,6 +45,9 @@ def test_certified_accuracy_and_mean_radius_match_loops():
   assert np.all(np.diff(curve) <= 0)
   finite = np.where(np.isfinite(radius), radius, 0.0)
   assert float(certify.mean_radius(jnp.asarray(finite))) == pytest.approx(finite.mean(), rel=1e-6)
+  with_inf = np.where(np.arange(len(radius)) == 2, np.inf, radius)  # an infinite radius is
+  expected = with_inf[np.isfinite(with_inf)].mean()                  # left out of the mean
+  assert float(certify.mean_radius(jnp.asarray(with_inf))) == pytest.approx(expected, rel=1e-6)
   # `valid` drops padded examples.
   valid = np.arange(len(radius)) < 25
   masked = np.asarray(certify.certified_accuracy(cert.radius, cert.correct, thresholds,

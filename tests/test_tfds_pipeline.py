@@ -195,6 +195,7 @@ def test_worker_processes_give_the_same_batches_as_threads():
     threads = list(it)
   with pipeline.clip_train_iterator(records, processes=2, **kwargs) as it:
     processes = list(it)
+  assert len(threads) == len(processes) == 2
   for a, b in zip(threads, processes):
     for m in a["inputs"]:
       np.testing.assert_array_equal(a["inputs"][m], b["inputs"][m])
@@ -264,6 +265,7 @@ def test_make_iterator_on_embedded_arrays_matches_train_batch_and_eval_batches()
                              num_classes=3, stats={})
   train = list(data_lib.make_iterator(dataset, train=True, batch_size=4, seed=2, start_step=1,
                                       num_steps=3, process_index=0, process_count=1))
+  assert len(train) == 3
   for step, batch in enumerate(train, start=1):
     expected = pipeline.train_batch(inputs, labels, batch_size=4, seed=2, step=step)
     np.testing.assert_array_equal(batch["inputs"]["x"], expected["inputs"]["x"])

@@ -45,10 +45,13 @@ def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
 
 
 def mean_radius(radius: Array, *, valid: Array | None = None) -> Array:
-  """Mean certified radius over (valid) samples; misclassified ones count as 0."""
+  """Mean certified radius over (valid) samples with a finite radius (an infinite
+  one, from a zero vulnerability indicator, is left out and counted separately
+  by `summarize`); misclassified samples count as 0; 0 when none is left."""
   radius = jnp.asarray(radius)
-  weights = _weights(valid, radius.shape[0])
-  return jnp.sum(radius * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  finite = jnp.isfinite(radius)
+  weights = _weights(valid, radius.shape[0]) * finite
+  return jnp.sum(jnp.where(finite, radius, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def unimodal_certified_accuracy(certificate: Certificate, thresholds: Array, *,
@@ -106,24 +109,19 @@ def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
   radius = np.asarray(certificate.radius)
   correct = np.asarray(certificate.correct)
 
-  def finite_mean(r):
-    r = np.asarray(r)[weights]
-    r = r[np.isfinite(r)]
-    return float(r.mean()) if r.size else 0.0
-
   certified = radius[weights & correct]
   certified = certified[np.isfinite(certified)]
   return {
       "kind": certificate.kind,
       "num_examples": int(weights.sum()),
       "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else 0.0,
-      "mean_radius": finite_mean(radius),
+      "mean_radius": float(mean_radius(certificate.radius, valid=valid)),
       "num_infinite_radius": int(np.sum(~np.isfinite(radius[weights]))),
       "median_radius_correct": float(np.median(certified)) if certified.size else 0.0,
       "thresholds": thresholds.tolist(),
       "certified_accuracy": np.asarray(certified_accuracy(
           certificate.radius, certificate.correct, thresholds, valid=valid)).tolist(),
-      "unimodal_mean_radius": {m: finite_mean(r)
+      "unimodal_mean_radius": {m: float(mean_radius(r, valid=valid))
                                for m, r in sorted(certificate.per_modality.items())},
       "unimodal_certified_accuracy": {
           m: np.asarray(v).tolist()

@@ -57,31 +57,17 @@ class ClipDataset:
   def stats(self) -> dict[str, Standardization]:
     """The read-time normalisation of each modality as `x = (raw - mean) / std`
     (`pipeline.normalize_inputs`)."""
-    return {m: clip_standardization(m) for m in self.modality_shapes}
-
-
-def clip_standardization(modality: str) -> Standardization:
-  """`pipeline.normalize_inputs` of `modality` written as `(raw - mean) / std`."""
-  if modality == "visual":
-    return Standardization(mean=255.0 * np.asarray(pipeline.IMAGENET_MEAN, np.float32),
-                           std=255.0 * np.asarray(pipeline.IMAGENET_STD, np.float32))
-  if modality == "flow":
-    return Standardization(mean=np.float32(127.5), std=np.float32(127.5))
-  if modality == "audio":
-    return Standardization(mean=np.float32(pipeline.AUDIO_MEAN),
-                           std=np.float32(2.0 * pipeline.AUDIO_STD))
-  raise ValueError(f"modality: expected one of {list(pipeline.CLIP_MODALITIES)}, got {modality!r}")
+    return {m: pipeline.clip_standardization(m) for m in self.modality_shapes}
 
 
 def full_pass(data: Dataset | ClipDataset, *, batch_size: int, num_threads: int = 4
               ) -> Iterator[dict]:
   """Evaluation batches covering every example of `data` once on this process (no
   sharding over hosts), each with a boolean `"valid"` [B]; the last one is padded."""
-  batch_size = max(1, min(batch_size, len(data)))
   if isinstance(data, Dataset):
-    return pipeline.eval_batches(data.inputs, data.labels, batch_size=batch_size)
-  return pipeline.clip_eval_iterator(data, batch_size=batch_size, config=data.preprocessing,
-                                     num_threads=num_threads)
+    return pipeline.eval_batches(data.inputs, data.labels,
+                                 batch_size=max(1, min(batch_size, len(data))))
+  return _first_examples(data, len(data), batch_size, num_threads)
 
 
 def in_memory(data: Dataset | ClipDataset, max_examples: int = 0, *, batch_size: int = 64,
@@ -101,11 +87,9 @@ def in_memory(data: Dataset | ClipDataset, max_examples: int = 0, *, batch_size:
     return dataclasses.replace(
         data, inputs={m: x[:n] for m, x in data.inputs.items()}, labels=data.labels[:n],
         meta={k: v[:n] for k, v in data.meta.items()})
-  head = _Prefix(data.source, n)
   inputs: dict[str, list[np.ndarray]] = {m: [] for m in data.modality_shapes}
   labels = []
-  with pipeline.clip_eval_iterator(head, batch_size=max(1, min(batch_size, n)),
-                                   config=data.preprocessing, num_threads=num_threads) as batches:
+  with _first_examples(data, n, batch_size, num_threads) as batches:
     for batch in batches:
       valid = batch["valid"]
       for m in inputs:
@@ -127,12 +111,19 @@ def modality_means(data: Dataset | ClipDataset, max_examples: int = 0, *, batch_
     return {m: x[:n].mean(axis=0, dtype=np.float64).astype(np.float32)
             for m, x in data.inputs.items()}
   sums = {m: np.zeros(shape, np.float64) for m, shape in data.modality_shapes.items()}
-  with pipeline.clip_eval_iterator(_Prefix(data.source, n), batch_size=max(1, min(batch_size, n)),
-                                   config=data.preprocessing) as batches:
+  with _first_examples(data, n, batch_size) as batches:
     for batch in batches:
       for m in sums:
         sums[m] += batch["inputs"][m][batch["valid"]].sum(axis=0, dtype=np.float64)
   return {m: (total / n).astype(np.float32) for m, total in sums.items()}
+
+
+def _first_examples(data: ClipDataset, n: int, batch_size: int, num_threads: int = 4
+                    ) -> pipeline.BatchIterator:
+  """Evaluation batches (with `"valid"`) of the first `n` examples of a `ClipDataset`."""
+  source = data.source if n == len(data) else _Prefix(data.source, n)
+  return pipeline.clip_eval_iterator(source, batch_size=max(1, min(batch_size, n)),
+                                     config=data.preprocessing, num_threads=num_threads)
 
 
 class _Prefix(Sequence):

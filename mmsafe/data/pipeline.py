@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from mmsafe.data.embedded import Standardization
+
 
 def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
                    num_classes: int) -> None:
@@ -80,15 +82,11 @@ def train_batch(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *, batch_s
   """Training batch number `step` (0-based, counted over all epochs).
 
   Each epoch is a fresh permutation; the incomplete last batch of an epoch is
-  dropped so every step sees `batch_size` examples.
+  dropped so every step sees `batch_size` examples (`host_train_indices` with
+  one host).
   """
-  steps_per_epoch = len(labels) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size: expected at most the {len(labels)} training examples, "
-                     f"got {batch_size}")
-  epoch, position = divmod(step, steps_per_epoch)
-  order = epoch_permutation(seed, epoch, len(labels))
-  return take(inputs, labels, order[position * batch_size:(position + 1) * batch_size])
+  return take(inputs, labels, host_train_indices(len(labels), batch_size=batch_size, seed=seed,
+                                                 step=step))
 
 
 def eval_batches(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
@@ -250,23 +248,30 @@ def _scale_shift(x, scale, shift):
   return x.astype(np.float32) * scale - shift
 
 
-def normalize_inputs(inputs: Mapping) -> dict:
-  """Normalises raw inputs (as emitted with `normalize=False`) to float32 model space.
+def clip_standardization(modality: str) -> Standardization:
+  """The read-time normalisation of a clip modality as `x = (raw - mean) / std`:
+  visual `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`, flow `x / 127.5 - 1`, audio
+  `(x + 4.503877) / (2 * 5.141276)`."""
+  if modality == "visual":
+    return Standardization(mean=255.0 * np.asarray(IMAGENET_MEAN, np.float32),
+                           std=255.0 * np.asarray(IMAGENET_STD, np.float32))
+  if modality == "flow":
+    return Standardization(mean=np.float32(127.5), std=np.float32(127.5))
+  if modality == "audio":
+    return Standardization(mean=np.float32(AUDIO_MEAN), std=np.float32(2.0 * AUDIO_STD))
+  raise ValueError(f"modality: expected one of {list(CLIP_MODALITIES)}, got {modality!r}")
 
-  Visual: `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`; flow: `x / 127.5 - 1`; audio:
-  `(x + 4.503877) / (2 * 5.141276)`. Works on numpy arrays and, with only
-  arithmetic and `astype`, on jax arrays under jit. Other modalities pass through.
-  """
+
+def normalize_inputs(inputs: Mapping) -> dict:
+  """Normalises raw inputs (as emitted with `normalize=False`) to float32 model space
+  (`clip_standardization` of each clip modality; other modalities pass through).
+  Works on numpy arrays and, with only arithmetic and `astype`, on jax arrays
+  under jit."""
   out = dict(inputs)
-  mean = np.asarray(IMAGENET_MEAN, np.float32)
-  std = np.asarray(IMAGENET_STD, np.float32)
-  if "visual" in out:
-    out["visual"] = _scale_shift(out["visual"], 1.0 / (255.0 * std), mean / std)
-  if "flow" in out:
-    out["flow"] = _scale_shift(out["flow"], [1.0 / 127.5], [1.0])
-  if "audio" in out:
-    scale = 1.0 / (2.0 * AUDIO_STD)
-    out["audio"] = _scale_shift(out["audio"], [scale], [AUDIO_MEAN * scale])
+  for m in CLIP_MODALITIES:
+    if m in out:
+      s = clip_standardization(m)
+      out[m] = _scale_shift(out[m], 1.0 / s.std, s.mean / s.std)
   return out
 
 

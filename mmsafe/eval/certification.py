@@ -71,26 +71,12 @@ def _batches(inputs, labels, batch_size):
 
 
 def make_certifier(model, *, mode: str, chunk_size: int | None):
-  """`run(variables, inputs, labels, kind, constants) -> Certificate`, compiled once per
-  kind structure (local: Jacobians; empirical/sound: the precomputed constants)."""
-  local = jax.jit(lambda v, x, y: certify_lib.certify(model, v, x, y, "local", mode=mode,
-                                                      chunk_size=chunk_size))
-
-  def certify_fixed(variables, inputs, labels, values, target):
-    with jax.default_matmul_precision("highest"):
-      output = model.apply(variables, inputs)
-    constants = certify_lib.LipschitzConstants(values=values, target=target)
-    return certify_lib.certified_radius(output, labels, constants.tau(labels))
-
-  fixed = jax.jit(certify_fixed, static_argnums=(4,))
-
-  def run(variables, inputs, labels, kind, constants=None):
-    if kind == "local":
-      return local(variables, inputs, labels)
-    cert = fixed(variables, inputs, labels, constants.values, constants.target)
-    return cert.replace(kind=kind)
-
-  return run
+  """`run(variables, inputs, labels, kind, constants) -> Certificate`: `certify`
+  compiled once per kind (local: Jacobians; empirical/sound: the precomputed
+  `constants`, traced)."""
+  return jax.jit(lambda variables, inputs, labels, kind, constants=None: certify_lib.certify(
+      model, variables, inputs, labels, kind, constants=constants, mode=mode,
+      chunk_size=chunk_size), static_argnums=3)
 
 
 def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:

@@ -184,21 +184,22 @@ def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[
   _write_atomic(paths[0], json.dumps(results, indent=2, sort_keys=True, default=_to_builtin))
   curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
             for kind, entry in results["kinds"].items()}
-  paths.append(plots.plot_certified_accuracy(
-      curves, os.path.join(outdir, "certified_accuracy.png"),
+  paths.append(_plot_atomic(
+      plots.plot_certified_accuracy, os.path.join(outdir, "certified_accuracy.png"), curves,
       title=f"certified accuracy ({results['split']}, {results['head']} head)"))
   for kind, entry in results["kinds"].items():
     summary = entry["summary"]
     uni = {f"{m} only": (summary["thresholds"], acc)
            for m, acc in summary["unimodal_certified_accuracy"].items()}
     uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
-    paths.append(plots.plot_certified_accuracy(
-        uni, os.path.join(outdir, f"unimodal_{kind}.png"),
+    paths.append(_plot_atomic(
+        plots.plot_certified_accuracy, os.path.join(outdir, f"unimodal_{kind}.png"), uni,
         title=f"uni-modal certified accuracy ({kind})"))
     if "eta_ratio" in entry:
       eta = entry["eta_ratio"]
       matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
-      paths.append(plots.plot_eta_ratio_heatmap(
-          matrix, os.path.join(outdir, f"eta_ratio_{kind}.png"), numerator=eta["numerator"],
+      paths.append(_plot_atomic(
+          plots.plot_eta_ratio_heatmap, os.path.join(outdir, f"eta_ratio_{kind}.png"), matrix,
+          numerator=eta["numerator"],
           denominator=eta["denominator"], title=f"vulnerability ratio ({kind})"))
   return paths

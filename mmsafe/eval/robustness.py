@@ -354,33 +354,6 @@ def logits_apply(model) -> ApplyFn:
   return lambda variables, inputs: model.apply(variables, inputs, train=False).logits
 
 
-@dataclasses.dataclass(frozen=True)
-class RobustnessEvaluator:
-  """The suite bound to a dataset split, as an evaluator `run(variables) -> metrics`
-  (the big_vision evaluator shape; DESIGN.md "Habits").
-
-  Attributes:
-    apply_fn: `(variables, inputs) -> logits` (e.g. `logits_apply(model)`).
-    inputs: modality -> [N, ...]; labels: int [N].
-    config: the suite configuration.
-    bounds: optional box constraints (normalised space).
-    fill_means: per-modality means for the "mean"/"noise" fills.
-  """
-
-  apply_fn: ApplyFn
-  inputs: Mapping[str, np.ndarray]
-  labels: np.ndarray
-  config: SuiteConfig = SuiteConfig()
-  bounds: common.Bounds | None = None
-  fill_means: Mapping[str, Any] | None = None
-
-  def run(self, variables: Any, progress: Callable[[int], None] | None = None
-          ) -> dict[str, Any]:
-    return evaluate_robustness(self.apply_fn, variables, self.inputs, self.labels, self.config,
-                               bounds=self.bounds, fill_means=self.fill_means,
-                               progress=progress)
-
-
 def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, np.ndarray],
                        labels: np.ndarray, *, budgets: Sequence[tuple[str, float]],
                        steps: Sequence[int] = (4, 10, 20, 50, 100),

@@ -59,6 +59,13 @@ def required(config: Mapping, name: str, method: str):
   return config[name]
 
 
+def attack_kwargs(config: Mapping, method: str) -> dict:
+  """`adversarial_inputs`' `{eps, steps, step_size, random_start}` from the
+  `attack_*` method kwargs (CRMT-AT, MMAT)."""
+  return {key: required(config, f"attack_{key}", method)
+          for key in ("eps", "steps", "step_size", "random_start")}
+
+
 def adversarial_inputs(model, params, state: Mapping, batch: Mapping, rng: Array, *,
                        eps: float, steps: int, step_size: float, random_start: bool
                        ) -> dict[str, Array]:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from mmsafe import certify
 from mmsafe.data.clip_dataset import full_pass
-from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, cross_entropy,
-                                   mix_inputs, required, sample_mixup)
+from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, attack_kwargs,
+                                   cross_entropy, mix_inputs, required, sample_mixup)
 from mmsafe.methods.registry import register
 from mmsafe.models.heads import is_modality_weight
 
@@ -129,8 +129,7 @@ def _step1(model, config, name):
 
 def _step1_adversarial(model, config, name):
   rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
-  attack = {key: required(config, f"attack_{key}", name)
-            for key in ("eps", "steps", "step_size", "random_start")}
+  attack = attack_kwargs(config, name)
 
   def loss_fn(params, state, batch, rng):
     adversarial = adversarial_inputs(model, params, state, batch, rng, **attack)
@@ -191,9 +190,9 @@ def step2_objective(model, config=None):
   return loss_fn
 
 
-def init_state(model, variables) -> dict:
-  """Method state: step 2's `tau~` (zeros until `estimate_tau` fills it)."""
-  del model
+def init_state(model, variables, config: Mapping | None = None) -> dict:
+  """Method state: step 2's `tau~` (zeros until `prepare_step2` fills it)."""
+  del model, config
   weights = variables["params"]["head"]["a"]
   return {STATE_KEY: {"tau": {m: jnp.zeros((1, a.shape[-1]), jnp.float32)
                               for m, a in weights.items()}}}

@@ -111,9 +111,9 @@ def update_blending_weights(weights: Array, reference: Mapping[str, Array],
   return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), weights)
 
 
-def init_state(model, variables) -> dict:
+def init_state(model, variables, config: Mapping | None = None) -> dict:
   """Uniform weights; no reference measurement yet."""
-  del variables
+  del variables, config
   k = len(model.input_shapes) + 1
   # Distinct buffers: the train step donates the state.
   return {STATE_KEY: {"weights": jnp.full((k,), 1.0 / k, jnp.float32),

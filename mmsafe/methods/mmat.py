@@ -19,40 +19,24 @@ CRMT reference: eps 0.1, 5 steps of eps/5, no random start).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, cross_entropy,
-                                   required)
+from mmsafe.attacks.common import joint_norm
+from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, attack_kwargs,
+                                   cross_entropy)
 from mmsafe.methods.registry import register
-
-Array = jax.Array
-
-ATTACK_KEYS = ("eps", "steps", "step_size", "random_start")
-
-
-def attack_config(config, method: str = "mmat") -> dict:
-  """`{eps, steps, step_size, random_start}` from `attack_*` method kwargs."""
-  return {key: required(config, f"attack_{key}", method) for key in ATTACK_KEYS}
-
-
-def joint_norms(perturbed, clean) -> Array:
-  """Per-example joint l2 norm over all modalities of `perturbed - clean`, [B]."""
-  squares = [jnp.sum(jnp.square((perturbed[m] - clean[m]).astype(jnp.float32)).reshape(
-      clean[m].shape[0], -1), axis=1) for m in sorted(clean)]
-  return jnp.sqrt(sum(squares))
 
 
 @register("mmat", head="concat",
           description="multi-modal adversarial training: CE on joint-l2 PGD inputs")
 def make_objective(model, config):
-  attack = attack_config(config)
+  attack = attack_kwargs(config, "mmat")
 
   def loss_fn(params, state, batch, rng):
     adversarial = adversarial_inputs(model, params, state, batch, rng, **attack)
     out, new_state = apply_model(model, params, state, adversarial, train=True)
     loss = cross_entropy(out.logits, batch["label"])
-    norms = joint_norms(adversarial, batch["inputs"])
+    norms = joint_norm({m: adversarial[m] - x for m, x in batch["inputs"].items()})
     return loss, (new_state, {"ce": loss, "accuracy": accuracy(out.logits, batch["label"]),
                               "perturbation_norm": jnp.mean(norms),
                               "max_perturbation_norm": jnp.max(norms)})

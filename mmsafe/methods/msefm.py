@@ -148,17 +148,10 @@ def _settings(config, name="msefm") -> dict[str, Any]:
   return settings
 
 
-# The reference code's memory: the first 1024 stored training features
-# (`torch.load(...)[:, :1024]` in main_defense.py).
-REFERENCE_MEMORY_SIZE = 1024
-
-
-def init_state(model, variables, config: Mapping | None = None) -> dict:
+def init_state(model, variables, config: Mapping) -> dict:
   """An empty memory `[N, d_m]` per modality (dimensions from the head kernels),
-  `N = config["msefm_memory_size"]`. `Method.init_state` is called as
-  `(model, variables)` today; without `config` the size is the reference's
-  1024, and the objective rejects a mismatch with `msefm_memory_size`."""
-  size = int(config["msefm_memory_size"]) if config else REFERENCE_MEMORY_SIZE
+  `N = config["msefm_memory_size"]` (the reference keeps 1024 training features)."""
+  size = int(required(config, "msefm_memory_size", "msefm"))
   head = variables["params"]["head"]
   memory = {m: jnp.zeros((size, head[f"kernel_{m}"].shape[0]), jnp.float32)
             for m in sorted(model.input_shapes)}
@@ -173,18 +166,6 @@ def defended_features(features: Mapping[str, Array], method_state: Mapping, sett
                          steps=settings["steps"], blend=settings["blend"])
   full = method_state["count"] >= settings["size"]
   return {m: jnp.where(full, blended[m], features[m].astype(jnp.float32)) for m in features}
-
-
-def memory_logits_fn(model, variables, method_state: Mapping, config):
-  """`inputs -> logits` of the memory-defended model in evaluation mode (the
-  reference's test-time ExFMem), for evaluations that support it."""
-  settings = _settings(config)
-
-  def logits_fn(inputs):
-    out = model.apply(variables, inputs, train=False)
-    return fused_logits(out.head, defended_features(out.features, method_state, settings))
-
-  return logits_fn
 
 
 @register("msefm", head="concat", init_state=init_state,

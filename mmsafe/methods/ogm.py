@@ -159,8 +159,9 @@ def gradient_surrogate(loss: Array, params, grads) -> Array:
   return sg(loss) + sum(jax.tree_util.tree_leaves(terms))
 
 
-def init_state(model, variables) -> dict:
-  del model, variables
+def init_state(model, variables, config: Mapping | None = None) -> dict:
+  """The step counter of the modulation schedule."""
+  del model, variables, config
   return {STATE_KEY: {"step": jnp.zeros((), jnp.int32)}}
 
 

@@ -102,8 +102,9 @@ def rebalance_coefficients(ratios: Mapping[str, Array], alpha: float) -> dict[st
   return {m: jnp.where(r < 1.0, alpha, 0.0) for m, r in ratios.items()}
 
 
-def init_state(model, variables) -> dict:
+def init_state(model, variables, config: Mapping | None = None) -> dict:
   """Zero prototypes `[K, d_m]` per modality (dimensions from the head kernels)."""
+  del config
   head = variables["params"]["head"]
   kernels = {m: head[f"kernel_{m}"] for m in sorted(model.input_shapes)
              if f"kernel_{m}" in head}

@@ -32,7 +32,7 @@ class Method:
     make_objective: `(model, config) -> loss_fn`; `config` is the method's
       hyper-parameters (a mapping, usually `config.method_kwargs`).
     description: one line for `--help` and reports.
-    init_state: optional `(model, variables) -> dict` of method state entries
+    init_state: optional `(model, variables, config) -> dict` of method state entries
       (beside `state["model"]`), present from the first step so a checkpoint
       has one structure throughout.
     step2: for two-step methods (CRMT), `(model, config) -> loss_fn` of the
@@ -50,7 +50,7 @@ class Method:
   head: str
   make_objective: Callable[[Any, Mapping[str, Any]], Objective]
   description: str = ""
-  init_state: Callable[[Any, Any], dict] | None = None
+  init_state: Callable[[Any, Any, Mapping[str, Any]], dict] | None = None
   step2: Callable[[Any, Mapping[str, Any]], Objective] | None = None
   prepare_step2: Callable[..., dict] | None = None
   on_epoch_end: Callable[..., dict] | None = None

@@ -219,13 +219,21 @@ def setup(config: Mapping[str, Any]) -> Run:
              total_steps=(num_epochs + step2_epochs) * steps_per_epoch)
 
 
-def init_train_state(run: Run, seed: int, batch_size: int) -> TrainState:
+def method_config(config: Mapping[str, Any], run: Run) -> dict[str, Any]:
+  """The method's hyper-parameters: `config.method_kwargs` plus `steps_per_epoch`
+  (methods whose schedule is in epochs count them from the step counter)."""
+  return {**(config.get("method_kwargs") or {}), "steps_per_epoch": run.steps_per_epoch}
+
+
+def init_train_state(run: Run, seed: int, batch_size: int,
+                     method_kwargs: Mapping[str, Any]) -> TrainState:
   """The run's initial `TrainState` (deterministic in `seed`)."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   example = {m: np.zeros((batch_size, *shape), np.float32)
              for m, shape in run.splits["train"].modality_shapes.items()}
   variables = jax.jit(run.model.init)(init_rng, example)
-  method_state = run.method.init_state(run.model, variables) if run.method.init_state else None
+  method_state = (run.method.init_state(run.model, variables, method_kwargs)
+                  if run.method.init_state else None)
   return TrainState.create(variables, run.optimizers["step1"], train_rng, method_state)
 
 
@@ -345,7 +353,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   sync_every = max(1, int(config.get("preemption_sync_steps", 10)))
   primary = jax.process_index() == 0
 
-  host_state = init_train_state(run, seed, batch_size)
+  method_kwargs = method_config(config, run)
+  host_state = init_train_state(run, seed, batch_size, method_kwargs)
   state = par.canonical(host_state)
   best = {"variables": par.canonical(host_state.variables)}
   os.makedirs(workdir, exist_ok=True)
@@ -361,8 +370,6 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   writer = (MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_step) if primary
             else _NullWriter())
 
-  # Methods whose schedule is in epochs count them from the step counter.
-  method_kwargs = {**(config.get("method_kwargs") or {}), "steps_per_epoch": run.steps_per_epoch}
   train_model = (run.model if par.axis_name is None
                  else build_model(config, run.method, train, par.axis_name))
   objectives = {"step1": run.method(train_model, method_kwargs)}
@@ -505,7 +512,8 @@ def restore_run(workdir: str, which: str = "best"):
   with open(config_path) as f:
     config = json.load(f)
   run = setup(config)
-  template = init_train_state(run, int(config.get("seed", 0)), int(config["batch_size"]))
+  template = init_train_state(run, int(config.get("seed", 0)), int(config["batch_size"]),
+                              method_config(config, run))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = checkpointer.latest_step()
   if step is None:
