@@ -34,10 +34,10 @@ Choices and simplifications (documented on purpose):
   feature dimensions across modalities (as the reference's 512/512).
 * Inference. The reference also applies ExFMem at test time. mmsafe's
   evaluation (`make_eval_step`, attacks, certificates) runs `model.apply`,
-  which cannot read the memory in the method state; `memory_logits_fn` gives
-  the memory-defended logits for an evaluation that wants them (an
-  evaluation hook in the loop/eval code). Without it, MSEFM is evaluated as
-  the concat model trained with MinSim on memory-blended features.
+  which cannot read the memory in the method state, so MSEFM is evaluated as
+  the concat model trained with MinSim on memory-blended features (the
+  test-time defence, `defended_features` on the saved memory, is not wired
+  into the evaluation).
 
 Hyper-parameters (`config.method_kwargs`): `msefm_sim_weight` (gamma),
 `msefm_memory_size` (N), `msefm_lasso` (lambda), `msefm_blend` (a),
