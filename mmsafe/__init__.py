@@ -12,20 +12,26 @@ docstring says otherwise):
   models     `build(config, num_classes=, input_shapes=)` -> a Flax module whose
              `apply(variables, {modality: [B, ...]})` returns a `ModelOutput`
              (features, per-modality `scores`, fused `logits` [B, K], `head`).
+             Every encoder states its own Lipschitz bound
+             (`lipschitz_bound`; `feature_lipschitz` for the model); the
+             1-Lipschitz encoders `lip_mlp`, `lip_cnn`, `lip_resnet` (AOL,
+             Cayley and SLL layers in `models.lipschitz_layers`) own a bound of 1.
   manifold   Stiefel manifold: `random_stiefel`, `project_tangent`,
              `retract_qr` / `retract_polar` / `retract_cayley` and
              `stiefel_transform` (an optax wrapper keeping W~ W~^T = I, eq. 8).
-  certify    `certified_radius` (Thm 3.3 / 3.5, Prop. 3.4), `radius_from_scores`
-             (Thm 3.3 for any model whose logits sum per-modality scores),
-             `certify`, and Lipschitz constants: `local_lipschitz` /
-             `local_constants` (jacfwd/jacrev, vmapped), `empirical_constants`,
-             `sound_constants`.
+  certify    `certified_radius` (Thm 3.3 / 3.5 and its tight form with one
+             constant per modality, Prop. 3.4), `radius_from_scores` (Thm 3.3
+             for any model whose logits sum per-modality scores), `certify`,
+             and Lipschitz constants: `local_lipschitz` / `local_constants`
+             (jacfwd/jacrev, vmapped), `empirical_constants`,
+             `sound_constants` (composed from the encoders' stated bounds).
   attacks    `fgm`, `pgd` (joint l2 budget over any modalities), `drop_modality`,
              `decoupling` (MUROAN l0); each takes `logits_fn(inputs) -> [B, K]`.
   methods    objectives by name, `methods.get(name)(model, config)` ->
              `loss_fn(params, state, batch, rng)`; CRMT's `margin_regularizer`
              (L1, eq. 12) and `closest_class_bound` (step 2, eq. 10) in
-             `mmsafe.methods.crmt`.
+             `mmsafe.methods.crmt`; `crmt_cert` (CRMT trained on its sound
+             certificate) in `mmsafe.methods.crmt_cert`.
   train      `make_train_step(objective, optimizer)`, `make_eval_step(model)`,
              `TrainState`, optimizers; `train.loop.train_and_evaluate` runs a
              config (the only Python loop over steps).

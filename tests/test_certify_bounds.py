@@ -188,6 +188,68 @@ def test_orthogonal_radius_is_below_the_exact_radius_of_a_linear_model(num_modal
         np.testing.assert_allclose(cert.eta[m][b, k], eta[m], rtol=1e-6)
 
 
+def _isometric_orthogonal_problem(seed, negative_a, batch=8):
+  """Linear encoders `phi^(m)(x) = A_m x` with orthonormal rows (`A A^T = I`,
+  so `L^(m) = 1` and `||A^T v|| = ||v||`) under an orthogonal head."""
+  rng = np.random.default_rng(seed)
+  names, dims_in, dims_feat = ["m0", "m1", "m2"], [8, 9, 7], [6, 5, 7]
+  A = {m: np.linalg.qr(rng.normal(size=(d, f)))[0].T for m, d, f in zip(names, dims_in, dims_feat)}
+  kernels = {m: np.linalg.qr(rng.normal(size=(f, K)))[0] for m, f in zip(names, dims_feat)}
+  low = -1.0 if negative_a else 0.2
+  weights = {m: rng.uniform(low, 1.5, size=K) for m in names}
+  x = {m: rng.normal(size=(batch, d)) for m, d in zip(names, dims_in)}
+  return A, x, kernels, weights, 0.3 * rng.normal(size=K)
+
+
+@pytest.mark.parametrize("negative_a", [False, True])
+def test_tight_orthogonal_radius_is_exact_for_isometric_linear_encoders(negative_a):
+  A, x, kernels, weights, bias = _isometric_orthogonal_problem(20, negative_a)
+  labels = _labels_mostly_correct(A, x, kernels, weights, bias, "orthogonal")
+  out = _linear_output(A, x, kernels, weights, bias, "orthogonal")
+  tau = {m: jnp.ones((1, K), jnp.float32) for m in A}  # sound: ||W~_k|| L^(m) = 1
+  ones = {m: 1.0 for m in A}
+  tight = certify.certified_radius(out, jnp.asarray(labels), tau, feature_lipschitz=ones)
+  triangle = certify.certified_radius(out, jnp.asarray(labels), tau)
+  exact, exact_uni = _exact_radii(A, x, kernels, weights, bias, "orthogonal", labels)
+  # For orthonormal rows of W~ and of A_m the tight form is the closed form...
+  np.testing.assert_allclose(tight.radius, exact, rtol=1e-4, atol=1e-6)
+  for m in A:
+    np.testing.assert_allclose(tight.per_modality[m], exact_uni[m], rtol=1e-4, atol=1e-6)
+    for b in range(1, len(labels)):  # eta = sqrt(a_y^2 + a_k^2)
+      y = labels[b]
+      expected = np.sqrt(weights[m][y] ** 2 + weights[m] ** 2)
+      mask = np.arange(K) != y
+      np.testing.assert_allclose(np.asarray(tight.eta[m][b])[mask], expected[mask], rtol=1e-5)
+  # ...while the paper's triangle form (|a_y| + |a_k|) is strictly looser.
+  correct = exact > 0
+  assert np.all(np.asarray(triangle.radius)[correct] < exact[correct] * (1 - 1e-3))
+  assert np.all(np.asarray(triangle.radius) <= np.asarray(tight.radius) * (1 + 1e-6))
+
+
+def test_tight_orthogonal_radius_never_exceeds_the_exact_radius():
+  # General linear encoders (L^(m) = ||A_m||_2, not isometries): still sound,
+  # and never looser than the triangle form; jit-able with traced constants.
+  A, x, kernels, weights, bias = _linear_problem(3, "orthogonal", seed=11, negative_a=True)
+  labels = _labels_mostly_correct(A, x, kernels, weights, bias, "orthogonal")
+  out = _linear_output(A, x, kernels, weights, bias, "orthogonal")
+  lipschitz = {m: float(np.linalg.norm(A[m], 2)) for m in A}
+  tau = {m: jnp.asarray(np.linalg.norm(kernels[m], axis=0)[None] * lipschitz[m], jnp.float32)
+         for m in A}
+  tight = jax.jit(lambda o, t, f: certify.certified_radius(o, jnp.asarray(labels), t,
+                                                           feature_lipschitz=f))(
+      out, tau, lipschitz)
+  triangle = certify.certified_radius(out, jnp.asarray(labels), tau)
+  exact, _ = _exact_radii(A, x, kernels, weights, bias, "orthogonal", labels)
+  assert np.all(np.asarray(tight.radius) <= exact * (1 + 1e-5) + 1e-7)
+  assert np.all(np.asarray(tight.radius) >= np.asarray(triangle.radius) * (1 - 1e-6))
+  assert np.asarray(tight.radius)[1:].min() > 0
+  with pytest.raises(ValueError, match=r"feature_lipschitz: expected modalities"):
+    certify.certified_radius(out, jnp.asarray(labels), tau, feature_lipschitz={"m0": 1.0})
+  with pytest.raises(ValueError, match=r"feature_lipschitz\['m1'\]: expected a non-negative"):
+    certify.certified_radius(out, jnp.asarray(labels), tau,
+                             feature_lipschitz={**lipschitz, "m1": -1.0})
+
+
 def test_orthogonal_radius_is_exact_when_class_gradients_are_opposite():
   # A_m = (W~_0 - W~_1)^T v_m^T: u_0 = v.x, u_1 = -v.x, u_k = 0 else -- the
   # triangle inequality in Thm 3.5's denominator is then an equality.

@@ -81,7 +81,7 @@ def test_resnet18_accepts_any_channel_count(channels):
   x = jnp.ones((2, 32, 32, channels))
   variables = encoder.init(jax.random.PRNGKey(0), x)
   assert encoder.apply(variables, x).shape == (2, 16)
-  assert variables["params"]["stem_conv"]["kernel"].shape == (7, 7, channels, 4)
+  assert variables["params"]["stem"]["conv"]["kernel"].shape == (7, 7, channels, 4)
 
 
 def test_bfloat16_encoders_keep_a_float32_head():

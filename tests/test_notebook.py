@@ -41,3 +41,9 @@ def test_demo_runs_on_a_reduced_budget_and_produces_its_figures(tmp_path):
   assert "jt: test accuracy" in text and "crmt: test accuracy" in text
   assert re.search(r"crmt\s+sound: mean radius [\d.]+, attack broke 0/", text), text[-2000:]
   assert re.search(r"jt\s+sound: mean radius [\d.]+, attack broke 0/", text), text[-2000:]
+  # The Lipschitz-encoder section: both models certified, no sound radius broken.
+  for name in ("jt", "crmt_cert"):
+    assert f"{name} (lipschitz): test accuracy" in text
+    assert re.search(rf"{name} \(lipschitz\): clean [\d.]+ .*\(attack broke 0/\d+ radii\)",
+                     text), text[-2000:]
+  assert len(images) >= 5

@@ -154,3 +154,15 @@ def test_training_batches_are_a_pure_function_of_seed_and_step():
   assert len(set(epoch.tolist())) == 18  # one epoch: no example twice
   assert not np.array_equal(seen[0], data_lib.train_batch(
       inputs, labels, batch_size=6, seed=1, step=3)["label"])  # next epoch reshuffled
+
+
+def test_model_selection_prefers_accuracy_then_lower_loss_on_ties():
+  progress = {"best_validation_accuracy": 0.9, "best_validation_loss": 0.30}
+  assert loop.is_better({"accuracy": 0.95, "loss": 0.9}, progress)
+  assert not loop.is_better({"accuracy": 0.85, "loss": 0.01}, progress)
+  assert loop.is_better({"accuracy": 0.9, "loss": 0.29}, progress)  # a tie: lower loss wins
+  assert not loop.is_better({"accuracy": 0.9, "loss": 0.30}, progress)  # a full tie: keep
+  # A fresh selection (and a checkpoint written before this rule) has no loss yet.
+  assert loop.is_better({"accuracy": 0.9, "loss": 5.0},
+                        {"best_validation_accuracy": 0.9, "best_validation_loss": None})
+  assert loop.is_better({"accuracy": 0.9, "loss": 5.0}, {"best_validation_accuracy": 0.9})

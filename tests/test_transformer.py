@@ -135,8 +135,10 @@ def test_jit_and_no_per_modality_encoder():
     apply(variables, {**x, "image": jnp.zeros((3, 8, 7, 1))})
   # phi^(m) depends on every modality: no `encode`, no sound per-modality bound.
   assert not hasattr(model, "encode") and not hasattr(model, "encoders")
-  with pytest.raises(NotImplementedError):
+  with pytest.raises(NotImplementedError, match="cross-modal attention blocks"):
     certify.sound_constants(model, variables)
+  with pytest.raises(NotImplementedError, match="cross-modal attention blocks"):
+    certify.certify(model, variables, x, jnp.zeros(3, jnp.int32), kind="sound")
 
 
 def test_crmt_step1_gradient_step_keeps_w_tilde_orthonormal():

@@ -14,8 +14,10 @@ Prepare the data first (`python -m experiments.prepare --dataset=...`), then:
 
 The config arg is a comma-separated list: a dataset (`kinetics_sounds`, the
 default, `ucf101` = `ucf101_rgb_flow/split1`, `ucf101_split2`,
-`ucf101_split3`, `vggsound`) and/or `runlocal`, which shrinks the run to a
-smoke test (two tiny epochs, 32x32 frames, narrow encoders).
+`ucf101_split3`, `vggsound`), `lipschitz` (1-Lipschitz `lip_resnet` encoders
+for sound certificates instead of ResNet18s; mmsafe's, not the paper's) and/or
+`runlocal`, which shrinks the run to a smoke test (two tiny epochs, 32x32
+frames, narrow encoders).
 
 Model selection uses a validation split, never the test split: by default the
 last 5% of the stored training order (TFDS shuffles it when writing), i.e.
@@ -42,11 +44,11 @@ DATASETS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   options = [option for option in (arg or "").split(",") if option]
-  unknown = [o for o in options if o not in (*DATASETS, "runlocal")]
+  unknown = [o for o in options if o not in (*DATASETS, "lipschitz", "runlocal")]
   datasets = [o for o in options if o in DATASETS] or ["kinetics_sounds"]
   if unknown or len(datasets) > 1:
-    raise ValueError(f"config arg: expected at most one of {list(DATASETS)} and/or 'runlocal', "
-                     f"got {options}")
+    raise ValueError(f"config arg: expected at most one of {list(DATASETS)} and/or "
+                     f"'lipschitz', 'runlocal', got {options}")
   name, modalities = DATASETS[datasets[0]]
 
   config = embedded.get_config()
@@ -63,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   resnet18 = {"name": "resnet18", "widths": (64, 128, 256, 512), "stage_sizes": (2, 2, 2, 2)}
   config.model.encoders = {m: dict(resnet18) for m in modalities}
+  # The 1-Lipschitz counterpart (sound certificates; the `lipschitz` config arg).
+  config.model.lipschitz_encoders = {m: {**resnet18, "name": "lip_resnet", "features": 512}
+                                     for m in modalities}
   config.batch_size = 64
   config.eval_batch_size = 128
   config.num_epochs = 140
@@ -86,4 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for m in modalities:
       config.model.encoders[m] = {"name": "resnet18", "widths": (4, 8, 8, 8),
                                   "stage_sizes": (1, 1, 1, 1)}
+      config.model.lipschitz_encoders[m] = {"name": "lip_resnet", "widths": (4, 8, 8, 8),
+                                            "stage_sizes": (1, 1, 1, 1), "features": 32}
+  if "lipschitz" in options:
+    config.model.encoders = config.model.lipschitz_encoders
   return config

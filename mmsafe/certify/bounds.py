@@ -14,6 +14,15 @@ For a sample `x` with label `y` and every wrong class `k != y`:
 
       r_k = (h~_y(x) - h~_k(x)) / sqrt(sum_m (|a^(m)_y| tau~^(m)_y + |a^(m)_k| tau~^(m)_k)^2)
 
+* orthogonal head, tight form: when modality `m` has one constant `L^(m)` for
+  its whole feature map (`||phi^(m)(x) - phi^(m)(x')|| <= L^(m) ||x - x'||`,
+  e.g. the "sound" constants), the m-term of `h~_y - h~_k` is
+  `(a_y W~_y - a_k W~_k) phi^(m)`, whose Lipschitz constant is at most
+  `||a^(m)_y W~^(m)_y - a^(m)_k W~^(m)_k|| L^(m)` -- for orthonormal rows
+  exactly `sqrt(a_y^2 + a_k^2) L^(m)`, never more than the triangle form
+  `(|a_y| + |a_k|) L^(m)` of eq. 10. On a linear model whose encoders have
+  orthonormal rows it equals the exact minimal flipping perturbation.
+
 In both numerators `sum_m c^(m)_k zeta^(m)_k + beta_k = h_y(x) - h_k(x)`, the
 fused logit margin. Proof sketch (both): for a perturbation `d`,
 `h_y - h_k` moves by at most `sum_m eta^(m)_k ||d^(m)|| <= ||eta_k|| ||d||`
@@ -21,6 +30,7 @@ fused logit margin. Proof sketch (both): for a perturbation `d`,
 
       eta^(m)_k = c^(m)_k tau^(m)_k                         (JT, Sec. 3.3)
       eta^(m)_k = |a^(m)_y| tau~^(m)_y + |a^(m)_k| tau~^(m)_k    (orthogonal)
+      eta^(m)_k = ||a^(m)_y W~^(m)_y - a^(m)_k W~^(m)_k|| L^(m)   (orthogonal, tight)
 
 so no class overtakes `y` while `||d|| < r_k`. The certified radius is
 `r(x) = min_{k != y} r_k(x)` -- over *all* wrong classes, which is the sound
@@ -134,6 +144,7 @@ def _check_head(output: ModelOutput) -> None:
 
 
 def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array], *,
+                     feature_lipschitz: Mapping[str, Array] | None = None,
                      kind: str = "custom") -> Certificate:
   """Certified radii, uni-modal radii and vulnerability indicators (Thm 3.3/3.5, Prop 3.4).
 
@@ -147,6 +158,11 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
       constant of the margin `zeta^(m)_k = (W_y - W_k) phi / ||W_y - W_k||`
       with `y = labels[b]`; entry `k = y` is ignored.
       `LipschitzConstants.tau(labels)` produces exactly this.
+    feature_lipschitz: optional modality -> scalar `L^(m) >= Lip(phi^(m))`
+      (`LipschitzConstants.encoder` of the "sound" kind). When given, every
+      indicator is the smaller of the `tau` form and the one-constant form:
+      `||a_y W~_y - a_k W~_k|| L^(m)` (orthogonal head, the tight Thm 3.5)
+      or `||W_y - W_k|| L^(m)` (concat head).
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
 
   Returns:
@@ -154,8 +170,9 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
 
   Raises:
     ValueError for a head whose kernels are not `[d, K]` (or `d < K` for the
-    orthogonal head), missing/extra modalities in `tau`, wrong shapes, labels
-    out of range, or NaN/Inf logits or constants (when concrete).
+    orthogonal head), missing/extra modalities in `tau` or
+    `feature_lipschitz`, wrong shapes, labels out of range, or NaN/Inf/negative
+    logits or constants (when concrete).
   """
   _check_head(output)
   logits = output.logits.astype(jnp.float32)
@@ -167,7 +184,30 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
     raise ValueError(f"tau: expected modalities {modalities}, got {sorted(tau)}")
   _check_finite("output.logits", logits)
   taus = {m: _checked_constants(f"tau[{m!r}]", tau[m], batch, num_classes) for m in modalities}
-  return _radii(output, labels, taus, kind)
+  if feature_lipschitz is not None:
+    feature_lipschitz = _checked_feature_constants(feature_lipschitz, modalities)
+  return _radii(output, labels, taus, feature_lipschitz, kind)
+
+
+def _checked_feature_constants(constants: Mapping[str, Array], modalities: list[str]
+                               ) -> dict[str, Array]:
+  """float32 scalar non-negative finite `L^(m)` for exactly `modalities`."""
+  if sorted(constants) != modalities:
+    raise ValueError(f"feature_lipschitz: expected modalities {modalities}, got "
+                     f"{sorted(constants)}")
+  out = {}
+  for m in modalities:
+    value = jnp.asarray(constants[m], jnp.float32)
+    if value.shape != ():
+      raise ValueError(f"feature_lipschitz[{m!r}]: expected a scalar, got shape "
+                       f"{tuple(value.shape)}")
+    _check_finite(f"feature_lipschitz[{m!r}]", value)
+    concrete = _concrete(value)
+    if concrete is not None and concrete < 0:
+      raise ValueError(f"feature_lipschitz[{m!r}]: expected a non-negative Lipschitz constant, "
+                       f"got {float(concrete)}")
+    out[m] = value
+  return out
 
 
 def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[str, Array], *,
@@ -227,23 +267,57 @@ def _checked_constants(name: str, value: Array, batch: int, num_classes: int) ->
   return t
 
 
-@functools.partial(jax.jit, static_argnames=("kind",))
-def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array], kind: str) -> Certificate:
-  """The computation of `certified_radius` (arguments already checked): the
-  vulnerability indicators of the head, then `_radii_from_eta`."""
-  head = output.head
-  logits = output.logits.astype(jnp.float32)
-  batch, num_classes = logits.shape
+def pair_lipschitz(head, labels: Array, feature_lipschitz: Mapping[str, Array]
+                   ) -> dict[str, Array]:
+  """modality -> [B, K]: `||v_y - v_k|| L^(m)` for the pairs `(labels[b], k)`,
+  the Lipschitz constant in `x^(m)` of modality m's term of `h_y - h_k` when
+  `phi^(m)` has the one constant `L^(m)`; `v = W^(m)` (concat head) or
+  `a^(m) W~^(m)` (orthogonal head: the tight Thm 3.5). 0 at `k = y`. Pure,
+  jit-able and differentiable in the head parameters."""
+  out = {}
+  for m in sorted(head.kernels):
+    kernel = head.kernels[m].astype(jnp.float32)
+    if head.kind == "orthogonal":
+      kernel = kernel * head.weights[m].astype(jnp.float32)[None]
+    out[m] = lip.integration_factors(kernel)[labels] * feature_lipschitz[m]
+  return out
+
+
+def vulnerability_indicators(head, labels: Array, taus: Mapping[str, Array],
+                             feature_lipschitz: Mapping[str, Array] | None = None
+                             ) -> dict[str, Array]:
+  """`eta^(m)_k` for the pairs `(labels[b], k)`, modality -> [B, K] (entry
+  `k = y` meaningless; `_radii_from_eta` zeroes it).
+
+  Concat head (Thm 3.3): `c^(m)_k tau^(m)_k`. Orthogonal head (Thm 3.5, `|a|`
+  for sign safety): `|a_y| tau~_y + |a_k| tau~_k`. With `feature_lipschitz`,
+  the minimum with the one-constant forms of `pair_lipschitz`
+  (`||W_y - W_k|| L^(m)`, or `||a_y W~_y - a_k W~_k|| L^(m)`: the tight
+  Thm 3.5). Pure and jit-able.
+  """
+  batch = labels.shape[0]
   eta = {}
   for m in sorted(head.kernels):
-    tau = jnp.broadcast_to(taus[m], (batch, num_classes))
+    kernel = head.kernels[m].astype(jnp.float32)
+    tau = jnp.broadcast_to(taus[m], (batch, kernel.shape[-1]))
     if head.kind == "concat":
-      c = lip.integration_factors(head.kernels[m])[labels]  # [B, K]: c^(m)_k for (y_b, k)
-      eta[m] = c * tau
+      eta[m] = lip.integration_factors(kernel)[labels] * tau  # c^(m)_k tau^(m)_k
     else:
       a_tau = jnp.abs(head.weights[m].astype(jnp.float32))[None] * tau  # [B, K]
       eta[m] = jnp.take_along_axis(a_tau, labels[:, None], axis=1) + a_tau
-  return _radii_from_eta(logits, labels, eta, kind)
+  if feature_lipschitz is not None:
+    tight = pair_lipschitz(head, labels, feature_lipschitz)
+    eta = {m: jnp.minimum(eta[m], tight[m]) for m in eta}
+  return eta
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array],
+           feature_lipschitz: dict[str, Array] | None, kind: str) -> Certificate:
+  """The computation of `certified_radius` (arguments already checked): the
+  vulnerability indicators of the head, then `_radii_from_eta`."""
+  eta = vulnerability_indicators(output.head, labels, taus, feature_lipschitz)
+  return _radii_from_eta(output.logits.astype(jnp.float32), labels, eta, kind)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -369,7 +443,8 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
     if constants is None:
       constants = lip.local_constants(model, variables, inputs, head=output.head, mode=mode,
                                       chunk_size=chunk_size, precision=precision)
-    return certified_radius(output, labels, constants.tau(labels), kind=kind)
+    return certified_radius(output, labels, constants.tau(labels),
+                            feature_lipschitz=constants.encoder or None, kind=kind)
 
   # Checks on concrete values ran above; the computation itself is compiled
   # (once per call when called eagerly; wrap `certify` in `jax.jit` for reuse).

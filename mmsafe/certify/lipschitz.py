@@ -36,8 +36,6 @@ the label and returns the `[B|1, K]` arrays `certified_radius` takes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -46,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsafe.models.encoders import MLPEncoder, ResNet18, SmallCNN
+from mmsafe.models.layers import LIPSCHITZ_COLLECTION
+from mmsafe.models.operator_norms import (BoundOptions)
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -56,12 +55,6 @@ KINDS = ("local", "empirical", "sound")
 MODES = ("auto", "jacfwd", "jacrev")
 TARGETS = {"concat": "margins", "orthogonal": "scores"}
 
-# Batch-norm epsilon of every BatchNorm in `mmsafe.models.encoders` (ResNet18).
-_BN_EPSILON = 1e-5
-# Relative margin added to every computed operator norm for float32 rounding
-# (dot products with fan-in up to ~1e4 have relative error below ~6e-4).
-ROUNDING_MARGIN = 1e-3
-_TINY = 1e-30
 
 
 @flax.struct.dataclass
@@ -113,12 +106,19 @@ class LipschitzConstants:
 def integration_factors(kernel: Array) -> Array:
   """`c[y, k] = ||W_y - W_k||_2` (CRMT eq. 3) for a head kernel `[d, K]` (`W^T`).
 
-  Exact row differences (no Gram-matrix cancellation), one row `y` at a time.
+  Exact row differences (no Gram-matrix cancellation), one row `y` at a time;
+  differentiable everywhere (the gradient of a zero distance, e.g. `c[y, y]`,
+  is 0 rather than NaN), so training objectives can use it.
   """
   kernel = jnp.asarray(kernel, jnp.float32)
   if kernel.ndim != 2:
     raise ValueError(f"kernel: expected [d, K], got shape {tuple(kernel.shape)}")
-  return jax.lax.map(lambda column: jnp.linalg.norm(kernel - column[:, None], axis=0), kernel.T)
+
+  def distances(column):
+    squared = jnp.sum(jnp.square(kernel - column[:, None]), axis=0)
+    return jnp.where(squared > 0, jnp.sqrt(jnp.maximum(squared, 1e-30)), 0.0)
+
+  return jax.lax.map(distances, kernel.T)
 
 
 def _safe_divide(numerator: Array, denominator: Array) -> Array:
@@ -402,191 +402,14 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
 
 
 # ----------------------------------------------------------------------------
-# sound: operator norms
+# sound: the encoders' own stated bounds
 
 
-def power_iteration_factor(dim: int, iterations: int, failure_probability: float) -> float:
-  """Multiplier turning the power-iteration estimate into an upper bound.
-
-  Claim: let `M = T^T T` (n x n, eigenvalues `l_1 >= ... >= 0`), `b` uniform on
-  the unit sphere, `v = M^q b / ||M^q b||` and `theta = v^T M v = ||T v||^2`.
-  Then with probability at least `1 - delta` over `b`,
-
-      ||T||_2 = sqrt(l_1) <= sqrt(theta) * t^(-1 / (2q)),  t = delta sqrt(pi / (2n)).
-
-  Proof. Write `b = sum_i beta_i e_i` in an eigenbasis and
-  `m_p = sum_i beta_i^2 l_i^p` (`m_0 = 1`). By Cauchy-Schwarz
-  `m_p^2 <= m_{p-1} m_{p+1}`, so the ratios `r_p = m_p / m_{p-1}` do not
-  decrease and `m_{2q} = prod_{p<=2q} r_p <= r_{2q+1}^{2q} = theta^{2q}`. Hence
-  `theta >= m_{2q}^{1/(2q)} >= (beta_1^2 l_1^{2q})^{1/(2q)} = l_1 |beta_1|^{1/q}`.
-  `beta_1` is one coordinate of a uniform point of the sphere; its density
-  `Gamma(n/2) / (sqrt(pi) Gamma((n-1)/2)) (1 - x^2)^((n-3)/2)` is at most
-  `sqrt(n / (2 pi))` (Gautschi's inequality), so
-  `P(|beta_1| < t) <= t sqrt(2n / pi) = delta`. Outside that event
-  `l_1 <= theta / t^{1/q}`. (A repeated top eigenvalue only helps.)
-
-  This is the flavour of Kuczynski & Wozniakowski (1992), with explicit
-  constants. Example: n = 150,528 (a 224x224x3 image), q = 300,
-  delta = 1e-6 give a factor 1.033.
-  """
-  if dim < 1 or iterations < 1 or not 0 < failure_probability < 1:
-    raise ValueError(f"power iteration: expected dim >= 1, iterations >= 1 and "
-                     f"0 < failure_probability < 1, got {dim}, {iterations}, "
-                     f"{failure_probability}")
-  t = failure_probability * math.sqrt(math.pi / (2.0 * dim))
-  return math.exp(-math.log(t) / (2.0 * iterations))
-
-
-def operator_norm(linear_fn: Callable[[Array], Array], in_shape: tuple[int, ...], *,
-                  key: Array | None = None, method: str = "auto", iterations: int = 300,
-                  failure_probability: float = 1e-6, exact_max_entries: int = 1 << 21,
-                  rounding_margin: float = ROUNDING_MARGIN) -> Array:
-  """Upper bound on the l2 operator norm of a linear map on arrays of `in_shape`.
-
-  * "exact": builds the matrix (`jax.jacfwd`/`jax.jacrev`) and takes its
-    largest singular value (deterministic).
-  * "power": power iteration on `T^T T` with the adjoint from `jax.vjp`, from a
-    random start, `iterations` steps, multiplied by
-    `power_iteration_factor(n, iterations, failure_probability)`: an upper
-    bound with probability >= 1 - failure_probability (over the start `key`).
-  * "auto": "exact" when the matrix has at most `exact_max_entries` entries.
-
-  Both are multiplied by `1 + rounding_margin` for float32 rounding.
-  Pure and jit-able (`linear_fn` must be linear: no bias).
-  """
-  in_shape = tuple(int(s) for s in in_shape)
-  out_struct = jax.eval_shape(linear_fn, jax.ShapeDtypeStruct(in_shape, jnp.float32))
-  n, p = int(np.prod(in_shape)), int(np.prod(out_struct.shape))
-  if method not in ("auto", "exact", "power"):
-    raise ValueError(f"method: expected 'auto', 'exact' or 'power', got {method!r}")
-  if method == "auto":
-    method = "exact" if n * p <= exact_max_entries else "power"
-  zeros = jnp.zeros(in_shape, jnp.float32)
-  if method == "exact":
-    jac = (jax.jacfwd if n <= p else jax.jacrev)(linear_fn)(zeros)
-    matrix = jac.reshape(p, n).astype(jnp.float32)
-    sigma = jnp.linalg.svd(matrix, compute_uv=False)[0] if min(n, p) > 0 else jnp.float32(0)
-    return sigma * (1.0 + rounding_margin)
-  key = jax.random.PRNGKey(0) if key is None else key
-  _, adjoint = jax.vjp(linear_fn, zeros)
-
-  def normal_op(v):
-    return adjoint(linear_fn(v))[0]
-
-  def normalise(v):
-    return v / jnp.maximum(jnp.linalg.norm(v), _TINY)
-
-  v = normalise(jax.random.normal(key, in_shape, jnp.float32))
-  v = jax.lax.fori_loop(0, iterations, lambda _, v: normalise(normal_op(v)), v)
-  sigma = jnp.linalg.norm(linear_fn(v))
-  return sigma * power_iteration_factor(n, iterations, failure_probability) * (
-      1.0 + rounding_margin)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "in_shape", "strides", "padding", "method", "iterations", "failure_probability",
-    "exact_max_entries"))
-def conv_operator_norm(kernel: Array, scale: Array | None, key: Array, *,
-                       in_shape: tuple[int, int, int], strides: tuple[int, int],
-                       padding: Any, method: str = "auto", iterations: int = 300,
-                       failure_probability: float = 1e-6,
-                       exact_max_entries: int = 1 << 21) -> Array:
-  """Operator norm bound of `x -> scale * conv(x, kernel)` on inputs `[H, W, C]`.
-
-  The convolution is exactly Flax's `nn.Conv` (cross-correlation, `padding`
-  "SAME"/"VALID"/explicit pairs, `strides`), no bias; `scale` ([C_out] or
-  None) is a folded eval-mode batch-norm `gamma / sqrt(var + eps)`. The norm
-  depends on the input's spatial size (border effects of the padding), hence
-  `in_shape`. See `operator_norm` for the soundness of each method.
-  """
-  conv = nn.Conv(kernel.shape[-1], kernel.shape[:2], strides=strides, padding=padding,
-                 use_bias=False, precision=_HIGHEST)
-  kernel = kernel.astype(jnp.float32)
-
-  def linear_fn(x):
-    y = conv.apply({"params": {"kernel": kernel}}, x[None])[0]
-    return y if scale is None else y * scale.astype(jnp.float32)
-
-  return operator_norm(linear_fn, in_shape, key=key, method=method, iterations=iterations,
-                       failure_probability=failure_probability,
-                       exact_max_entries=exact_max_entries)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "in_shape", "window", "strides", "padding", "method", "iterations", "failure_probability",
-    "exact_max_entries"))
-def avg_pool_operator_norm(key: Array, *, in_shape: tuple[int, int], window: tuple[int, int],
-                           strides: tuple[int, int], padding: Any, method: str = "auto",
-                           iterations: int = 300, failure_probability: float = 1e-6,
-                           exact_max_entries: int = 1 << 21) -> Array:
-  """Operator norm bound of Flax's `nn.avg_pool` on `[H, W, C]` (padding included).
-
-  Average pooling acts on each channel alone with the same matrix, so its norm
-  is that of one channel `[H, W, 1]`: computed exactly (or by power
-  iteration), SAME padding and the border windows included. For 2x2/2 windows
-  the windows are disjoint and the value is 1/2.
-  """
-  def linear_fn(x):
-    return nn.avg_pool(x[None], window, strides=strides, padding=padding)[0]
-
-  return operator_norm(linear_fn, (*in_shape, 1), key=key, method=method,
-                       iterations=iterations, failure_probability=failure_probability,
-                       exact_max_entries=exact_max_entries)
-
-
-def _windows_per_index(size: int, window: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
-  """How many pooling windows contain each of `size` input positions (1-D)."""
-  outputs = (size + pad[0] + pad[1] - window) // stride + 1
-  starts = np.arange(outputs) * stride - pad[0]
-  index = np.arange(size)
-  return ((index[:, None] >= starts[None]) & (index[:, None] < starts[None] + window)).sum(1)
-
-
-def max_pool_lipschitz(in_shape: tuple[int, int], window: tuple[int, int],
-                       strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> float:
-  """l2 Lipschitz constant bound `sqrt(N_max)` of 2-D max pooling (padding -inf).
-
-  Proof: output `o` is `y_o = max_{i in W_o} x_i`; a max is 1-Lipschitz in the
-  sup norm, so `|y_o - y'_o| <= max_{i in W_o} |d_i|` and
-  `|y_o - y'_o|^2 <= sum_{i in W_o} d_i^2` (d = x - x'). Summing over outputs,
-  `||y - y'||^2 <= sum_i N_i d_i^2 <= N_max ||d||^2` where `N_i` counts the
-  windows containing input `i`. (Padded entries are -inf and never win, as
-  every window holds a real entry.) Overlapping windows make this > 1: for
-  ResNet's 3x3/2 pooling with padding 1 an entry lies in up to 2 windows per
-  axis, 4 in all, so the bound is 2 -- and it is attained by a single bump
-  that is the maximum of all 4 windows containing it.
-  """
-  counts = [_windows_per_index(int(n), int(k), int(s), tuple(p))
-            for n, k, s, p in zip(in_shape, window, strides, padding)]
-  if any(c.size == 0 for c in counts):
-    raise ValueError(f"max pool: empty input {tuple(in_shape)}")
-  return math.sqrt(float(np.prod([c.max() for c in counts])))
-
-
-def _conv_out_shape(in_shape, kernel_shape, strides, padding):
-  conv = nn.Conv(kernel_shape[-1], kernel_shape[:2], strides=strides, padding=padding,
-                 use_bias=False)
-  out = jax.eval_shape(lambda x: conv.apply({"params": {"kernel": jnp.zeros(kernel_shape)}}, x),
-                       jax.ShapeDtypeStruct((1, *in_shape), jnp.float32))
-  return tuple(out.shape[1:])
-
-
-def _bn_scale(params: Mapping[str, Array], stats: Mapping[str, Array]) -> Array:
-  """Eval-mode batch-norm as a per-channel scale `gamma / sqrt(var + eps)` (the
-  shift `beta - gamma mean / sqrt(var + eps)` does not change Lipschitz constants)."""
-  return params["scale"].astype(jnp.float32) / jnp.sqrt(
-      stats["var"].astype(jnp.float32) + _BN_EPSILON)
-
-
-def _dense_norm(kernel: Array) -> Array:
-  """Exact largest singular value of a Dense kernel, with the rounding margin."""
-  return jnp.linalg.svd(kernel.astype(jnp.float32), compute_uv=False)[0] * (1.0 + ROUNDING_MARGIN)
-
-
-def _require(tree: Mapping[str, Any], name: str, where: str):
-  if name not in tree:
-    raise ValueError(f"{where}: expected a parameter entry {name!r}, found {sorted(tree)}")
-  return tree[name]
+def _options(key: Array | None, method: str, iterations: int, failure_probability: float,
+             exact_max_entries: int) -> BoundOptions:
+  return BoundOptions(key=jax.random.PRNGKey(0) if key is None else key, method=method,
+                      iterations=iterations, failure_probability=failure_probability,
+                      exact_max_entries=exact_max_entries)
 
 
 def encoder_lipschitz(encoder: nn.Module, params: Mapping[str, Any],
@@ -596,96 +419,44 @@ def encoder_lipschitz(encoder: nn.Module, params: Mapping[str, Any],
                       ) -> tuple[Array, dict[str, Array]]:
   """A sound upper bound on the l2 Lipschitz constant of an encoder `phi`.
 
-  Walks the encoder's layers (eval mode) and multiplies layer bounds:
-  Dense: exact spectral norm; Conv (+ folded batch-norm): `conv_operator_norm`
-  on the layer's actual input shape; ReLU: 1; flatten: 1; average pooling: its
-  exact operator norm; 3x3/2 max pooling: `max_pool_lipschitz` (2); residual
-  block `relu(shortcut(x) + F(x))`: `Lip(shortcut) + Lip(F)` (identity: 1);
-  global mean over H x W: `1/sqrt(HW)`; mean over T frames: `1/sqrt(T)`
-  (`||(1/T) sum_t (g(x_t) - g(x'_t))|| <= (L/T) sum_t ||d_t|| <= L/sqrt(T) ||d||`).
+  The encoder states it itself (`lipschitz_bound`, beside its `__call__`; see
+  `mmsafe.models.layers`): the product of its layers' bounds, e.g. exact
+  spectral norms of Dense kernels, convolutions with eval-mode batch norm
+  folded in on their actual input shapes, `1 + ||F||` for residual blocks,
+  `1/sqrt(HW)` for a global mean, `1/sqrt(T)` for a mean over frames, and 1
+  for the 1-Lipschitz layers of `mmsafe.models.lipschitz_layers`.
 
-  Conv layers whose matrix has more than `exact_max_entries` entries use power
-  iteration: the bound then holds with probability >= 1 - failure_probability
-  per such layer (see `power_iteration_factor`). The bound is for float32
-  arithmetic; a bfloat16 encoder computes a slightly different function.
+  Convolutions whose matrix has more than `exact_max_entries` entries use
+  power iteration: the bound then holds with probability >= 1 -
+  failure_probability per such layer (see `power_iteration_factor`). The
+  bound is for float32 arithmetic; a bfloat16 encoder computes a slightly
+  different function.
 
   Args:
-    encoder: an `MLPEncoder`, `SmallCNN` or `ResNet18` module (its attributes
-      give the architecture).
+    encoder: an encoder module of `mmsafe.models.encoders` (or any module
+      with `lipschitz_bound(x, options)`).
     params / batch_stats: its variables (the "params" / "batch_stats"
       collections of this encoder).
     input_shape: the per-example input shape.
 
   Returns:
-    (bound, layers): the bound and an ordered dict layer name -> bound.
+    (bound, layers): the bound and an ordered dict: the encoder's layer name
+    -> that layer's bound (their product is the bound).
+
+  Raises:
+    NotImplementedError naming the encoder or its layer that states no bound.
   """
-  key = jax.random.PRNGKey(0) if key is None else key
-  options = dict(method=method, iterations=iterations, failure_probability=failure_probability,
-                 exact_max_entries=exact_max_entries)
-  batch_stats = batch_stats or {}
-  layers: dict[str, Array] = {}
-  counter = iter(range(1 << 30))
-
-  def conv(kernel, scale, shape, strides, padding):
-    norm = conv_operator_norm(kernel, scale, jax.random.fold_in(key, next(counter)),
-                              in_shape=tuple(shape), strides=strides, padding=padding, **options)
-    return norm, _conv_out_shape(shape, kernel.shape, strides, padding)
-
-  name = type(encoder).__name__
-  if isinstance(encoder, MLPEncoder):
-    for i in range(len(encoder.widths)):
-      layers[f"Dense_{i}"] = _dense_norm(_require(params, f"Dense_{i}", name)["kernel"])
-  elif isinstance(encoder, SmallCNN):
-    if len(input_shape) != 3:
-      raise ValueError(f"SmallCNN: expected a per-example input shape [H, W, C], got "
-                       f"{tuple(input_shape)}")
-    shape = tuple(input_shape)
-    for i, _ in enumerate(encoder.channels):
-      kernel = _require(params, f"Conv_{i}", name)["kernel"]
-      layers[f"Conv_{i}"], shape = conv(kernel, None, shape, (1, 1), "SAME")
-      layers[f"avg_pool_{i}"] = avg_pool_operator_norm(
-          jax.random.fold_in(key, next(counter)), in_shape=shape[:2], window=(2, 2),
-          strides=(2, 2), padding="SAME", **options)
-      shape = (-(-shape[0] // 2), -(-shape[1] // 2), shape[2])
-    layers["Dense_0"] = _dense_norm(_require(params, "Dense_0", name)["kernel"])
-  elif isinstance(encoder, ResNet18):
-    if len(input_shape) not in (3, 4):
-      raise ValueError(f"ResNet18: expected a per-example input shape [H, W, C] or "
-                       f"[T, H, W, C], got {tuple(input_shape)}")
-    shape = tuple(input_shape[-3:])
-    kernel = _require(params, "stem_conv", name)["kernel"]
-    scale = _bn_scale(_require(params, "stem_norm", name), _require(batch_stats, "stem_norm", name))
-    layers["stem"], shape = conv(kernel, scale, shape, (2, 2), ((3, 3), (3, 3)))
-    layers["max_pool"] = jnp.float32(max_pool_lipschitz(shape[:2], (3, 3), (2, 2),
-                                                        ((1, 1), (1, 1))))
-    shape = (-(-shape[0] // 2), -(-shape[1] // 2), shape[2])
-    index = 0
-    for stage, (blocks, _) in enumerate(zip(encoder.stage_sizes, encoder.widths)):
-      for block in range(blocks):
-        strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
-        block_name = f"ResidualBlock_{index}"
-        p = _require(params, block_name, name)
-        s = _require(batch_stats, block_name, name)
-        f0, mid = conv(p["Conv_0"]["kernel"], _bn_scale(p["BatchNorm_0"], s["BatchNorm_0"]),
-                       shape, strides, ((1, 1), (1, 1)))
-        f1, out = conv(p["Conv_1"]["kernel"], _bn_scale(p["BatchNorm_1"], s["BatchNorm_1"]),
-                       mid, (1, 1), ((1, 1), (1, 1)))
-        if "shortcut_conv" in p:
-          shortcut, _ = conv(p["shortcut_conv"]["kernel"],
-                             _bn_scale(p["shortcut_norm"], s["shortcut_norm"]), shape, strides,
-                             "SAME")
-        else:
-          shortcut = jnp.float32(1.0)
-        layers[block_name] = shortcut + f0 * f1
-        shape = out
-        index += 1
-    layers["global_mean"] = jnp.float32(1.0 / math.sqrt(shape[0] * shape[1]))
-    if len(input_shape) == 4:
-      layers["frame_mean"] = jnp.float32(1.0 / math.sqrt(input_shape[0]))
-  else:
-    raise NotImplementedError(f"sound Lipschitz bound: no layer walk for encoder {name}; "
-                              f"supported: MLPEncoder, SmallCNN, ResNet18")
-  bound = functools.reduce(lambda a, b: a * b, layers.values(), jnp.float32(1.0))
+  if not hasattr(encoder, "lipschitz_bound"):
+    raise NotImplementedError(f"sound Lipschitz bound: {type(encoder).__name__} states no "
+                              f"Lipschitz bound")
+  options = _options(key, method, iterations, failure_probability, exact_max_entries)
+  variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  example = jnp.zeros((1, *input_shape), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    bound, recorded = encoder.apply(variables, example, options, method="lipschitz_bound",
+                                    mutable=[LIPSCHITZ_COLLECTION])
+  layers = {name: entry["bound"][0] for name, entry in
+            recorded[LIPSCHITZ_COLLECTION].items() if name != "bound"}
   return bound, layers
 
 
@@ -695,18 +466,19 @@ def sound_constants(model, variables: Mapping[str, Any], *, head=None, key: Arra
                     ) -> LipschitzConstants:
   """Kind "sound": upper bounds valid for every input.
 
-  Orthogonal head: `tau~^(m)_k = ||W~^(m)_k|| Lip(phi^(m))` with the actual
-  row norms of `W~` (never an assumed 1). Concat head: the margin
-  `zeta^(m)_k` is `phi^(m)` along a unit direction, so its constant is
-  `Lip(phi^(m))` for every pair (0 on the diagonal). `Lip(phi^(m))` from
-  `encoder_lipschitz`. These bound `tau~^(m)_k` (CRMT eq. 9) and
-  `tau^(m)_k` (CRMT eq. 4) for every input, so the radii of Thm 3.3 / Thm 3.5
-  computed with them are certificates (up to the power-iteration failure
-  probability for large conv layers).
+  `L^(m) >= Lip(phi^(m))` is each encoder's own stated bound
+  (`model.feature_lipschitz`, see `encoder_lipschitz`). Orthogonal head:
+  `tau~^(m)_k = ||W~^(m)_k|| L^(m)` with the actual row norms of `W~` (never
+  an assumed 1). Concat head: the margin `zeta^(m)_k` is `phi^(m)` along a
+  unit direction, so its constant is `L^(m)` for every pair (0 on the
+  diagonal). These bound `tau~^(m)_k` (CRMT eq. 9) and `tau^(m)_k` (CRMT
+  eq. 4) for every input, so the radii of Thm 3.3 / Thm 3.5 computed with
+  them are certificates (up to the power-iteration failure probability for
+  large conv layers). `encoder` holds `L^(m)` itself, which the tight form of
+  Thm 3.5 uses (`mmsafe.certify.certified_radius`).
 
   Args:
-    model, variables: a model from `mmsafe.models.build` (encoders MLP, CNN
-      or ResNet18) and its variables.
+    model, variables: a model from `mmsafe.models.build` and its variables.
     head: the model's `HeadParams` (computed by one forward pass when None).
     key: PRNG key of the power iterations (default `PRNGKey(0)`).
     method, iterations, failure_probability, exact_max_entries: see
@@ -714,35 +486,29 @@ def sound_constants(model, variables: Mapping[str, Any], *, head=None, key: Arra
 
   Returns:
     `LipschitzConstants` of kind "sound" with values `[1, K]` (scores) or
-    `[1, K, K]` (margins), and `encoder` modality -> scalar `Lip(phi^(m))`.
+    `[1, K, K]` (margins), and `encoder` modality -> scalar `L^(m)`.
+
+  Raises:
+    NotImplementedError naming the model part that states no bound (e.g. the
+    cross-modal transformer).
 
   Pure and jit-able with `model` and the options static (close over them);
   `variables`, `head` and `key` may be traced.
   """
-  if not (hasattr(model, "encoders") and hasattr(model, "input_shapes")):
-    raise NotImplementedError(f"sound_constants: expected a model from mmsafe.models.build "
-                              f"(with `encoders` and `input_shapes`), got {type(model).__name__}")
+  if not hasattr(model, "feature_lipschitz"):
+    raise NotImplementedError(f"sound Lipschitz bound: {type(model).__name__} states no "
+                              f"Lipschitz bound for its features (expected a model from "
+                              f"mmsafe.models.build)")
   head = head_params(model, variables) if head is None else head
   target = _target(head.kind)
-  key = jax.random.PRNGKey(0) if key is None else key
-  params = variables["params"]
-  stats = variables.get("batch_stats", {})
-  values, encoder = {}, {}
-  for i, m in enumerate(sorted(head.kernels)):
-    name = f"encoders_{m}"
-    if name not in params:
-      raise ValueError(f"sound_constants: no parameters {name!r} for modality {m!r}; "
-                       f"found {sorted(params)}")
-    bound, _ = encoder_lipschitz(model.encoders[m], params[name], stats.get(name, {}),
-                                 tuple(model.input_shapes[m]), key=jax.random.fold_in(key, i),
-                                 method=method, iterations=iterations,
-                                 failure_probability=failure_probability,
-                                 exact_max_entries=exact_max_entries)
-    encoder[m] = bound
+  options = _options(key, method, iterations, failure_probability, exact_max_entries)
+  encoder = model.apply(variables, options, method="feature_lipschitz")
+  values = {}
+  for m in sorted(head.kernels):
     kernel = head.kernels[m].astype(jnp.float32)
     num_classes = kernel.shape[-1]
     if target == "scores":
-      values[m] = (jnp.linalg.norm(kernel, axis=0) * bound)[None]
+      values[m] = (jnp.linalg.norm(kernel, axis=0) * encoder[m])[None]
     else:
-      values[m] = (bound * (1.0 - jnp.eye(num_classes)))[None]
+      values[m] = (encoder[m] * (1.0 - jnp.eye(num_classes)))[None]
   return LipschitzConstants(values=values, encoder=encoder, kind="sound", target=target)

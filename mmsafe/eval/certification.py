@@ -32,18 +32,22 @@ Track = Callable[[Iterable, int, str], Iterable]
 _INSIDE = 1e-4
 
 
-def make_radius_attack(logits_fn, *, steps: int, restarts: int):
-  """A jitted `attack(inputs, labels, radius, key) -> (attacked [B], broken [B])`.
+def make_radius_attack(logits_apply, *, steps: int, restarts: int):
+  """A jitted `attack(variables, inputs, labels, radius, key) -> (attacked [B],
+  broken [B])` for `logits_apply(variables, inputs) -> [B, K]`.
 
   Searches for a misclassified point strictly inside each sample's radius with
   `mmsafe.attacks.pgd`: per-example budgets `eps = (1 - 1e-4) r(x)`, margin
   loss, `steps` steps of `2.5 eps / steps`, `restarts` random restarts, the
   worst iterate kept. Samples that are misclassified, or whose radius is 0 or
   infinite, are not attacked. `broken` marks attacked samples for which a
-  misclassified point was found inside the ball (its norm is checked).
+  misclassified point was found inside the ball (its norm is checked). The
+  variables are an argument, not constants of the compiled program (XLA would
+  otherwise fold e.g. the AOL rescaling of every layer at compile time).
   """
 
-  def attack(inputs, labels, radius, key):
+  def attack(variables, inputs, labels, radius, key):
+    logits_fn = lambda x: logits_apply(variables, x)
     correct = jnp.argmax(logits_fn(inputs), -1) == labels
     attacked = correct & (radius > 0) & jnp.isfinite(radius)
     eps = jnp.where(attacked, radius * (1.0 - _INSIDE), 0.0)
@@ -56,8 +60,8 @@ def make_radius_attack(logits_fn, *, steps: int, restarts: int):
 
   jitted = jax.jit(attack)
 
-  def run(inputs, labels, radius, key):
-    attacked, broken, excess = jitted(inputs, jnp.asarray(labels),
+  def run(variables, inputs, labels, radius, key):
+    attacked, broken, excess = jitted(variables, inputs, jnp.asarray(labels),
                                       jnp.asarray(radius, jnp.float32), key)
     if float(jnp.max(excess)) > 1e-5 * float(jnp.max(jnp.asarray(radius))) + 1e-6:
       raise AssertionError(f"attack left the ball: max excess {float(jnp.max(excess))}")
@@ -141,9 +145,9 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
   results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
                              "head": head.kind, "kinds": {}}
   certificates = {}
-  logits_fn = lambda x: model.apply(variables, x).logits
   run = make_certifier(model, mode=mode, chunk_size=chunk_size)
-  attack = make_radius_attack(logits_fn, steps=attack_steps, restarts=attack_restarts)
+  attack = make_radius_attack(lambda v, x: model.apply(v, x).logits, steps=attack_steps,
+                              restarts=attack_restarts)
   for kind in kinds:
     start = time.time()
     constants = None
@@ -192,7 +196,7 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
         offset = i * min(batch_size, len(labels))
         radius = np.zeros(len(valid), np.float32)
         radius[:n] = np.asarray(cert.radius)[offset:offset + n]
-        attacked, broken = attack(batch["inputs"], batch["label"], radius,
+        attacked, broken = attack(variables, batch["inputs"], batch["label"], radius,
                                   jax.random.fold_in(key, 1000 + i))
         attacked_all.append(attacked & valid)
         broken_all.append(broken & valid)

@@ -10,12 +10,13 @@ import numpy as np
 
 
 def plot_certified_accuracy(curves, path, *, title=None, xlabel="l2 radius",
-                            ylabel="certified accuracy"):
+                            ylabel="certified accuracy", linestyles=None):
   """Certified accuracy versus radius, one line per curve (e.g. per Lipschitz kind).
 
   Args:
     curves: name -> (radii [T], accuracy [T]) (e.g. {"sound": ..., "local": ...}).
     path: the PNG file to write.
+    linestyles: optional name -> matplotlib line style (e.g. "--").
   Returns:
     `path`.
   """
@@ -28,13 +29,14 @@ def plot_certified_accuracy(curves, path, *, title=None, xlabel="l2 radius",
     if radii.shape != accuracy.shape or radii.ndim != 1:
       raise ValueError(f"plot_certified_accuracy: curve {name!r} has radii {radii.shape} and "
                        f"accuracy {accuracy.shape}; expected two [T] arrays")
-    ax.step(radii, accuracy, where="post", label=str(name))
+    ax.step(radii, accuracy, where="post", label=str(name),
+            linestyle=(linestyles or {}).get(name, "-"))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_ylim(0.0, 1.02)
   ax.set_xlim(left=0.0)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small" if len(curves) > 5 else None)
   if title:
     ax.set_title(title)
   fig.tight_layout()

@@ -1,6 +1,7 @@
 """Training objectives, one file per method, selected by name (`get`)."""
 
 from mmsafe.methods import crmt  # noqa: F401  (registers "crmt", "crmt_at", ...)
+from mmsafe.methods import crmt_cert  # noqa: F401  (registers "crmt_cert")
 from mmsafe.methods import gb  # noqa: F401  (registers "gb")
 from mmsafe.methods import jt  # noqa: F401  (registers "jt", "ojt")
 from mmsafe.methods import mixup  # noqa: F401  (registers "mixup")

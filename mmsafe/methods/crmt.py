@@ -9,9 +9,12 @@ Orthogonal head `h~_k = sum_m a^(m)_k u^(m)_k + b~_k` (eq. 8), trained in two st
 * Step 2: encoders, `W~`, `b~` and batch-norm statistics frozen; only `a` is
   updated to minimise `L2 = -mean_i r_j(x_i)`, the Thm 3.5 (eq. 10) bound at
   the closest wrong class `j = argmax_{k != y} h~_k(x_i)`, with `tau~` the
-  `empirical` Lipschitz constants of the uni-modal scores `u` (not of the fused
-  logits, so `a` is not counted twice) estimated once on the training set
-  when step 2 begins.
+  Lipschitz constants of the uni-modal scores `u` (not of the fused logits,
+  so `a` is not counted twice) computed once when step 2 begins:
+  `method_kwargs.step2_lipschitz = "empirical"` (the paper's code: the
+  largest gradient norm over the training set, an estimate) or "sound" (the
+  encoders' stated bounds, with the tight Thm 3.5: step 2 then maximises the
+  certificate itself). None: "empirical" for the paper's variants here.
 
 Variants (registry names): `crmt` (CRMT-JT: step 1 then step 2), `crmt_at`
 (step 1 on l2-PGD adversarial inputs, then step 2), `crmt_mix` (step 1 with
@@ -21,7 +24,9 @@ step 2); `ojt` (CE only) lives in `jt.py`.
 
 Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (all
 step-1 variants but `crmt_step2`; see `margin_regularizer`), `attack_eps`, `attack_steps`,
-`attack_step_size`, `attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`).
+`attack_step_size`, `attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`),
+`step2_lipschitz` (every two-step variant). `crmt_cert`, CRMT trained on its
+sound certificate, lives in `crmt_cert.py`.
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ def mixed_step1_loss(output, labels: Array, permutation: Array, lam: Array, rho:
   return lam * loss_a + (1.0 - lam) * loss_b, {**parts, "lambda": lam}
 
 
-def closest_class_bound(output, labels: Array, tau: Mapping[str, Array]) -> Array:
+def closest_class_bound(output, labels: Array, tau: Mapping[str, Array],
+                        feature_lipschitz: Mapping[str, Array] | None = None) -> Array:
   """`r_j(x)` of Thm 3.5 (eq. 10) at `j = argmax_{k != y} h~_k(x)`, [B] (not clipped at 0).
 
   The quantity CRMT step 2 maximises (`L2 = -mean_i r_j(x_i)`, Sec. 3.4).
@@ -104,12 +110,15 @@ def closest_class_bound(output, labels: Array, tau: Mapping[str, Array]) -> Arra
     labels: int [B] true labels `y`.
     tau: modality -> [B, K] or [1, K] constants `tau~^(m)_k` of the uni-modal
       scores (CRMT eq. 9), as for `mmsafe.certify.certified_radius`.
+    feature_lipschitz: optional modality -> `L^(m)` for the tight Thm 3.5
+      (see `mmsafe.certify.certified_radius`).
 
   Returns:
     [B] radii at the closest wrong class. Pure and jit-able (value checks
     run only on concrete inputs).
   """
-  per_class = certify.certified_radius(output, labels, tau).per_class
+  per_class = certify.certified_radius(output, labels, tau,
+                                       feature_lipschitz=feature_lipschitz).per_class
   is_label = jax.nn.one_hot(labels, output.logits.shape[-1], dtype=bool)
   closest = jnp.argmax(jnp.where(is_label, -jnp.inf, output.logits), axis=-1)
   return jnp.take_along_axis(per_class, closest[:, None], axis=1)[:, 0]
@@ -167,15 +176,28 @@ def _plain_cross_entropy(model, config, name):
   return loss_fn
 
 
-def step2_objective(model, config=None):
+STEP2_LIPSCHITZ = ("empirical", "sound")
+
+
+def step2_lipschitz(config: Mapping | None, default: str = "empirical") -> str:
+  """The Lipschitz kind step 2 optimises (`method_kwargs.step2_lipschitz`)."""
+  kind = (config or {}).get("step2_lipschitz") or default
+  if kind not in STEP2_LIPSCHITZ:
+    raise ValueError(f"method_kwargs.step2_lipschitz: expected one of {list(STEP2_LIPSCHITZ)} "
+                     f"or None, got {kind!r}")
+  return kind
+
+
+def step2_objective(model, config=None, *, default_lipschitz: str = "empirical"):
   """CRMT step 2: `L2 = -mean_i r_j(x_i)` (Thm 3.5 at the closest wrong class).
 
   The model runs in inference mode (batch-norm statistics frozen) and every
   parameter but `a` is behind `stop_gradient`; the step-2 optimizer
   (`mmsafe.train.optimizer.make_step2_optimizer`) updates only `a`. `tau~`
-  is read from `state["crmt"]["tau"]` (see `estimate_tau`).
+  (and, for `step2_lipschitz = "sound"`, the encoders' bounds `L^(m)` of the
+  tight Thm 3.5) are read from `state["crmt"]` (see `prepare_step2`).
   """
-  del config
+  sound = step2_lipschitz(config, default_lipschitz) == "sound"
 
   def loss_fn(params, state, batch, rng):
     del rng
@@ -183,7 +205,9 @@ def step2_objective(model, config=None):
         lambda path, leaf: leaf if is_modality_weight(path, leaf) else jax.lax.stop_gradient(leaf),
         params)
     out, _ = apply_model(model, frozen, state, batch["inputs"], train=False)
-    bound = closest_class_bound(out, batch["label"], state[STATE_KEY]["tau"])
+    constants = state[STATE_KEY]
+    bound = closest_class_bound(out, batch["label"], constants["tau"],
+                                constants["feature_lipschitz"] if sound else None)
     loss = -jnp.mean(bound)
     return loss, (dict(state), {"bound": -loss, "accuracy": accuracy(out.logits, batch["label"])})
 
@@ -191,21 +215,32 @@ def step2_objective(model, config=None):
 
 
 def init_state(model, variables, config: Mapping | None = None) -> dict:
-  """Method state: step 2's `tau~` (zeros until `prepare_step2` fills it)."""
+  """Method state: step 2's `tau~` and `L^(m)` (zeros until `prepare_step2`)."""
   del model, config
   weights = variables["params"]["head"]["a"]
-  return {STATE_KEY: {"tau": {m: jnp.zeros((1, a.shape[-1]), jnp.float32)
-                              for m, a in weights.items()}}}
+  return {STATE_KEY: {
+      "tau": {m: jnp.zeros((1, a.shape[-1]), jnp.float32) for m, a in weights.items()},
+      "feature_lipschitz": {m: jnp.zeros((), jnp.float32) for m in weights}}}
 
 
-def prepare_step2(model, variables, dataset, *, batch_size: int) -> dict:
-  """The method state for step 2: `tau~`, the `empirical` Lipschitz constants of
-  the uni-modal scores over `dataset` (modality -> [1, K]), i.e. the maximum
-  per-sample gradient norm, as in the paper's code."""
-  constants = certify.empirical_constants(
-      model, variables, full_pass(dataset, batch_size=batch_size))
-  return {STATE_KEY: {"tau": {m: jnp.asarray(v, jnp.float32)
-                              for m, v in constants.values.items()}}}
+def prepare_step2(model, variables, dataset, config: Mapping | None = None, *,
+                  batch_size: int, default_lipschitz: str = "empirical") -> dict:
+  """The method state for step 2, modality -> constants of the uni-modal scores:
+  "empirical" (`step2_lipschitz`): `tau~` = the maximum per-sample gradient
+  norm over `dataset`, as in the paper's code; "sound": the encoders' stated
+  bounds (`mmsafe.certify.sound_constants`; `dataset` is not read), with
+  `L^(m)` for the tight Thm 3.5."""
+  if step2_lipschitz(config, default_lipschitz) == "sound":
+    # Jitted: op by op, the encoders' bounds take several times longer.
+    constants = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
+    features = constants.encoder
+  else:
+    constants = certify.empirical_constants(
+        model, variables, full_pass(dataset, batch_size=batch_size))
+    features = {m: 0.0 for m in constants.values}
+  return {STATE_KEY: {
+      "tau": {m: jnp.asarray(v, jnp.float32) for m, v in constants.values.items()},
+      "feature_lipschitz": {m: jnp.asarray(v, jnp.float32) for m, v in features.items()}}}
 
 
 _VARIANTS = {

@@ -38,8 +38,8 @@ class Method:
     step2: for two-step methods (CRMT), `(model, config) -> loss_fn` of the
       second step, which the loop runs after the first step's epochs with the
       step-2 optimizer.
-    prepare_step2: `(model, variables, train_dataset, *, batch_size) -> dict`
-      of method state entries computed once when step 2 begins.
+    prepare_step2: `(model, variables, train_dataset, config, *, batch_size)
+      -> dict` of method state entries computed once when step 2 begins.
     on_epoch_end: `(model, config, variables, state, splits, *, epoch,
       batch_size) -> dict` of method state entries to replace after each
       first-step epoch (and once with `epoch=0` before training), for what a

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from mmsafe.models.encoders import ENCODERS
 from mmsafe.models.heads import HEADS
+from mmsafe.models.operator_norms import BoundOptions
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -73,6 +74,26 @@ class MultiModalModel(nn.Module):
     """`phi^(m)(x)` for one modality alone (e.g. for per-modality Jacobians)."""
     return self.encoders[modality](x, train=train).astype(jnp.float32)
 
+  def feature_lipschitz(self, options: BoundOptions | None = None) -> dict[str, Array]:
+    """`L^(m) >= Lip(phi^(m))` (l2, eval mode) for every modality: each encoder's
+    own stated bound (`lipschitz_bound`), computed at full matmul precision.
+
+    Raises:
+      NotImplementedError naming the modality and the encoder (or its layer)
+      that states no bound.
+    """
+    options = BoundOptions() if options is None else options
+    bounds = {}
+    for m in sorted(self.input_shapes):
+      encoder = self.encoders[m]
+      if not hasattr(encoder, "lipschitz_bound"):
+        raise NotImplementedError(f"sound Lipschitz bound: the encoder of modality {m!r} "
+                                  f"({type(encoder).__name__}) states no Lipschitz bound")
+      example = jnp.zeros((1, *self.input_shapes[m]), jnp.float32)
+      with jax.default_matmul_precision("highest"):
+        bounds[m] = encoder.lipschitz_bound(example, options)
+    return bounds
+
 
 def build(config: Mapping[str, Any], *, num_classes: int | None = None,
           input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> nn.Module:
@@ -83,7 +104,8 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
   `mmsafe.models.transformer.MultiModalTransformer` configured by the
   `transformer` sub-config, see `transformer.from_config`; `encoders` is
   then ignored), `encoders` (modality ->
-  dict(name="mlp"|"cnn"|"resnet18", **module attributes)), `dtype`
+  dict(name="mlp"|"cnn"|"resnet18"|"lip_mlp"|"lip_cnn"|"lip_resnet", **module
+  attributes); see `mmsafe.models.encoders`), `dtype`
   ("float32" | "bfloat16", for the encoders; the head is always float32),
   optional `head_weight_init` (orthogonal head's initial `a`), optional
   `batch_norm_axis_name` (the `jax.pmap` axis over which encoders with batch
@@ -143,7 +165,11 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
     if name not in ENCODERS:
       raise ValueError(f"model.encoders[{m!r}].name: expected one of {sorted(ENCODERS)}, "
                        f"got {name!r}")
+    fields = sorted(set(ENCODERS[name].__dataclass_fields__) - {"parent", "name", "dtype"})
     for key, value in enc.items():
+      if key not in fields:
+        raise ValueError(f"model.encoders[{m!r}].{key}: not a field of encoder {name!r}; "
+                         f"expected one of {fields}")
       if isinstance(value, list):
         enc[key] = tuple(value)
     if config.get("batch_norm_axis_name") and "axis_name" in ENCODERS[name].__dataclass_fields__:

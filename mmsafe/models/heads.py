@@ -15,27 +15,36 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe.manifold.stiefel import random_stiefel
+from mmsafe.models.lipschitz_layers import ORTHOGONAL_KERNEL
 from mmsafe.models.outputs import HeadParams
 
 Array = jax.Array
 
 # Name of the parameter collection entry that holds the orthonormal-row
-# matrices W~^(m); the optimizer keeps exactly these leaves on the manifold.
+# matrices W~^(m); the optimizer keeps these leaves, and the kernels of
+# `OrthogonalDense` encoder layers, on the Stiefel manifold.
 STIEFEL_PARAM = "w_tilde"
+STIEFEL_PARAMS = (STIEFEL_PARAM, ORTHOGONAL_KERNEL)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _keys(path: tuple) -> list:
+  return [getattr(entry, "key", None) for entry in path]
+
+
 def is_stiefel_leaf(path: tuple, leaf: Array) -> bool:
-  """Whether a parameter leaf (by its pytree key path) is an orthogonal-head W~."""
+  """Whether a parameter leaf (by its pytree key path) is kept on the Stiefel
+  manifold: an orthogonal head's W~ or an `OrthogonalDense` kernel."""
   del leaf
-  return any(getattr(entry, "key", None) == STIEFEL_PARAM for entry in path)
+  return any(key in STIEFEL_PARAMS for key in _keys(path))
 
 
 def is_modality_weight(path: tuple, leaf: Array) -> bool:
-  """Whether a parameter leaf (by its key path) is an orthogonal head's `a^(m)`."""
+  """Whether a parameter leaf (by its key path from the parameters' root) is an
+  orthogonal head's `a^(m)`: exactly the path `head / a / <modality>`."""
   del leaf
-  keys = [getattr(entry, "key", None) for entry in path]
-  return "head" in keys and "a" in keys
+  keys = _keys(path)
+  return len(keys) == 3 and keys[:2] == ["head", "a"]
 
 
 def _matmul(x: Array, kernel: Array) -> Array:

@@ -283,6 +283,25 @@ class MultiModalTransformer(nn.Module):
     scores, logits, head = self.head(features)
     return ModelOutput(features=features, scores=scores, logits=logits, head=head)
 
+  def feature_lipschitz(self, options=None):
+    """No sound bound exists: always raises, naming the part without one.
+
+    Raises:
+      NotImplementedError: with `depth_crossmodal > 0` the cross-modal
+        attention blocks make `phi^(m)` depend on every modality; otherwise
+        the self-attention blocks and LayerNorm of each modality state no
+        Lipschitz bound (dot-product attention is not globally Lipschitz).
+    """
+    del options
+    if self.depth_crossmodal:
+      part = (f"the cross-modal attention blocks (crossmodal_0..{self.depth_crossmodal - 1}): "
+              f"phi^(m) depends on every modality's input, beyond Thm 3.3/3.5")
+    else:
+      part = ("the per-modality self-attention blocks and LayerNorm: dot-product attention "
+              "is not globally Lipschitz")
+    raise NotImplementedError(f"sound Lipschitz bound: MultiModalTransformer states none for "
+                              f"{part}")
+
 
 _CONFIG_FIELDS = ("width", "depth_unimodal", "depth_crossmodal", "heads", "mlp_dim",
                   "patch_sizes")

@@ -1,0 +1,138 @@
+"""CRMT trained on its sound certificate: the radius hinge against the tight
+Thm 3.5 certificate, its scale invariance, step 2 on sound constants, and the
+exact modality-weight paths that step 2 trains."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmsafe import certify, models
+from mmsafe.methods import crmt, crmt_cert
+from mmsafe.models import HeadParams, ModelOutput, is_modality_weight
+from mmsafe.train import TrainState, make_step2_optimizer, make_train_step, phased
+
+K = 5
+
+
+def _output(seed=0, batch=64, scale=1.0):
+  """An orthogonal-head output with orthonormal W~ columns, weights of both signs."""
+  rng = np.random.default_rng(seed)
+  kernels = {m: jnp.asarray(np.linalg.qr(rng.normal(size=(8, K)))[0], jnp.float32) for m in "ab"}
+  weights = {m: jnp.asarray(scale * rng.uniform(-0.3, 1.2, size=K), jnp.float32) for m in "ab"}
+  bias = jnp.asarray(scale * 0.2 * rng.normal(size=K), jnp.float32)
+  scores = {m: jnp.asarray(rng.normal(size=(batch, K)), jnp.float32) for m in "ab"}
+  logits = sum(weights[m] * scores[m] for m in "ab") + bias
+  head = HeadParams(kind="orthogonal", bias=bias, kernels=kernels, weights=weights)
+  out = ModelOutput(features={m: jnp.zeros((batch, 8)) for m in "ab"}, scores=scores,
+                    logits=logits, head=head)
+  labels = jnp.asarray(np.argmax(np.asarray(logits), -1))
+  return out, labels.at[:4].set((labels[:4] + 1) % K)  # a few misclassified
+
+
+def test_radius_logits_certify_exactly_the_tight_radius_above_eps():
+  out, labels = _output()
+  lipschitz = {"a": 1.3, "b": 0.7}
+  tau = {m: jnp.linalg.norm(out.head.kernels[m], axis=0)[None] * lipschitz[m] for m in "ab"}
+  cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+  radii = np.asarray(cert.radius)
+  for eps in (0.05, 0.2, 0.5):
+    logits = crmt_cert.radius_logits(out, labels, lipschitz, eps=eps, temperature=3.0)
+    certified = np.asarray(jnp.argmax(logits, -1) == labels)
+    np.testing.assert_array_equal(certified, radii > eps)
+    assert 0 < certified.sum() < len(radii)  # both outcomes occur
+  # The logits are t (eps - r_k) with r_k the per-class tight radius.
+  logits = crmt_cert.radius_logits(out, labels, lipschitz, eps=0.3, temperature=2.0)
+  is_label = np.asarray(jax.nn.one_hot(labels, K, dtype=bool))
+  np.testing.assert_allclose(np.asarray(logits)[~is_label],
+                             2.0 * (0.3 - np.asarray(cert.per_class)[~is_label]), rtol=1e-5,
+                             atol=1e-5)
+  assert np.all(np.asarray(logits)[is_label] == 0)
+
+
+def test_radius_hinge_is_invariant_to_the_head_scale_and_differentiable():
+  # Scaling a and b~ together leaves every radius unchanged, so the loss cannot
+  # fall by shrinking the head (the plain Lipschitz-margin loss can).
+  out, labels = _output(scale=1.0)
+  small, _ = _output(scale=0.01)
+  lipschitz = {"a": 1.0, "b": 1.0}
+  loss = lambda o: crmt_cert.step1_loss(o, labels, lipschitz, eps=0.5, temperature=4.0,
+                                        rho=0.0, floor=1e-5)[0]
+  np.testing.assert_allclose(loss(out), loss(small), rtol=1e-4)
+  grads = jax.grad(lambda head: loss(out.replace(head=head)))(out.head)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads.weights["a"]).max()) > 0
+  # The normalised L1 adds a finite, positive-gradient term when enabled.
+  value, parts = crmt_cert.step1_loss(out, labels, lipschitz, eps=0.5, temperature=4.0,
+                                      rho=0.5, floor=1e-5)
+  np.testing.assert_allclose(value, parts["radius_ce"] + 0.5 * parts["l1"], rtol=1e-6)
+
+
+def test_normalized_scores_are_unimodal_margins_over_their_constants():
+  out, labels = _output(seed=3, batch=8)
+  lipschitz = {"a": 2.0, "b": 0.5}
+  scores = crmt_cert.normalized_scores(out, labels, lipschitz)
+  for m in "ab":
+    kernel = np.asarray(out.head.kernels[m])
+    u = np.asarray(out.scores[m])
+    for i, y in enumerate(np.asarray(labels)):
+      for k in range(K):
+        constant = np.linalg.norm(kernel[:, y] - kernel[:, k]) * lipschitz[m]
+        expected = 0.0 if k == y else (u[i, k] - u[i, y]) / constant
+        np.testing.assert_allclose(scores[m][i, k], expected, rtol=1e-5, atol=1e-6)
+
+
+def _lipschitz_model(modalities=("a", "b")):
+  encoders = {"a": {"name": "lip_mlp", "widths": (12, 10)},
+              "b": {"name": "lip_cnn", "channels": (4,), "features": 10}}
+  shapes = {"a": (6,), "b": (6, 4, 1)}
+  model = models.build({"head": "orthogonal", "encoders": {m: encoders[m] for m in modalities}},
+                       num_classes=K, input_shapes={m: shapes[m] for m in modalities})
+  x = {m: jax.random.normal(jax.random.PRNGKey(i), (32, *shapes[m]))
+       for i, m in enumerate(modalities)}
+  return model, x
+
+
+def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
+  model, x = _lipschitz_model()
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  labels = jnp.argmax(model.apply(variables, x).logits, -1)
+  prepared = crmt_cert._prepare_step2(model, variables, None, {}, batch_size=32)
+  sound = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
+  for m in "ab":
+    np.testing.assert_allclose(prepared["crmt"]["tau"][m], sound.values[m], rtol=1e-6)
+    np.testing.assert_allclose(prepared["crmt"]["feature_lipschitz"][m], sound.encoder[m],
+                               rtol=1e-6)
+    assert float(sound.encoder[m]) <= 1.0 + 1e-5
+  optimizers = phased({"step1": optax.sgd(0.0),
+                       "step2": make_step2_optimizer({"learning_rate": 0.05, "momentum": 0.9}, 4)})
+  state = TrainState.create(variables, optimizers["step1"], jax.random.PRNGKey(1),
+                            crmt.init_state(model, variables))
+  state = state.replace(state={**state.state, **prepared})
+  step = jax.jit(make_train_step(crmt_cert._step2(model, {}), optimizers["step2"]))
+  batch = {"inputs": x, "label": labels}
+
+  def tight_bound(variables):
+    out = model.apply(variables, x)
+    return float(jnp.mean(crmt.closest_class_bound(
+        out, labels, prepared["crmt"]["tau"], prepared["crmt"]["feature_lipschitz"])))
+
+  before = tight_bound(state.variables)
+  start = state.variables["params"]
+  for _ in range(10):
+    state, metrics = step(state, batch)
+  assert tight_bound(state.variables) > before
+  np.testing.assert_allclose(float(metrics["bound"]), tight_bound(state.variables), rtol=0.1)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda path, new, old: (is_modality_weight(path, new), bool(jnp.any(new != old))),
+      state.variables["params"], start)
+  for is_a, changed in jax.tree_util.tree_leaves(moved, is_leaf=lambda v: isinstance(v, tuple)):
+    assert changed == is_a
+
+
+def test_modality_weights_match_exact_paths_even_for_a_modality_named_a():
+  model, x = _lipschitz_model()
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+  matched = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(params)[0] if is_modality_weight(path, leaf)]
+  assert matched == ["['head']['a']['a']", "['head']['a']['b']"]
