@@ -1,7 +1,7 @@
 """Pieces shared by the attacks: modality selection, joint l2 geometry over a
 subset of modalities, box constraints, attack losses and worst-case selection.
 
-Conventions (DESIGN.md "Public API"):
+Conventions (those of the public API):
 
 * `inputs` is a dict `{modality: float[B, ...]}` in the model's (normalised)
   space; `logits_fn(inputs) -> float[B, K]` gives the fused logits and closes

@@ -179,8 +179,8 @@ def jacobian_norms(score_fn: Callable[[dict[str, Array]], Any], inputs: Mapping[
     chunk_size: examples per vectorised chunk (`jax.lax.map(..., batch_size)`),
       to bound memory; None: the whole batch at once (`jax.vmap`).
     precision: `jax.default_matmul_precision` for the model's matmuls and
-      convolutions inside the Jacobian ("highest": full float32, as DESIGN.md
-      asks for everything the bounds use; None: the ambient setting, e.g.
+      convolutions inside the Jacobian ("highest": full float32, as
+      everything the bounds use; None: the ambient setting, e.g.
       TF32 on GPUs).
 
   Returns:

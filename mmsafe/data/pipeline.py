@@ -1,7 +1,7 @@
 """Host-side batching of in-memory datasets and of TFDS clip datasets, and batch validation.
 
-Batches are plain numpy pytrees `{"inputs": {m: [B, ...]}, "label": int32[B]}`
-(DESIGN.md). The order of training examples is a pure function of
+Batches are plain numpy pytrees `{"inputs": {m: [B, ...]}, "label": int32[B]}`.
+The order of training examples is a pure function of
 `(seed, epoch)`, so a run resumed at any step sees exactly the batches an
 uninterrupted run would have seen.
 

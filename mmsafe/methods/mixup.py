@@ -2,7 +2,7 @@
 ICLR 2018, applied jointly to all modalities; the CRMT paper's "Mixup" baseline,
 Yang et al. ICLR 2024, Table 1, citing Li et al. 2022b).
 
-CRMT-Mix without the L1 term (SPEC.md Sec. 4): one `lam ~ Beta(alpha, alpha)`
+CRMT-Mix without the L1 term: one `lam ~ Beta(alpha, alpha)`
 and one permutation `perm` of the batch, shared by all modalities, mix the
 inputs `x~^(m) = lam x^(m) + (1 - lam) x^(m)[perm]`, and the loss is the mixed
 cross-entropy of the fused logits on the mixed batch,

@@ -11,11 +11,11 @@ step, inside the pure train step:
    `score^(m) = sum_i softmax(o^(m)_i)[y_i]` over the batch.
 2. Discrepancy ratio `rho^(m) = score^(m) / mean_{j != m} score^(j)` (for the
    paper's M = 2 this is `score_v / score_a` and its inverse).
-3. Modulation coefficient (SPEC.md Sec. 4):
+3. Modulation coefficient (mmsafe's continuous form):
    `k^(m) = 1 - tanh(alpha * (rho^(m) - 1))` if `rho^(m) > 1`, else 1, so only
    a dominant modality is slowed down. NOTE: the CVPR paper's eq. 10 and the
    reference code use `1 - tanh(alpha * rho)`, which jumps from 1 to
-   `1 - tanh(alpha)` at `rho = 1`; SPEC.md prescribes the continuous form.
+   `1 - tanh(alpha)` at `rho = 1`; mmsafe uses the continuous form.
 4. Gradient modulation: every encoder-m parameter gradient `g` becomes
    `k^(m) * g`; with GE (`ogm_ge=True`, OGM-GE) Gaussian noise with the
    gradient's own standard deviation is added, `k^(m) g + N(0, std(g)^2)`,
@@ -106,7 +106,7 @@ def discrepancy_ratios(scores: Mapping[str, Array]) -> dict[str, Array]:
 
 
 def modulation_coefficients(ratios: Mapping[str, Array], alpha: float) -> dict[str, Array]:
-  """`1 - tanh(alpha (rho - 1))` where `rho > 1`, else 1 (SPEC.md Sec. 4)."""
+  """`1 - tanh(alpha (rho - 1))` where `rho > 1`, else 1 (continuous at `rho = 1`)."""
   return {m: jnp.where(r > 1.0, 1.0 - jnp.tanh(alpha * (r - 1.0)), 1.0)
           for m, r in ratios.items()}
 

@@ -4,7 +4,7 @@ A method knows which head it needs and builds an objective
 
     loss_fn(params, state, batch, rng) -> (loss, (new_state, metrics))
 
-for a given model (DESIGN.md). `state` is a dict whose entry "model" holds the
+for a given model. `state` is a dict whose entry "model" holds the
 model's non-parameter collections (batch-norm statistics); methods may keep
 their own entries beside it.
 """
