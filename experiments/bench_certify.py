@@ -65,7 +65,7 @@ def random_variables(model, inputs, seed: int = 0):
 
 def naive_radii(model, variables, inputs, labels, n: int):
   """Local radii of the first `n` examples, one gradient per (sample, modality, class)."""
-  head = certify.lipschitz.head_params(model, variables)
+  head = certify.head_params(model, variables)
   modalities = sorted(inputs)
   grads = {}
   for m in modalities:

@@ -123,49 +123,75 @@ def rate(iterator, batch_size: int, steps: int) -> float:
 
 
 def bench_dataset(dataset: str, workdir: str) -> dict:
-  manual = os.path.join(workdir, dataset, "manual")
-  data_dir = os.path.join(workdir, dataset, "tfds")
+  """Every measurement of `dataset` (see the module docstring), as one flat dict."""
   ucf = dataset == "ucf101_rgb_flow"
+  manual = os.path.join(workdir, dataset, "manual")
+  result = _fake_manual_dir(dataset, manual, ucf)
+  source, measured = _bench_build(dataset, manual, os.path.join(workdir, dataset, "tfds"), ucf)
+  result.update(measured)
+  if ucf:
+    result["tvl1_s_per_pair_320x240"] = _bench_tvl1(manual)
+  result.update(_bench_read(source))
+  result.update(_bench_preprocessing(source))
+  result.update(_bench_iterators(source))
+  return result
+
+
+def _fake_manual_dir(dataset: str, manual: str, ucf: bool) -> dict:
+  """Writes fake clips and split lists into `manual` unless there; returns their description."""
   seconds = 7 if ucf else _SECONDS.value
   num = _UCF_CLIPS.value if ucf else _NUM_CLIPS.value
+  size = "320x240" if ucf else _SOURCE_SIZE.value
   if not os.path.isdir(manual):
-    make_fake_clips(manual, num, seconds, "320x240" if ucf else _SOURCE_SIZE.value, 25,
-                    audio=not ucf)
+    make_fake_clips(manual, num, seconds, size, 25, audio=not ucf)
     write_lists(manual, dataset, num)
-  result = {"dataset": dataset, "clips": num, "clip_seconds": seconds,
-            "source": "320x240" if ucf else _SOURCE_SIZE.value}
+  return {"dataset": dataset, "clips": num, "clip_seconds": seconds, "source": size}
+
+
+def _bench_build(dataset: str, manual: str, data_dir: str, ucf: bool) -> tuple[object, dict]:
+  """A fresh build of `dataset`: (its train data source, build rate and stored size)."""
   shutil.rmtree(data_dir, ignore_errors=True)  # always time a fresh build
   builder, seconds_taken = build(dataset, manual, data_dir)
   written = sum(s.num_examples for s in builder.info.splits.values())
-  result["build_clips_per_s"] = written / seconds_taken
-  result["build_workers"] = _BUILD_WORKERS.value or os.cpu_count()
   source = builder.as_data_source()["train"]
   record = source[0]
-  result["stored_kb_per_example"] = round(sum(
-      len(b) for b in np.ravel(record["visual"])) / 1024 + (
-          sum(len(b) for b in np.ravel(record["flow"])) / 1024 if ucf else
-          np.asarray(record["audio"]).nbytes / 1024), 1)
-  if ucf:
-    frames = media.extract_frame_numbers(
-        os.path.join(manual, "UCF-101", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g00_c01.avi"),
-        [0, 1], width=320, height=240)
-    start = time.perf_counter()
-    for _ in range(3):
-      media.tvl1_flow(media.to_gray(frames[0]), media.to_gray(frames[1]))
-    result["tvl1_s_per_pair_320x240"] = (time.perf_counter() - start) / 3
+  stored = sum(len(b) for b in np.ravel(record["visual"])) / 1024 + (
+      sum(len(b) for b in np.ravel(record["flow"])) / 1024 if ucf else
+      np.asarray(record["audio"]).nbytes / 1024)
+  return source, {"build_clips_per_s": written / seconds_taken,
+                  "build_workers": _BUILD_WORKERS.value or os.cpu_count(),
+                  "stored_kb_per_example": round(stored, 1)}
 
+
+def _bench_tvl1(manual: str) -> float:
+  """Seconds per TV-L1 flow of one 320x240 frame pair of the fake UCF101 clip."""
+  frames = media.extract_frame_numbers(
+      os.path.join(manual, "UCF-101", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g00_c01.avi"),
+      [0, 1], width=320, height=240)
+  start = time.perf_counter()
+  for _ in range(3):
+    media.tvl1_flow(media.to_gray(frames[0]), media.to_gray(frames[1]))
+  return (time.perf_counter() - start) / 3
+
+
+def _bench_read(source) -> dict:
+  """Random-access reads: examples/s, and CPU milliseconds per example."""
   start = time.perf_counter()
   for i in range(200):
     source[i % len(source)]
-  result["read_examples_per_s"] = 200 / (time.perf_counter() - start)
-
-  # CPU milliseconds per example, one thread, no batching: robust to other load on
-  # the machine; 1000 / cpu_ms is the examples/s one core sustains.
-  records = [source[i] for i in range(len(source))]
+  result = {"read_examples_per_s": 200 / (time.perf_counter() - start)}
   start = time.process_time()
   for i in range(100):
     source[i % len(source)]
   result["cpu_ms_read"] = (time.process_time() - start) * 10
+  return result
+
+
+def _bench_preprocessing(source) -> dict:
+  """CPU milliseconds per example of `preprocess_clip` (one thread, no batching: robust to
+  other load on the machine; 1000 / cpu_ms is the examples/s one core sustains)."""
+  records = [source[i] for i in range(len(source))]
+  result = {}
   for train in (True, False):
     for normalize in (True, False):
       config = pipeline.ClipPreprocessing(normalize=normalize)
@@ -175,10 +201,15 @@ def bench_dataset(dataset: str, workdir: str) -> dict:
                                  rng=np.random.default_rng(i) if train else None, config=config)
       tag = f"{'train' if train else 'eval'}_{'f32' if normalize else 'uint8'}"
       result[f"cpu_ms_{tag}"] = (time.process_time() - start) / 60 * 1000
+  return result
 
+
+def _bench_iterators(source) -> dict:
+  """Examples/s of the training and evaluation iterators for each worker setting."""
   b, steps = _BATCH_SIZE.value, _STEPS.value
   workers = ([("threads", int(t)) for t in _THREADS.value if t]
              + [("processes", int(p)) for p in _PROCESSES.value if p])
+  result = {}
   for kind, count in workers:
     for normalize in (True, False):
       config = pipeline.ClipPreprocessing(normalize=normalize)

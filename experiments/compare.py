@@ -19,10 +19,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mmsafe import data as data_lib
+from experiments.configs import evals as evals_config
+from mmsafe import files
 from mmsafe import methods
-from mmsafe.eval import robustness
-from mmsafe.eval.certification import run_certification
+from mmsafe.eval import evaluators
 from mmsafe.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
@@ -36,18 +36,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
-  """Headline robustness numbers and mean certified radii of one trained run."""
+  """Headline robustness numbers and mean certified radii of one trained run
+  (the `paper` evaluators of experiments/configs/evals.py, and `certify`
+  without its attack check)."""
   config, model, variables, splits = loop.restore_run(workdir)
-  test = data_lib.in_memory(splits["test"])
-  suite = robustness.SuiteConfig(protocol=protocol, multi_eps=(), uni_eps=(),
-                                 decoupling_fractions=())
-  report = robustness.evaluate_robustness(robustness.logits_apply(model), variables, test.inputs,
-                                          test.labels, suite)
-  row = {"method": config["method"], **report["headline"]}
+  evals = evals_config.get_config("paper").to_dict()
+  evals["robustness"]["protocol"] = protocol
   if certify_kinds:
-    results, _, _ = run_certification(model, variables, splits, kinds=certify_kinds,
-                                      attack_steps=0)
-    for kind, entry in results["kinds"].items():
+    evals.update(evals_config.get_config("certify").to_dict())
+    evals["certify"].update(kinds=tuple(certify_kinds), attack_steps=0)
+  built = evaluators.build_evaluators(evals, model=model, splits=splits)
+  row = {"method": config["method"], **built["robustness"].run(variables)["headline"]}
+  if certify_kinds:
+    for kind, entry in built["certify"].run(variables)["kinds"].items():
       row[f"radius/{kind}"] = entry["summary"]["mean_radius"]
   return row
 
@@ -82,9 +83,8 @@ def main(argv):
   print(f"\n{_CONFIG.value.dataset}, test split, models selected on validation "
         f"(PGD protocol {_PROTOCOL.value!r}; radius/sound is a certificate, "
         f"radius/empirical an estimate):\n\n{table}")
-  loop.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)
-  with open(os.path.join(_WORKDIR.value, "comparison.md"), "w") as f:
-    f.write(table)
+  files.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)
+  files.write_text_atomic(os.path.join(_WORKDIR.value, "comparison.md"), table)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mmsafe import certify as certify_lib
+from mmsafe import files
 from mmsafe import methods
 from mmsafe.eval import plots
 from mmsafe.eval.certification import run_certification
@@ -106,7 +107,7 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, max_exampl
             "encoder_lipschitz": entry["lipschitz"]["encoder_lipschitz"],
             "attacked": entry.get("attack", {}).get("attacked", 0),
             "broken": entry.get("attack", {}).get("broken", 0)}
-  loop.write_json_atomic(cache, {"settings": settings, "result": result})
+  files.write_json_atomic(cache, {"settings": settings, "result": result})
   return result
 
 
@@ -176,15 +177,15 @@ def main(argv):
   print(f"\n{_CONFIG.value.dataset}, test split, {len(seeds)} seed(s), sound certificates "
         f"checked by l2-PGD ({_ATTACK_STEPS.value} steps x {_ATTACK_RESTARTS.value} "
         f"restarts):\n\n{table}")
-  loop.write_json_atomic(os.path.join(_WORKDIR.value, "certified.json"),
+  files.write_json_atomic(os.path.join(_WORKDIR.value, "certified.json"),
                          {"radii": radii.tolist(), "grid": grid.tolist(), "rows": rows})
-  with open(os.path.join(_WORKDIR.value, "certified.md"), "w") as f:
-    f.write(table)
+  files.write_text_atomic(os.path.join(_WORKDIR.value, "certified.md"), table)
   curves = {f"{row['method']} ({row['encoders']})": (grid, row["curve"]) for row in rows}
-  plots.plot_certified_accuracy(
-      curves, os.path.join(_WORKDIR.value, "certified_accuracy.png"),
-      title=f"{_CONFIG.value.dataset}: sound certified accuracy (mean of {len(seeds)} seeds)",
-      linestyles={name: "-" if "(lipschitz)" in name else "--" for name in curves})
+  files.write_atomic(os.path.join(_WORKDIR.value, "certified_accuracy.png"),
+                     lambda f: plots.plot_certified_accuracy(
+                         curves, f, title=f"{_CONFIG.value.dataset}: sound certified accuracy "
+                         f"(mean of {len(seeds)} seeds)",
+                         linestyles={n: "-" if "(lipschitz)" in n else "--" for n in curves}))
 
 
 if __name__ == "__main__":

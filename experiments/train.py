@@ -14,7 +14,7 @@ environment shows a multi-process job (SLURM, Open MPI, Cloud TPU, or
 never.
 
 Preemption: on SIGTERM the run saves a checkpoint at the next step boundary and
-exits with status 143 (`loop.PREEMPTED_EXIT_CODE`); rerun the same command to
+exits with status 143 (`preemption.PREEMPTED_EXIT_CODE`); rerun the same command to
 resume. Any other failure exits with status 1, a finished run with 0.
 """
 
@@ -26,7 +26,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mmsafe.train import distributed
 from mmsafe.train import loop
+from mmsafe.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -48,14 +50,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  loop.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  distributed.initialize_distributed(
+      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except loop.Preempted as e:
+  except preemption.Preempted as e:
     logging.warning("%s", e)
     print(json.dumps({"preempted": True, "step": e.step}), flush=True)
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
   logging.info("results: %s", results)
   print(json.dumps(results, indent=2, sort_keys=True), flush=True)
 

@@ -27,17 +27,23 @@ docstring says otherwise):
              `sound_constants` (composed from the encoders' stated bounds).
   attacks    `fgm`, `pgd` (joint l2 budget over any modalities), `drop_modality`,
              `decoupling` (MUROAN l0); each takes `logits_fn(inputs) -> [B, K]`.
-  methods    objectives by name, `methods.get(name)(model, config)` ->
-             `loss_fn(params, state, batch, rng)`; CRMT's `margin_regularizer`
+  methods    methods by name (`methods.get(name)`): a head, training stages
+             (`Stage`: objective, optimizer section, trainable parameters) and
+             callbacks; `methods.get(name)(model, config)` is the first stage's
+             `loss_fn(params, state, batch, rng)`; `methods.compose` declares the
+             input transform x loss compositions; CRMT's `margin_regularizer`
              (L1, eq. 12) and `closest_class_bound` (step 2, eq. 10) in
              `mmsafe.methods.crmt`; `crmt_cert` (CRMT trained on its sound
              certificate) in `mmsafe.methods.crmt_cert`.
   train      `make_train_step(objective, optimizer)`, `make_eval_step(model)`,
              `TrainState`, optimizers; `train.loop.train_and_evaluate` runs a
-             config (the only Python loop over steps).
+             config through its stages (the only Python loop over steps).
   data       `load(name, split)` (embedded `mfeat` / `av_digits` in memory; TFDS
              clip datasets), `make_iterator`, `validate_batch`.
-  eval       `evaluate_robustness`, `run_certification`, reports and plots.
+  eval       evaluators from `config.evals` (`eval.evaluators.build_evaluators`:
+             clean, FGM/PGD, missing, decoupling, certify, sweep; each with
+             `run(variables) -> metrics`), `evaluate_robustness`,
+             `run_certification`, reports and plots.
 
 The most used names are also importable from here: `mmsafe.build`,
 `mmsafe.ModelOutput`, `mmsafe.certified_radius`, `mmsafe.radius_from_scores`,

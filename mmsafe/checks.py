@@ -3,7 +3,12 @@ the expected and the actual value."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from mmsafe.numerics import concrete
 
 
 def select_modalities(requested: str | Sequence[str] | None, valid: Sequence[str], *,
@@ -29,3 +34,58 @@ def select_modalities(requested: str | Sequence[str] | None, valid: Sequence[str
   if len(set(requested)) != len(requested):
     raise ValueError(f"{field}: expected no duplicates, got {list(requested)}")
   return requested
+
+
+def check_inputs(inputs: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]], *,
+                 batch_size: int | None = None, field: str = "inputs") -> None:
+  """Checks modality names, per-example shapes, floating dtypes and one batch size
+  (`batch_size` when given); static, on shapes and dtypes only, so it works under jit.
+
+  Raises:
+    ValueError naming `field` (and the modality), the expected and the actual value.
+  """
+  if not isinstance(inputs, Mapping):
+    raise ValueError(f"{field}: expected a dict modality -> array, got {type(inputs).__name__}")
+  missing = sorted(set(input_shapes) - set(inputs))
+  extra = sorted(set(inputs) - set(input_shapes))
+  if missing or extra:
+    raise ValueError(f"{field}: expected modalities {sorted(input_shapes)}, got {sorted(inputs)}"
+                     + (f" (missing modality {missing})" if missing else "")
+                     + (f" (unexpected modality {extra})" if extra else ""))
+  for m, shape in input_shapes.items():
+    x, shape = inputs[m], tuple(shape)
+    actual = tuple(x.shape) if hasattr(x, "shape") else None
+    if not (actual is not None and len(actual) == len(shape) + 1 and actual[1:] == shape
+            and batch_size in (None, actual[0])):
+      batch = "B" if batch_size is None else batch_size
+      raise ValueError(f"{field}[{m!r}]: expected shape {_dims(batch, *shape)}, got "
+                       f"{_dims(*actual) if actual is not None else type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{field}[{m!r}]: expected a floating dtype, got {x.dtype}")
+  sizes = {m: inputs[m].shape[0] for m in input_shapes}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"{field}: modalities disagree on the batch size: {sizes}")
+
+
+def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None,
+                 field: str = "labels") -> None:
+  """Checks that `labels` is int [B] (`B = batch_size` when given) and, when concrete
+  (not traced under jit), that its values lie in `[0, num_classes)`.
+
+  Raises:
+    ValueError naming `field`, the expected and the actual value.
+  """
+  shape, dtype = tuple(labels.shape), labels.dtype
+  if (len(shape) != 1 or (batch_size is not None and shape[0] != batch_size)
+      or not jnp.issubdtype(dtype, jnp.integer)):
+    batch = "B" if batch_size is None else batch_size
+    raise ValueError(f"{field}: expected int[{batch}], got {dtype}{list(shape)}")
+  values = concrete(labels)
+  if values is not None and values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"{field}: expected values in [0, {num_classes}), got range "
+                     f"[{values.min()}, {values.max()}]")
+
+
+def _dims(*dims: Any) -> str:
+  """`[4, 76]`: a shape as written in error messages."""
+  return f"[{', '.join(map(str, dims))}]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -11,6 +12,13 @@ import numpy as np
 # Full float32 precision for matmuls whose result is a bound or a constraint
 # (the TPU/GPU default rounds the inputs to bfloat16/TF32).
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def matmul_precision(precision: str | None) -> contextlib.AbstractContextManager:
+  """`jax.default_matmul_precision(precision)`, or no change (the ambient setting) for None."""
+  if precision is None:
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(precision)
 
 
 def label_mask(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -25,6 +25,20 @@ def mfeat_config(method: str, num_epochs: int = 6):
   return config
 
 
+def assert_fails_before_touching_the_workdir(config, field: str, value, message: str,
+                                             workdir) -> None:
+  """Sets `config.<field>` (dotted) to `value`; training then raises ValueError
+  matching `message` and writes nothing to `workdir`."""
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
 @pytest.fixture(scope="session")
 def trained_mfeat(tmp_path_factory):
   """`{method: (model, variables, splits, workdir)}` for "jt" and "ojt", each trained

@@ -14,7 +14,7 @@ import pytest
 
 from mmsafe import data as data_lib
 from mmsafe import methods, models
-from mmsafe.methods import common, gb, mixup, msefm, ogm, pmr
+from mmsafe.methods import common, compose, gb, msefm, ogm, pmr
 from mmsafe.train import loop
 from tests.conftest import mfeat_config
 
@@ -293,8 +293,14 @@ def test_mixup_with_lambda_one_is_plain_ce_and_zero_is_permuted_ce(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   state = {"model": {}}
   permutation = jnp.roll(jnp.arange(24), 5)
-  loss_fn = jax.jit(lambda p, lam: mixup.mixup_loss(model, p, state, batch, lam,
-                                                     permutation)[0])
+  ce = compose.ce_loss({}, "mixup")
+
+  def mixup_loss(p, lam):  # the mixup objective at a given lambda and permutation
+    mixed = common.mix_inputs(batch["inputs"], lam, permutation)
+    out, _ = common.apply_model(model, p, state, mixed, train=True)
+    return compose.mixed_loss(ce, out, batch["label"], lam, permutation)[0]
+
+  loss_fn = jax.jit(mixup_loss)
   np.testing.assert_allclose(loss_fn(params, 1.0), dominant.ce, rtol=1e-6)
   _tree_allclose(jax.jit(jax.grad(loss_fn))(params, 1.0),
                  plain, rtol=1e-5, atol=1e-8)
@@ -347,8 +353,8 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
   train, heldout = split("train", batch), split("validation", _batch(seed=7, size=15))
   splits = {"train": train, "validation": heldout}
   config = {"gb_super_epoch": 2, "gb_heldout_split": "validation"}
-  hook = lambda p, s, epoch: gb.on_epoch_end(model, config, {"params": p}, s, splits,
-                                             epoch=epoch, batch_size=10)
+  hook = lambda p, s, epoch: gb.measure_and_blend(model, config, {"params": p}, s, splits,
+                                                  epoch=epoch, batch_size=10)
 
   def measured(p):
     result = {}

@@ -313,7 +313,7 @@ def test_sound_encoder_bound_is_above_local_and_secant_ratios(tiny_models, resne
 def test_sound_constants_dominate_local_constants(tiny_models, head):
   model, variables, x = tiny_models[head]
   sound = certify.sound_constants(model, variables)
-  assert sound.kind == "sound" and sound.target == certify.lipschitz.TARGETS[head]
+  assert sound.kind == "sound" and sound.target == certify.constants.TARGETS[head]
   points = {m: v * 3.0 for m, v in _inputs({m: SHAPES[m] for m in x}, batch=8, seed=7).items()}
   local = certify.local_constants(model, variables, points)
   assert local.kind == "local"

@@ -10,9 +10,9 @@ import pytest
 
 from mmsafe import data as data_lib
 from mmsafe import methods
-from mmsafe.methods import crmt
+from mmsafe.methods import compose, crmt
 from mmsafe.models import HeadParams, ModelOutput
-from mmsafe.train import TrainState, loop, make_step2_optimizer, make_train_step, phased
+from mmsafe.train import TrainState, loop, make_optimizer, make_train_step, per_stage
 from tests.conftest import mfeat_config
 
 
@@ -70,7 +70,8 @@ def _output(seed=0, batch=12, classes=5):
 def test_mixup_with_lambda_one_reduces_to_step1():
   out, labels = _output()
   permutation = jnp.roll(jnp.arange(labels.shape[0]), 3)
-  mixed, mixed_parts = crmt.mixed_step1_loss(out, labels, permutation, 1.0, 2.0, 1e-5)
+  step1 = lambda output, y: crmt.step1_loss(output, y, 2.0, 1e-5)
+  mixed, mixed_parts = compose.mixed_loss(step1, out, labels, 1.0, permutation)
   plain, plain_parts = crmt.step1_loss(out, labels, 2.0, 1e-5)
   np.testing.assert_allclose(mixed, plain, rtol=1e-6)
   np.testing.assert_allclose(mixed_parts["l1"], plain_parts["l1"], rtol=1e-6)
@@ -78,7 +79,7 @@ def test_mixup_with_lambda_one_reduces_to_step1():
   mixed = methods.common.mix_inputs(inputs, 1.0, jnp.array([3, 2, 1, 0]))
   np.testing.assert_array_equal(mixed["a"], inputs["a"])
   # ... and lambda = 0 trains on the permuted labels only.
-  zero, _ = crmt.mixed_step1_loss(out, labels, permutation, 0.0, 2.0, 1e-5)
+  zero, _ = compose.mixed_loss(step1, out, labels, 0.0, permutation)
   np.testing.assert_allclose(zero, crmt.step1_loss(out, labels[permutation], 2.0, 1e-5)[0],
                              rtol=1e-6)
 
@@ -102,9 +103,9 @@ def step2_setup(trained_mfeat):
   and tau estimated on the training split."""
   model, variables, splits, _ = trained_mfeat["ojt"]
   train = splits["train"]
-  optimizers = phased({"step1": optax.sgd(0.0),
-                       "step2": make_step2_optimizer({"learning_rate": 0.05, "momentum": 0.9,
-                                                      "weight_decay": 1e-2}, 20)})
+  optimizers = per_stage({"step1": optax.sgd(0.0), "step2": make_optimizer(
+      {"learning_rate": 0.05, "momentum": 0.9, "weight_decay": 1e-2,
+       "trainable": crmt.STEP2.trainable}, 20)})
   state = TrainState.create(variables, optimizers["step1"], jax.random.PRNGKey(0),
                             crmt.init_state(model, variables))
   state = state.replace(state={**state.state, **crmt.prepare_step2(model, variables, train,
@@ -173,8 +174,8 @@ def test_two_step_run_resumes_in_step2(tmp_path):
   b = loop.restore_run(str(tmp_path / "resumed"), which="latest")[2]
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   with open(tmp_path / "full" / "metrics.jsonl") as f:
-    phases = [json.loads(line).get("phase") for line in f]
-  assert "step1" in phases and "step2" in phases
+    stages = [json.loads(line).get("stage") for line in f]
+  assert "step1" in stages and "step2" in stages
 
 
 def test_missing_hyper_parameter_is_named():

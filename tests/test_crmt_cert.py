@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsafe import certify, models
+from mmsafe import certify, methods, models
 from mmsafe.methods import crmt, crmt_cert
 from mmsafe.models import HeadParams, ModelOutput, is_modality_weight
-from mmsafe.train import TrainState, make_step2_optimizer, make_train_step, phased
+from mmsafe.train import TrainState, make_optimizer, make_train_step, per_stage
 
 K = 5
 
@@ -97,19 +97,24 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
   model, x = _lipschitz_model()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   labels = jnp.argmax(model.apply(variables, x).logits, -1)
-  prepared = crmt_cert._prepare_step2(model, variables, None, {}, batch_size=32)
+  method = methods.get("crmt_cert")
+  (prepare,) = method.callbacks
+  prepared = prepare.on_stage_start("step2", methods.CallbackContext(
+      model=model, variables=variables, state={}, splits={"train": None}, config={},
+      batch_size=32))
   sound = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
   for m in "ab":
     np.testing.assert_allclose(prepared["crmt"]["tau"][m], sound.values[m], rtol=1e-6)
     np.testing.assert_allclose(prepared["crmt"]["feature_lipschitz"][m], sound.encoder[m],
                                rtol=1e-6)
     assert float(sound.encoder[m]) <= 1.0 + 1e-5
-  optimizers = phased({"step1": optax.sgd(0.0),
-                       "step2": make_step2_optimizer({"learning_rate": 0.05, "momentum": 0.9}, 4)})
+  step2 = method.stage("step2")
+  optimizers = per_stage({"step1": optax.sgd(0.0), "step2": make_optimizer(
+      {"learning_rate": 0.05, "momentum": 0.9, "trainable": step2.trainable}, 4)})
   state = TrainState.create(variables, optimizers["step1"], jax.random.PRNGKey(1),
                             crmt.init_state(model, variables))
   state = state.replace(state={**state.state, **prepared})
-  step = jax.jit(make_train_step(crmt_cert._step2(model, {}), optimizers["step2"]))
+  step = jax.jit(make_train_step(step2.make_objective(model, {}), optimizers["step2"]))
   batch = {"inputs": x, "label": labels}
 
   def tight_bound(variables):

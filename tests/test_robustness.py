@@ -3,6 +3,7 @@ to end (`python -m experiments.evaluate`) on a model trained on mfeat."""
 
 import json
 import os
+import sys
 
 from absl import flags
 import jax.numpy as jnp
@@ -109,22 +110,28 @@ def test_suite_rejects_bad_configs():
       robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config)
 
 
-def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path):
+def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path, monkeypatch):
   from experiments import evaluate  # pylint: disable=import-outside-toplevel
 
   _, _, _, workdir = trained_mfeat["jt"]
-  out = str(tmp_path / "robustness")
-  argv = ["evaluate", f"--workdir={workdir}", f"--out={out}", "--protocol=fast",
-          "--multi_eps=1.0,2.0", "--uni_modalities=", "--attacks=pgd",
-          "--decoupling_fractions=", "--max_examples=96", "--batch_size=96", "--box"]
+  out = str(tmp_path / "reports")
+  suite = "--evals.robustness"
+  argv = ["evaluate", "--evals=experiments/configs/evals.py:robustness", f"--workdir={workdir}",
+          f"--out={out}", f"{suite}.protocol=fast", f"{suite}.multi_eps=(1.0, 2.0)",
+          f"{suite}.uni_modalities=()", f"{suite}.attacks=('pgd',)",
+          f"{suite}.decoupling_fractions=()", f"{suite}.max_examples=96",
+          f"{suite}.batch_size=96", f"{suite}.box=True"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
   flags.FLAGS(argv)
   try:
     evaluate.main(argv[:1])
   finally:
     flags.FLAGS.unparse_flags()
+  out = os.path.join(out, "robustness")  # evaluator <name> writes into <out>/<name>
   with open(os.path.join(out, "robustness.json")) as f:
     results = json.load(f)
   assert results["meta"]["dataset"] == "mfeat" and results["num_examples"] == 96
+  assert results["meta"]["split"] == "test"
   assert results["config"]["box_constraints"] == ["pix"]
   clean = results["clean_accuracy"]
   assert clean > 0.8

@@ -211,7 +211,7 @@ def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
   assert results["steps"] == 4 and 0 <= results["test_accuracy"] <= 1  # 2 + 2 steps of 2 clips
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
-  step2 = [line for line in lines if line.get("phase") == "step2" and "train/bound" in line]
+  step2 = [line for line in lines if line.get("stage") == "step2" and "train/bound" in line]
   assert step2 and all(np.isfinite(line["train/bound"]) for line in step2)  # tau~ > 0
   _, model, _, splits = loop.restore_run(workdir)
   assert model.input_shapes == {"audio": (AUDIO_FRAMES, 128, 1), "visual": (3, 16, 16, 3)}

@@ -12,7 +12,7 @@ import pytest
 from mmsafe import data as data_lib
 from mmsafe.manifold import orthogonality_error
 from mmsafe.train import Checkpointer, TrainState, loop, make_optimizer
-from tests.conftest import mfeat_config
+from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config
 
 
 def _read_jsonl(path):
@@ -84,18 +84,12 @@ def test_checkpoint_round_trip(tmp_path):
     ("batch_size", 0, r"batch_size: expected"),
     ("optimizer.name", "lbfgs", r"optimizer.name: expected 'sgd' or 'adam', got 'lbfgs'"),
     ("data.splits", {"valid": "test"}, r"data.splits: expected keys among .*got \['valid'\]"),
+    ("evals", {"x": {"type": "magic"}}, r"evals.x.type: expected one of .*got 'magic'"),
+    ("evals", {"x": {"type": "pgd", "eps": -1.0}}, r"evals.x.eps: expected finite values >= 0"),
 ])
 def test_bad_configs_fail_before_touching_the_workdir(tmp_path, field, value, message):
-  config = mfeat_config("jt", num_epochs=1)
-  *parents, leaf = field.split(".")
-  node = config
-  for parent in parents:
-    node = node[parent]
-  node[leaf] = value
-  workdir = tmp_path / "run"
-  with pytest.raises(ValueError, match=message):
-    loop.train_and_evaluate(config, str(workdir))
-  assert not workdir.exists()
+  assert_fails_before_touching_the_workdir(mfeat_config("jt", num_epochs=1), field, value,
+                                           message, tmp_path / "run")
 
 
 def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -166,3 +160,22 @@ def test_model_selection_prefers_accuracy_then_lower_loss_on_ties():
   assert loop.is_better({"accuracy": 0.9, "loss": 5.0},
                         {"best_validation_accuracy": 0.9, "best_validation_loss": None})
   assert loop.is_better({"accuracy": 0.9, "loss": 5.0}, {"best_validation_accuracy": 0.9})
+
+
+def test_evaluators_run_inside_training_and_are_logged(tmp_path):
+  config = mfeat_config("jt", num_epochs=1)
+  config.log_every_steps = 7
+  config.evals = {"val_clean": {"type": "clean", "split": "validation", "every_steps": 7},
+                  "val_pgd": {"type": "pgd", "split": "validation", "every_steps": 21,
+                              "eps": (0.5,), "protocol": "fast", "max_examples": 50}}
+  loop.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  clean = {line["step"]: line for line in lines if "val_clean/clean_accuracy" in line}
+  assert sorted(clean) == [7, 14, 21]
+  validation = next(line for line in lines if "validation/accuracy" in line)
+  # The evaluator's clean accuracy at the end of the epoch is the loop's own validation.
+  assert clean[21]["val_clean/clean_accuracy"] == pytest.approx(validation["validation/accuracy"])
+  (pgd,) = [line for line in lines if "val_pgd/accuracy/multi@0.5" in line]
+  assert pgd["step"] == 21
+  assert 0.0 <= pgd["val_pgd/accuracy/multi@0.5"] <= pgd["val_pgd/clean_accuracy"]

@@ -21,7 +21,7 @@ from mmsafe import certify, methods, models
 from mmsafe.models import transformer
 from mmsafe.models.heads import is_stiefel_leaf
 from mmsafe.train import TrainState, make_optimizer, make_train_step
-from mmsafe.train import loop
+from mmsafe.train import experiment
 
 SHAPES = {"image": (8, 6, 1), "vector": (20,), "clip": (2, 8, 8, 2)}
 PATCHES = {"image": (4, 3), "vector": 8, "clip": 4}
@@ -172,7 +172,7 @@ def test_config_builds_the_transformer_through_the_training_loop():
   shapes = {"audio": (100, 40, 1), "visual": (16, 15, 1)}
   train = types.SimpleNamespace(inputs=dict.fromkeys(shapes), num_classes=10,
                                 modality_shapes=shapes)
-  model = loop.build_model(config, methods.get(config.method), train)
+  model = experiment.build_model(config, methods.get(config.method), train)
   assert isinstance(model, models.MultiModalTransformer)
   assert (model.width, model.depth_unimodal, model.depth_crossmodal, model.heads) == (64, 2, 2, 4)
   x = {m: jnp.zeros((2, *s)) for m, s in shapes.items()}

@@ -93,11 +93,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict({
       "name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
       "decay_epochs": (20,), "decay_factor": 0.1, "retraction": "qr"})
-  # CRMT step 2 (two-step methods only): only the modality weights a move.
-  # The paper's code: SGD, 0.03 x the base learning rate, momentum 0.9,
-  # weight decay 1e-2, num_epochs // 3 epochs (None).
+  # CRMT step 2 (the second training stage of two-step methods; only the
+  # modality weights a move). The paper's code: SGD, 0.03 x the base learning
+  # rate, momentum 0.9, weight decay 1e-2, num_epochs // 3 epochs (None).
   config.step2 = ml_collections.ConfigDict({
       "num_epochs": None, "learning_rate": 0.0015, "momentum": 0.9, "weight_decay": 1e-2})
+  # The training stages: () runs the method's own (mmsafe/train/stages.py), or
+  # a list of {"name", "objective": "<method>/<stage>", "optimizer", "num_epochs",
+  # "restart_selection"} dicts.
+  config.stages = ()
+  # Evaluators run inside training every `every_steps` steps and logged to
+  # metrics.jsonl (mmsafe/eval/evaluators.py), e.g.
+  # {"pgd_val": {"type": "pgd", "split": "validation", "every_steps": 100}}.
+  config.evals = ml_collections.ConfigDict()
   config.log_every_steps = 0  # 0: once per epoch.
   config.checkpoint_every_steps = 0  # 0: once per epoch (and always on SIGTERM).
   config.checkpoint_max_to_keep = 2

@@ -29,6 +29,8 @@ import jax.scipy.special  # noqa: F401  (jax.scipy.special.erfc)
 import numpy as np
 import optax
 
+from mmsafe import checks, numerics
+
 Array = jax.Array
 Inputs = Mapping[str, Array]
 LogitsFn = Callable[[dict[str, Array]], Array]
@@ -54,20 +56,7 @@ def resolve_modalities(inputs: Inputs, modalities: str | Sequence[str] | None
   if not isinstance(inputs, Mapping) or not inputs:
     raise ValueError(f"inputs: expected a non-empty dict modality -> array, got "
                      f"{type(inputs).__name__}")
-  names = sorted(inputs)
-  if modalities is None:
-    return tuple(names)
-  if isinstance(modalities, str):
-    modalities = (modalities,)
-  modalities = tuple(modalities)
-  if not modalities:
-    raise ValueError(f"modalities: expected a non-empty subset of {names}, got ()")
-  for m in modalities:
-    if m not in inputs:
-      raise ValueError(f"modalities: unknown modality {m!r}; expected one of {names}")
-  if len(set(modalities)) != len(modalities):
-    raise ValueError(f"modalities: expected no duplicates, got {list(modalities)}")
-  return tuple(sorted(modalities))
+  return tuple(sorted(checks.select_modalities(modalities, sorted(inputs))))
 
 
 def batch_size(inputs: Inputs, labels: Array) -> int:
@@ -91,14 +80,6 @@ def batch_size(inputs: Inputs, labels: Array) -> int:
   return b
 
 
-def _concrete(value: Any) -> np.ndarray | None:
-  """`value` as a numpy array, or None when it is traced (inside jit)."""
-  try:
-    return np.asarray(value)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def check_radius(value: Any, batch: int, name: str = "eps") -> Array:
   """Validates a budget that is a scalar or a per-example array [B].
 
@@ -110,7 +91,7 @@ def check_radius(value: Any, batch: int, name: str = "eps") -> Array:
   if shape not in ((), (batch,)):
     raise ValueError(f"{name}: expected a scalar or shape [{batch}] (one per example), "
                      f"got shape {list(shape)}")
-  concrete = _concrete(value)
+  concrete = numerics.concrete(value)
   if concrete is not None:
     if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
       shown = concrete if concrete.ndim == 0 else concrete[~(np.isfinite(concrete)
@@ -266,7 +247,7 @@ def check_bounds(bounds: Bounds | None, inputs: Inputs, modalities: Sequence[str
                          f"(one example), got shape {list(value.shape)}")
       arrays.append(value)
     low, high = arrays
-    concrete = _concrete(high - low)
+    concrete = numerics.concrete(high - low)
     if concrete is not None and np.any(concrete < 0):
       raise ValueError(f"bounds[{m!r}]: expected low <= high everywhere, got low > high "
                        f"in {int(np.sum(concrete < 0))} entries")
@@ -326,14 +307,12 @@ def per_example_loss(logits: Array, labels: Array, loss: str, target: Array | No
     if target is None:
       raise ValueError("target: expected class indices [B] for loss='targeted', got None")
     return jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0] - true
-  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-  return jnp.max(others, axis=1) - true
+  return jnp.max(numerics.mask_labels(logits, labels, -jnp.inf), axis=1) - true
 
 
 def ranked_wrong_classes(logits: Array, labels: Array) -> Array:
   """The classes other than the label, most likely first: int32 [B, K - 1]."""
-  masked = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf,
-                     logits.astype(jnp.float32))
+  masked = numerics.mask_labels(logits.astype(jnp.float32), labels, -jnp.inf)
   return jax.lax.top_k(masked, logits.shape[-1] - 1)[1].astype(jnp.int32)
 
 
@@ -347,7 +326,8 @@ def is_worse(misclassified: Array, loss: Array, best_misclassified: Array, best_
       (misclassified == best_misclassified) & (loss >= best_loss))
 
 
-def select(mask: Array, new: Mapping[str, Array], old: Mapping[str, Array]) -> dict[str, Array]:
+def select_examples(mask: Array, new: Mapping[str, Array], old: Mapping[str, Array]
+                    ) -> dict[str, Array]:
   """Per-example choice between two perturbation dicts: `new` where `mask` [B]."""
   return {m: jnp.where(per_example(mask, new[m].ndim), new[m], old[m]) for m in new}
 

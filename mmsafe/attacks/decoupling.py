@@ -24,20 +24,31 @@ paper's exact procedure is not reproduced; the algorithm below is ours):
 Why the budget provably holds: every iterate is `where(support, ., 0)` and the
 support is the scatter of `k_r <= k` *distinct* `top_k` indices; the output
 keeps the clean value bit-for-bit wherever the support is off.
+
+The search is built from pieces: `_start_round` (grow the support),
+`_step` (one signed-gradient step), `_round` and `_search` (the loops) and
+`_finalise` (the output).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsafe import numerics
 from mmsafe.attacks import common
 
 Array = jax.Array
+# Per-example worst case so far: (delta [B, n], support [B, n], loss [B], misclassified [B]).
+Best = tuple[Array, Array, Array, Array]
+# The rounds' loop state: (delta, support, worst case).
+Carry = tuple[Array, Array, Best]
 
 
 def budget(inputs: common.Inputs, fraction: float,
@@ -52,6 +63,248 @@ def budget(inputs: common.Inputs, fraction: float,
     raise ValueError(f"fraction: expected a value in [0, 1], got {fraction!r}")
   n = sum(int(np.prod(inputs[m].shape[1:])) for m in attacked)
   return int(math.floor(float(fraction) * n)), n
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attack:
+  """The checked arguments of one `decoupling` call, on flattened inputs (the
+  arrays may be traced).
+
+  Attributes:
+    attacked: the attacked modalities, sorted; `shapes` their example shapes
+      and `offsets` the start of each in the flat vector (n entries).
+    x: float32 [B, n], the attacked entries of the clean inputs.
+    low, high: [n] the box (+-inf where a modality has none).
+    limit, alpha: [B|1, 1] `max_change` and `step_size`.
+    k: int32, the budget (<= `k_max`, the static size of the saliency top_k).
+  The other fields are `decoupling`'s arguments, checked.
+  """
+
+  logits_fn: common.LogitsFn
+  inputs: common.Inputs
+  labels: Array
+  key: Array
+  attacked: tuple[str, ...]
+  shapes: dict[str, tuple[int, ...]]
+  offsets: np.ndarray
+  x: Array
+  low: Array
+  high: Array
+  limit: Array
+  alpha: Array
+  k: Array
+  k_max: int
+  rounds: int
+  steps_per_round: int
+  loss: str
+  random_start: bool
+
+  @property
+  def n(self) -> int:
+    return self.x.shape[1]
+
+
+def _check_budget(inputs: common.Inputs, attacked: tuple[str, ...], fraction: float | None,
+                  count: int | Array | None, max_count: int | None) -> tuple[Array, int]:
+  """`(k, k_max)`: the budget (int32, may be traced) and its static upper bound."""
+  if (fraction is None) == (count is None):
+    raise ValueError(f"fraction/count: expected exactly one of them, got fraction={fraction!r}, "
+                     f"count={count!r}")
+  if fraction is not None:
+    k_max, _ = budget(inputs, fraction, attacked)
+    return jnp.asarray(k_max, jnp.int32), k_max
+  n = sum(int(np.prod(inputs[m].shape[1:])) for m in attacked)
+  concrete_count = numerics.concrete(count)
+  if concrete_count is not None and (concrete_count.shape != () or concrete_count < 0):
+    raise ValueError(f"count: expected a non-negative integer scalar, got {count!r}")
+  if max_count is None:
+    if concrete_count is None:
+      raise ValueError("max_count: expected a static int bounding a traced count, got None")
+    max_count = int(concrete_count)
+  k_max = min(common.check_positive_int(max_count, "max_count", minimum=0), n)
+  return jnp.clip(jnp.asarray(count, jnp.int32), 0, k_max), k_max
+
+
+def _check_change(max_change: float | Array, step_size: float | Array | None, batch: int
+                  ) -> tuple[Array, Array]:
+  """`(max_change, step_size)` as float32 scalars or [B] (step size default `max_change / 4`)."""
+  max_change = common.check_radius(max_change, batch, "max_change")
+  concrete = numerics.concrete(max_change)
+  if concrete is not None and np.any(concrete <= 0):
+    raise ValueError(f"max_change: expected values > 0, got {concrete}")
+  step_size = (max_change / 4.0 if step_size is None
+               else common.check_radius(step_size, batch, "step_size"))
+  return max_change, step_size
+
+
+def _flat_box(box: Mapping[str, tuple[Array, Array]], shapes: Mapping[str, tuple[int, ...]]
+              ) -> tuple[Array, Array]:
+  """The box of the flattened attacked entries, `(low [n], high [n])`, +-inf where
+  a modality has none; `shapes` in attacked (flattening) order."""
+  def side(index, fill):
+    return jnp.concatenate([
+        (jnp.broadcast_to(box[m][index], shape).reshape(-1) if m in box
+         else jnp.full((int(np.prod(shape)),), fill)) for m, shape in shapes.items()])
+
+  return side(0, -jnp.inf), side(1, jnp.inf)
+
+
+def _flatten(attacked: Sequence[str], tree: Mapping[str, Array]) -> Array:
+  """float32 [B, n]: the attacked modalities of `tree`, flattened and joined."""
+  return jnp.concatenate([tree[m].astype(jnp.float32).reshape(tree[m].shape[0], -1)
+                          for m in attacked], 1)
+
+
+def _unflatten(attack: _Attack, flat: Array) -> dict[str, Array]:
+  """The inverse of `_flatten`: attacked modality -> [B, ...]."""
+  b = flat.shape[0]
+  return {m: flat[:, attack.offsets[i]:attack.offsets[i + 1]].reshape((b,) + attack.shapes[m])
+          for i, m in enumerate(attack.attacked)}
+
+
+def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
+           fraction: float | None, modalities: str | Sequence[str] | None,
+           count: int | Array | None, max_count: int | None, rounds: int, steps_per_round: int,
+           max_change: float | Array, step_size: float | Array | None,
+           bounds: common.Bounds | None, loss: str, random_start: bool) -> _Attack:
+  """`decoupling`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
+  attacked = common.resolve_modalities(inputs, modalities)
+  b = common.batch_size(inputs, labels)
+  k, k_max = _check_budget(inputs, attacked, fraction, count, max_count)
+  rounds = common.check_positive_int(rounds, "rounds")
+  steps_per_round = common.check_positive_int(steps_per_round, "steps_per_round")
+  loss = common.check_loss(loss)
+  if loss == "targeted":
+    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), "
+                     "got 'targeted'")
+  max_change, step_size = _check_change(max_change, step_size, b)
+  box = common.check_bounds(bounds, inputs, attacked)
+  shapes = {m: tuple(inputs[m].shape[1:]) for m in attacked}
+  offsets = np.cumsum([0] + [int(np.prod(shapes[m])) for m in attacked])
+  low, high = _flat_box(box, shapes)
+  return _Attack(logits_fn=logits_fn, inputs=inputs, labels=labels, key=key, attacked=attacked,
+                 shapes=shapes, offsets=offsets, x=_flatten(attacked, inputs), low=low, high=high,
+                 limit=common.per_example(max_change, 2), alpha=common.per_example(step_size, 2),
+                 k=k, k_max=k_max, rounds=rounds, steps_per_round=steps_per_round, loss=loss,
+                 random_start=random_start)
+
+
+def _add(attack: _Attack, delta: Array) -> Array:
+  """`x + delta` clipped into the box widened to include x (straight-through; see
+  `common.add_in_box`): exactly x where delta is zero."""
+  value = attack.x + delta
+  clipped = jnp.clip(value, jnp.minimum(attack.low, attack.x), jnp.maximum(attack.high, attack.x))
+  return value + jax.lax.stop_gradient(clipped - value)
+
+
+def _evaluate(attack: _Attack, delta: Array) -> tuple[Array, tuple[Array, Array]]:
+  """`(sum of the losses, (loss [B], misclassified [B]))` at `x + delta`.
+
+  delta is zero off the support, so the input equals x there; the gradient
+  covers every entry (the saliency of entries not chosen yet).
+  """
+  logits = attack.logits_fn(common.merge(attack.inputs, _unflatten(attack, _add(attack, delta))))
+  per = common.per_example_loss(logits, attack.labels, attack.loss)
+  return jnp.sum(per), (per, jnp.argmax(logits, axis=-1) != attack.labels)
+
+
+def _loss_and_grad(attack: _Attack, delta: Array):
+  """`_evaluate` and its gradient w.r.t. `delta`."""
+  return jax.value_and_grad(functools.partial(_evaluate, attack), has_aux=True)(delta)
+
+
+def _constrain(attack: _Attack, delta: Array, support: Array) -> Array:
+  """`delta` clipped to `max_change`, into the box, and zeroed off the support."""
+  delta = jnp.clip(delta, -attack.limit, attack.limit)
+  delta = jnp.clip(attack.x + delta, attack.low, attack.high) - attack.x
+  return jnp.where(support, delta, 0.0)
+
+
+def _keep_worse(best: Best, delta: Array, support: Array, per: Array, misclassified: Array
+                ) -> Best:
+  """`best` with the examples where `(delta, support)` is worse for the model replaced."""
+  best_delta, best_support, best_loss, best_mis = best
+  worse = common.is_worse(misclassified, per, best_mis, best_loss)
+  pick = worse[:, None]
+  return (jnp.where(pick, delta, best_delta), jnp.where(pick, support, best_support),
+          jnp.where(worse, per, best_loss), jnp.where(worse, misclassified, best_mis))
+
+
+def _empty(attack: _Attack) -> Array:
+  return jnp.zeros(attack.x.shape, bool)
+
+
+def _nothing(attack: _Attack) -> Best:
+  """The worst case before any candidate: zero perturbation, empty support, loss -inf."""
+  b = attack.x.shape[0]
+  return (jnp.zeros(attack.x.shape, jnp.float32), _empty(attack),
+          jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), bool))
+
+
+def _grow_support(attack: _Attack, r: Array, grad: Array, support: Array) -> Array:
+  """The support of round `r`: `ceil(k (r+1) / R)` entries, the previous support
+  first, then the largest `|grad|` (one `top_k` of size `k_max`)."""
+  b = attack.x.shape[0]
+  allowed = (attack.k * (r + 1) + attack.rounds - 1) // attack.rounds  # <= k <= k_max
+  score = jnp.where(support, jnp.inf, jnp.abs(grad))
+  _, index = jax.lax.top_k(score, attack.k_max)
+  chosen = jnp.broadcast_to(jnp.arange(attack.k_max) < allowed, (b, attack.k_max))
+  return _empty(attack).at[jnp.arange(b)[:, None], index].set(chosen)
+
+
+def _start_round(attack: _Attack, r: Array, carry: Carry) -> Carry:
+  """Round `r`'s first iterate: the worst case takes the current one, the support
+  grows (new entries start at zero, or uniform in `+-max_change` with
+  `random_start`, key `fold_in(key, r)`), and the iterate is constrained to it."""
+  delta, support, best = carry
+  (_, (per, misclassified)), grad = _loss_and_grad(attack, delta)
+  best = _keep_worse(best, delta, support, per, misclassified)
+  new_support = _grow_support(attack, r, grad, support)
+  if attack.random_start:
+    noise = common.uniform(jax.random.fold_in(attack.key, r), attack.x.shape, -1.0, 1.0)
+    delta = jnp.where(new_support & ~support, noise * attack.limit, delta)
+  return _constrain(attack, delta, new_support), new_support, best
+
+
+def _step(attack: _Attack, carry: Carry) -> Carry:
+  """One signed-gradient step on the support; the worst case takes the iterate
+  the gradient was taken at."""
+  delta, support, best = carry
+  (_, (per, misclassified)), grad = _loss_and_grad(attack, delta)
+  best = _keep_worse(best, delta, support, per, misclassified)
+  return _constrain(attack, delta + attack.alpha * jnp.sign(grad), support), support, best
+
+
+def _round(attack: _Attack, r: Array, carry: Carry) -> Carry:
+  """Round `r`: grow the support, then `steps_per_round` steps on it."""
+  step = lambda _, carry: _step(attack, carry)
+  return jax.lax.fori_loop(0, attack.steps_per_round, step, _start_round(attack, r, carry))
+
+
+def _search(attack: _Attack) -> Best:
+  """The worst case over every iterate of every round (the clean input for k_max = 0)."""
+  nothing = _nothing(attack)
+  if attack.k_max == 0:
+    _, (per, misclassified) = _evaluate(attack, nothing[0])
+    return (nothing[0], nothing[1], per, misclassified)
+  round_fn = functools.partial(_round, attack)
+  delta, support, best = jax.lax.fori_loop(0, attack.rounds, round_fn,
+                                           (nothing[0], nothing[1], nothing))
+  _, (per, misclassified) = _evaluate(attack, delta)
+  return _keep_worse(best, delta, support, per, misclassified)
+
+
+def _finalise(attack: _Attack, best: Best, return_info: bool):
+  """The adversarial inputs of the worst case (and the info dict with `return_info`).
+  Where the support is off, the clean entries pass through bit-for-bit."""
+  best_delta, best_support, best_loss, best_mis = best
+  flat = jnp.where(best_support, _add(attack, best_delta), attack.x)
+  adversarial = common.merge(attack.inputs, _unflatten(attack, flat))
+  if not return_info:
+    return adversarial
+  changed = jnp.sum(_flatten(attack.attacked, adversarial) != attack.x, axis=1).astype(jnp.int32)
+  return adversarial, {"misclassified": best_mis, "loss": best_loss, "changed": changed,
+                       "fraction_changed": changed.astype(jnp.float32) / attack.n}
 
 
 def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
@@ -111,134 +364,8 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
     count, a negative count, rounds/steps < 1, max_change <= 0, an unknown
     modality or malformed inputs.
   """
-  attacked = common.resolve_modalities(inputs, modalities)
-  b = common.batch_size(inputs, labels)
-  if (fraction is None) == (count is None):
-    raise ValueError(f"fraction/count: expected exactly one of them, got fraction={fraction!r}, "
-                     f"count={count!r}")
-  if fraction is not None:
-    k_max, n = budget(inputs, fraction, attacked)
-    k = jnp.asarray(k_max, jnp.int32)
-  else:
-    n = sum(int(np.prod(inputs[m].shape[1:])) for m in attacked)
-    concrete_count = common._concrete(count)  # pylint: disable=protected-access
-    if concrete_count is not None and (concrete_count.shape != () or concrete_count < 0):
-      raise ValueError(f"count: expected a non-negative integer scalar, got {count!r}")
-    if max_count is None:
-      if concrete_count is None:
-        raise ValueError("max_count: expected a static int bounding a traced count, got None")
-      max_count = int(concrete_count)
-    k_max = min(common.check_positive_int(max_count, "max_count", minimum=0), n)
-    k = jnp.clip(jnp.asarray(count, jnp.int32), 0, k_max)
-  rounds = common.check_positive_int(rounds, "rounds")
-  steps_per_round = common.check_positive_int(steps_per_round, "steps_per_round")
-  loss = common.check_loss(loss)
-  if loss == "targeted":
-    raise ValueError("loss: expected 'ce' or 'margin' (targeted restarts are pgd's), "
-                     "got 'targeted'")
-  max_change = common.check_radius(max_change, b, "max_change")
-  concrete = common._concrete(max_change)  # pylint: disable=protected-access
-  if concrete is not None and np.any(concrete <= 0):
-    raise ValueError(f"max_change: expected values > 0, got {concrete}")
-  step_size = (max_change / 4.0 if step_size is None
-               else common.check_radius(step_size, b, "step_size"))
-  box = common.check_bounds(bounds, inputs, attacked)
-
-  shapes = {m: tuple(inputs[m].shape[1:]) for m in attacked}
-  sizes = [int(np.prod(shapes[m])) for m in attacked]
-  offsets = np.cumsum([0] + sizes)
-
-  def flatten(tree):
-    return jnp.concatenate([tree[m].astype(jnp.float32).reshape(b, -1) for m in attacked], 1)
-
-  def unflatten(flat):
-    return {m: flat[:, offsets[i]:offsets[i + 1]].reshape((b,) + shapes[m])
-            for i, m in enumerate(attacked)}
-
-  x = flatten(inputs)
-  low = jnp.concatenate([
-      (jnp.broadcast_to(box[m][0], shapes[m]).reshape(-1) if m in box
-       else jnp.full((sizes[i],), -jnp.inf)) for i, m in enumerate(attacked)])
-  high = jnp.concatenate([
-      (jnp.broadcast_to(box[m][1], shapes[m]).reshape(-1) if m in box
-       else jnp.full((sizes[i],), jnp.inf)) for i, m in enumerate(attacked)])
-  limit = common.per_example(max_change, 2)
-  alpha = common.per_example(step_size, 2)
-
-  def add(delta):
-    # x + delta clipped into the box widened to include x (straight-through; see
-    # common.add_in_box): exactly x where delta is zero.
-    value = x + delta
-    clipped = jnp.clip(value, jnp.minimum(low, x), jnp.maximum(high, x))
-    return value + jax.lax.stop_gradient(clipped - value)
-
-  def output(delta, support):
-    # Where the support is off, the clean entries pass through bit-for-bit.
-    return common.merge(inputs, unflatten(jnp.where(support, add(delta), x)))
-
-  def evaluate(delta):
-    # delta is zero off the support, so the input equals x there; the gradient
-    # covers every entry (the saliency of entries not chosen yet).
-    logits = logits_fn(common.merge(inputs, unflatten(add(delta))))
-    per = common.per_example_loss(logits, labels, loss)
-    return jnp.sum(per), (per, jnp.argmax(logits, axis=-1) != labels)
-
-  value_and_grad = jax.value_and_grad(evaluate, has_aux=True)
-
-  def constrain(delta, support):
-    delta = jnp.clip(delta, -limit, limit)
-    delta = jnp.clip(x + delta, low, high) - x
-    return jnp.where(support, delta, 0.0)
-
-  def keep_worse(best, delta, support, per, misclassified):
-    best_delta, best_support, best_loss, best_mis = best
-    worse = common.is_worse(misclassified, per, best_mis, best_loss)
-    pick = worse[:, None]
-    return (jnp.where(pick, delta, best_delta), jnp.where(pick, support, best_support),
-            jnp.where(worse, per, best_loss), jnp.where(worse, misclassified, best_mis))
-
-  empty = jnp.zeros((b, n), bool)
-  nothing = (jnp.zeros((b, n), jnp.float32), empty, jnp.full((b,), -jnp.inf, jnp.float32),
-             jnp.zeros((b,), bool))
-  if k_max == 0:
-    _, (per, misclassified) = evaluate(nothing[0])
-    best = (nothing[0], empty, per, misclassified)
-  else:
-    rows = jnp.arange(b)[:, None]
-
-    def one_round(r, carry):
-      delta, support, best = carry
-      (_, (per, misclassified)), grad = value_and_grad(delta)
-      best = keep_worse(best, delta, support, per, misclassified)
-      allowed = (k * (r + 1) + rounds - 1) // rounds  # ceil(k (r+1) / R) <= k <= k_max
-      score = jnp.where(support, jnp.inf, jnp.abs(grad))
-      _, index = jax.lax.top_k(score, k_max)
-      chosen = jnp.broadcast_to(jnp.arange(k_max) < allowed, (b, k_max))
-      new_support = empty.at[rows, index].set(chosen)
-      if random_start:
-        noise = common.uniform(jax.random.fold_in(key, r), (b, n), -1.0, 1.0)
-        delta = jnp.where(new_support & ~support, noise * limit, delta)
-      support = new_support
-      delta = constrain(delta, support)
-
-      def step(_, inner):
-        delta, best = inner
-        (_, (per, misclassified)), grad = value_and_grad(delta)
-        best = keep_worse(best, delta, support, per, misclassified)
-        return constrain(delta + alpha * jnp.sign(grad), support), best
-
-      delta, best = jax.lax.fori_loop(0, steps_per_round, step, (delta, best))
-      return delta, support, best
-
-    delta, support, best = jax.lax.fori_loop(
-        0, rounds, one_round, (nothing[0], empty, nothing))
-    _, (per, misclassified) = evaluate(delta)
-    best = keep_worse(best, delta, support, per, misclassified)
-
-  best_delta, best_support, best_loss, best_mis = best
-  adversarial = output(best_delta, best_support)
-  if not return_info:
-    return adversarial
-  changed = jnp.sum(flatten(adversarial) != x, axis=1).astype(jnp.int32)
-  return adversarial, {"misclassified": best_mis, "loss": best_loss, "changed": changed,
-                       "fraction_changed": changed.astype(jnp.float32) / n}
+  attack = _setup(logits_fn, inputs, labels, key, fraction=fraction, modalities=modalities,
+                  count=count, max_count=max_count, rounds=rounds,
+                  steps_per_round=steps_per_round, max_change=max_change, step_size=step_size,
+                  bounds=bounds, loss=loss, random_start=random_start)
+  return _finalise(attack, _search(attack), return_info)

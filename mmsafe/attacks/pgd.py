@@ -5,14 +5,33 @@ Madry et al., "Towards deep learning models resistant to adversarial attacks"
 (ICLR 2018), in its l2 form; CRMT (Yang et al., ICLR 2024, Sec. 4.1) evaluates
 with eps = 0.5 for multi-modal and eps = 1.0 for uni-modal attacks.
 
+Each step: `delta <- P(delta + step_size * g / ||g||_2)` where `g` is the
+gradient of the per-example loss w.r.t. the attacked modalities, the norm is
+joint over them, and `P` projects onto the ball `||delta||_2 <= eps` (then
+clips `x + delta` into the optional box and re-projects, so both hold for
+clean inputs inside the box).
+
+Restarts and worst-case selection: restart `r` uses the key
+`fold_in(key, r)`; it starts from a uniform random point of the ball when
+`random_start` or `r > 0` (restart 0 starts from the clean input when
+`random_start=False`), so a run with `restarts=R` contains the run with
+`restarts=1` and the same key. Per example, the result is the worst case
+over restarts (and, with `keep_best`, over all iterates of each restart):
+a misclassified point beats a correctly classified one; ties go to the
+higher loss.
+
 The whole attack (restarts x steps) is one `lax.fori_loop` nest, so under
-`jax.jit` it compiles to a single XLA computation.
+`jax.jit` it compiles to a single XLA computation. A restart is built from
+pieces: `_start` (its first iterate), `_step` (one gradient step), `_steps`
+(the loop over steps) and `_finish_restart` (its worst case merged into the
+running one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -21,6 +40,177 @@ import jax.numpy as jnp
 from mmsafe.attacks import common
 
 Array = jax.Array
+Perturbation = dict[str, Array]
+# Per-example worst case so far: (delta, loss [B], misclassified [B]).
+Best = tuple[Perturbation, Array, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attack:
+  """The checked arguments of one `pgd` call (the arrays may be traced).
+
+  Attributes:
+    x: the attacked modalities of the clean inputs, float32.
+    box: attacked modality -> (low, high) (see `common.check_bounds`).
+    wrong_classes: loss "targeted": int32 [B, K - 1], the wrong classes at
+      the clean input, most likely first; None otherwise.
+  The other fields are `pgd`'s arguments, checked.
+  """
+
+  logits_fn: common.LogitsFn
+  inputs: common.Inputs
+  labels: Array
+  key: Array
+  x: Perturbation
+  box: dict[str, tuple[Array, Array]]
+  eps: Array
+  step_size: Array
+  steps: int
+  restarts: int
+  random_start: bool
+  loss: str
+  keep_best: bool
+  return_info: bool
+  wrong_classes: Array | None
+
+
+def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
+           eps: float | Array, steps: int, step_size: float | Array | None,
+           modalities: str | Sequence[str] | None, restarts: int, random_start: bool,
+           bounds: common.Bounds | None, loss: str, keep_best: bool, return_info: bool
+           ) -> _Attack:
+  """`pgd`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
+  attacked = common.resolve_modalities(inputs, modalities)
+  b = common.batch_size(inputs, labels)
+  eps = common.check_radius(eps, b, "eps")
+  steps = common.check_positive_int(steps, "steps")
+  restarts = common.check_positive_int(restarts, "restarts")
+  loss = common.check_loss(loss)
+  if step_size is None:
+    step_size = 2.5 * eps / steps
+  else:
+    step_size = common.check_radius(step_size, b, "step_size")
+  box = common.check_bounds(bounds, inputs, attacked)
+  wrong_classes = None
+  if loss == "targeted":
+    wrong_classes = common.ranked_wrong_classes(logits_fn(dict(inputs)), labels)
+  return _Attack(logits_fn=logits_fn, inputs=inputs, labels=labels, key=key,
+                 x={m: inputs[m].astype(jnp.float32) for m in attacked}, box=box, eps=eps,
+                 step_size=step_size, steps=steps, restarts=restarts, random_start=random_start,
+                 loss=loss, keep_best=keep_best, return_info=return_info,
+                 wrong_classes=wrong_classes)
+
+
+def _evaluate(attack: _Attack, delta: Perturbation, target: Array | None
+              ) -> tuple[Array, tuple[Array, Array]]:
+  """`(sum of the losses, (loss [B], misclassified [B]))` at `x + delta`."""
+  logits = attack.logits_fn(common.merge(attack.inputs,
+                                         common.add_in_box(attack.x, delta, attack.box)))
+  per = common.per_example_loss(logits, attack.labels, attack.loss, target)
+  misclassified = jnp.argmax(logits, axis=-1) != attack.labels
+  return jnp.sum(per), (per, misclassified)
+
+
+def _loss_and_grad(attack: _Attack, delta: Perturbation, target: Array | None):
+  """`_evaluate` and its gradient w.r.t. `delta`."""
+  return jax.value_and_grad(functools.partial(_evaluate, attack), has_aux=True)(delta, target)
+
+
+def _constrain(attack: _Attack, delta: Perturbation) -> Perturbation:
+  """Projection onto the eps-ball; with a box, clipped into it and projected again."""
+  delta = common.project_l2(delta, attack.eps)
+  if attack.box:
+    delta = common.project_l2(common.clip_to_box(attack.x, delta, attack.box), attack.eps)
+  return delta
+
+
+def _keep_worse(best: Best, delta: Perturbation, per: Array, misclassified: Array) -> Best:
+  """`best` with the examples where `delta` is worse for the model replaced."""
+  best_delta, best_loss, best_mis = best
+  worse = common.is_worse(misclassified, per, best_mis, best_loss)
+  return (common.select_examples(worse, delta, best_delta), jnp.where(worse, per, best_loss),
+          jnp.where(worse, misclassified, best_mis))
+
+
+def _zeros(attack: _Attack) -> Perturbation:
+  return {m: jnp.zeros_like(v) for m, v in attack.x.items()}
+
+
+def _nothing(attack: _Attack) -> Best:
+  """The worst case before any candidate: zero perturbation, loss -inf."""
+  b = attack.labels.shape[0]
+  return _zeros(attack), jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), bool)
+
+
+def _target(attack: _Attack, r: int | Array) -> Array | None:
+  """Loss "targeted": restart `r`'s target class [B], the (r mod (K-1))-th most
+  likely wrong class at the clean input; None for the other losses."""
+  if attack.wrong_classes is None:
+    return None
+  return jnp.take(attack.wrong_classes, r % attack.wrong_classes.shape[1], axis=1)
+
+
+def _start(attack: _Attack, r: int | Array) -> Perturbation:
+  """The first iterate of restart `r`: a uniform random point of the ball
+  (key `fold_in(key, r)`) when `random_start` or `r > 0`, else zero."""
+  if attack.random_start or attack.restarts > 1:  # (static: no draw is compiled when unused)
+    start = common.random_l2_ball(jax.random.fold_in(attack.key, r), attack.x, attack.eps)
+    use_random = jnp.logical_or(attack.random_start, r > 0)
+    return _constrain(attack, {m: jnp.where(use_random, start[m], 0.0) for m in attack.x})
+  return _zeros(attack)
+
+
+def _step(attack: _Attack, target: Array | None, carry: tuple[Perturbation, Best]
+          ) -> tuple[Perturbation, Best]:
+  """One PGD step on `(delta, run_best)`; with `keep_best`, `run_best` also
+  takes `delta` (the iterate the gradient was taken at) where it is worse."""
+  delta, run_best = carry
+  (_, (per, misclassified)), grad = _loss_and_grad(attack, delta, target)
+  if attack.keep_best:
+    run_best = _keep_worse(run_best, delta, per, misclassified)
+  direction = common.normalize_l2(grad)
+  delta = _constrain(attack, {m: delta[m] + common.per_example(attack.step_size, delta[m].ndim)
+                              * direction[m] for m in attack.x})
+  return delta, run_best
+
+
+def _steps(attack: _Attack, target: Array | None, delta: Perturbation
+           ) -> tuple[Perturbation, Best]:
+  """`attack.steps` steps from `delta`: (last iterate, worst earlier iterate)."""
+  step = lambda _, carry: _step(attack, target, carry)
+  return jax.lax.fori_loop(0, attack.steps, step, (delta, _nothing(attack)))
+
+
+def _finish_restart(attack: _Attack, target: Array | None, delta: Perturbation,
+                    run_best: Best, best: Best) -> Best:
+  """`best` merged with the restart's worst case: its worst iterate with
+  `keep_best`, else its last one. A single restart that needs no selection
+  returns its last iterate without evaluating it (loss and flags None)."""
+  if attack.restarts == 1 and not attack.keep_best and not attack.return_info:
+    return delta, None, None  # nothing to select: skip the final forward pass
+  _, (per, misclassified) = _evaluate(attack, delta, target)
+  if attack.keep_best:
+    run_best = _keep_worse(run_best, delta, per, misclassified)
+  else:
+    run_best = (delta, per, misclassified)
+  return _keep_worse(best, *run_best)
+
+
+def _restart(attack: _Attack, r: int | Array, best: Best) -> Best:
+  """Restart `r` (start, step loop, finish): `best` merged with its worst case."""
+  target = _target(attack, r)
+  delta, run_best = _steps(attack, target, _start(attack, r))
+  return _finish_restart(attack, target, delta, run_best, best)
+
+
+def _finalise(attack: _Attack, best: Best):
+  """The adversarial inputs of the worst case (and the info dict with `return_info`)."""
+  best_delta, best_loss, best_mis = best
+  adversarial = common.merge(attack.inputs, common.add_in_box(attack.x, best_delta, attack.box))
+  if not attack.return_info:
+    return adversarial
+  return adversarial, {"misclassified": best_mis, "loss": best_loss,
+                       "norm": common.joint_norm(best_delta)}
 
 
 def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
@@ -30,23 +220,8 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
         keep_best: bool = True, return_info: bool = False):
   """l2-PGD: maximise the loss over the joint l2 ball of radius eps (per example).
 
-  Each step: `delta <- P(delta + step_size * g / ||g||_2)` where `g` is the
-  gradient of the per-example loss w.r.t. the attacked modalities, the norm is
-  joint over them, and `P` projects onto the ball `||delta||_2 <= eps` (then
-  clips `x + delta` into the optional box and re-projects, so both hold for
-  clean inputs inside the box).
-
-  Restarts and worst-case selection: restart `r` uses the key
-  `fold_in(key, r)`; it starts from a uniform random point of the ball when
-  `random_start` or `r > 0` (restart 0 starts from the clean input when
-  `random_start=False`), so a run with `restarts=R` contains the run with
-  `restarts=1` and the same key. Per example, the result is the worst case
-  over restarts (and, with `keep_best`, over all iterates of each restart):
-  a misclassified point beats a correctly classified one; ties go to the
-  higher loss.
-
-  Madry et al. 2018, in its l2 form; CRMT Sec. 4.1 uses eps = 0.5
-  (multi-modal) and 1.0 (uni-modal).
+  Madry et al. 2018, in its l2 form; the update, the restarts and the
+  worst-case selection are described in the module docstring.
 
   Pure and jit-able (one `lax.fori_loop` nest): the arrays (`inputs`,
   `labels`, `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`,
@@ -92,85 +267,13 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
     ValueError for eps < 0, steps < 1, restarts < 1, an unknown modality name,
     an unknown loss or malformed bounds/inputs/labels.
   """
-  attacked = common.resolve_modalities(inputs, modalities)
-  b = common.batch_size(inputs, labels)
-  eps = common.check_radius(eps, b, "eps")
-  steps = common.check_positive_int(steps, "steps")
-  restarts = common.check_positive_int(restarts, "restarts")
-  loss = common.check_loss(loss)
-  if step_size is None:
-    step_size = 2.5 * eps / steps
-  else:
-    step_size = common.check_radius(step_size, b, "step_size")
-  box = common.check_bounds(bounds, inputs, attacked)
-  x = {m: inputs[m].astype(jnp.float32) for m in attacked}
-
-  def evaluate(delta, target):
-    logits = logits_fn(common.merge(inputs, common.add_in_box(x, delta, box)))
-    per = common.per_example_loss(logits, labels, loss, target)
-    misclassified = jnp.argmax(logits, axis=-1) != labels
-    return jnp.sum(per), (per, misclassified)
-
-  value_and_grad = jax.value_and_grad(evaluate, has_aux=True)
-
-  def constrain(delta):
-    delta = common.project_l2(delta, eps)
-    if box:
-      delta = common.project_l2(common.clip_to_box(x, delta, box), eps)
-    return delta
-
-  def keep_worse(best, delta, per, misclassified):
-    best_delta, best_loss, best_mis = best
-    worse = common.is_worse(misclassified, per, best_mis, best_loss)
-    return (common.select(worse, delta, best_delta), jnp.where(worse, per, best_loss),
-            jnp.where(worse, misclassified, best_mis))
-
-  zeros = {m: jnp.zeros_like(v) for m, v in x.items()}
-  nothing = (zeros, jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), bool))
-
-  if loss == "targeted":
-    wrong_classes = common.ranked_wrong_classes(logits_fn(dict(inputs)), labels)
-
-  def one_restart(r, best):
-    target = None
-    if loss == "targeted":
-      target = jnp.take(wrong_classes, r % wrong_classes.shape[1], axis=1)
-    if random_start or restarts > 1:  # (static: no draw is compiled when none is used)
-      start = common.random_l2_ball(jax.random.fold_in(key, r), x, eps)
-      use_random = jnp.logical_or(random_start, r > 0)
-      delta = constrain({m: jnp.where(use_random, start[m], 0.0) for m in attacked})
-    else:
-      delta = zeros
-
-    def step(_, carry):
-      delta, run_best = carry
-      (_, (per, misclassified)), grad = value_and_grad(delta, target)
-      if keep_best:
-        run_best = keep_worse(run_best, delta, per, misclassified)
-      direction = common.normalize_l2(grad)
-      delta = constrain({m: delta[m] + common.per_example(step_size, delta[m].ndim)
-                         * direction[m] for m in attacked})
-      return delta, run_best
-
-    delta, run_best = jax.lax.fori_loop(0, steps, step, (delta, nothing))
-    if restarts == 1 and not keep_best and not return_info:
-      return delta, None, None  # nothing to select: skip the final forward pass
-    _, (per, misclassified) = evaluate(delta, target)
-    if keep_best:
-      run_best = keep_worse(run_best, delta, per, misclassified)
-    else:
-      run_best = (delta, per, misclassified)
-    return keep_worse(best, *run_best)
-
-  if restarts == 1:
-    best_delta, best_loss, best_mis = one_restart(0, nothing)
-  else:
-    best_delta, best_loss, best_mis = jax.lax.fori_loop(0, restarts, one_restart, nothing)
-  adversarial = common.merge(inputs, common.add_in_box(x, best_delta, box))
-  if not return_info:
-    return adversarial
-  return adversarial, {"misclassified": best_mis, "loss": best_loss,
-                       "norm": common.joint_norm(best_delta)}
+  attack = _setup(logits_fn, inputs, labels, key, eps=eps, steps=steps, step_size=step_size,
+                  modalities=modalities, restarts=restarts, random_start=random_start,
+                  bounds=bounds, loss=loss, keep_best=keep_best, return_info=return_info)
+  if attack.restarts == 1:
+    return _finalise(attack, _restart(attack, 0, _nothing(attack)))
+  restart = functools.partial(_restart, attack)
+  return _finalise(attack, jax.lax.fori_loop(0, attack.restarts, restart, _nothing(attack)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,23 +1,27 @@
 """Certified robustness of multi-modal models (CRMT, ICLR 2024, Sec. 3).
 
-* `lipschitz`: Lipschitz constants of the uni-modal scores / margins of three
-  kinds -- "local" (`local_lipschitz`, `local_constants`), "empirical"
-  (`empirical_constants`) and "sound" (`sound_constants`, `encoder_lipschitz`:
-  composed from the bounds each encoder layer states, `mmsafe.models.layers`;
-  `operator_norm` and friends live in `mmsafe.models.operator_norms`).
+* `constants`: `LipschitzConstants` (the Lipschitz constants of the uni-modal
+  scores / margins and their representation), `KINDS`, `integration_factors`
+  (CRMT eq. 3) and `head_params`.
+* `local`: kinds "local" (`jacobian_norms`, `local_lipschitz`,
+  `local_constants`, `model_score_fn`) and "empirical"
+  (`empirical_constants`): estimates from per-example Jacobians.
+* `sound`: kind "sound" (`sound_constants`, `encoder_lipschitz`): composed
+  from the bounds each encoder layer states, `mmsafe.models.layers`;
+  `operator_norm` and friends live in `mmsafe.models.operator_norms`.
 * `bounds`: `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4, vulnerability
-  indicators) and `certify` (model + kind -> `Certificate`).
+  indicators), `pair_lipschitz`, and `certify` (model + kind -> `Certificate`).
 * `curves`: certified accuracy versus radius, mean radius, eta ratios.
 """
 
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
                                    lipschitz_constants, pair_lipschitz, radius_from_scores)
+from mmsafe.certify.constants import KINDS, LipschitzConstants, head_params, integration_factors
 from mmsafe.certify.curves import (certified_accuracy, eta_ratio, mean_radius, radius_grid,
                                    summarize, unimodal_certified_accuracy)
-from mmsafe.certify.lipschitz import (KINDS, LipschitzConstants, empirical_constants,
-                                      encoder_lipschitz, integration_factors, jacobian_norms,
-                                      local_constants, local_lipschitz, model_score_fn,
-                                      sound_constants)
+from mmsafe.certify.local import (empirical_constants, jacobian_norms, local_constants,
+                                  local_lipschitz, model_score_fn)
+from mmsafe.certify.sound import encoder_lipschitz, sound_constants
 from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_pool_operator_norm,
                                           conv_operator_norm, max_pool_lipschitz, operator_norm,
                                           power_iteration_factor)
@@ -25,7 +29,7 @@ from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_poo
 __all__ = [
     "KINDS", "ROUNDING_MARGIN", "BoundOptions", "Certificate", "LipschitzConstants",
     "avg_pool_operator_norm", "certified_accuracy", "certified_radius", "certify", "concatenate",
-    "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio",
+    "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",
     "integration_factors", "jacobian_norms", "lipschitz_constants", "local_constants",
     "local_lipschitz", "max_pool_lipschitz", "mean_radius", "model_score_fn", "operator_norm",
     "pair_lipschitz", "power_iteration_factor", "radius_from_scores", "radius_grid",

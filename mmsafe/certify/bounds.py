@@ -39,13 +39,13 @@ misclassified. Perturbing modality `m` alone (Prop. 3.4, eq. 7) gives
 `r^(m)_k = (h_y - h_k) / eta^(m)_k`.
 
 Whether a radius is a certificate depends on the Lipschitz constants: only
-kind "sound" (`mmsafe.certify.lipschitz`) gives one; "local" and "empirical"
+kind "sound" (`mmsafe.certify.sound`) gives one; "local" and "empirical"
 give estimates. `Certificate.kind` records which was used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import functools
 from typing import Any
 
@@ -54,7 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsafe.certify import lipschitz as lip
+from mmsafe import checks, numerics
+from mmsafe.certify.constants import (KINDS, TARGETS, LipschitzConstants, head_params,
+                                      integration_factors)
+from mmsafe.certify.local import empirical_constants, local_constants
+from mmsafe.certify.sound import sound_constants
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -91,30 +95,11 @@ class Certificate:
     return tuple(sorted(self.eta))
 
 
-def _concrete(value: Any) -> np.ndarray | None:
-  """The value as numpy when it is concrete, None when traced under jit."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  return np.asarray(value)
-
-
 def _check_finite(name: str, value: Any) -> None:
-  concrete = _concrete(value)
+  concrete = numerics.concrete(value)
   if concrete is not None and not np.all(np.isfinite(concrete)):
     raise ValueError(f"{name}: expected finite values, got {int((~np.isfinite(concrete)).sum())} "
                      f"NaN/Inf entries of {concrete.size}")
-
-
-def _check_labels(labels: Array, batch: int, num_classes: int) -> Array:
-  labels = jnp.asarray(labels)
-  if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels: expected int[{batch}], got {labels.dtype}{list(labels.shape)}")
-  concrete = _concrete(labels)
-  if concrete is not None and concrete.size and (concrete.min() < 0
-                                                 or concrete.max() >= num_classes):
-    raise ValueError(f"labels: expected values in [0, {num_classes}), got range "
-                     f"[{concrete.min()}, {concrete.max()}]")
-  return labels
 
 
 def _check_head(output: ModelOutput) -> None:
@@ -125,8 +110,8 @@ def _check_head(output: ModelOutput) -> None:
   if head.bias.shape != (num_classes,):
     raise ValueError(f"output.head.bias: expected [{num_classes}] (K from the logits), got "
                      f"{tuple(head.bias.shape)}")
-  if head.kind not in lip.TARGETS:
-    raise ValueError(f"output.head.kind: expected one of {sorted(lip.TARGETS)}, got {head.kind!r}")
+  if head.kind not in TARGETS:
+    raise ValueError(f"output.head.kind: expected one of {sorted(TARGETS)}, got {head.kind!r}")
   if not head.kernels:
     raise ValueError("output.head.kernels: expected one kernel per modality, got none")
   for m, kernel in head.kernels.items():
@@ -177,7 +162,8 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
   _check_head(output)
   logits = output.logits.astype(jnp.float32)
   batch, num_classes = logits.shape
-  labels = _check_labels(labels, batch, num_classes)
+  labels = jnp.asarray(labels)
+  checks.check_labels(labels, num_classes, batch_size=batch)
   head = output.head
   modalities = sorted(head.kernels)
   if sorted(tau) != modalities:
@@ -202,7 +188,7 @@ def _checked_feature_constants(constants: Mapping[str, Array], modalities: list[
       raise ValueError(f"feature_lipschitz[{m!r}]: expected a scalar, got shape "
                        f"{tuple(value.shape)}")
     _check_finite(f"feature_lipschitz[{m!r}]", value)
-    concrete = _concrete(value)
+    concrete = numerics.concrete(value)
     if concrete is not None and concrete < 0:
       raise ValueError(f"feature_lipschitz[{m!r}]: expected a non-negative Lipschitz constant, "
                        f"got {float(concrete)}")
@@ -247,7 +233,8 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
     if jnp.shape(bias) != (num_classes,):
       raise ValueError(f"bias: expected [{num_classes}], got {tuple(jnp.shape(bias))}")
     logits = logits + jnp.asarray(bias, jnp.float32)
-  labels = _check_labels(labels, batch, num_classes)
+  labels = jnp.asarray(labels)
+  checks.check_labels(labels, num_classes, batch_size=batch)
   _check_finite("scores", logits)
   eta = {m: _checked_constants(f"eta[{m!r}]", eta[m], batch, num_classes) for m in modalities}
   return _radii_from_eta(logits, labels, eta, kind)
@@ -260,7 +247,7 @@ def _checked_constants(name: str, value: Array, batch: int, num_classes: int) ->
     raise ValueError(f"{name}: expected [B={batch}, K={num_classes}] or [1, K], got "
                      f"{tuple(t.shape)}")
   _check_finite(name, t)
-  concrete = _concrete(t)
+  concrete = numerics.concrete(t)
   if concrete is not None and np.any(concrete < 0):
     raise ValueError(f"{name}: expected non-negative Lipschitz constants, got minimum "
                      f"{concrete.min()}")
@@ -279,7 +266,7 @@ def pair_lipschitz(head, labels: Array, feature_lipschitz: Mapping[str, Array]
     kernel = head.kernels[m].astype(jnp.float32)
     if head.kind == "orthogonal":
       kernel = kernel * head.weights[m].astype(jnp.float32)[None]
-    out[m] = lip.integration_factors(kernel)[labels] * feature_lipschitz[m]
+    out[m] = integration_factors(kernel)[labels] * feature_lipschitz[m]
   return out
 
 
@@ -301,7 +288,7 @@ def vulnerability_indicators(head, labels: Array, taus: Mapping[str, Array],
     kernel = head.kernels[m].astype(jnp.float32)
     tau = jnp.broadcast_to(taus[m], (batch, kernel.shape[-1]))
     if head.kind == "concat":
-      eta[m] = lip.integration_factors(kernel)[labels] * tau  # c^(m)_k tau^(m)_k
+      eta[m] = integration_factors(kernel)[labels] * tau  # c^(m)_k tau^(m)_k
     else:
       a_tau = jnp.abs(head.weights[m].astype(jnp.float32))[None] * tau  # [B, K]
       eta[m] = jnp.take_along_axis(a_tau, labels[:, None], axis=1) + a_tau
@@ -326,7 +313,7 @@ def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: s
   """Radii from fused logits [B, K] and vulnerability indicators modality -> [B|1, K]."""
   batch, num_classes = logits.shape
   modalities = sorted(eta)
-  is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
+  is_label = numerics.label_mask(labels, num_classes)
   logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k
   correct = jnp.argmax(logits, axis=-1) == labels
@@ -354,29 +341,30 @@ def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str
                         kind: str, *, head=None, batches: Iterable[Any] | None = None,
                         mode: str = "auto", chunk_size: int | None = None,
                         precision: str | None = "highest", **sound_options
-                        ) -> lip.LipschitzConstants:
-  """Lipschitz constants of kind `kind` for `model` (dispatch to `mmsafe.certify.lipschitz`).
+                        ) -> LipschitzConstants:
+  """Lipschitz constants of kind `kind` for `model` (dispatch to `mmsafe.certify.local` /
+  `mmsafe.certify.sound`).
 
   "local" uses `inputs`; "empirical" needs `batches` (the dataset to take the
   maximum over); "sound" takes `sound_options` (`iterations`,
   `failure_probability`, `method`, `key`, `exact_max_entries`).
   """
   if kind == "local":
-    return lip.local_constants(model, variables, inputs, head=head, mode=mode,
-                               chunk_size=chunk_size, precision=precision)
+    return local_constants(model, variables, inputs, head=head, mode=mode,
+                           chunk_size=chunk_size, precision=precision)
   if kind == "empirical":
     if batches is None:
       raise ValueError("kind 'empirical': expected `batches` (a dataset to take the maximum "
                        "of the local constants over) or precomputed `constants`")
-    return lip.empirical_constants(model, variables, batches, head=head, mode=mode,
-                                   chunk_size=chunk_size, precision=precision)
+    return empirical_constants(model, variables, batches, head=head, mode=mode,
+                               chunk_size=chunk_size, precision=precision)
   if kind == "sound":
-    return lip.sound_constants(model, variables, head=head, **sound_options)
-  raise ValueError(f"kind: expected one of {lip.KINDS}, got {kind!r}")
+    return sound_constants(model, variables, head=head, **sound_options)
+  raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
 def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], labels: Array,
-            kind: str = "local", *, constants: lip.LipschitzConstants | None = None,
+            kind: str = "local", *, constants: LipschitzConstants | None = None,
             batches: Iterable[Any] | None = None, mode: str = "auto",
             chunk_size: int | None = None, precision: str | None = "highest",
             **sound_options) -> Certificate:
@@ -412,43 +400,53 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
     ValueError for NaN/Inf inputs (when concrete), a kind mismatch with
     `constants`, or any error of `certified_radius`.
   """
-  if kind not in lip.KINDS:
-    raise ValueError(f"kind: expected one of {lip.KINDS}, got {kind!r}")
+  if kind not in KINDS:
+    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
   for m in sorted(inputs):
     _check_finite(f"inputs[{m!r}]", inputs[m])
-  head = lip.head_params(model, variables)
+  head = head_params(model, variables)
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
-  labels = _check_labels(labels, batch, head.num_classes)
+  labels = jnp.asarray(labels)
+  checks.check_labels(labels, head.num_classes, batch_size=batch)
+  options = {"mode": mode, "chunk_size": chunk_size, "precision": precision}
   if constants is None and kind != "local":
     constants = lipschitz_constants(model, variables, inputs, kind, head=head, batches=batches,
-                                    mode=mode, chunk_size=chunk_size, precision=precision,
-                                    **sound_options)
+                                    **options, **sound_options)
   if constants is not None:
-    if constants.kind != kind:
-      raise ValueError(f"constants: expected Lipschitz constants of kind {kind!r}, got "
-                       f"{constants.kind!r}")
-    expected_target = lip.TARGETS.get(head.kind)
-    if constants.target != expected_target:
-      raise ValueError(f"constants: expected target {expected_target!r} for a "
-                       f"{head.kind!r} head, got {constants.target!r}")
-    for m, value in constants.values.items():
-      _check_finite(f"constants.values[{m!r}]", value)
+    _check_precomputed(constants, kind, head.kind)
+  # Checks on concrete values ran above; the computation itself is compiled
+  # (once per call when called eagerly; wrap `certify` in `jax.jit` for reuse).
+  return jax.jit(_certify_fn(model, kind, options))(variables, inputs, labels, constants)
+
+
+def _check_precomputed(constants: LipschitzConstants, kind: str, head_kind: str) -> None:
+  """ValueError unless `constants` are finite, of `kind` and of the target of the head."""
+  if constants.kind != kind:
+    raise ValueError(f"constants: expected Lipschitz constants of kind {kind!r}, got "
+                     f"{constants.kind!r}")
+  expected_target = TARGETS.get(head_kind)
+  if constants.target != expected_target:
+    raise ValueError(f"constants: expected target {expected_target!r} for a "
+                     f"{head_kind!r} head, got {constants.target!r}")
+  for m, value in constants.values.items():
+    _check_finite(f"constants.values[{m!r}]", value)
+
+
+def _certify_fn(model, kind: str, options: Mapping[str, Any]
+                ) -> Callable[..., Certificate]:
+  """The computation of `certify` (arguments already checked):
+  `(variables, inputs, labels, constants | None) -> Certificate`, with local
+  constants computed at `inputs` when `constants` is None."""
 
   def run(variables, inputs, labels, constants):
-    if precision is None:
+    with numerics.matmul_precision(options["precision"]):
       output = model.apply(variables, inputs)
-    else:
-      with jax.default_matmul_precision(precision):
-        output = model.apply(variables, inputs)
     if constants is None:
-      constants = lip.local_constants(model, variables, inputs, head=output.head, mode=mode,
-                                      chunk_size=chunk_size, precision=precision)
+      constants = local_constants(model, variables, inputs, head=output.head, **options)
     return certified_radius(output, labels, constants.tau(labels),
                             feature_lipschitz=constants.encoder or None, kind=kind)
 
-  # Checks on concrete values ran above; the computation itself is compiled
-  # (once per call when called eagerly; wrap `certify` in `jax.jit` for reuse).
-  return jax.jit(run)(variables, inputs, labels, constants)
+  return run
 
 
 def concatenate(certificates: Iterable[Certificate]) -> Certificate:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 import dataclasses
 
+from mmsafe.data.av_digits_audio import MissingDependencyError
 from mmsafe.data.clip_dataset import ClipDataset, full_pass, in_memory, modality_means
-from mmsafe.data.embedded import EMBEDDED_DATASETS, Dataset, load_embedded
+from mmsafe.data.dataset import Dataset, Standardization
+from mmsafe.data.embedded import EMBEDDED_DATASETS, load_embedded
 from mmsafe.data.pipeline import (ClipPreprocessing, clip_eval_batches, clip_eval_iterator,
                                   clip_train_iterator, eval_batches, host_train_indices,
                                   normalize_inputs, preprocess_clip, take, train_batch,
@@ -76,7 +78,7 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
   TFDS sources go through `clip_train_iterator` / `clip_eval_iterator` (with
   `config`, default: a `ClipDataset`'s own or `ClipPreprocessing()`, `num_threads` or
   `processes`, `prefetch`); embedded `Dataset`s are sliced in memory with the same per-host
-  index plans (with one host, exactly `train_batch` / `eval_batches`).
+  example indices (with one host, exactly `train_batch` / `eval_batches`).
   """
   if process_index is None or process_count is None:
     import jax
@@ -101,6 +103,7 @@ def make_iterator(data: Dataset | Sequence[dict], *, train: bool, batch_size: in
 def _in_memory_iterator(data: Dataset, *, train: bool, batch_size: int, seed: int,
                         start_step: int, num_steps: int | None, process_index: int,
                         process_count: int) -> Iterator[dict]:
+  """`make_iterator` for an in-memory `Dataset`: slices of its arrays."""
   if not train:
     for index, valid in clip_eval_batches(len(data), batch_size=batch_size,
                                           process_index=process_index,
@@ -118,6 +121,6 @@ def _in_memory_iterator(data: Dataset, *, train: bool, batch_size: int, seed: in
 
 
 __all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "ClipDataset", "ClipPreprocessing", "Dataset",
-           "eval_batches", "full_pass", "in_memory", "load", "load_embedded", "load_tfds",
-           "make_iterator", "modality_means", "normalize_inputs", "preprocess_clip", "take",
-           "train_batch", "validate_batch"]
+           "MissingDependencyError", "Standardization", "eval_batches", "full_pass", "in_memory",
+           "load", "load_embedded", "load_tfds", "make_iterator", "modality_means",
+           "normalize_inputs", "preprocess_clip", "take", "train_batch", "validate_batch"]

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 
 from mmsafe.data import pipeline
-from mmsafe.data.embedded import Dataset, Standardization
+from mmsafe.data.dataset import Dataset, Standardization
 
 # Raw ranges of the stored bytes (frames and quantised flow), for attack boxes.
 _BYTE_RANGE = (0.0, 255.0)

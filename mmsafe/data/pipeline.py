@@ -23,48 +23,37 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.data.embedded import Standardization
+from mmsafe.checks import check_inputs, check_labels
+from mmsafe.data.dataset import Standardization
 
 
 def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
                    num_classes: int) -> None:
   """Fails fast on a malformed batch, naming the field, expected and actual value.
 
-  Checks: the "inputs" and "label" keys, every modality present (no extras),
-  per-example shapes, floating dtypes, finite values, integer labels in
-  `[0, num_classes)` and one batch size throughout.
+  Checks: the "inputs" and "label" keys, integer labels `[B]` in `[0, num_classes)`,
+  the inputs as `mmsafe.checks.check_inputs` does (every modality present, no extras,
+  per-example shapes, floating dtypes, batch size B) and finite values.
   """
   for key in ("inputs", "label"):
     if key not in batch:
       raise ValueError(f"batch: missing key {key!r}; expected keys 'inputs' and 'label', "
                        f"got {sorted(batch)}")
-  inputs = batch["inputs"]
-  missing = sorted(set(input_shapes) - set(inputs))
-  extra = sorted(set(inputs) - set(input_shapes))
-  if missing:
-    raise ValueError(f"batch['inputs']: missing modality {missing}; "
-                     f"expected {sorted(input_shapes)}")
-  if extra:
-    raise ValueError(f"batch['inputs']: unexpected modality {extra}; "
-                     f"expected {sorted(input_shapes)}")
   labels = np.asarray(batch["label"])
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"batch['label']: expected int[B], got {labels.dtype}{list(labels.shape)}")
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"batch['label']: expected values in [0, {num_classes}), got range "
-                     f"[{labels.min()}, {labels.max()}]")
-  for m, shape in input_shapes.items():
-    x = np.asarray(inputs[m])
-    if x.shape != (labels.shape[0], *shape):
-      raise ValueError(f"batch['inputs'][{m!r}]: expected shape {[labels.shape[0], *shape]}, "
-                       f"got {list(x.shape)}")
-    if not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"batch['inputs'][{m!r}]: expected a floating dtype, got {x.dtype}")
-    finite = np.isfinite(x)
-    if not finite.all():
-      bad = int(np.argwhere(~finite.reshape(x.shape[0], -1).all(axis=1))[0, 0])
-      raise ValueError(f"batch['inputs'][{m!r}]: expected finite values, got "
-                       f"{int((~finite).sum())} NaN/Inf entries (first in example {bad})")
+  check_labels(labels, num_classes, field="batch['label']")
+  inputs = {m: np.asarray(x) for m, x in batch["inputs"].items()}
+  check_inputs(inputs, input_shapes, batch_size=labels.shape[0], field="batch['inputs']")
+  for m in input_shapes:
+    _check_finite(inputs[m], f"batch['inputs'][{m!r}]")
+
+
+def _check_finite(x: np.ndarray, field: str) -> None:
+  """Raises ValueError naming `field`, the count of NaN/Inf entries and the first bad example."""
+  finite = np.isfinite(x)
+  if not finite.all():
+    bad = int(np.argwhere(~finite.reshape(x.shape[0], -1).all(axis=1))[0, 0])
+    raise ValueError(f"{field}: expected finite values, got {int((~finite).sum())} NaN/Inf "
+                     f"entries (first in example {bad})")
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -421,9 +410,9 @@ class _Producer:
         continue
     return False
 
-  def run(self, plan: Iterator[tuple[np.ndarray, tuple[int, int] | None, dict]]) -> None:
+  def run(self, batch_specs: Iterator[tuple[np.ndarray, tuple[int, int] | None, dict]]) -> None:
     try:
-      for index, rng_key, extra in plan:
+      for index, rng_key, extra in batch_specs:
         if self.stop.is_set():
           return
         batch = self.allocate(len(index))
@@ -445,7 +434,7 @@ class _Producer:
 class BatchIterator:
   """Batches of preprocessed clips assembled ahead of time.
 
-  A background thread walks the batch plan (`(indices, rng_key, extra)` per batch;
+  A background thread walks `batch_specs` (`(indices, rng_key, extra)` per batch;
   `rng_key` = (seed, epoch) for training, None for evaluation) and submits one job
   per example; up to `prefetch` batches are in flight. Workers are `num_threads`
   threads writing straight into preallocated batch arrays (Pillow's decoding and
@@ -459,7 +448,7 @@ class BatchIterator:
   the workers early. Errors raised by a job are re-raised by `next()`.
   """
 
-  def __init__(self, source: Sequence, plan: Iterable[tuple[np.ndarray, Any, dict]], *,
+  def __init__(self, source: Sequence, batch_specs: Iterable[tuple[np.ndarray, Any, dict]], *,
                train: bool, config: ClipPreprocessing = ClipPreprocessing(),
                num_threads: int = 4, prefetch: int = 2, processes: int = 0):
     import threading
@@ -467,8 +456,8 @@ class BatchIterator:
     self._producer = _Producer(source, config, train, num_threads=num_threads,
                                prefetch=prefetch, processes=processes)
     self._closed = False
-    self._thread = threading.Thread(target=self._producer.run, args=(iter(plan),), daemon=True,
-                                    name="batch-plan")
+    self._thread = threading.Thread(target=self._producer.run, args=(iter(batch_specs),),
+                                    daemon=True, name="batch-specs")
     self._thread.start()
 
   def __iter__(self) -> "BatchIterator":
@@ -566,7 +555,7 @@ def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_s
   host_train_indices(n, batch_size=batch_size, seed=seed, step=0,
                      process_index=process_index, process_count=process_count)  # validates
 
-  def plan():
+  def train_specs():
     step = int(start_step)
     while num_steps is None or step < start_step + num_steps:
       index = host_train_indices(n, batch_size=batch_size, seed=seed, step=step,
@@ -574,7 +563,7 @@ def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_s
       yield index, (int(seed), step // steps_per_epoch), {}
       step += 1
 
-  return BatchIterator(source, plan(), train=True, config=config, num_threads=num_threads,
+  return BatchIterator(source, train_specs(), train=True, config=config, num_threads=num_threads,
                        prefetch=prefetch, processes=processes)
 
 
@@ -606,6 +595,6 @@ def clip_eval_iterator(source: Sequence, *, batch_size: int, process_index: int 
   `"valid"` [B]; every host yields the same number of batches (`clip_eval_batches`)."""
   batches = clip_eval_batches(len(source), batch_size=batch_size, process_index=process_index,
                               process_count=process_count)
-  plan = ((index, None, {"valid": valid}) for index, valid in batches)
-  return BatchIterator(source, plan, train=False, config=config, num_threads=num_threads,
+  specs = ((index, None, {"valid": valid}) for index, valid in batches)
+  return BatchIterator(source, specs, train=False, config=config, num_threads=num_threads,
                        prefetch=prefetch, processes=processes)

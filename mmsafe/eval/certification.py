@@ -1,19 +1,20 @@
 """Certification of a whole dataset split, checked by attacks (pure: plain dicts).
 
-`run_certification` certifies every example of a split with each Lipschitz
-kind ("local", "empirical", "sound"; `mmsafe.certify`), summarises the
+`Certification` certifies every example of a split with each Lipschitz kind
+("local", "empirical", "sound"; `mmsafe.certify`), summarises the
 certified-accuracy curves, uni-modal (Prop. 3.4) curves and the eta ratio
 heat map (CRMT Fig. 3), and checks the radii with an attack: for every
 correctly classified sample with a positive radius r(x), an l2-PGD attack
 (margin loss, `attack_steps` steps of 2.5 r/steps, `attack_restarts` random
 restarts, worst iterate kept) searches the ball of radius `(1 - 1e-4) r(x)`.
 A success inside a `sound` radius would be a bug; for `local`/`empirical`
-(estimates) the result gives how often the radius is broken.
+(estimates) the result gives how often the radius is broken. It compiles
+once per instance; `run_certification` runs one once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 import math
 import time
 from typing import Any
@@ -60,14 +61,14 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int):
 
   jitted = jax.jit(attack)
 
-  def run(variables, inputs, labels, radius, key):
+  def attack_batch(variables, inputs, labels, radius, key):
     attacked, broken, excess = jitted(variables, inputs, jnp.asarray(labels),
                                       jnp.asarray(radius, jnp.float32), key)
     if float(jnp.max(excess)) > 1e-5 * float(jnp.max(jnp.asarray(radius))) + 1e-6:
       raise AssertionError(f"attack left the ball: max excess {float(jnp.max(excess))}")
     return np.asarray(attacked), np.asarray(broken)
 
-  return run
+  return attack_batch
 
 
 def _batches(inputs, labels, batch_size):
@@ -75,12 +76,15 @@ def _batches(inputs, labels, batch_size):
 
 
 def make_certifier(model, *, mode: str, chunk_size: int | None):
-  """`run(variables, inputs, labels, kind, constants) -> Certificate`: `certify`
-  compiled once per kind (local: Jacobians; empirical/sound: the precomputed
-  `constants`, traced)."""
-  return jax.jit(lambda variables, inputs, labels, kind, constants=None: certify_lib.certify(
-      model, variables, inputs, labels, kind, constants=constants, mode=mode,
-      chunk_size=chunk_size), static_argnums=3)
+  """A jitted `certify_batch(variables, inputs, labels, kind, constants) ->
+  Certificate`: `mmsafe.certify.certify` compiled once per kind (local:
+  Jacobians; empirical/sound: the precomputed `constants`, traced)."""
+
+  def certify_batch(variables, inputs, labels, kind, constants=None):
+    return certify_lib.certify(model, variables, inputs, labels, kind, constants=constants,
+                               mode=mode, chunk_size=chunk_size)
+
+  return jax.jit(certify_batch, static_argnums=3)
 
 
 def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
@@ -88,14 +92,16 @@ def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
   return iterable
 
 
-def certify_dataset(run, variables, inputs, labels, kind: str, *, constants=None,
+def certify_dataset(certify_batch, variables, inputs, labels, kind: str, *, constants=None,
                     batch_size: int, description: str, track: Track = _no_progress
                     ) -> certify_lib.Certificate:
-  """Certificate of every example (batched, padded batches trimmed)."""
+  """Certificate of every example (batched with `certify_batch` of `make_certifier`,
+  padded batches trimmed)."""
   parts = []
   total = math.ceil(len(labels) / min(batch_size, len(labels)))
   for batch in track(_batches(inputs, labels, batch_size), total, description):
-    cert = run(variables, batch["inputs"], jnp.asarray(batch["label"]), kind, constants)
+    cert = certify_batch(variables, batch["inputs"], jnp.asarray(batch["label"]), kind,
+                         constants)
     valid = np.asarray(batch["valid"])
     parts.append(jax.tree_util.tree_map(lambda x: x[valid], cert))
   return certify_lib.concatenate(parts)
@@ -122,90 +128,160 @@ def _eta_pair(modalities):
   return modalities[0], modalities[1]
 
 
+class Certification:
+  """Certifies a split with each Lipschitz kind and attacks the radii (see the
+  module docstring). The certifier and the attack compile once per instance, so
+  it reruns on new variables (e.g. inside training) without recompiling.
+
+  Args:
+    model: a `mmsafe.models` model.
+    kinds: subset of `mmsafe.certify.KINDS`.
+    batch_size: examples per certification / attack batch.
+    mode, chunk_size: Jacobian mode and chunking (`mmsafe.certify.certify`).
+    power_iterations, failure_probability: the sound constants' power iteration.
+    attack_steps, attack_restarts: the attack check (0 steps: none).
+    num_thresholds: radii in the certified-accuracy curves.
+    seed: seed of the attacks and power iterations.
+    track: `track(iterable, total, description)` wraps each long loop (e.g. a
+      progress bar; the identity by default).
+  """
+
+  def __init__(self, model, *, kinds: Sequence[str], batch_size: int = 100, mode: str = "auto",
+               chunk_size: int | None = None, power_iterations: int = 300,
+               failure_probability: float = 1e-6, attack_steps: int = 100,
+               attack_restarts: int = 5, num_thresholds: int = 101, seed: int = 0,
+               track: Track = _no_progress):
+    for kind in kinds:
+      if kind not in certify_lib.KINDS:
+        raise ValueError(f"kinds: expected a subset of {certify_lib.KINDS}, got {kind!r}")
+    self.model, self.kinds, self.batch_size = model, tuple(kinds), int(batch_size)
+    self.mode, self.chunk_size = mode, chunk_size
+    self.attack_steps, self.attack_restarts = int(attack_steps), int(attack_restarts)
+    self.num_thresholds, self.track = num_thresholds, track
+    self._key = jax.random.PRNGKey(seed)
+    self._head_kind = None
+    self._certify_batch = make_certifier(model, mode=mode, chunk_size=chunk_size)
+    self._local_constants = jax.jit(lambda variables, inputs: certify_lib.local_constants(
+        model, variables, inputs, head=certify_lib.head_params(model, variables), mode=mode,
+        chunk_size=chunk_size))
+    self._sound_constants = jax.jit(lambda variables, key: certify_lib.sound_constants(
+        model, variables, head=certify_lib.head_params(model, variables), key=key,
+        iterations=power_iterations, failure_probability=failure_probability))
+    self._attack_batch = make_radius_attack(lambda v, x: model.apply(v, x).logits,
+                                            steps=max(self.attack_steps, 1),
+                                            restarts=self.attack_restarts)
+
+  def __call__(self, variables, dataset: data_lib.Dataset, empirical_source=None, *,
+               split: str = "test", empirical_split: str = "train"):
+    """Certifies every example of the in-memory `dataset` (split `split`);
+    `empirical_source` is the dataset the empirical constants are the maximum over.
+
+    Returns:
+      (results dict for JSON, {kind: Certificate}, labels [N]).
+    """
+    inputs, labels = dict(dataset.inputs), np.asarray(dataset.labels)
+    if self._head_kind is None:  # the head's kind does not change with the variables
+      self._head_kind = certify_lib.head_params(self.model, variables).kind
+    results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
+                               "head": self._head_kind, "kinds": {}}
+    certificates = {}
+    for kind in self.kinds:
+      start = time.time()
+      constants = self.constants(kind, variables, empirical_source, empirical_split)
+      cert = certify_dataset(self._certify_batch, variables, inputs, labels, kind,
+                             constants=constants, batch_size=self.batch_size,
+                             description=f"certify ({kind})", track=self.track)
+      seconds = time.time() - start
+      certificates[kind] = cert
+      entry = {"seconds": seconds, **self._summary(cert, labels, dataset.num_classes)}
+      entry["lipschitz"] = self._lipschitz(variables, inputs, constants)
+      if self.attack_steps > 0:
+        entry["attack"] = self.attack_check(variables, inputs, labels, np.asarray(cert.radius),
+                                            kind)
+      results["kinds"][kind] = entry
+    return results, certificates, labels
+
+  def constants(self, kind: str, variables, empirical_source, empirical_split: str):
+    """The precomputed Lipschitz constants of `kind` (None for "local"); only the
+    empirical ones (a maximum over a whole split) are computed outside `jax.jit`."""
+    if kind == "empirical":
+      if empirical_source is None:
+        raise ValueError("empirical_source: expected a dataset for the 'empirical' kind, got None")
+      total = math.ceil(len(empirical_source) / min(self.batch_size, len(empirical_source)))
+      batches = data_lib.full_pass(empirical_source, batch_size=self.batch_size)
+      return certify_lib.empirical_constants(
+          self.model, variables,
+          self.track(batches, total, f"empirical constants ({empirical_split})"),
+          head=certify_lib.head_params(self.model, variables), mode=self.mode,
+          chunk_size=self.chunk_size)
+    if kind == "sound":
+      return self._sound_constants(variables, jax.random.fold_in(self._key, 1))
+    return None
+
+  def _summary(self, cert, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The certified-accuracy summary and, for two or more modalities, the eta ratio."""
+    finite = np.asarray(cert.radius)[np.isfinite(np.asarray(cert.radius))]
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    out = {"summary": certify_lib.summarize(
+        cert, certify_lib.radius_grid(top, self.num_thresholds))}
+    modalities = list(cert.modalities)
+    if len(modalities) >= 2:
+      num, den = _eta_pair(modalities)
+      ratio = certify_lib.eta_ratio(cert, labels, num, den, num_classes=num_classes)
+      out["eta_ratio"] = {"numerator": num, "denominator": den, "matrix": _json_matrix(ratio)}
+    return out
+
+  def _lipschitz(self, variables, inputs, constants) -> dict[str, Any]:
+    """Summary of the constants (local: those of the first batch)."""
+    if constants is not None:
+      return _constants_summary(constants)
+    n = min(len(next(iter(inputs.values()))), self.batch_size)
+    local = self._local_constants(variables, {m: x[:n] for m, x in inputs.items()})
+    return {"note": "local constants of the first batch", **_constants_summary(local)}
+
+  def attack_check(self, variables, inputs, labels: np.ndarray, radius: np.ndarray,
+                   kind: str) -> dict[str, Any]:
+    """Attacks every certified radius (see `make_radius_attack`): how many of the
+    attacked samples had a misclassified point found inside their radius."""
+    size = min(self.batch_size, len(labels))
+    attacked_all, broken_all = [], []
+    batches = self.track(_batches(inputs, labels, self.batch_size),
+                         math.ceil(len(labels) / size), f"attack ({kind})")
+    for i, batch in enumerate(batches):
+      valid = np.asarray(batch["valid"])
+      n = int(valid.sum())
+      batch_radius = np.zeros(len(valid), np.float32)
+      batch_radius[:n] = radius[i * size:i * size + n]
+      attacked, broken = self._attack_batch(variables, batch["inputs"], batch["label"],
+                                            batch_radius, jax.random.fold_in(self._key, 1000 + i))
+      attacked_all.append(attacked & valid)
+      broken_all.append(broken & valid)
+    attacked, broken = np.concatenate(attacked_all), np.concatenate(broken_all)
+    steps, restarts = self.attack_steps, self.attack_restarts
+    return {"description": f"l2-PGD inside (1 - {_INSIDE}) r(x): {steps} steps of "
+                           f"2.5 r/{steps}, {restarts} random restarts, margin loss, "
+                           f"worst iterate kept",
+            "attacked": int(attacked.sum()), "broken": int(broken.sum()),
+            "broken_fraction": float(broken.sum() / max(attacked.sum(), 1))}
+
+
 def run_certification(model, variables, splits, *, kinds, split="test", empirical_split="train",
                       batch_size=100, max_examples=0, mode="auto", chunk_size=None,
                       power_iterations=300, failure_probability=1e-6, attack_steps=100,
                       attack_restarts=5, num_thresholds=101, seed=0,
                       track: Track = _no_progress):
-  """Certifies `splits[split]` with each Lipschitz kind and attacks the radii.
-
-  `track(iterable, total, description)` wraps each long loop (e.g. a progress
-  bar in the experiment script; the identity by default).
+  """Certifies `splits[split]` (its first `max_examples`, 0: all) with each
+  Lipschitz kind and attacks the radii: a `Certification` run once.
 
   Returns:
     (results dict for JSON, {kind: Certificate}, labels).
   """
-  for kind in kinds:
-    if kind not in certify_lib.KINDS:
-      raise ValueError(f"kinds: expected a subset of {certify_lib.KINDS}, got {kind!r}")
+  certification = Certification(
+      model, kinds=kinds, batch_size=batch_size, mode=mode, chunk_size=chunk_size,
+      power_iterations=power_iterations, failure_probability=failure_probability,
+      attack_steps=attack_steps, attack_restarts=attack_restarts,
+      num_thresholds=num_thresholds, seed=seed, track=track)
   dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
-  inputs, labels = dict(dataset.inputs), np.asarray(dataset.labels)
-  key = jax.random.PRNGKey(seed)
-  head = certify_lib.lipschitz.head_params(model, variables)
-  results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
-                             "head": head.kind, "kinds": {}}
-  certificates = {}
-  run = make_certifier(model, mode=mode, chunk_size=chunk_size)
-  attack = make_radius_attack(lambda v, x: model.apply(v, x).logits, steps=attack_steps,
-                              restarts=attack_restarts)
-  for kind in kinds:
-    start = time.time()
-    constants = None
-    if kind == "empirical":
-      source = splits[empirical_split]
-      total = math.ceil(len(source) / min(batch_size, len(source)))
-      constants = certify_lib.empirical_constants(
-          model, variables,
-          track(data_lib.full_pass(source, batch_size=batch_size), total,
-                f"empirical constants ({empirical_split})"),
-          head=head, mode=mode, chunk_size=chunk_size)
-    elif kind == "sound":
-      constants = certify_lib.sound_constants(
-          model, variables, head=head, key=jax.random.fold_in(key, 1),
-          iterations=power_iterations, failure_probability=failure_probability)
-    cert = certify_dataset(run, variables, inputs, labels, kind, constants=constants,
-                           batch_size=batch_size, description=f"certify ({kind})",
-                           track=track)
-    seconds = time.time() - start
-    certificates[kind] = cert
-    finite = np.asarray(cert.radius)[np.isfinite(np.asarray(cert.radius))]
-    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    summary = certify_lib.summarize(cert, certify_lib.radius_grid(top, num_thresholds))
-    entry = {"summary": summary, "seconds": seconds}
-    if constants is None:
-      constants = certify_lib.local_constants(
-          model, variables, {m: x[:min(len(labels), batch_size)] for m, x in inputs.items()},
-          head=head, mode=mode, chunk_size=chunk_size)
-      entry["lipschitz"] = {"note": "local constants of the first batch",
-                            **_constants_summary(constants)}
-    else:
-      entry["lipschitz"] = _constants_summary(constants)
-    modalities = list(cert.modalities)
-    if len(modalities) >= 2:
-      num, den = _eta_pair(modalities)
-      ratio = certify_lib.eta_ratio(cert, labels, num, den, num_classes=dataset.num_classes)
-      entry["eta_ratio"] = {"numerator": num, "denominator": den,
-                            "matrix": _json_matrix(ratio)}
-    if attack_steps > 0:
-      attacked_all, broken_all = [], []
-      for i, batch in enumerate(track(_batches(inputs, labels, batch_size),
-                                      math.ceil(len(labels) / min(batch_size, len(labels))),
-                                      f"attack ({kind})")):
-        valid = np.asarray(batch["valid"])
-        n = int(valid.sum())
-        offset = i * min(batch_size, len(labels))
-        radius = np.zeros(len(valid), np.float32)
-        radius[:n] = np.asarray(cert.radius)[offset:offset + n]
-        attacked, broken = attack(variables, batch["inputs"], batch["label"], radius,
-                                  jax.random.fold_in(key, 1000 + i))
-        attacked_all.append(attacked & valid)
-        broken_all.append(broken & valid)
-      attacked, broken = np.concatenate(attacked_all), np.concatenate(broken_all)
-      entry["attack"] = {
-          "description": f"l2-PGD inside (1 - {_INSIDE}) r(x): {attack_steps} steps of "
-                         f"2.5 r/{attack_steps}, {attack_restarts} random restarts, margin loss, "
-                         f"worst iterate kept",
-          "attacked": int(attacked.sum()), "broken": int(broken.sum()),
-          "broken_fraction": float(broken.sum() / max(attacked.sum(), 1))}
-    results["kinds"][kind] = entry
-  return results, certificates, labels
+  empirical = splits[empirical_split] if "empirical" in certification.kinds else None
+  return certification(variables, dataset, empirical, split=split,
+                       empirical_split=empirical_split)

@@ -1,6 +1,10 @@
-"""Writes a robustness report (the side-effect end of `mmsafe.eval.robustness`).
+"""Reports of evaluation metrics (the side-effect end of `mmsafe.eval`): each
+writer consumes the metrics of one evaluator type (`mmsafe.eval.evaluators`),
+and `write_evaluation` picks the writer by type. Every file is written
+atomically (`mmsafe.files`).
 
-`write_report(results, directory)` writes, atomically (temporary file + rename):
+`write_report(results, directory)` (type "robustness": the results dict of
+`evaluate_robustness`) writes:
 
     robustness.json          the results dict of `evaluate_robustness`, verbatim
     robustness.md            headline table (CRMT Tables 1/2 layout), curves,
@@ -9,50 +13,26 @@
     fgm_accuracy.png         (CRMT Fig. 1/4), one figure per attack kind run
     missing_modality.png     accuracy with each modality missing
     decoupling_asr.png       decoupling ASR vs fraction of input changed (MUROAN)
+
+`write_certification_report` (type "certify"), `write_sweep` (type "sweep")
+and `write_metrics` (any other type: `metrics.json`) write the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-import json
+from collections.abc import Callable, Mapping
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from mmsafe import files
 from mmsafe.eval import plots
 
 
-def _write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    f.write(text)
-    tmp = f.name
-  os.replace(tmp, path)
-
-
-def _plot_atomic(plot_fn, path: str, *args, **kwargs) -> str:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
-  os.close(fd)
-  try:
-    plot_fn(*args, tmp, **kwargs)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
-
-
-def _to_builtin(value: Any):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, (tuple, set)):
-    return list(value)
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def _plot(plot_fn: Callable[..., Any], path: str, *args, **kwargs) -> str:
+  """Draws `plot_fn(*args, file, **kwargs)` into `path` atomically; returns `path`."""
+  return files.write_atomic(path, lambda f: plot_fn(*args, f, **kwargs))
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -118,26 +98,24 @@ def write_report(results: Mapping[str, Any], directory: str, *, title: str = "Ro
   Returns:
     name -> path of every file written.
   """
-  os.makedirs(directory, exist_ok=True)
   paths = {"json": os.path.join(directory, "robustness.json"),
            "markdown": os.path.join(directory, "robustness.md")}
-  _write_atomic(paths["json"], json.dumps(results, indent=2, sort_keys=True,
-                                          default=_to_builtin) + "\n")
-  _write_atomic(paths["markdown"], markdown(results, title))
+  files.write_json_atomic(paths["json"], results)
+  files.write_text_atomic(paths["markdown"], markdown(results, title))
   clean = results.get("clean_accuracy")
   for kind, scopes in results.get("curves", {}).items():
     path = os.path.join(directory, f"{kind}_accuracy.png")
-    paths[f"{kind}_plot"] = _plot_atomic(
+    paths[f"{kind}_plot"] = _plot(
         plots.plot_robust_accuracy, path,
         {scope: (c["eps"], c["accuracy"]) for scope, c in scopes.items()},
         clean_accuracy=clean, title=f"l2-{kind.upper()} ({results['protocol']['name']})"
         if kind == "pgd" else "l2-FGM")
   if results.get("missing"):
-    paths["missing_plot"] = _plot_atomic(
+    paths["missing_plot"] = _plot(
         plots.plot_missing_modality, os.path.join(directory, "missing_modality.png"),
         results["missing"], clean_accuracy=clean, title="missing modality")
   if results.get("decoupling"):
-    paths["decoupling_plot"] = _plot_atomic(
+    paths["decoupling_plot"] = _plot(
         plots.plot_decoupling_asr, os.path.join(directory, "decoupling_asr.png"),
         {scope: (c["fraction"], c["asr"]) for scope, c in results["decoupling"].items()},
         title="decoupling attack")
@@ -167,24 +145,21 @@ def sweep_markdown(sweep: Mapping[str, Any], title: str = "PGD strength sweep") 
 
 def write_sweep(sweep: Mapping[str, Any], directory: str) -> dict[str, str]:
   """Writes `pgd_strength.json` and `pgd_strength.md` into `directory`."""
-  os.makedirs(directory, exist_ok=True)
   paths = {"json": os.path.join(directory, "pgd_strength.json"),
            "markdown": os.path.join(directory, "pgd_strength.md")}
-  _write_atomic(paths["json"], json.dumps(sweep, indent=2, sort_keys=True,
-                                          default=_to_builtin) + "\n")
-  _write_atomic(paths["markdown"], sweep_markdown(sweep))
+  files.write_json_atomic(paths["json"], sweep)
+  files.write_text_atomic(paths["markdown"], sweep_markdown(sweep))
   return paths
 
 
 def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[str]:
   """Writes `run_certification`'s results.json and its PNG figures (certified
   accuracy per kind, uni-modal curves, eta ratio heat maps); returns the paths."""
-  os.makedirs(outdir, exist_ok=True)
   paths = [os.path.join(outdir, "results.json")]
-  _write_atomic(paths[0], json.dumps(results, indent=2, sort_keys=True, default=_to_builtin))
+  files.write_json_atomic(paths[0], results)
   curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
             for kind, entry in results["kinds"].items()}
-  paths.append(_plot_atomic(
+  paths.append(_plot(
       plots.plot_certified_accuracy, os.path.join(outdir, "certified_accuracy.png"), curves,
       title=f"certified accuracy ({results['split']}, {results['head']} head)"))
   for kind, entry in results["kinds"].items():
@@ -192,14 +167,33 @@ def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[
     uni = {f"{m} only": (summary["thresholds"], acc)
            for m, acc in summary["unimodal_certified_accuracy"].items()}
     uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
-    paths.append(_plot_atomic(
+    paths.append(_plot(
         plots.plot_certified_accuracy, os.path.join(outdir, f"unimodal_{kind}.png"), uni,
         title=f"uni-modal certified accuracy ({kind})"))
     if "eta_ratio" in entry:
       eta = entry["eta_ratio"]
       matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
-      paths.append(_plot_atomic(
+      paths.append(_plot(
           plots.plot_eta_ratio_heatmap, os.path.join(outdir, f"eta_ratio_{kind}.png"), matrix,
           numerator=eta["numerator"],
           denominator=eta["denominator"], title=f"vulnerability ratio ({kind})"))
   return paths
+
+
+def write_metrics(metrics: Mapping[str, Any], directory: str) -> list[str]:
+  """Writes any evaluator's metrics as `metrics.json` into `directory`."""
+  return [files.write_json_atomic(os.path.join(directory, "metrics.json"), metrics)]
+
+
+def write_evaluation(evaluator_type: str, metrics: Mapping[str, Any], directory: str, *,
+                     title: str | None = None) -> list[str]:
+  """Writes the report of an evaluator's metrics by its type ("robustness":
+  `write_report`, "certify": `write_certification_report`, "sweep":
+  `write_sweep`, else `write_metrics`); returns the paths written."""
+  if evaluator_type == "robustness":
+    return list(write_report(metrics, directory, title=title or "Robustness report").values())
+  if evaluator_type == "certify":
+    return write_certification_report(metrics, directory)
+  if evaluator_type == "sweep":
+    return list(write_sweep(metrics, directory).values())
+  return write_metrics(metrics, directory)

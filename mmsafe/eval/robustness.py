@@ -22,15 +22,20 @@ construction); the independent per-eps numbers are kept as `accuracy_raw`
 part of what it measures). The attack success rate (ASR) is the fraction of
 clean-correct examples that the attack makes misclassified.
 
-Each attack compiles once per (kind, scope); eps / budgets are traced
-arguments. Python loops here run over grid points and batches only; every
-attack's own iterations are inside `lax` loops.
+One class per kind of measurement (`CleanAccuracy`, `AttackCurves` for FGM
+and PGD, `MissingModality`, `DecouplingCurves`, and `StrengthSweep`) holds its
+jitted function: each compiles once per instance and (scope, fill or step
+count); eps / budgets and the variables are traced arguments, so an instance
+reruns on new variables (e.g. inside training, `mmsafe.eval.evaluators`)
+without recompiling. `evaluate_robustness` composes them. Python loops here run
+over grid points and batches only; every attack's own iterations are inside
+`lax` loops.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import attacks
+from mmsafe import checks
 from mmsafe.attacks import common
 from mmsafe.attacks.decoupling import budget as decoupling_budget
 from mmsafe.attacks.pgd import PGDProtocol, get_protocol
@@ -45,8 +51,11 @@ from mmsafe.data.pipeline import eval_batches
 
 Array = jax.Array
 ApplyFn = Callable[[Any, Mapping[str, Array]], Array]
+Progress = Callable[[int], None] | None
 MULTI = "multi"  # scope name of the multi-modal (all modalities, joint budget) attacks
 ATTACK_KINDS = ("fgm", "pgd")
+# Each kind draws its randomness from the suite seed with its own index folded in.
+_KIND_INDEX = {"clean": 0, "fgm": 1, "pgd": 2, "missing": 3, "decoupling": 4, "sweep": 5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +95,16 @@ class SuiteConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Task:
+class Task:
+  """One evaluation task, run once over every batch of the split."""
+
   kind: str  # "clean" | "fgm" | "pgd" | "missing" | "decoupling"
   scope: str  # MULTI or a modality name ("" for clean)
-  value: Any = None  # eps, fill or budget count
+  value: Any = None  # eps, fill or (fraction, count)
 
 
-def _grid(values: Sequence[float], must_have: float, name: str) -> tuple[float, ...]:
+def eps_grid(values: Sequence[float], must_have: float, name: str) -> tuple[float, ...]:
+  """The sorted positive values of `values` plus `must_have` (a protocol's budget)."""
   grid = sorted({float(v) for v in values} | {float(must_have)})
   for v in grid:
     if not np.isfinite(v) or v < 0:
@@ -100,102 +112,337 @@ def _grid(values: Sequence[float], must_have: float, name: str) -> tuple[float, 
   return tuple(v for v in grid if v > 0)
 
 
-def plan(config: SuiteConfig, input_shapes: Mapping[str, tuple[int, ...]]) -> list[_Task]:
-  """The list of evaluation tasks (each runs once over every batch)."""
+def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
+                 labels: np.ndarray, *, batch_size: int, key: Array, value: Any = 0.0,
+                 progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
+  """Runs a jitted `fn(variables, inputs, labels, key, value) -> (bad [B], extra [B])`
+  over fixed-size batches of a split (the last one padded; batch i gets
+  `fold_in(key, i)`), calling `progress(1)` after each.
+
+  Returns:
+    (bad bool [N], extra float64 [N]) of the real examples.
+  """
+  bad_parts, extra_parts = [], []
+  batches = eval_batches(inputs, labels, batch_size=min(batch_size, len(labels)))
+  for index, batch in enumerate(batches):
+    bad, extra = fn(variables, batch["inputs"], jnp.asarray(batch["label"], jnp.int32),
+                    jax.random.fold_in(key, index), value)
+    valid = batch["valid"]
+    bad_parts.append(np.asarray(bad)[valid])
+    extra_parts.append(np.asarray(extra, np.float64)[valid])
+    if progress is not None:
+      progress(1)
+  return np.concatenate(bad_parts), np.concatenate(extra_parts)
+
+
+def _wrong(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], labels: Array
+           ) -> Array:
+  return jnp.argmax(apply_fn(variables, inputs), axis=-1) != labels
+
+
+class _Kind:
+  """What the per-kind classes share: the apply function, batch size, key, their
+  `tasks` and `_run` (task number `index` of the kind over a split)."""
+
+  kind = ""
+  bounds: common.Bounds | None = None  # box constraints of the attacks, read when tracing
+
+  def __init__(self, apply_fn: ApplyFn, *, batch_size: int, seed: int):
+    if batch_size < 1:
+      raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    self.apply_fn = apply_fn
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.tasks: list[Task] = []
+
+  def _run(self, fn: Callable, index: int, variables: Any, inputs, labels, value: Any,
+           progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _KIND_INDEX[self.kind])
+    return over_batches(fn, variables, inputs, labels, batch_size=self.batch_size,
+                        key=jax.random.fold_in(key, index), value=value, progress=progress)
+
+
+class CleanAccuracy(_Kind):
+  """Which examples the model classifies correctly (no perturbation)."""
+
+  kind = "clean"
+
+  def __init__(self, apply_fn: ApplyFn, *, batch_size: int = 256, seed: int = 0):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+    self.tasks = [Task("clean", "")]
+    self._fn = jax.jit(lambda variables, inputs, labels, key, value: (
+        _wrong(apply_fn, variables, inputs, labels), jnp.zeros(labels.shape)))
+
+  def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+               progress: Progress = None) -> np.ndarray:
+    """bool [N]: correctly classified."""
+    wrong, _ = self._run(self._fn, 0, variables, inputs, labels, jnp.float32(0.0), progress)
+    return ~wrong
+
+
+class _AttackCurves(_Kind):
+  """Robust accuracy against an l2 attack over eps grids, one grid per scope.
+
+  Args:
+    grids: scope (MULTI or a modality name) -> eps values (> 0).
+    protocol: the PGD protocol; its multi_eps / uni_eps name the headline entries.
+    bounds: optional box constraints, modality -> (low, high) (normalised space).
+  """
+
+  worst_case = False  # report the per-example worst case over the grid up to each eps
+
+  def __init__(self, apply_fn: ApplyFn, grids: Mapping[str, Sequence[float]], *,
+               protocol: str | PGDProtocol = "default", bounds: common.Bounds | None = None,
+               batch_size: int = 256, seed: int = 0):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+    self.protocol = get_protocol(protocol)
+    self.grids = {scope: tuple(sorted(float(e) for e in eps)) for scope, eps in grids.items()}
+    self.tasks = [Task(self.kind, s, eps) for s, grid in self.grids.items() for eps in grid]
+    self.bounds = bounds
+    self._fn = jax.jit(self._attack, static_argnames="scope")
+
+  def _attack(self, variables, inputs, labels, key, eps, scope):
+    raise NotImplementedError
+
+  def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+               correct: np.ndarray, progress: Progress = None) -> dict[str, Any]:
+    """{"curves": {kind: {scope: curve}}, "headline": {"<kind>/<scope>@<eps>": accuracy}}
+    for the clean-correct mask `correct` [N] (see `evaluate_robustness`)."""
+    curves, headline, index = {}, {}, 0
+    for scope, grid in self.grids.items():
+      robust_raw, norms = [], []
+      for eps in grid:
+        wrong, extra = self._run(functools.partial(self._fn, scope=scope), index, variables,
+                                 inputs, labels, jnp.float32(eps), progress)
+        robust_raw.append(correct & ~wrong)
+        norms.append(float(extra.mean()))
+        index += 1
+      robust = (np.logical_and.accumulate(np.stack(robust_raw), axis=0) if self.worst_case
+                else np.stack(robust_raw))
+      curves[scope] = {
+          "modalities": sorted(inputs) if scope == MULTI else [scope], "eps": list(grid),
+          "accuracy": [float(r.mean()) for r in robust],
+          "accuracy_raw": [float(r.mean()) for r in robust_raw],
+          "mean_norm": norms if self.kind == "pgd" else None}
+      target = self.protocol.multi_eps if scope == MULTI else self.protocol.uni_eps
+      if target in grid:
+        headline[f"{self.kind}/{scope}@{target}"] = curves[scope]["accuracy"][grid.index(target)]
+    return {"curves": {self.kind: curves}, "headline": headline}
+
+
+class FGMCurves(_AttackCurves):
+  """Robust accuracy against l2 FGM (cross-entropy, as in CRMT Sec. 4), per eps as is."""
+
+  kind = "fgm"
+
+  def _attack(self, variables, inputs, labels, key, eps, scope):
+    del key
+    adversarial = attacks.fgm(lambda x: self.apply_fn(variables, x), inputs, labels, eps=eps,
+                              modalities=None if scope == MULTI else scope, bounds=self.bounds,
+                              loss="ce")
+    return _wrong(self.apply_fn, variables, adversarial, labels), jnp.zeros(labels.shape)
+
+
+class PGDCurves(_AttackCurves):
+  """Robust accuracy against l2-PGD (the protocol's strength), worst case over the
+  grid; `mean_norm` is the mean l2 norm of the perturbations found."""
+
+  kind = "pgd"
+  worst_case = True
+
+  def _attack(self, variables, inputs, labels, key, eps, scope):
+    _, info = attacks.pgd(lambda x: self.apply_fn(variables, x), inputs, labels, key,
+                          modalities=None if scope == MULTI else scope, bounds=self.bounds,
+                          return_info=True, **self.protocol.pgd_kwargs(eps))
+    return info["misclassified"], info["norm"]
+
+
+ATTACK_CURVES = {"fgm": FGMCurves, "pgd": PGDCurves}
+
+
+class MissingModality(_Kind):
+  """Accuracy with each modality missing (replaced by a fill, `attacks.drop_modality`).
+
+  Args:
+    modalities: the modalities dropped, one at a time.
+    fills: subset of `attacks.FILLS`; the first names the headline entries.
+    fill_means: modality -> per-entry mean (normalised space), for the "mean"
+      fill and the centre of the "noise" fill.
+  """
+
+  kind = "missing"
+
+  def __init__(self, apply_fn: ApplyFn, modalities: Sequence[str], fills: Sequence[str], *,
+               fill_means: Mapping[str, Any] | None = None, batch_size: int = 256,
+               seed: int = 0):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+    for fill in fills:
+      if fill not in attacks.FILLS:
+        raise ValueError(f"missing_fills: expected values in {list(attacks.FILLS)}, "
+                         f"got {fill!r}")
+    self.fills = tuple(fills)
+    self.fill_means = dict(fill_means or {})
+    self.tasks = [Task("missing", m, fill) for m in modalities for fill in self.fills]
+    self._fn = jax.jit(self._drop, static_argnames=("modality", "fill"))
+
+  def _drop(self, variables, inputs, labels, key, value, modality, fill):
+    del value
+    dropped = attacks.drop_modality(inputs, modality, fill, key=key,
+                                    mean=self.fill_means.get(modality))
+    return _wrong(self.apply_fn, variables, dropped, labels), jnp.zeros(labels.shape)
+
+  def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+               correct: np.ndarray | None = None, progress: Progress = None) -> dict[str, Any]:
+    """{"missing": {modality: {fill: accuracy}}, "headline": {"missing/<m>": accuracy}}."""
+    del correct  # accuracy without a modality is not conditioned on the clean result
+    missing, headline = {}, {}
+    for index, task in enumerate(self.tasks):
+      fn = functools.partial(self._fn, modality=task.scope, fill=task.value)
+      wrong, _ = self._run(fn, index, variables, inputs, labels, jnp.float32(0.0), progress)
+      missing.setdefault(task.scope, {})[task.value] = float((~wrong).mean())
+      if task.value == self.fills[0]:
+        headline[f"missing/{task.scope}"] = missing[task.scope][task.value]
+    return {"missing": missing, "headline": headline}
+
+
+class DecouplingCurves(_Kind):
+  """Success rate of the decoupling (l0, MUROAN) attack against the fraction of
+  input entries it may change, worst case over the budgets up to each fraction.
+
+  Args:
+    input_shapes: modality -> one example's shape.
+    fractions: fractions of the scope's entries the attack may change.
+    scopes: MULTI (all modalities jointly) and/or modality names.
+    options: keyword arguments of `attacks.decoupling` (rounds, steps_per_round,
+      max_change, step_size, loss, random_start).
+  """
+
+  kind = "decoupling"
+
+  def __init__(self, apply_fn: ApplyFn, input_shapes: Mapping[str, Sequence[int]],
+               fractions: Sequence[float], scopes: Sequence[str] = (MULTI,), *,
+               options: Mapping[str, Any] | None = None, bounds: common.Bounds | None = None,
+               batch_size: int = 256, seed: int = 0):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+    modalities = sorted(input_shapes)
+    zeros = {m: jnp.zeros((1, *s)) for m, s in input_shapes.items()}
+    self.num_entries, self.max_count = {}, {}
+    for scope in scopes:
+      if scope != MULTI and scope not in input_shapes:
+        raise ValueError(f"decoupling_scopes: expected {MULTI!r} or one of {modalities}, "
+                         f"got {scope!r}")
+      attacked = None if scope == MULTI else scope
+      for fraction in sorted({float(f) for f in fractions}):
+        count, self.num_entries[scope] = decoupling_budget(zeros, fraction, attacked)
+        self.tasks.append(Task("decoupling", scope, (fraction, count)))
+        self.max_count[scope] = max(self.max_count.get(scope, 0), count)
+    self.options = dict(options or {})
+    self.bounds = self.options.pop("bounds", bounds)
+    self._fn = jax.jit(self._attack, static_argnames="scope")
+
+  def _attack(self, variables, inputs, labels, key, count, scope):
+    _, info = attacks.decoupling(lambda x: self.apply_fn(variables, x), inputs, labels, key,
+                                 modalities=None if scope == MULTI else scope, count=count,
+                                 max_count=self.max_count[scope], bounds=self.bounds,
+                                 return_info=True, **self.options)
+    return info["misclassified"], info["fraction_changed"]
+
+  def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+               correct: np.ndarray, progress: Progress = None) -> dict[str, Any]:
+    """{"decoupling": {scope: {"modalities", "fraction", "count", "num_entries", "asr",
+    "asr_raw", "accuracy", "mean_fraction_changed"}}} (ASR over clean-correct examples)."""
+    num_correct = max(int(correct.sum()), 1)
+    curves = {}
+    for scope in self.max_count:
+      indexed = [(i, t) for i, t in enumerate(self.tasks) if t.scope == scope]
+      success_raw, changed = [], []
+      for index, task in indexed:
+        wrong, extra = self._run(functools.partial(self._fn, scope=scope), index, variables,
+                                 inputs, labels, jnp.int32(task.value[1]), progress)
+        success_raw.append(correct & wrong)
+        changed.append(float(extra.mean()))
+      success = np.logical_or.accumulate(np.stack(success_raw), axis=0)
+      curves[scope] = {
+          "modalities": sorted(inputs) if scope == MULTI else [scope],
+          "fraction": [t.value[0] for _, t in indexed],
+          "count": [int(t.value[1]) for _, t in indexed],
+          "num_entries": int(self.num_entries[scope]),
+          "asr": [float(s.sum() / num_correct) for s in success],
+          "asr_raw": [float(s.sum() / num_correct) for s in success_raw],
+          "accuracy": [float((correct & ~s).mean()) for s in success],
+          "mean_fraction_changed": changed}
+    return {"decoupling": curves}
+
+
+def suite(apply_fn: ApplyFn | None, config: SuiteConfig,
+          input_shapes: Mapping[str, Sequence[int]], *, bounds: common.Bounds | None = None,
+          fill_means: Mapping[str, Any] | None = None) -> list[_Kind]:
+  """The per-kind evaluations of `config`, in order: `CleanAccuracy`, the attack
+  curves, `MissingModality`, `DecouplingCurves` (validates `config`)."""
   protocol = get_protocol(config.protocol)
   modalities = sorted(input_shapes)
   unknown_kinds = sorted(set(config.attacks) - set(ATTACK_KINDS))
   if unknown_kinds:
     raise ValueError(f"attacks: expected a subset of {list(ATTACK_KINDS)}, got {unknown_kinds}")
-  uni = modalities if config.uni_modalities is None else list(config.uni_modalities)
-  for m in uni:
-    if m not in input_shapes:
-      raise ValueError(f"uni_modalities: unknown modality {m!r}; expected one of {modalities}")
-  for fill in config.missing_fills:
-    if fill not in attacks.FILLS:
-      raise ValueError(f"missing_fills: expected values in {list(attacks.FILLS)}, got {fill!r}")
-  for scope in config.decoupling_scopes:
-    if scope != MULTI and scope not in input_shapes:
-      raise ValueError(f"decoupling_scopes: expected {MULTI!r} or one of {modalities}, "
-                       f"got {scope!r}")
-  tasks = [_Task("clean", "")]
-  multi_grid = _grid(config.multi_eps, protocol.multi_eps, "multi_eps")
-  uni_grid = _grid(config.uni_eps, protocol.uni_eps, "uni_eps")
-  for kind in (k for k in ATTACK_KINDS if k in config.attacks):
-    tasks += [_Task(kind, MULTI, eps) for eps in multi_grid]
-    for m in uni:
-      tasks += [_Task(kind, m, eps) for eps in uni_grid]
-  for m in modalities:
-    tasks += [_Task("missing", m, fill) for fill in config.missing_fills]
-  shapes = {m: jnp.zeros((1,) + tuple(s)) for m, s in input_shapes.items()}
-  for scope in config.decoupling_scopes:
-    scope_modalities = None if scope == MULTI else scope
-    for fraction in sorted(set(float(f) for f in config.decoupling_fractions)):
-      count, _ = decoupling_budget(shapes, fraction, scope_modalities)
-      tasks.append(_Task("decoupling", scope, (fraction, count)))
-  return tasks
+  uni = ()
+  if config.uni_modalities is None or tuple(config.uni_modalities):
+    uni = checks.select_modalities(config.uni_modalities, modalities, field="uni_modalities")
+  grids = {MULTI: eps_grid(config.multi_eps, protocol.multi_eps, "multi_eps")}
+  grids.update({m: eps_grid(config.uni_eps, protocol.uni_eps, "uni_eps") for m in uni})
+  shared = {"batch_size": config.batch_size, "seed": config.seed}
+  parts: list[_Kind] = [CleanAccuracy(apply_fn, **shared)]
+  parts += [ATTACK_CURVES[kind](apply_fn, grids, protocol=protocol, bounds=bounds, **shared)
+            for kind in ATTACK_KINDS if kind in config.attacks]
+  parts.append(MissingModality(apply_fn, modalities, config.missing_fills,
+                               fill_means=fill_means, **shared))
+  parts.append(DecouplingCurves(apply_fn, input_shapes, config.decoupling_fractions,
+                                config.decoupling_scopes, options=config.decoupling,
+                                bounds=bounds, **shared))
+  return parts
+
+
+def tasks(config: SuiteConfig, input_shapes: Mapping[str, Sequence[int]]) -> list[Task]:
+  """The evaluation tasks of `config` (each runs once over every batch)."""
+  return [task for part in suite(None, config, input_shapes) for task in part.tasks]
 
 
 def num_work_units(config: SuiteConfig, input_shapes: Mapping[str, tuple[int, ...]],
                    num_examples: int) -> int:
   """Number of `progress` calls `evaluate_robustness` makes (tasks x batches)."""
   batches = -(-num_examples // config.batch_size)
-  return len(plan(config, input_shapes)) * batches
+  return len(tasks(config, input_shapes)) * batches
 
 
-def _compile(task: _Task, apply_fn: ApplyFn, protocol: PGDProtocol, config: SuiteConfig,
-             bounds, max_counts: Mapping[str, int], fill_means):
-  """A jitted `(variables, inputs, labels, key, value) -> (bad [B], extra [B])`
-  where `bad` marks examples misclassified under the task's perturbation."""
-  scope = None if task.scope == MULTI else task.scope
+def _check_split(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> int:
+  n = int(labels.shape[0])
+  if n == 0:
+    raise ValueError("labels: expected at least one example, got 0")
+  for m, x in inputs.items():
+    if np.shape(x)[0] != n:
+      raise ValueError(f"inputs[{m!r}]: expected {n} examples (as labels), got {np.shape(x)[0]}")
+  return n
 
-  def predicted_wrong(variables, inputs, labels):
-    return jnp.argmax(apply_fn(variables, inputs), axis=-1) != labels
 
-  if task.kind == "clean":
-    def run(variables, inputs, labels, key, value):
-      del key, value
-      return predicted_wrong(variables, inputs, labels), jnp.zeros(labels.shape)
-  elif task.kind == "fgm":
-    def run(variables, inputs, labels, key, value):
-      del key
-      adv = attacks.fgm(lambda x: apply_fn(variables, x), inputs, labels, eps=value,
-                        modalities=scope, bounds=bounds, loss="ce")
-      return predicted_wrong(variables, adv, labels), jnp.zeros(labels.shape)
-  elif task.kind == "pgd":
-    def run(variables, inputs, labels, key, value):
-      _, info = attacks.pgd(lambda x: apply_fn(variables, x), inputs, labels, key,
-                            modalities=scope, bounds=bounds, return_info=True,
-                            **protocol.pgd_kwargs(value))
-      return info["misclassified"], info["norm"]
-  elif task.kind == "missing":
-    fill = task.value
-
-    def run(variables, inputs, labels, key, value):
-      del value
-      dropped = attacks.drop_modality(inputs, task.scope, fill, key=key,
-                                      mean=(fill_means or {}).get(task.scope))
-      return predicted_wrong(variables, dropped, labels), jnp.zeros(labels.shape)
-  elif task.kind == "decoupling":
-    kwargs = dict(config.decoupling)
-    kwargs.setdefault("bounds", bounds)
-
-    def run(variables, inputs, labels, key, value):
-      _, info = attacks.decoupling(lambda x: apply_fn(variables, x), inputs, labels, key,
-                                   modalities=scope, count=value,
-                                   max_count=max_counts[task.scope], return_info=True,
-                                   **kwargs)
-      return info["misclassified"], info["fraction_changed"]
-  else:  # pragma: no cover - plan() only makes the kinds above
-    raise ValueError(f"task kind: unknown {task.kind!r}")
-  return jax.jit(run)
+def suite_settings(config: SuiteConfig, num_examples: int,
+                   bounds: common.Bounds | None) -> dict[str, Any]:
+  """The "config" entry of `evaluate_robustness`'s results (grids and settings)."""
+  protocol = get_protocol(config.protocol)
+  return {"multi_eps": list(eps_grid(config.multi_eps, protocol.multi_eps, "multi_eps")),
+          "uni_eps": list(eps_grid(config.uni_eps, protocol.uni_eps, "uni_eps")),
+          "attacks": list(config.attacks), "missing_fills": list(config.missing_fills),
+          "decoupling_fractions": sorted(float(f) for f in config.decoupling_fractions),
+          "decoupling_scopes": list(config.decoupling_scopes),
+          "decoupling": {k: v for k, v in dict(config.decoupling).items()
+                         if isinstance(v, (int, float, str, bool))},
+          "batch_size": min(config.batch_size, num_examples), "seed": config.seed,
+          "box_constraints": sorted(bounds) if bounds else []}
 
 
 def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, np.ndarray],
                         labels: np.ndarray, config: SuiteConfig = SuiteConfig(), *,
                         bounds: common.Bounds | None = None,
                         fill_means: Mapping[str, Any] | None = None,
-                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                        progress: Progress = None) -> dict[str, Any]:
   """Runs the suite on a whole split; see the module docstring for definitions.
 
   Args:
@@ -224,128 +471,35 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
       "num_entries", "asr", "asr_raw", "accuracy", "mean_fraction_changed"}}).
   """
   labels = np.asarray(labels)
-  n = int(labels.shape[0])
-  if n == 0:
-    raise ValueError("labels: expected at least one example, got 0")
+  _check_split(inputs, labels)
   input_shapes = {m: tuple(np.shape(x)[1:]) for m, x in inputs.items()}
-  for m, x in inputs.items():
-    if np.shape(x)[0] != n:
-      raise ValueError(f"inputs[{m!r}]: expected {n} examples (as labels), got {np.shape(x)[0]}")
-  if config.batch_size < 1:
-    raise ValueError(f"batch_size: expected >= 1, got {config.batch_size}")
-  protocol = get_protocol(config.protocol)
-  tasks = plan(config, input_shapes)
+  clean, *parts = suite(apply_fn, config, input_shapes, bounds=bounds, fill_means=fill_means)
   if "mean" in config.missing_fills:
     lacking = sorted(set(input_shapes) - set(fill_means or {}))
     if lacking:
       raise ValueError(f"fill_means: expected a mean for every modality with fill 'mean', "
                        f"missing {lacking}")
-  max_counts = {}
-  for task in tasks:
-    if task.kind == "decoupling":
-      max_counts[task.scope] = max(max_counts.get(task.scope, 0), task.value[1])
-  batch_size = min(config.batch_size, n)
-  base_key = jax.random.PRNGKey(config.seed)
+  return run_suite([clean, *parts], config, variables, inputs, labels, bounds=bounds,
+                   progress=progress)
 
-  # wrong[task] = bool [N]: misclassified under the task; extra[task] = float [N].
-  wrong: dict[_Task, np.ndarray] = {}
-  extra: dict[_Task, np.ndarray] = {}
-  compiled: dict[tuple[str, str, Any], Callable] = {}
-  for t_index, task in enumerate(tasks):
-    compile_key = (task.kind, task.scope, task.value if task.kind == "missing" else None)
-    if compile_key not in compiled:
-      compiled[compile_key] = _compile(task, apply_fn, protocol, config, bounds, max_counts,
-                                       fill_means)
-    run = compiled[compile_key]
-    value = task.value[1] if task.kind == "decoupling" else task.value
-    value = jnp.float32(0.0) if value is None or task.kind == "missing" else value
-    if task.kind == "decoupling":
-      value = jnp.int32(value)
-    elif task.kind in ATTACK_KINDS:
-      value = jnp.float32(value)
-    parts_wrong, parts_extra = [], []
-    for b_index, batch in enumerate(eval_batches(inputs, labels, batch_size=batch_size)):
-      key = jax.random.fold_in(jax.random.fold_in(base_key, t_index), b_index)
-      bad, more = run(variables, batch["inputs"], jnp.asarray(batch["label"], jnp.int32),
-                      key, value)
-      valid = batch["valid"]
-      parts_wrong.append(np.asarray(bad)[valid])
-      parts_extra.append(np.asarray(more, np.float64)[valid])
-      if progress is not None:
-        progress(1)
-    wrong[task] = np.concatenate(parts_wrong)
-    extra[task] = np.concatenate(parts_extra)
 
-  clean_task = tasks[0]
-  correct = ~wrong[clean_task]
+def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
+              inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
+              bounds: common.Bounds | None = None, progress: Progress = None) -> dict[str, Any]:
+  """Runs the per-kind evaluations `parts` of `suite(..., config, ...)` and
+  assembles the results dict of `evaluate_robustness`."""
+  labels = np.asarray(labels)
+  n = _check_split(inputs, labels)
+  clean, *others = parts
+  correct = clean(variables, inputs, labels, progress)
   results: dict[str, Any] = {
-      "num_examples": n,
-      "clean_accuracy": float(correct.mean()),
-      "protocol": protocol.to_dict(),
-      "config": {"multi_eps": list(_grid(config.multi_eps, protocol.multi_eps, "multi_eps")),
-                 "uni_eps": list(_grid(config.uni_eps, protocol.uni_eps, "uni_eps")),
-                 "attacks": list(config.attacks), "missing_fills": list(config.missing_fills),
-                 "decoupling_fractions": sorted(float(f) for f in config.decoupling_fractions),
-                 "decoupling_scopes": list(config.decoupling_scopes),
-                 "decoupling": {k: v for k, v in dict(config.decoupling).items()
-                                if isinstance(v, (int, float, str, bool))},
-                 "batch_size": batch_size, "seed": config.seed,
-                 "box_constraints": sorted(bounds) if bounds else []},
-      "curves": {}, "missing": {}, "decoupling": {},
-  }
-  headline = {"clean": results["clean_accuracy"]}
-
-  for kind in ATTACK_KINDS:
-    scopes: dict[str, list[_Task]] = {}
-    for task in tasks:
-      if task.kind == kind:
-        scopes.setdefault(task.scope, []).append(task)
-    for scope, scope_tasks in scopes.items():
-      scope_tasks.sort(key=lambda t: t.value)
-      robust_raw = [correct & ~wrong[t] for t in scope_tasks]
-      robust = (np.logical_and.accumulate(np.stack(robust_raw), axis=0) if kind == "pgd"
-                else np.stack(robust_raw))
-      eps_list = [float(t.value) for t in scope_tasks]
-      results["curves"].setdefault(kind, {})[scope] = {
-          "modalities": sorted(input_shapes) if scope == MULTI else [scope],
-          "eps": eps_list,
-          "accuracy": [float(r.mean()) for r in robust],
-          "accuracy_raw": [float(r.mean()) for r in robust_raw],
-          "mean_norm": [float(extra[t].mean()) for t in scope_tasks] if kind == "pgd" else None,
-      }
-      target = protocol.multi_eps if scope == MULTI else protocol.uni_eps
-      if target in eps_list:
-        headline[f"{kind}/{scope}@{target}"] = float(robust[eps_list.index(target)].mean())
-
-  for task in tasks:
-    if task.kind == "missing":
-      accuracy = float((~wrong[task]).mean())
-      results["missing"].setdefault(task.scope, {})[task.value] = accuracy
-      if task.value == (config.missing_fills[0] if config.missing_fills else None):
-        headline[f"missing/{task.scope}"] = accuracy
-
-  num_correct = max(int(correct.sum()), 1)
-  for scope in config.decoupling_scopes:
-    scope_tasks = sorted((t for t in tasks if t.kind == "decoupling" and t.scope == scope),
-                         key=lambda t: t.value)
-    if not scope_tasks:
-      continue
-    success_raw = np.stack([correct & wrong[t] for t in scope_tasks])
-    success = np.logical_or.accumulate(success_raw, axis=0)
-    _, num_entries = decoupling_budget(
-        {m: jnp.zeros((1,) + s) for m, s in input_shapes.items()}, 0.0,
-        None if scope == MULTI else scope)
-    results["decoupling"][scope] = {
-        "modalities": sorted(input_shapes) if scope == MULTI else [scope],
-        "fraction": [t.value[0] for t in scope_tasks],
-        "count": [int(t.value[1]) for t in scope_tasks],
-        "num_entries": int(num_entries),
-        "asr": [float(s.sum() / num_correct) for s in success],
-        "asr_raw": [float(s.sum() / num_correct) for s in success_raw],
-        "accuracy": [float((correct & ~s).mean()) for s in success],
-        "mean_fraction_changed": [float(extra[t].mean()) for t in scope_tasks],
-    }
-  results["headline"] = headline
+      "num_examples": n, "clean_accuracy": float(correct.mean()),
+      "protocol": get_protocol(config.protocol).to_dict(),
+      "config": suite_settings(config, n, bounds), "curves": {}, "missing": {},
+      "decoupling": {}, "headline": {"clean": float(correct.mean())}}
+  for part in others:
+    for key, section in part(variables, inputs, labels, correct, progress).items():
+      results[key].update(section)
   return results
 
 
@@ -354,12 +508,7 @@ def logits_apply(model) -> ApplyFn:
   return lambda variables, inputs: model.apply(variables, inputs, train=False).logits
 
 
-def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, np.ndarray],
-                       labels: np.ndarray, *, budgets: Sequence[tuple[str, float]],
-                       steps: Sequence[int] = (4, 10, 20, 50, 100),
-                       restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
-                       random_start: bool = False, batch_size: int = 256, seed: int = 0,
-                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+class StrengthSweep(_Kind):
   """Robust accuracy of l2-PGD over a steps x restarts grid: evidence that an
   attack protocol has converged (more steps/restarts no longer lower it).
 
@@ -369,57 +518,74 @@ def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, n
   restarts is the per-example worst case over the first R runs (an example
   counts as broken when any of them misclassifies it), which is what
   `pgd(..., restarts=R, random_start=random_start)` computes (with its own keys).
+  Compiles once per (scope, step count) and instance.
 
   Args:
-    budgets: (scope, eps) pairs; scope "multi" or a modality name.
+    budgets: (scope, eps) pairs; scope "multi" or one of `modalities`.
     steps, restarts: the grids.
-
-  Returns:
-    {"clean_accuracy", "num_examples", "steps", "restarts", "loss",
-     "accuracy": {"<scope>@<eps>": [[acc for R in restarts] for S in steps]}}.
   """
-  labels = np.asarray(labels)
-  modalities = sorted(inputs)
-  for scope, eps in budgets:
-    if scope != MULTI and scope not in inputs:
-      raise ValueError(f"budgets: expected scope {MULTI!r} or one of {modalities}, got {scope!r}")
-    if not eps >= 0:
-      raise ValueError(f"budgets: expected eps >= 0, got {eps!r} for {scope!r}")
-  restarts = sorted(set(int(r) for r in restarts))
-  steps = sorted(set(int(s) for s in steps))
-  if not restarts or restarts[0] < 1 or not steps or steps[0] < 1:
-    raise ValueError(f"steps/restarts: expected non-empty grids of integers >= 1, got "
-                     f"{steps}/{restarts}")
-  batch_size = min(batch_size, len(labels))
-  predict = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), -1))
-  correct = np.concatenate([
-      (np.asarray(predict(variables, b["inputs"])) == b["label"])[b["valid"]]
-      for b in eval_batches(inputs, labels, batch_size=batch_size)])
-  base_key = jax.random.PRNGKey(seed)
-  table: dict[str, list[list[float]]] = {}
-  for scope, eps in budgets:
-    rows = []
-    for num_steps in steps:
-      run = jax.jit(lambda v, x, y, k, e, s=num_steps, m=(None if scope == MULTI else scope),
-                    rs=True: attacks.pgd(lambda i: apply_fn(v, i), x, y, k, eps=e, steps=s,
-                                         modalities=m, loss=loss, random_start=rs,
-                                         return_info=True)[1]["misclassified"],
-                    static_argnames="rs")
-      broken = []
-      for r in range(restarts[-1]):
-        parts = []
-        for b_index, batch in enumerate(eval_batches(inputs, labels, batch_size=batch_size)):
-          key = jax.random.fold_in(jax.random.fold_in(base_key, r), b_index)
-          parts.append(np.asarray(run(variables, batch["inputs"],
-                                      jnp.asarray(batch["label"], jnp.int32), key,
-                                      jnp.float32(eps), rs=random_start or r > 0)
-                                  )[batch["valid"]])
-          if progress is not None:
-            progress(1)
-        broken.append(np.concatenate(parts))
-      rows.append([float((correct & ~np.any(broken[:count], axis=0)).mean())
-                   for count in restarts])
-    table[f"{scope}@{float(eps)}"] = rows
-  return {"clean_accuracy": float(correct.mean()), "num_examples": int(len(labels)),
-          "steps": steps, "restarts": restarts, "loss": loss, "random_start": random_start,
-          "accuracy": table}
+
+  kind = "sweep"
+
+  def __init__(self, apply_fn: ApplyFn, budgets: Sequence[tuple[str, float]], *,
+               modalities: Sequence[str], steps: Sequence[int] = (4, 10, 20, 50, 100),
+               restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
+               random_start: bool = False, batch_size: int = 256, seed: int = 0):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+    for scope, eps in budgets:
+      if scope != MULTI and scope not in modalities:
+        raise ValueError(f"budgets: expected scope {MULTI!r} or one of {sorted(modalities)}, "
+                         f"got {scope!r}")
+      if not eps >= 0:
+        raise ValueError(f"budgets: expected eps >= 0, got {eps!r} for {scope!r}")
+    self.budgets = [(scope, float(eps)) for scope, eps in budgets]
+    self.restarts = sorted({int(r) for r in restarts})
+    self.steps = sorted({int(s) for s in steps})
+    if not self.restarts or self.restarts[0] < 1 or not self.steps or self.steps[0] < 1:
+      raise ValueError(f"steps/restarts: expected non-empty grids of integers >= 1, got "
+                       f"{self.steps}/{self.restarts}")
+    self.loss, self.random_start = loss, bool(random_start)
+    self._clean = CleanAccuracy(apply_fn, batch_size=batch_size, seed=seed)
+    self._fn = jax.jit(self._attack, static_argnames=("scope", "steps", "random_start"))
+
+  def _attack(self, variables, inputs, labels, key, eps, scope, steps, random_start):
+    _, info = attacks.pgd(lambda x: self.apply_fn(variables, x), inputs, labels, key, eps=eps,
+                          steps=steps, modalities=None if scope == MULTI else scope,
+                          loss=self.loss, random_start=random_start, return_info=True)
+    return info["misclassified"], jnp.zeros(labels.shape)
+
+  def _row(self, variables, inputs, labels, correct, scope: str, eps: float, steps: int,
+           progress: Progress) -> list[float]:
+    broken = []
+    for r in range(self.restarts[-1]):
+      fn = functools.partial(self._fn, scope=scope, steps=steps,
+                             random_start=self.random_start or r > 0)
+      broken.append(self._run(fn, r, variables, inputs, labels, jnp.float32(eps), progress)[0])
+    return [float((correct & ~np.any(broken[:count], axis=0)).mean())
+            for count in self.restarts]
+
+  def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+               progress: Progress = None) -> dict[str, Any]:
+    """{"clean_accuracy", "num_examples", "steps", "restarts", "loss", "random_start",
+    "accuracy": {"<scope>@<eps>": [[acc for R in restarts] for S in steps]}}."""
+    labels = np.asarray(labels)
+    correct = self._clean(variables, inputs, labels)
+    table = {f"{scope}@{eps}": [self._row(variables, inputs, labels, correct, scope, eps, s,
+                                          progress) for s in self.steps]
+             for scope, eps in self.budgets}
+    return {"clean_accuracy": float(correct.mean()), "num_examples": int(len(labels)),
+            "steps": self.steps, "restarts": self.restarts, "loss": self.loss,
+            "random_start": self.random_start, "accuracy": table}
+
+
+def pgd_strength_sweep(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, np.ndarray],
+                       labels: np.ndarray, *, budgets: Sequence[tuple[str, float]],
+                       steps: Sequence[int] = (4, 10, 20, 50, 100),
+                       restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
+                       random_start: bool = False, batch_size: int = 256, seed: int = 0,
+                       progress: Progress = None) -> dict[str, Any]:
+  """`StrengthSweep` run once on a split (see there); `progress(1)` after each batch."""
+  sweep = StrengthSweep(apply_fn, budgets, modalities=sorted(inputs), steps=steps,
+                        restarts=restarts, loss=loss, random_start=random_start,
+                        batch_size=batch_size, seed=seed)
+  return sweep(variables, inputs, labels, progress)

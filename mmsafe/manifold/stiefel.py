@@ -31,12 +31,14 @@ All functions are pure and can be used under ``jax.jit`` / ``jax.vmap``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import functools
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
+
+from mmsafe import numerics
 
 __all__ = [
     "RETRACTIONS", "StiefelState", "orthogonality_error", "project_tangent", "random_stiefel",
@@ -47,8 +49,6 @@ Array = jax.Array
 KeyPath = tuple[Any, ...]
 RetractionName = Literal["qr", "polar", "cayley"]
 
-_HIGHEST = lax.Precision.HIGHEST
-
 
 # ---------------------------------------------------------------------------
 # Small numerical helpers.
@@ -57,7 +57,7 @@ _HIGHEST = lax.Precision.HIGHEST
 
 def _mm(a: Array, b: Array) -> Array:
   """Matrix product at full float32 (no TF32 / bf16 passes)."""
-  return jnp.matmul(a, b, precision=_HIGHEST)
+  return jnp.matmul(a, b, precision=numerics.HIGHEST)
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -74,11 +74,18 @@ def _check_matrix(w: Array, name: str = "w") -> None:
     raise ValueError(f"{name} has shape [k={k}, d={d}]: orthonormal rows need k <= d.")
 
 
+def _step_point(w: Array, xi: Optional[Array]) -> Array:
+  """``w + xi`` (``w`` when ``xi`` is None) in the compute dtype, ``w`` checked."""
+  _check_matrix(w)
+  y = w if xi is None else w + xi
+  return y.astype(_compute_dtype(y.dtype))
+
+
 def _sym(a: Array) -> Array:
   return 0.5 * (a + a.T)
 
 
-def _sign_fix(r: Array) -> Array:
+def _diagonal_signs(r: Array) -> Array:
   """Signs (+1/-1, never 0) of the diagonal of an upper-triangular ``r``."""
   return jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(r.dtype)
 
@@ -121,7 +128,7 @@ def random_stiefel(key: Array, k: int, d: int, dtype: Any = jnp.float32) -> Arra
   cdtype = _compute_dtype(dtype)
   g = jax.random.normal(key, (d, k), dtype=cdtype)
   q, r = jnp.linalg.qr(g, mode="reduced")
-  q = q * _sign_fix(r)[None, :]
+  q = q * _diagonal_signs(r)[None, :]
   return q.T.astype(dtype)
 
 
@@ -172,12 +179,10 @@ def retract_qr(w: Array, xi: Optional[Array] = None) -> Array:
   Returns:
     ``[k, d]`` matrix with orthonormal rows, in the dtype of ``w``.
   """
-  _check_matrix(w)
-  y = w if xi is None else w + xi
-  cdtype = _compute_dtype(y.dtype)
+  y = _step_point(w, xi)
   with jax.default_matmul_precision("highest"):
-    q, r = jnp.linalg.qr(y.astype(cdtype).T, mode="reduced")
-    q = q * _sign_fix(r)[None, :]
+    q, r = jnp.linalg.qr(y.T, mode="reduced")
+    q = q * _diagonal_signs(r)[None, :]
   return q.T.astype(w.dtype)
 
 
@@ -189,21 +194,13 @@ def retract_polar(w: Array, xi: Optional[Array] = None) -> Array:
   Computed stably from the thin SVD ``Y = U S V^T`` as ``U V^T`` (no explicit
   inverse square root of the Gram matrix, which would square the condition
   number). Costs ``O(d k^2)``. Pure; jit- and vmap-able (shape checks are
-  static).
-
-  Args:
-    w: ``[k, d]`` full-rank matrix (a point plus a step, or a point if
-      ``xi`` is given).
-    xi: optional ``[k, d]`` step added to ``w`` before retracting.
-
-  Returns:
-    ``[k, d]`` matrix with orthonormal rows, in the dtype of ``w``.
+  static). Takes ``w`` ``[k, d]`` (and an optional step ``xi`` ``[k, d]``) as
+  :func:`retract_qr` does and returns the ``[k, d]`` row-orthonormal result
+  in the dtype of ``w``.
   """
-  _check_matrix(w)
-  y = w if xi is None else w + xi
-  cdtype = _compute_dtype(y.dtype)
+  y = _step_point(w, xi)
   with jax.default_matmul_precision("highest"):
-    u, _, vt = jnp.linalg.svd(y.astype(cdtype), full_matrices=False)
+    u, _, vt = jnp.linalg.svd(y, full_matrices=False)
     out = _mm(u, vt)
   return out.astype(w.dtype)
 
@@ -308,6 +305,34 @@ def _manifold_mask(params: Any, is_on_manifold: Callable[[KeyPath, Any], bool]
   return leaves_with_path, treedef, mask
 
 
+def _stiefel_update(inner: optax.GradientTransformationExtraArgs,
+                    is_on_manifold: Callable[[KeyPath, Any], bool],
+                    retract: Callable[[Array, Array], Array], updates: Any, state: StiefelState,
+                    params: Optional[Any] = None, **extra_args: Any
+                    ) -> tuple[Any, StiefelState]:
+  """The ``update`` of :func:`stiefel_transform` (steps 1-4 of its docstring)."""
+  if params is None:
+    raise ValueError("stiefel_transform: update() needs `params` (the current point on "
+                     "the manifold is required to project and retract); call "
+                     "optimizer.update(grads, opt_state, params).")
+  leaves_with_path, treedef, mask = _manifold_mask(params, is_on_manifold)
+  ws = [leaf for _, leaf in leaves_with_path]
+  gs = treedef.flatten_up_to(updates)
+  rgrads = [project_tangent(w, g) if sel else g for w, g, sel in zip(ws, gs, mask)]
+  inner_updates, new_inner_state = inner.update(treedef.unflatten(rgrads), state.inner_state,
+                                                params, **extra_args)
+  us = treedef.flatten_up_to(inner_updates)
+  out = [_retracted_update(w, u, retract) if sel else u for w, u, sel in zip(ws, us, mask)]
+  return treedef.unflatten(out), StiefelState(inner_state=new_inner_state)
+
+
+def _retracted_update(w: Array, u: Array, retract: Callable[[Array, Array], Array]) -> Array:
+  """``R_w(P_w(u)) - w`` in the dtype of ``u`` (steps 3-4 of :func:`stiefel_transform`)."""
+  xi = project_tangent(w, u)
+  new_w = retract(w, xi)
+  return (new_w - w).astype(u.dtype)
+
+
 def stiefel_transform(inner: optax.GradientTransformation,
                       is_on_manifold: Callable[[KeyPath, Any], bool],
                       retraction: RetractionName = "qr"
@@ -367,36 +392,11 @@ def stiefel_transform(inner: optax.GradientTransformation,
   if retraction not in RETRACTIONS:
     raise ValueError(f"stiefel_transform: unknown retraction {retraction!r}; "
                      f"choose one of {sorted(RETRACTIONS)}.")
-  retract = RETRACTIONS[retraction]
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> StiefelState:
     _manifold_mask(params, is_on_manifold)  # validate shapes early
     return StiefelState(inner_state=inner.init(params))
 
-  def update_fn(updates: Any, state: StiefelState, params: Optional[Any] = None,
-                **extra_args: Any) -> tuple[Any, StiefelState]:
-    if params is None:
-      raise ValueError("stiefel_transform: update() needs `params` (the current point on "
-                       "the manifold is required to project and retract); call "
-                       "optimizer.update(grads, opt_state, params).")
-    leaves_with_path, treedef, mask = _manifold_mask(params, is_on_manifold)
-    ws = [leaf for _, leaf in leaves_with_path]
-    gs = treedef.flatten_up_to(updates)
-
-    rgrads = [project_tangent(w, g) if sel else g for w, g, sel in zip(ws, gs, mask)]
-    inner_updates, new_inner_state = inner.update(treedef.unflatten(rgrads), state.inner_state,
-                                                  params, **extra_args)
-    us = treedef.flatten_up_to(inner_updates)
-
-    out = []
-    for w, u, sel in zip(ws, us, mask):
-      if sel:
-        xi = project_tangent(w, u)
-        new_w = retract(w, xi)
-        out.append((new_w - w).astype(u.dtype))
-      else:
-        out.append(u)
-    return treedef.unflatten(out), StiefelState(inner_state=new_inner_state)
-
+  update_fn = functools.partial(_stiefel_update, inner, is_on_manifold, RETRACTIONS[retraction])
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

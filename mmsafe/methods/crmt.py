@@ -16,17 +16,17 @@ Orthogonal head `h~_k = sum_m a^(m)_k u^(m)_k + b~_k` (eq. 8), trained in two st
   encoders' stated bounds, with the tight Thm 3.5: step 2 then maximises the
   certificate itself). None: "empirical" for the paper's variants here.
 
-Variants (registry names): `crmt` (CRMT-JT: step 1 then step 2), `crmt_at`
-(step 1 on l2-PGD adversarial inputs, then step 2), `crmt_mix` (step 1 with
-multi-modal mixup, then step 2), and the ablations of the paper's Fig. 5:
-`crmt_step1` (step 1 only), `crmt_step2` (plain CE on the orthogonal head, then
-step 2); `ojt` (CE only) lives in `jt.py`.
+Variants (declared in `mmsafe.methods.compose`): `crmt` (CRMT-JT: step 1
+then step 2), `crmt_at` (step 1 on l2-PGD adversarial inputs, then step 2),
+`crmt_mix` (step 1 with multi-modal mixup, then step 2), and the ablations of
+the paper's Fig. 5: `crmt_step1` (step 1 only), `crmt_step2` (plain CE on the
+orthogonal head, then step 2), `ojt` (CE only). This module holds the
+pieces: L1, step 1's loss, step 2's objective and stage (`STEP2`), and the
+callback that computes step 2's constants when it starts (`PrepareStep2`).
 
-Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (all
-step-1 variants but `crmt_step2`; see `margin_regularizer`), `attack_eps`, `attack_steps`,
-`attack_step_size`, `attack_random_start` (`crmt_at`), `mixup_alpha` (`crmt_mix`),
-`step2_lipschitz` (every two-step variant). `crmt_cert`, CRMT trained on its
-sound certificate, lives in `crmt_cert.py`.
+Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (see
+`margin_regularizer`) and `step2_lipschitz` (every two-step variant).
+`crmt_cert`, CRMT trained on its sound certificate, lives in `crmt_cert.py`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe import certify
-from mmsafe.data.clip_dataset import full_pass
-from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, attack_kwargs,
-                                   cross_entropy, mix_inputs, required, sample_mixup)
-from mmsafe.methods.registry import register
+from mmsafe.data import full_pass
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy
+from mmsafe.methods.registry import Callback, CallbackContext, Stage
 from mmsafe.models.heads import is_modality_weight
+from mmsafe.numerics import mask_labels
 
 Array = jax.Array
 
@@ -75,9 +75,8 @@ def margin_regularizer(scores: Mapping[str, Array], labels: Array, floor: float 
   differences = []
   for m in sorted(scores):
     u = scores[m].astype(jnp.float32)
-    is_label = jax.nn.one_hot(labels, u.shape[-1], dtype=bool)
     u_y = jnp.take_along_axis(u, labels[:, None], axis=1)
-    differences.append(jnp.where(is_label, -jnp.inf, u - u_y))
+    differences.append(mask_labels(u - u_y, labels, -jnp.inf))
   l1 = jax.nn.logsumexp(jnp.concatenate(differences, axis=-1), axis=-1)
   return jnp.logaddexp(l1, jnp.log(floor)) if floor > 0 else l1
 
@@ -87,16 +86,6 @@ def step1_loss(output, labels: Array, rho: float, floor: float) -> tuple[Array, 
   ce = cross_entropy(output.logits, labels)
   l1 = margin_regularizer(output.scores, labels, floor).mean()
   return ce + rho * l1, {"ce": ce, "l1": l1, "accuracy": accuracy(output.logits, labels)}
-
-
-def mixed_step1_loss(output, labels: Array, permutation: Array, lam: Array, rho: float,
-                     floor: float) -> tuple[Array, dict]:
-  """CRMT-Mix: `lam * (CE + rho L1)(y) + (1 - lam) * (CE + rho L1)(y[perm])` on
-  the mixed batch (both the CE and the L1 term are mixed)."""
-  loss_a, parts_a = step1_loss(output, labels, rho, floor)
-  loss_b, parts_b = step1_loss(output, labels[permutation], rho, floor)
-  parts = jax.tree_util.tree_map(lambda a, b: lam * a + (1.0 - lam) * b, parts_a, parts_b)
-  return lam * loss_a + (1.0 - lam) * loss_b, {**parts, "lambda": lam}
 
 
 def closest_class_bound(output, labels: Array, tau: Mapping[str, Array],
@@ -119,61 +108,8 @@ def closest_class_bound(output, labels: Array, tau: Mapping[str, Array],
   """
   per_class = certify.certified_radius(output, labels, tau,
                                        feature_lipschitz=feature_lipschitz).per_class
-  is_label = jax.nn.one_hot(labels, output.logits.shape[-1], dtype=bool)
-  closest = jnp.argmax(jnp.where(is_label, -jnp.inf, output.logits), axis=-1)
+  closest = jnp.argmax(mask_labels(output.logits, labels, -jnp.inf), axis=-1)
   return jnp.take_along_axis(per_class, closest[:, None], axis=1)[:, 0]
-
-
-def _step1(model, config, name):
-  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
-
-  def loss_fn(params, state, batch, rng):
-    del rng
-    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
-    loss, metrics = step1_loss(out, batch["label"], rho, floor)
-    return loss, (new_state, metrics)
-
-  return loss_fn
-
-
-def _step1_adversarial(model, config, name):
-  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
-  attack = attack_kwargs(config, name)
-
-  def loss_fn(params, state, batch, rng):
-    adversarial = adversarial_inputs(model, params, state, batch, rng, **attack)
-    out, new_state = apply_model(model, params, state, adversarial, train=True)
-    loss, metrics = step1_loss(out, batch["label"], rho, floor)
-    return loss, (new_state, metrics)
-
-  return loss_fn
-
-
-def _step1_mixup(model, config, name):
-  rho, floor = required(config, "rho", name), required(config, "l1_floor", name)
-  alpha = required(config, "mixup_alpha", name)
-
-  def loss_fn(params, state, batch, rng):
-    labels = batch["label"]
-    lam, permutation = sample_mixup(rng, labels.shape[0], alpha)
-    mixed = mix_inputs(batch["inputs"], lam, permutation)
-    out, new_state = apply_model(model, params, state, mixed, train=True)
-    loss, metrics = mixed_step1_loss(out, labels, permutation, lam, rho, floor)
-    return loss, (new_state, metrics)
-
-  return loss_fn
-
-
-def _plain_cross_entropy(model, config, name):
-  del config, name
-
-  def loss_fn(params, state, batch, rng):
-    del rng
-    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
-    loss = cross_entropy(out.logits, batch["label"])
-    return loss, (new_state, {"ce": loss, "accuracy": accuracy(out.logits, batch["label"])})
-
-  return loss_fn
 
 
 STEP2_LIPSCHITZ = ("empirical", "sound")
@@ -243,16 +179,22 @@ def prepare_step2(model, variables, dataset, config: Mapping | None = None, *,
       "feature_lipschitz": {m: jnp.asarray(v, jnp.float32) for m, v in features.items()}}}
 
 
-_VARIANTS = {
-    "crmt": (_step1, True, "CRMT-JT: CE + rho L1 (step 1), then modality weights (step 2)"),
-    "crmt_at": (_step1_adversarial, True, "CRMT-AT: step 1 on l2-PGD inputs, then step 2"),
-    "crmt_mix": (_step1_mixup, True, "CRMT-Mix: step 1 with multi-modal mixup, then step 2"),
-    "crmt_step1": (_step1, False, "ablation: CRMT step 1 only"),
-    "crmt_step2": (_plain_cross_entropy, True, "ablation: CE on the orthogonal head, then step 2"),
-}
+class PrepareStep2(Callback):
+  """Computes step 2's constants (`prepare_step2`) when the stage "step2" starts."""
 
-for _name, (_make, _two_step, _description) in _VARIANTS.items():
-  register(_name, head="orthogonal", description=_description,
-           init_state=init_state, step2=step2_objective if _two_step else None,
-           prepare_step2=prepare_step2 if _two_step else None)(
-               lambda model, config, _make=_make, _name=_name: _make(model, config, _name))
+  def __init__(self, default_lipschitz: str = "empirical"):
+    self.default_lipschitz = default_lipschitz
+
+  def on_stage_start(self, stage: str, context: CallbackContext) -> dict:
+    if stage != STEP2.name:
+      return {}
+    return prepare_step2(context.model, context.variables, context.splits["train"],
+                         context.config, batch_size=context.batch_size,
+                         default_lipschitz=self.default_lipschitz)
+
+
+# CRMT step 2 as a training stage: only `a` moves, with the optimizer of the
+# config section "step2", and model selection restarts so the reported model
+# went through it.
+STEP2 = Stage("step2", step2_objective, optimizer="step2", trainable="modality_weights",
+              restart_selection=True)

@@ -41,15 +41,17 @@ turns it off), `l1_floor`, `step2_lipschitz` (None: "sound").
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from mmsafe.certify.bounds import pair_lipschitz
-from mmsafe.certify.lipschitz import integration_factors
+from mmsafe.certify.constants import integration_factors
 from mmsafe.methods import crmt
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
-from mmsafe.methods.registry import register
+from mmsafe.methods.registry import Stage, register
+from mmsafe.numerics import label_mask
 
 Array = jax.Array
 
@@ -59,7 +61,7 @@ def certificate_denominator(output, labels: Array, feature_lipschitz: Mapping[st
   """`K_k = sqrt(sum_m (||a_y W~_y - a_k W~_k|| L^(m))^2)`, the tight Thm 3.5
   denominator for the pairs `(labels[b], k)`, [B, K] (0 at `k = y`)."""
   eta = pair_lipschitz(output.head, labels, feature_lipschitz)
-  is_label = jax.nn.one_hot(labels, output.logits.shape[-1], dtype=bool)
+  is_label = label_mask(labels, output.logits.shape[-1])
   squares = sum(jnp.square(e) for e in eta.values())
   return jnp.where(is_label, 0.0, jnp.sqrt(jnp.where(is_label, 1.0, squares) + 1e-12))
 
@@ -77,7 +79,7 @@ def radius_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array],
   `a = 0.1`), so training would stall at chance.
   """
   logits = output.logits.astype(jnp.float32)
-  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  is_label = label_mask(labels, logits.shape[-1])
   margin = jnp.take_along_axis(logits, labels[:, None], axis=1) - logits
   denominator = certificate_denominator(output, labels, feature_lipschitz)
   radius = margin / jnp.where(is_label, 1.0, denominator)
@@ -139,12 +141,9 @@ def _step2(model, config=None):
   return crmt.step2_objective(model, config, default_lipschitz="sound")
 
 
-def _prepare_step2(model, variables, dataset, config=None, *, batch_size: int) -> dict:
-  return crmt.prepare_step2(model, variables, dataset, config, batch_size=batch_size,
-                            default_lipschitz="sound")
-
-
 register("crmt_cert", head="orthogonal",
          description="CRMT on its sound certificate: radius hinge + normalised L1 "
                      "(step 1), modality weights on the tight sound bound (step 2)",
-         init_state=crmt.init_state, step2=_step2, prepare_step2=_prepare_step2)(_step1)
+         stages=(Stage("step1", _step1), dataclasses.replace(crmt.STEP2, make_objective=_step2)),
+         init_state=crmt.init_state, callbacks=(crmt.PrepareStep2(default_lipschitz="sound"),))(
+             None)

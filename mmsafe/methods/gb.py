@@ -37,13 +37,12 @@ Choices the paper leaves open:
   part of the training set; with mmsafe's embedded datasets this is the
   "validation" split, which then informs M + 1 scalars per super-epoch).
 
-Loop hook: re-estimation needs whole-split evaluations, which a pure train
-step cannot do. `on_epoch_end(model, config, variables, state, splits,
+Callback: re-estimation needs whole-split evaluations, which a pure train
+step cannot do. `measure_and_blend(model, config, variables, state, splits,
 *, epoch, batch_size) -> dict` returns the method-state entries to replace
-after epoch `epoch` (number of completed epochs; calling it once with
-`epoch=0` before the first step takes the first measurement at
-initialisation). It is registered as the `Method` field `on_epoch_end`,
-which the training loop calls after every first-step epoch.
+after epoch `epoch` (number of completed epochs; `epoch=0` before the first
+step takes the first measurement at initialisation). The callback
+`BlendingWeights` calls it when training starts and after every epoch.
 
 Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_split`.
 """
@@ -57,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmsafe.data.clip_dataset import full_pass
+from mmsafe.data import full_pass
 from mmsafe.methods.common import accuracy, apply_model, required
-from mmsafe.methods.registry import register
+from mmsafe.methods.registry import Callback, CallbackContext, register
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -153,8 +152,8 @@ def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarra
   return (total / count).astype(np.float32)
 
 
-def on_epoch_end(model, config, variables, state, splits, *, epoch: int,
-                 batch_size: int) -> dict:
+def measure_and_blend(model, config, variables, state, splits, *, epoch: int,
+                      batch_size: int) -> dict:
   """Method-state entries after epoch `epoch`: every `gb_super_epoch` epochs,
   measure the heads' losses on the training and held-out splits and, given a
   previous measurement, re-estimate the blending weights. `{}` otherwise."""
@@ -179,7 +178,21 @@ def on_epoch_end(model, config, variables, state, splits, *, epoch: int,
                       "has_reference": jnp.ones((), jnp.int32)}}
 
 
-@register("gb", head="concat", init_state=init_state, on_epoch_end=on_epoch_end,
+class BlendingWeights(Callback):
+  """Measures the heads' losses when training starts and re-estimates the
+  blending weights after every epoch (`measure_and_blend`)."""
+
+  def on_stage_start(self, stage: str, context: CallbackContext) -> dict:
+    del stage
+    return self.on_epoch_end("", 0, context)
+
+  def on_epoch_end(self, stage: str, epoch: int, context: CallbackContext) -> dict:
+    del stage
+    return measure_and_blend(context.model, context.config, context.variables, context.state,
+                             context.splits, epoch=epoch, batch_size=context.batch_size)
+
+
+@register("gb", head="concat", init_state=init_state, callbacks=(BlendingWeights(),),
           description="Gradient Blending: OGR-weighted uni-modal + fused CE")
 def make_objective(model, config):
   del config

@@ -55,11 +55,11 @@ import jax.numpy as jnp
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
 from mmsafe.methods.registry import register
 from mmsafe.models.outputs import HeadParams
+from mmsafe.numerics import HIGHEST
 
 Array = jax.Array
 
 STATE_KEY = "msefm"
-_HIGHEST = jax.lax.Precision.HIGHEST
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
 
 
@@ -74,12 +74,12 @@ def ista(dictionary: Array, x: Array, *, lasso: float, steps: int) -> Array:
   `L = lambda_max(D^T D)`. Differentiable in `x`; `dictionary` is a constant."""
   d = jax.lax.stop_gradient(dictionary).astype(jnp.float32)
   x = x.astype(jnp.float32)
-  lipschitz = jnp.max(jnp.linalg.eigvalsh(jnp.matmul(d.T, d, precision=_HIGHEST)))
+  lipschitz = jnp.max(jnp.linalg.eigvalsh(jnp.matmul(d.T, d, precision=HIGHEST)))
   step = 1.0 / jnp.maximum(lipschitz, 1e-12)
 
   def body(_, h):
-    residual = jnp.matmul(h, d, precision=_HIGHEST) - x
-    h = h - step * jnp.matmul(residual, d.T, precision=_HIGHEST)
+    residual = jnp.matmul(h, d, precision=HIGHEST) - x
+    h = h - step * jnp.matmul(residual, d.T, precision=HIGHEST)
     return soft_threshold(h, step * lasso)
 
   return jax.lax.fori_loop(0, steps, body, jnp.zeros((x.shape[0], d.shape[0]), jnp.float32))
@@ -91,7 +91,7 @@ def memory_blend(features: Mapping[str, Array], memory: Mapping[str, Array], *, 
   out = {}
   for m, f in features.items():
     codes = ista(memory[m], f, lasso=lasso, steps=steps)
-    reconstruction = jnp.matmul(codes, jax.lax.stop_gradient(memory[m]), precision=_HIGHEST)
+    reconstruction = jnp.matmul(codes, jax.lax.stop_gradient(memory[m]), precision=HIGHEST)
     out[m] = blend * reconstruction + (1.0 - blend) * f.astype(jnp.float32)
   return out
 
@@ -100,7 +100,7 @@ def fused_logits(head: HeadParams, features: Mapping[str, Array]) -> Array:
   """The concat head on (blended) features: `sum_m phi~^(m) W^(m) + b`."""
   if head.kind != "concat":
     raise ValueError(f"msefm: expected a concat head, got {head.kind!r}")
-  return sum(jnp.matmul(features[m], head.kernels[m], precision=_HIGHEST)
+  return sum(jnp.matmul(features[m], head.kernels[m], precision=HIGHEST)
              for m in sorted(features)) + head.bias
 
 

@@ -1,12 +1,16 @@
 """Registry of training methods: name -> `Method`.
 
-A method knows which head it needs and builds an objective
+A method is a head kind plus one or more training *stages*, each with an
+objective
 
     loss_fn(params, state, batch, rng) -> (loss, (new_state, metrics))
 
-for a given model. `state` is a dict whose entry "model" holds the
-model's non-parameter collections (batch-norm statistics); methods may keep
-their own entries beside it.
+built for a given model, and optional *callbacks* that update the method's
+state where a pure train step cannot (whole-split measurements). `state` is a
+dict whose entry "model" holds the model's non-parameter collections
+(batch-norm statistics); methods keep their own entries beside it
+(`init_state`). The training loop (`mmsafe.train`) runs the stages in order and
+calls the callbacks; it knows no method by name.
 """
 
 from __future__ import annotations
@@ -18,8 +22,75 @@ from typing import Any
 import jax
 
 Objective = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
+MakeObjective = Callable[[Any, Mapping[str, Any]], Objective]
 
 _REGISTRY: dict[str, "Method"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a method's training.
+
+  Attributes:
+    name: the stage's name in logs and checkpoints ("train", "step1", "step2").
+    make_objective: `(model, config) -> loss_fn`; `config` holds the method's
+      hyper-parameters (`config.method_kwargs` plus `steps_per_epoch`).
+    optimizer: the config section with this stage's optimizer
+      (`mmsafe.train.optimizer.make_optimizer`) and, for every stage but the
+      one reading "optimizer", its `num_epochs`.
+    trainable: the parameters the stage moves (`mmsafe.train.optimizer.TRAINABLE`:
+      "all", or "modality_weights" for the orthogonal head's `a`); the others
+      get exactly-zero updates.
+    restart_selection: whether model selection starts afresh with this stage,
+      so the reported model went through it.
+  """
+
+  name: str
+  make_objective: MakeObjective
+  optimizer: str = "optimizer"
+  trainable: str = "all"
+  restart_selection: bool = False
+
+
+class Callback:
+  """A method's hook on the training loop's events.
+
+  Each hook gets a `CallbackContext` and returns method-state entries to
+  replace (`{}`: nothing changes). The loop calls them on every process with
+  the same arguments, on host (numpy) variables.
+  """
+
+  def on_stage_start(self, stage: str, context: "CallbackContext") -> dict:
+    """Before the first step of `stage` (once per run, also across resumes)."""
+    del stage, context
+    return {}
+
+  def on_epoch_end(self, stage: str, epoch: int, context: "CallbackContext") -> dict:
+    """After epoch `epoch` (completed epochs of the run) of `stage`."""
+    del stage, epoch, context
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class CallbackContext:
+  """What a callback may read.
+
+  Attributes:
+    model: the `MultiModalModel`.
+    variables: the model variables (host values).
+    state: the train state's non-parameter state (`state["model"]` and the
+      methods' entries).
+    splits: "train" / "validation" / "test" datasets.
+    config: the method's hyper-parameters.
+    batch_size: the evaluation batch size for whole-split passes.
+  """
+
+  model: Any
+  variables: Any
+  state: Mapping[str, Any]
+  splits: Mapping[str, Any]
+  config: Mapping[str, Any]
+  batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,48 +100,46 @@ class Method:
   Attributes:
     name: registry name (`--config.method=<name>`).
     head: the head kind the method trains ("concat" or "orthogonal").
-    make_objective: `(model, config) -> loss_fn`; `config` is the method's
-      hyper-parameters (a mapping, usually `config.method_kwargs`).
+    stages: the training stages, run in order.
     description: one line for `--help` and reports.
-    init_state: optional `(model, variables, config) -> dict` of method state entries
-      (beside `state["model"]`), present from the first step so a checkpoint
-      has one structure throughout.
-    step2: for two-step methods (CRMT), `(model, config) -> loss_fn` of the
-      second step, which the loop runs after the first step's epochs with the
-      step-2 optimizer.
-    prepare_step2: `(model, variables, train_dataset, config, *, batch_size)
-      -> dict` of method state entries computed once when step 2 begins.
-    on_epoch_end: `(model, config, variables, state, splits, *, epoch,
-      batch_size) -> dict` of method state entries to replace after each
-      first-step epoch (and once with `epoch=0` before training), for what a
-      pure train step cannot see, e.g. Gradient Blending's held-out losses.
+    init_state: optional `(model, variables, config) -> dict` of method-state
+      entries (beside `state["model"]`), present from the first step so a
+      checkpoint has one structure throughout.
+    callbacks: the method's `Callback`s.
   """
 
   name: str
   head: str
-  make_objective: Callable[[Any, Mapping[str, Any]], Objective]
+  stages: tuple[Stage, ...]
   description: str = ""
   init_state: Callable[[Any, Any, Mapping[str, Any]], dict] | None = None
-  step2: Callable[[Any, Mapping[str, Any]], Objective] | None = None
-  prepare_step2: Callable[..., dict] | None = None
-  on_epoch_end: Callable[..., dict] | None = None
+  callbacks: tuple[Callback, ...] = ()
 
-  @property
-  def two_step(self) -> bool:
-    return self.step2 is not None
+  def stage(self, name: str) -> Stage:
+    """The stage called `name`; a clear error for unknown names."""
+    for stage in self.stages:
+      if stage.name == name:
+        return stage
+    raise ValueError(f"stage: method {self.name!r} has stages "
+                     f"{[s.name for s in self.stages]}, got {name!r}")
 
   def __call__(self, model, config: Mapping[str, Any] | None = None) -> Objective:
-    return self.make_objective(model, dict(config or {}))
+    """The first stage's objective for `model`."""
+    return self.stages[0].make_objective(model, dict(config or {}))
 
 
-def register(name: str, *, head: str, description: str = "", **fields):
-  """Decorator registering `make_objective(model, config)` under `name`;
-  `fields` are the optional `Method` attributes (init_state, step2, ...)."""
+def register(name: str, *, head: str, description: str = "",
+             stages: tuple[Stage, ...] | None = None, **fields):
+  """Registers a method. As a decorator of `make_objective(model, config)`, the
+  method has one stage "train" with that objective (or, with `stages`, those
+  stages after it); `fields` are the optional `Method` attributes
+  (`init_state`, `callbacks`)."""
 
-  def wrap(make_objective):
+  def wrap(make_objective: MakeObjective | None):
     if name in _REGISTRY:
       raise ValueError(f"method {name!r} is registered twice")
-    _REGISTRY[name] = Method(name, head, make_objective, description, **fields)
+    first = () if make_objective is None else (Stage("train", make_objective),)
+    _REGISTRY[name] = Method(name, head, (*first, *(stages or ())), description, **fields)
     return make_objective
 
   return wrap

@@ -2,8 +2,9 @@
 they are built from (each stating its Lipschitz bound), heads, `build`,
 `ModelOutput`."""
 
+from mmsafe.checks import check_inputs
 from mmsafe.models import layers, lipschitz_layers, operator_norms
-from mmsafe.models.build import MultiModalModel, build, check_inputs
+from mmsafe.models.build import MultiModalModel, build
 from mmsafe.models.encoders import (ENCODERS, LIPSCHITZ_ENCODERS, LipschitzCNN, LipschitzMLP,
                                     LipschitzResNet, MLPEncoder, ResNet18, SmallCNN)
 from mmsafe.models.heads import (HEADS, STIEFEL_PARAM, ConcatHead, OrthogonalHead,

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmsafe.checks import check_inputs
+from mmsafe.models import transformer
 from mmsafe.models.encoders import ENCODERS
 from mmsafe.models.heads import HEADS
 from mmsafe.models.operator_norms import BoundOptions
@@ -19,35 +21,6 @@ Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHITECTURES = ("encoders", "transformer")
-
-
-def check_inputs(inputs: Mapping[str, Array], input_shapes: Mapping[str, tuple[int, ...]]) -> None:
-  """Checks modality names, per-example shapes and dtypes (static: works under jit).
-
-  Raises:
-    ValueError naming the modality, the expected and the actual value.
-  """
-  if not isinstance(inputs, Mapping):
-    raise ValueError(f"inputs: expected a dict modality -> array, got {type(inputs).__name__}")
-  missing = sorted(set(input_shapes) - set(inputs))
-  extra = sorted(set(inputs) - set(input_shapes))
-  if missing or extra:
-    raise ValueError(f"inputs: expected modalities {sorted(input_shapes)}, got {sorted(inputs)}"
-                     + (f" (missing {missing})" if missing else "")
-                     + (f" (unexpected {extra})" if extra else ""))
-  batch_sizes = set()
-  for m, shape in input_shapes.items():
-    x = inputs[m]
-    if not hasattr(x, "shape") or tuple(x.shape[1:]) != tuple(shape):
-      actual = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-      raise ValueError(f"inputs[{m!r}]: expected shape [B, {', '.join(map(str, shape))}], "
-                       f"got {actual}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"inputs[{m!r}]: expected a floating dtype, got {x.dtype}")
-    batch_sizes.add(x.shape[0])
-  if len(batch_sizes) > 1:
-    raise ValueError(f"inputs: modalities disagree on the batch size: "
-                     f"{ {m: inputs[m].shape[0] for m in input_shapes} }")
 
 
 class MultiModalModel(nn.Module):
@@ -131,25 +104,38 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
     raise ValueError(f"model.num_classes: expected an integer >= 2, got {num_classes!r}")
   if not input_shapes:
     raise ValueError(f"model.input_shapes: expected modality -> shape, got {input_shapes!r}")
-  head_kind = config.get("head", "concat")
-  if head_kind not in HEADS:
-    raise ValueError(f"model.head: expected one of {sorted(HEADS)}, got {head_kind!r}")
-  dtype_name = config.get("dtype", "float32")
-  if dtype_name not in _DTYPES:
-    raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {dtype_name!r}")
-  architecture = config.get("architecture") or "encoders"
-  if architecture not in ARCHITECTURES:
-    raise ValueError(f"model.architecture: expected one of {list(ARCHITECTURES)}, "
-                     f"got {architecture!r}")
-  head_kwargs = {}
-  if head_kind == "orthogonal" and config.get("head_weight_init") is not None:
-    head_kwargs["weight_init"] = config["head_weight_init"]
-  head = HEADS[head_kind](num_classes=num_classes, name="head", **head_kwargs)
+  head_kind = _choice("head", config.get("head", "concat"), HEADS)
+  dtype = _DTYPES[_choice("dtype", config.get("dtype", "float32"), _DTYPES)]
+  architecture = _choice("architecture", config.get("architecture") or "encoders", ARCHITECTURES)
+  head = _build_head(config, head_kind, num_classes)
   if architecture == "transformer":
-    # Imported here: transformer.py imports `check_inputs` from this module.
-    from mmsafe.models import transformer  # pylint: disable=import-outside-toplevel
     return transformer.from_config(config.get("transformer") or {}, head=head,
-                                   input_shapes=input_shapes, dtype=_DTYPES[dtype_name])
+                                   input_shapes=input_shapes, dtype=dtype)
+  return MultiModalModel(encoders=_build_encoders(config, input_shapes, dtype), head=head,
+                         input_shapes={m: tuple(s) for m, s in input_shapes.items()})
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...] | Mapping[str, Any]) -> str:
+  """`value` of config field `model.<field>`, checked to be one of `choices` (a tuple, or
+  the keys of a registry)."""
+  if value not in choices:
+    shown = list(choices) if isinstance(choices, tuple) else sorted(choices)
+    raise ValueError(f"model.{field}: expected one of {shown}, got {value!r}")
+  return value
+
+
+def _build_head(config: Mapping[str, Any], kind: str, num_classes: int) -> nn.Module:
+  """The fusion head `kind` ("concat" | "orthogonal"; the latter with the optional
+  `head_weight_init`)."""
+  kwargs = {}
+  if kind == "orthogonal" and config.get("head_weight_init") is not None:
+    kwargs["weight_init"] = config["head_weight_init"]
+  return HEADS[kind](num_classes=num_classes, name="head", **kwargs)
+
+
+def _build_encoders(config: Mapping[str, Any], input_shapes: Mapping[str, tuple[int, ...]],
+                    dtype: Any) -> dict[str, nn.Module]:
+  """modality -> encoder, from `config["encoders"]` (exactly one per modality)."""
   encoder_configs = dict(config.get("encoders") or {})
   unknown = sorted(set(encoder_configs) - set(input_shapes))
   if unknown:
@@ -160,20 +146,27 @@ def build(config: Mapping[str, Any], *, num_classes: int | None = None,
     if m not in encoder_configs:
       raise ValueError(f"model.encoders: no encoder configured for modality {m!r} "
                        f"(configured: {sorted(encoder_configs)})")
-    enc = dict(encoder_configs[m])
-    name = enc.pop("name", None)
-    if name not in ENCODERS:
-      raise ValueError(f"model.encoders[{m!r}].name: expected one of {sorted(ENCODERS)}, "
-                       f"got {name!r}")
-    fields = sorted(set(ENCODERS[name].__dataclass_fields__) - {"parent", "name", "dtype"})
-    for key, value in enc.items():
-      if key not in fields:
-        raise ValueError(f"model.encoders[{m!r}].{key}: not a field of encoder {name!r}; "
-                         f"expected one of {fields}")
-      if isinstance(value, list):
-        enc[key] = tuple(value)
-    if config.get("batch_norm_axis_name") and "axis_name" in ENCODERS[name].__dataclass_fields__:
-      enc.setdefault("axis_name", config["batch_norm_axis_name"])
-    encoders[m] = ENCODERS[name](dtype=_DTYPES[dtype_name], **enc)
-  return MultiModalModel(encoders=encoders, head=head,
-                         input_shapes={m: tuple(s) for m, s in input_shapes.items()})
+    encoders[m] = _build_encoder(m, encoder_configs[m], dtype,
+                                 config.get("batch_norm_axis_name"))
+  return encoders
+
+
+def _build_encoder(modality: str, encoder_config: Mapping[str, Any], dtype: Any,
+                   batch_norm_axis_name: str | None) -> nn.Module:
+  """The encoder `encoder_config["name"]` with the other fields as module attributes
+  (lists become tuples); batch-norm encoders average over `batch_norm_axis_name`."""
+  enc = dict(encoder_config)
+  name = enc.pop("name", None)
+  if name not in ENCODERS:
+    raise ValueError(f"model.encoders[{modality!r}].name: expected one of {sorted(ENCODERS)}, "
+                     f"got {name!r}")
+  fields = sorted(set(ENCODERS[name].__dataclass_fields__) - {"parent", "name", "dtype"})
+  for key, value in enc.items():
+    if key not in fields:
+      raise ValueError(f"model.encoders[{modality!r}].{key}: not a field of encoder {name!r}; "
+                       f"expected one of {fields}")
+    if isinstance(value, list):
+      enc[key] = tuple(value)
+  if batch_norm_axis_name and "axis_name" in ENCODERS[name].__dataclass_fields__:
+    enc.setdefault("axis_name", batch_norm_axis_name)
+  return ENCODERS[name](dtype=dtype, **enc)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from mmsafe.manifold.stiefel import random_stiefel
 from mmsafe.models.lipschitz_layers import ORTHOGONAL_KERNEL
 from mmsafe.models.outputs import HeadParams
+from mmsafe.numerics import HIGHEST
 
 Array = jax.Array
 
@@ -25,7 +26,6 @@ Array = jax.Array
 # `OrthogonalDense` encoder layers, on the Stiefel manifold.
 STIEFEL_PARAM = "w_tilde"
 STIEFEL_PARAMS = (STIEFEL_PARAM, ORTHOGONAL_KERNEL)
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _keys(path: tuple) -> list:
@@ -48,7 +48,7 @@ def is_modality_weight(path: tuple, leaf: Array) -> bool:
 
 
 def _matmul(x: Array, kernel: Array) -> Array:
-  return jnp.matmul(x.astype(jnp.float32), kernel, precision=_HIGHEST)
+  return jnp.matmul(x.astype(jnp.float32), kernel, precision=HIGHEST)
 
 
 class ConcatHead(nn.Module):

@@ -41,9 +41,9 @@ import numpy as np
 from mmsafe.manifold.stiefel import random_stiefel
 from mmsafe.models.layers import record, spectral_norm
 from mmsafe.models.operator_norms import BoundOptions
+from mmsafe.numerics import HIGHEST
 
 Array = jax.Array
-_HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = 1e-30
 
 # Parameter name of `OrthogonalDense`'s kernel: the optimizer keeps leaves of
@@ -78,7 +78,7 @@ def kernel_autocorrelation(kernel: Array) -> Array:
   padded = jnp.pad(kernel, ((kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0), (0, 0)))
   windows = jnp.stack([padded[dh:dh + kh, dw:dw + kw]
                        for dh in range(2 * kh - 1) for dw in range(2 * kw - 1)])
-  gram = jnp.einsum("spqio,pqjo->sij", windows, kernel, precision=_HIGHEST)
+  gram = jnp.einsum("spqio,pqjo->sij", windows, kernel, precision=HIGHEST)
   return jnp.transpose(gram.reshape(2 * kh - 1, 2 * kw - 1, *gram.shape[1:]), (2, 0, 1, 3))
 
 
@@ -157,7 +157,7 @@ class _DenseLayer(nn.Module):
     del train
     matrix = self.matrix(x.shape[-1])
     return _with_bias(self, jnp.matmul(x.astype(self.dtype), matrix.astype(self.dtype),
-                                       precision=_HIGHEST))
+                                       precision=HIGHEST))
 
 
 class OrthogonalDense(_DenseLayer):
@@ -193,9 +193,9 @@ class AOLDense(_DenseLayer):
   def matrix(self, d_in: int) -> Array:
     kernel = self.param("kernel", nn.initializers.orthogonal(), (d_in, self.features))
     if d_in <= self.features:
-      return kernel * schur_scale(jnp.abs(jnp.matmul(kernel, kernel.T, precision=_HIGHEST)))[
+      return kernel * schur_scale(jnp.abs(jnp.matmul(kernel, kernel.T, precision=HIGHEST)))[
           :, None]
-    return kernel * schur_scale(jnp.abs(jnp.matmul(kernel.T, kernel, precision=_HIGHEST)))[None]
+    return kernel * schur_scale(jnp.abs(jnp.matmul(kernel.T, kernel, precision=HIGHEST)))[None]
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
     del x, options
@@ -235,7 +235,7 @@ class AOLConv(nn.Module):
     scaled = kernel * scale[None, None, :, None]
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), scaled.astype(self.dtype), (self.strides, self.strides), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
     return _with_bias(self, y)
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
@@ -259,7 +259,7 @@ def _rfft2(x: Array, height: int, width: int) -> Array:
   pool, and at the small spatial sizes of these layers the products are cheap.
   """
   e_h, e_w = _dft_matrices(height, width)
-  return jnp.einsum("hn,bnmc,wm->bhwc", e_h, x.astype(jnp.complex64), e_w, precision=_HIGHEST)
+  return jnp.einsum("hn,bnmc,wm->bhwc", e_h, x.astype(jnp.complex64), e_w, precision=HIGHEST)
 
 
 def _irfft2(y_hat: Array, height: int, width: int) -> Array:
@@ -271,8 +271,8 @@ def _irfft2(y_hat: Array, height: int, width: int) -> Array:
   if width % 2 == 0:
     columns[-1] = 1.0
   inverse_w = (np.conj(e_w).T * columns[None]).astype(np.complex64) / width  # [W, W//2+1]
-  rows = jnp.einsum("nh,bhwc->bnwc", np.conj(e_h).T / height, y_hat, precision=_HIGHEST)
-  return jnp.real(jnp.einsum("bnwc,mw->bnmc", rows, inverse_w, precision=_HIGHEST))
+  rows = jnp.einsum("nh,bhwc->bnwc", np.conj(e_h).T / height, y_hat, precision=HIGHEST)
+  return jnp.real(jnp.einsum("bnwc,mw->bnmc", rows, inverse_w, precision=HIGHEST))
 
 
 def _cayley_spectrum(kernel: Array, alpha: Array, height: int, width: int) -> Array:
@@ -281,7 +281,7 @@ def _cayley_spectrum(kernel: Array, alpha: Array, height: int, width: int) -> Ar
   v = (kernel * (alpha / jnp.maximum(norm, _TINY))).astype(jnp.complex64)
   e_h, e_w = _dft_matrices(height, width)
   kh, kw = kernel.shape[:2]
-  v_hat = jnp.einsum("hp,wq,pqij->hwij", e_h[:, :kh], e_w[:, :kw], v, precision=_HIGHEST)
+  v_hat = jnp.einsum("hp,wq,pqij->hwij", e_h[:, :kh], e_w[:, :kw], v, precision=HIGHEST)
   return cayley_transform(v_hat - jnp.conj(jnp.swapaxes(v_hat, -1, -2)))
 
 
@@ -324,8 +324,8 @@ def _cayley_backward(q, q_bar):
   # JAX's cotangent of a holomorphic map is the plain transpose: A_bar = -2 N^T Q_bar N^T.
   eye = jnp.eye(q.shape[-1], dtype=q.dtype)
   n_t = jnp.swapaxes((eye + q) / 2.0, -1, -2)
-  return (-2.0 * jnp.matmul(jnp.matmul(n_t, q_bar, precision=_HIGHEST), n_t,
-                            precision=_HIGHEST),)
+  return (-2.0 * jnp.matmul(jnp.matmul(n_t, q_bar, precision=HIGHEST), n_t,
+                            precision=HIGHEST),)
 
 
 cayley_transform.defvjp(_cayley_forward, _cayley_backward)
@@ -338,8 +338,8 @@ def schur_operator_norm(block: Array) -> Array:
   rows (or columns) are orthonormal, computed without a batched SVD (see
   `_accretive_inverse`)."""
   adjoint = jnp.conj(jnp.swapaxes(block, -1, -2))
-  gram = (jnp.matmul(block, adjoint, precision=_HIGHEST) if block.shape[-2] < block.shape[-1]
-          else jnp.matmul(adjoint, block, precision=_HIGHEST))
+  gram = (jnp.matmul(block, adjoint, precision=HIGHEST) if block.shape[-2] < block.shape[-1]
+          else jnp.matmul(adjoint, block, precision=HIGHEST))
   return jnp.sqrt(jnp.max(jnp.sum(jnp.abs(gram), axis=-1)))
 
 
@@ -378,7 +378,7 @@ class CayleyConv(nn.Module):
     q, channels = self._spectrum(x)
     c_in, (height, width) = x.shape[-1], x.shape[1:3]
     x = jnp.pad(x.astype(jnp.float32), ((0, 0),) * 3 + ((0, channels - c_in),))
-    y_hat = jnp.einsum("hwij,bhwj->bhwi", q, _rfft2(x, height, width), precision=_HIGHEST)
+    y_hat = jnp.einsum("hwij,bhwj->bhwi", q, _rfft2(x, height, width), precision=HIGHEST)
     return _with_bias(self, _irfft2(y_hat, height, width)[..., :self.features]).astype(self.dtype)
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
@@ -406,11 +406,11 @@ class SLLDense(nn.Module):
     kernel = self.param("kernel", nn.initializers.orthogonal(), (width, hidden))
     bias = self.param("bias", nn.initializers.zeros_init(), (hidden,))
     q = jnp.exp(self.param("log_q", nn.initializers.zeros_init(), (hidden,)))
-    gram = jnp.matmul(kernel.T, kernel, precision=_HIGHEST)
+    gram = jnp.matmul(kernel.T, kernel, precision=HIGHEST)
     inverse_t = jnp.square(schur_scale(jnp.abs(gram), q))
     x = x.astype(jnp.float32)
-    h = nn.relu(jnp.matmul(x, kernel, precision=_HIGHEST) + bias)
-    return (x - 2.0 * jnp.matmul(h * inverse_t, kernel.T, precision=_HIGHEST)).astype(self.dtype)
+    h = nn.relu(jnp.matmul(x, kernel, precision=HIGHEST) + bias)
+    return (x - 2.0 * jnp.matmul(h * inverse_t, kernel.T, precision=HIGHEST)).astype(self.dtype)
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
     del x, options
@@ -446,7 +446,7 @@ class SLLConv(nn.Module):
     def conv(v):
       return jax.lax.conv_general_dilated(v, kernel, (1, 1), "SAME",
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                          precision=_HIGHEST)
+                                          precision=HIGHEST)
 
     h = nn.relu(conv(x) + bias) * inverse_t
     (adjoint,) = jax.linear_transpose(conv, x)(h)

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsafe.numerics import HIGHEST
+
 Array = jax.Array
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 # Relative margin added to every numerically computed operator norm for float32
 # rounding (dot products with fan-in up to ~1e4 have relative error below ~6e-4).
@@ -165,7 +166,7 @@ def conv_operator_norm(kernel: Array, scale: Array | None, key: Array, *,
   def linear_fn(x):
     y = jax.lax.conv_general_dilated(x[None], kernel, tuple(strides), padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=_HIGHEST)[0]
+                                     precision=HIGHEST)[0]
     return y if scale is None else y * scale.astype(jnp.float32)
 
   return operator_norm(linear_fn, in_shape, key=key, method=method, iterations=iterations,

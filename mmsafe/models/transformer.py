@@ -58,7 +58,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsafe.models.build import check_inputs
+from mmsafe.checks import check_inputs
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array

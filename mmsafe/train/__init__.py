@@ -1,10 +1,10 @@
-"""Training: state, pure train/eval steps, optimizers, checkpoints, the loop."""
+"""Training: state, pure train/eval steps, optimizers, stages, checkpoints, the loop."""
 
 from mmsafe.train.checkpoint import Checkpointer
-from mmsafe.train.optimizer import make_optimizer, make_step2_optimizer, phased
+from mmsafe.train.optimizer import make_optimizer, per_stage
 from mmsafe.train.parallel import DataParallel
 from mmsafe.train.state import TrainState
 from mmsafe.train.step import make_eval_step, make_train_step
 
 __all__ = ["Checkpointer", "DataParallel", "TrainState", "make_eval_step", "make_optimizer",
-           "make_step2_optimizer", "make_train_step", "phased"]
+           "make_train_step", "per_stage"]

@@ -26,7 +26,7 @@ class Checkpointer:
 
   Each checkpoint holds three items: "train_state" (a `TrainState`), "best"
   (the variables of the model with the best validation accuracy so far) and
-  "progress" (a JSON dict: best validation accuracy, its step, CRMT phase, ...).
+  "progress" (a JSON dict: best validation accuracy, its step, the stage, ...).
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2):

@@ -1,4 +1,5 @@
-"""Optimizers: SGD/Adam with step decay and weight decay, Stiefel-aware."""
+"""Optimizers: SGD/Adam with step decay and weight decay, Stiefel-aware, with
+frozen parameters per training stage."""
 
 from __future__ import annotations
 
@@ -20,16 +21,29 @@ def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> o
   return optax.piecewise_constant_schedule(config["learning_rate"], boundaries)
 
 
+# Parameter selections a stage's optimizer may train (`trainable`); every other
+# leaf gets an exactly-zero update and stays bit-identical.
+TRAINABLE = {"all": None, "modality_weights": is_modality_weight}
+
+
 def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int
                    ) -> optax.GradientTransformation:
   """The optimizer of `config` (`name` "sgd" | "adam", `learning_rate`,
-  `momentum`, `weight_decay`, `decay_epochs`, `decay_factor`, `retraction`).
+  `momentum`, `weight_decay`, `decay_epochs`, `decay_factor`, `retraction`,
+  `trainable`).
 
-  Weight decay (coupled, as PyTorch's SGD) applies to every leaf but the
-  orthogonal head's `W~`, which `stiefel_transform` keeps exactly on the Stiefel
-  manifold with the configured retraction.
+  Weight decay (coupled, as PyTorch's SGD) applies to every trained leaf but
+  the orthogonal head's `W~`, which `stiefel_transform` keeps exactly on the
+  Stiefel manifold with the configured retraction. `trainable` (a key of
+  `TRAINABLE`, default "all") freezes the other leaves, as big_vision freezes
+  parameters by schedule (e.g. a stage that tunes only the orthogonal
+  head's modality weights `a`).
   """
   config = dict(config)
+  trainable = config.get("trainable") or "all"
+  if trainable not in TRAINABLE:
+    raise ValueError(f"optimizer.trainable: expected one of {sorted(TRAINABLE)}, got "
+                     f"{trainable!r}")
   schedule = learning_rate_schedule(config, steps_per_epoch)
   name = config.get("name", "sgd")
   if name == "sgd":
@@ -43,40 +57,31 @@ def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, leaf: not is_stiefel_leaf(path, leaf), params)
     inner = optax.chain(optax.add_decayed_weights(weight_decay, decay_mask), inner)
-  return stiefel_transform(inner, is_stiefel_leaf, retraction=config.get("retraction", "qr"))
-
-
-def make_step2_optimizer(config: Mapping[str, Any], steps_per_epoch: int
-                         ) -> optax.GradientTransformation:
-  """CRMT step 2: SGD with momentum and weight decay on the modality weights `a`
-  only; every other leaf gets an exactly-zero update, so it stays bit-identical.
-  (The paper's code: lr 0.03 x the base lr, momentum 0.9, weight decay 1e-2.)"""
-  config = dict(config)
-  inner = optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                    momentum=config.get("momentum") or None)
-  if config.get("weight_decay"):
-    inner = optax.chain(optax.add_decayed_weights(config["weight_decay"]), inner)
+  transform = stiefel_transform(inner, is_stiefel_leaf, retraction=config.get("retraction", "qr"))
+  selected = TRAINABLE[trainable]
+  if selected is None:
+    return transform
   labels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, leaf: "a" if is_modality_weight(path, leaf) else "frozen", params)
-  return optax.multi_transform({"a": inner, "frozen": optax.set_to_zero()}, labels)
+      lambda path, leaf: "trained" if selected(path, leaf) else "frozen", params)
+  return optax.multi_transform({"trained": transform, "frozen": optax.set_to_zero()}, labels)
 
 
-def phased(optimizers: Mapping[str, optax.GradientTransformation]
-           ) -> dict[str, optax.GradientTransformation]:
-  """One transformation per training phase, all sharing one state `{phase: state}`.
+def per_stage(optimizers: Mapping[str, optax.GradientTransformation]
+              ) -> dict[str, optax.GradientTransformation]:
+  """One transformation per training stage, all sharing one state `{stage: state}`.
 
-  `phased(...)[p].update` advances phase `p`'s optimizer and leaves the other
-  phases' states untouched, so a checkpoint has the same structure whichever
-  phase it was written in.
+  `per_stage(...)[s].update` advances stage `s`'s optimizer and leaves the other
+  stages' states untouched, so a checkpoint has the same structure whichever
+  stage it was written in.
   """
 
   def init(params):
-    return {phase: tx.init(params) for phase, tx in optimizers.items()}
+    return {stage: tx.init(params) for stage, tx in optimizers.items()}
 
-  def for_phase(phase):
+  def for_stage(stage):
     def update(updates, state, params=None):
-      updates, phase_state = optimizers[phase].update(updates, state[phase], params)
-      return updates, {**state, phase: phase_state}
+      updates, stage_state = optimizers[stage].update(updates, state[stage], params)
+      return updates, {**state, stage: stage_state}
     return optax.GradientTransformation(init, update)
 
-  return {phase: for_phase(phase) for phase in optimizers}
+  return {stage: for_stage(stage) for stage in optimizers}

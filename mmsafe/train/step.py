@@ -33,7 +33,8 @@ def sync_replicas(tree, axis_name: str):
   """Makes the floating leaves of `tree` equal on every device of `axis_name`:
   the mean over devices, computed as `x_0 + pmean(x - x_0)` with `x_0` the value on
   device 0, so leaves that already agree (batch-norm statistics computed with
-  `axis_name`, step 2's `tau`) come out bit-identical instead of re-rounded."""
+  `axis_name`, method state computed from replicated values) come out
+  bit-identical instead of re-rounded."""
 
   def sync(x):
     if not _is_float(x):
@@ -70,9 +71,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     `batch` holds "inputs" (modality -> [B, ...]) and "label" (int [B]) plus
     whatever `objective` reads, and `metrics` are scalars. `train_step` is pure
     and jit-able (or pmap-able with `axis_name`) when `objective` is; this
-    factory itself is plain Python. The objectives are e.g. CRMT step 1
-    (`CE + rho * L1`, CRMT eq. 12) and step 2 (`L2 = -mean_i r(x_i)`, the
-    Thm 3.5 bound of eq. 10), CRMT Sec. 3.4, or the baselines of Sec. 4.1.
+    factory itself is plain Python. The objectives are those of
+    `mmsafe.methods`, one per training stage (CRMT Sec. 3.4 and the baselines
+    of its Sec. 4.1).
   """
 
   def train_step(train_state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -1,0 +1,394 @@
+"""Evaluators built from a config: `config.evals.<name> = dict(type=..., ...)`.
+
+Each evaluator measures one thing on one split and has `name`, `every_steps`
+(0: never inside training, only offline) and `run(variables) -> metrics`. The
+training loop runs them every `every_steps` steps and logs `scalar_metrics`;
+`experiments.evaluate` runs them on a restored checkpoint and writes their
+reports (`mmsafe.eval.report.write_evaluation`). An evaluator compiles once
+(on its first `run`): the variables, eps and budgets are traced arguments.
+
+Keys every type takes: `type`, `split` ("validation"), `every_steps` (0),
+`max_examples` (0: the whole split), `batch_size` (256; certify: 100) and
+`seed` (the `build_evaluators` seed). The types and their own keys:
+
+  clean       clean accuracy.
+  fgm, pgd    robust accuracy against l2 FGM / l2-PGD (`robustness`): `scope`
+              ("multi": all modalities jointly; "uni": each modality alone; a
+              modality name; or a list of these), `eps` (multi-modal grid),
+              `uni_eps` (uni-modal grid), `protocol` (PGD preset; its budgets,
+              CRMT's 0.5 / 1.0, are added to the grids), `box` (clip to the
+              raw value range).
+  missing     accuracy with each modality missing: `fills`, `fill_examples`
+              (training examples averaged for the "mean" fill, 0: all).
+  decoupling  the l0 decoupling attack's success rate: `fractions`, `scopes`,
+              `rounds`, `steps_per_round`, `max_change`, `step_size`, `loss`,
+              `random_start`, `box`.
+  robustness  the whole suite of `evaluate_robustness` (its metrics are the
+              report's input): the `SuiteConfig` fields, `box`, `fill_examples`.
+  certify     certified radii per Lipschitz kind, checked by attacks
+              (`certification.Certification`): `kinds`, `empirical_split`,
+              `mode`, `chunk_size`, `power_iterations`, `failure_probability`,
+              `attack_steps`, `attack_restarts`, `num_thresholds`.
+  sweep       the PGD steps x restarts sweep (`robustness.StrengthSweep`) at the
+              protocol's budgets times `scales`: `protocol`, `scales`, `steps`,
+              `restarts`, `loss`, `random_start`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mmsafe import certify as certify_lib
+from mmsafe import data as data_lib
+from mmsafe.attacks.pgd import get_protocol
+from mmsafe.eval import certification
+from mmsafe.eval import robustness
+from mmsafe.eval.robustness import MULTI
+
+Progress = Callable[[int], None] | None
+COMMON = {"type": None, "split": "validation", "every_steps": 0, "max_examples": 0,
+          "batch_size": 256, "seed": None}
+
+
+def _sequence(value: Any, field: str, kind: type, what: str) -> tuple:
+  """`value` (one item or a list of them) as a tuple of `kind` items."""
+  values = (value,) if isinstance(value, (str, int, float)) else value
+  try:
+    return tuple(v if kind is str else kind(v) for v in values)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{field}: expected {what} or a list of them, got {value!r}") from e
+
+
+def _floats(value: Any, field: str) -> tuple[float, ...]:
+  return _sequence(value, field, float, "a number")
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+  names = _sequence(value, field, str, "a name")
+  if not all(isinstance(v, str) for v in names):
+    raise ValueError(f"{field}: expected a name or a list of names, got {value!r}")
+  return names
+
+
+def _count(value: Any, field: str, minimum: int = 0) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+class Evaluator:
+  """One measurement on one split; subclasses set `type`, `options` (their own
+  keys and defaults) and implement `setup` (validate, build) and `run`.
+
+  Attributes:
+    name: the key in `config.evals`.
+    every_steps: run every this many training steps (0: only offline).
+    split: the split evaluated.
+    settings: the full settings (common keys, options and the config's values).
+  """
+
+  type: ClassVar[str] = ""
+  options: ClassVar[Mapping[str, Any]] = {}
+  default_batch_size: ClassVar[int] = 256
+
+  def __init__(self, name: str, config: Mapping[str, Any], *, model,
+               splits: Mapping[str, Any], seed: int = 0):
+    unknown = sorted(set(config) - set(COMMON) - set(self.options))
+    if unknown:
+      raise ValueError(f"{unknown[0]}: unknown key for type {self.type!r}; expected one of "
+                       f"{sorted(set(COMMON) | set(self.options))}, got {unknown}")
+    self.settings = {**COMMON, "batch_size": self.default_batch_size, "seed": seed,
+                     **self.options, **config, "type": self.type}
+    self.name = name
+    self.every_steps = _count(self.settings["every_steps"], "every_steps")
+    self.max_examples = _count(self.settings["max_examples"], "max_examples")
+    self.batch_size = _count(self.settings["batch_size"], "batch_size", 1)
+    self.seed = _count(self.settings["seed"], "seed")
+    self.model, self.splits = model, splits
+    self.split = self._split("split")
+    self.apply_fn = robustness.logits_apply(model)
+    self.input_shapes = dict(splits[self.split].modality_shapes)
+    self.setup()
+
+  def _split(self, key: str) -> str:
+    split = self.settings[key]
+    if split not in self.splits:
+      raise ValueError(f"{key}: expected one of {sorted(self.splits)}, got {split!r}")
+    return split
+
+  def setup(self) -> None:
+    """Validates the type's settings and builds its (lazily compiled) parts."""
+
+  @functools.cached_property
+  def data(self) -> data_lib.Dataset:
+    """The evaluated split in memory (its first `max_examples`), loaded on first use."""
+    return data_lib.in_memory(self.splits[self.split], self.max_examples)
+
+  def bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """Box constraints (normalised space) of the bounded modalities when `box`."""
+    if not self.settings.get("box"):
+      return None
+    return {m: self.data.normalized_range(m) for m in self.data.value_range
+            if m in self.data.inputs}
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    """The metrics of `variables` (a dict of numbers, lists and dicts)."""
+    raise NotImplementedError
+
+
+class Clean(Evaluator):
+  """Clean accuracy."""
+
+  type = "clean"
+
+  def setup(self) -> None:
+    self._clean = robustness.CleanAccuracy(self.apply_fn, batch_size=self.batch_size,
+                                           seed=self.seed)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    correct = self._clean(variables, self.data.inputs, self.data.labels, progress)
+    return {"num_examples": int(correct.size), "clean_accuracy": float(correct.mean())}
+
+
+class Attack(Clean):
+  """Robust accuracy against l2 FGM or l2-PGD over eps grids (see `robustness`)."""
+
+  options = {"scope": MULTI, "eps": (0.125, 0.25, 0.5, 1.0), "uni_eps": (0.25, 0.5, 1.0, 2.0),
+             "protocol": "default", "box": False}
+
+  def setup(self) -> None:
+    super().setup()
+    protocol = get_protocol(self.settings["protocol"])
+    modalities = sorted(self.input_shapes)
+    scopes: list[str] = []
+    for scope in _strings(self.settings["scope"], "scope"):
+      expanded = modalities if scope == "uni" else [scope]
+      scopes += [s for s in expanded if s not in scopes]
+    grids = {}
+    for scope in scopes:
+      if scope != MULTI and scope not in modalities:
+        raise ValueError(f"scope: expected {MULTI!r}, 'uni' or one of {modalities}, "
+                         f"got {scope!r}")
+      key, budget = ("eps", protocol.multi_eps) if scope == MULTI else ("uni_eps",
+                                                                        protocol.uni_eps)
+      grids[scope] = robustness.eps_grid(_floats(self.settings[key], key), budget, key)
+    self._curves = robustness.ATTACK_CURVES[self.type](
+        self.apply_fn, grids, protocol=protocol, batch_size=self.batch_size, seed=self.seed)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    inputs, labels = self.data.inputs, self.data.labels
+    self._curves.bounds = self.bounds()
+    correct = self._clean(variables, inputs, labels, progress)
+    curves = self._curves(variables, inputs, labels, correct, progress)["curves"][self.type]
+    return {"num_examples": int(correct.size), "clean_accuracy": float(correct.mean()),
+            "accuracy": {f"{scope}@{eps:g}": acc for scope, curve in curves.items()
+                         for eps, acc in zip(curve["eps"], curve["accuracy"])},
+            "curves": curves}
+
+
+class FGM(Attack):
+  """Robust accuracy against l2 FGM (cross-entropy)."""
+
+  type = "fgm"
+
+
+class PGD(Attack):
+  """Robust accuracy against l2-PGD (worst case over the eps grid)."""
+
+  type = "pgd"
+
+
+def _means_for(evaluator: Evaluator, fills: Sequence[str]) -> dict[str, np.ndarray]:
+  """Training-split means for the "mean" / "noise" fills (empty when neither is used)."""
+  if not {"mean", "noise"} & set(fills):
+    return {}
+  return data_lib.modality_means(evaluator.splits["train"], evaluator.settings["fill_examples"])
+
+
+class Missing(Evaluator):
+  """Accuracy with each modality missing, per fill."""
+
+  type = "missing"
+  options = {"fills": ("zeros",), "fill_examples": 0}
+
+  def setup(self) -> None:
+    _count(self.settings["fill_examples"], "fill_examples")
+    fills = _strings(self.settings["fills"], "fills")
+    if {"mean", "noise"} & set(fills) and "train" not in self.splits:
+      raise ValueError(f"fills: the 'mean' and 'noise' fills need a 'train' split, got splits "
+                       f"{sorted(self.splits)}")
+    self._missing = robustness.MissingModality(self.apply_fn, sorted(self.input_shapes), fills,
+                                               batch_size=self.batch_size, seed=self.seed)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    if not self._missing.fill_means:
+      self._missing.fill_means = _means_for(self, self._missing.fills)
+    section = self._missing(variables, self.data.inputs, self.data.labels, None, progress)
+    return {"num_examples": len(self.data), "accuracy": section["missing"]}
+
+
+class Decoupling(Clean):
+  """Success rate of the l0 decoupling attack (MUROAN) against its budget."""
+
+  type = "decoupling"
+  options = {"fractions": (0.0025, 0.005, 0.0116, 0.025, 0.05), "scopes": (MULTI,),
+             "rounds": 8, "steps_per_round": 10, "max_change": 2.0, "step_size": None,
+             "loss": "margin", "random_start": False, "box": False}
+
+  def setup(self) -> None:
+    super().setup()
+    attack = {k: self.settings[k] for k in ("rounds", "steps_per_round", "max_change",
+                                            "step_size", "loss", "random_start")}
+    self._curves = robustness.DecouplingCurves(
+        self.apply_fn, self.input_shapes, _floats(self.settings["fractions"], "fractions"),
+        _strings(self.settings["scopes"], "scopes"), options=attack,
+        batch_size=self.batch_size, seed=self.seed)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    inputs, labels = self.data.inputs, self.data.labels
+    self._curves.bounds = self.bounds()
+    correct = self._clean(variables, inputs, labels, progress)
+    curves = self._curves(variables, inputs, labels, correct, progress)["decoupling"]
+    return {"num_examples": int(correct.size), "clean_accuracy": float(correct.mean()),
+            "asr": {f"{scope}@{fraction:g}": asr for scope, curve in curves.items()
+                    for fraction, asr in zip(curve["fraction"], curve["asr"])},
+            "curves": curves}
+
+
+_SUITE_FIELDS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                 for f in dataclasses.fields(robustness.SuiteConfig)
+                 if f.name not in ("batch_size", "seed")}
+
+
+class Robustness(Evaluator):
+  """The whole robustness suite (`evaluate_robustness`'s results: the report's input)."""
+
+  type = "robustness"
+  options = {**_SUITE_FIELDS, "box": False, "fill_examples": 0}
+
+  def setup(self) -> None:
+    _count(self.settings["fill_examples"], "fill_examples")
+    fields = {k: self.settings[k] for k in _SUITE_FIELDS}
+    for key in ("multi_eps", "uni_eps", "decoupling_fractions"):
+      fields[key] = _floats(fields[key], key)
+    for key in ("attacks", "missing_fills", "decoupling_scopes"):
+      fields[key] = _strings(fields[key], key)
+    if fields["uni_modalities"] is not None:
+      fields["uni_modalities"] = _strings(fields["uni_modalities"], "uni_modalities")
+    fields["decoupling"] = dict(fields["decoupling"] or {})
+    self.suite_config = robustness.SuiteConfig(**fields, batch_size=self.batch_size,
+                                               seed=self.seed)
+    self._parts = robustness.suite(self.apply_fn, self.suite_config, self.input_shapes)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    bounds = self.bounds()
+    for part in self._parts:
+      if isinstance(part, robustness.MissingModality) and not part.fill_means:
+        part.fill_means = _means_for(self, part.fills)
+      part.bounds = bounds
+    return robustness.run_suite(self._parts, self.suite_config, variables, self.data.inputs,
+                                self.data.labels, bounds=bounds, progress=progress)
+
+
+class Certify(Evaluator):
+  """Certified radii per Lipschitz kind, checked by attacks. The last run's
+  certificates are kept as `certificates` ({kind: Certificate})."""
+
+  type = "certify"
+  default_batch_size = 100
+  options = {"kinds": tuple(certify_lib.KINDS), "empirical_split": "train", "mode": "auto",
+             "chunk_size": 0, "power_iterations": 300, "failure_probability": 1e-6,
+             "attack_steps": 100, "attack_restarts": 5, "num_thresholds": 101}
+
+  def setup(self) -> None:
+    kinds = _strings(self.settings["kinds"], "kinds")
+    self.empirical_split = self._split("empirical_split") if "empirical" in kinds else None
+    self._certification = certification.Certification(
+        self.model, kinds=kinds, batch_size=self.batch_size, mode=self.settings["mode"],
+        chunk_size=_count(self.settings["chunk_size"], "chunk_size") or None,
+        power_iterations=_count(self.settings["power_iterations"], "power_iterations", 1),
+        failure_probability=float(self.settings["failure_probability"]),
+        attack_steps=_count(self.settings["attack_steps"], "attack_steps"),
+        attack_restarts=_count(self.settings["attack_restarts"], "attack_restarts", 1),
+        num_thresholds=_count(self.settings["num_thresholds"], "num_thresholds", 2),
+        seed=self.seed)
+    self.certificates: dict[str, certify_lib.Certificate] = {}
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    del progress
+    empirical = self.splits[self.empirical_split] if self.empirical_split else None
+    results, self.certificates, _ = self._certification(
+        variables, self.data, empirical, split=self.split,
+        empirical_split=self.empirical_split or "")
+    return results
+
+
+class Sweep(Evaluator):
+  """Robust accuracy of l2-PGD over a steps x restarts grid, at the protocol's
+  budgets times `scales`, multi-modal and for each modality alone."""
+
+  type = "sweep"
+  options = {"protocol": "default", "scales": (1.0, 4.0), "steps": (4, 10, 20, 50, 100),
+             "restarts": (1, 3, 5), "loss": "ce", "random_start": False}
+
+  def setup(self) -> None:
+    protocol = get_protocol(self.settings["protocol"])
+    scales = _floats(self.settings["scales"], "scales")
+    budgets = [(MULTI, protocol.multi_eps * s) for s in scales]
+    budgets += [(m, protocol.uni_eps * s) for m in sorted(self.input_shapes) for s in scales]
+    self._sweep = robustness.StrengthSweep(
+        self.apply_fn, budgets, modalities=sorted(self.input_shapes),
+        steps=_sequence(self.settings["steps"], "steps", int, "an integer"),
+        restarts=_sequence(self.settings["restarts"], "restarts", int, "an integer"),
+        loss=self.settings["loss"], random_start=bool(self.settings["random_start"]),
+        batch_size=self.batch_size, seed=self.seed)
+
+  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    return self._sweep(variables, self.data.inputs, self.data.labels, progress)
+
+
+EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
+    cls.type: cls for cls in (Clean, FGM, PGD, Missing, Decoupling, Robustness, Certify, Sweep)}
+
+
+def build_evaluators(evals: Mapping[str, Mapping[str, Any]] | None, *, model,
+                     splits: Mapping[str, Any], seed: int = 0) -> dict[str, Evaluator]:
+  """The evaluators of `evals` (name -> settings with a `type`; None: none), all
+  validated before any runs.
+
+  Raises:
+    ValueError naming `evals.<name>.<key>`, the expected and the actual value.
+  """
+  evaluators = {}
+  for name, config in (evals or {}).items():
+    if not isinstance(config, Mapping):
+      raise ValueError(f"evals.{name}: expected a dict with a 'type', got {config!r}")
+    kind = config.get("type")
+    if kind not in EVALUATOR_TYPES:
+      raise ValueError(f"evals.{name}.type: expected one of {sorted(EVALUATOR_TYPES)}, "
+                       f"got {kind!r}")
+    try:
+      evaluators[name] = EVALUATOR_TYPES[kind](name, config, model=model, splits=splits,
+                                               seed=seed)
+    except ValueError as e:
+      raise ValueError(f"evals.{name}.{e}") from e
+  return evaluators
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """The int / float entries of `metrics`, nested keys joined with "/" (lists,
+  strings, booleans and None dropped): what the training loop logs."""
+  out = {}
+  for key, value in metrics.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(scalar_metrics(value, f"{name}/"))
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)):
+      out[name] = float(value)
+  return out

@@ -1,0 +1,58 @@
+"""Starting `jax.distributed` when a run spans several processes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+
+import jax
+
+
+def distributed_cluster(env: Mapping[str, str], tpu_vm: bool = False) -> str | None:
+  """Which multi-process environment `env` (the process environment) describes, for
+  `jax.distributed.initialize()` to auto-configure: "coordinator" (an explicit
+  `JAX_COORDINATOR_ADDRESS`), "slurm" (a SLURM step with several tasks), "mpi"
+  (Open MPI with several ranks), "tpu" (a Cloud TPU VM, `tpu_vm`, or TPU worker
+  variables), or None (one process: no distributed start)."""
+  def count(name):
+    try:
+      return int(env.get(name, "1") or 1)
+    except ValueError:
+      return 1
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "coordinator"
+  if count("SLURM_NTASKS") > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+    return "slurm"
+  if count("OMPI_COMM_WORLD_SIZE") > 1:
+    return "mpi"
+  if tpu_vm or env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  return None
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None
+                           ) -> bool:
+  """Starts `jax.distributed` when the run spans several processes; call it before
+  any other JAX computation.
+
+  Args:
+    mode: "off" (never), "on" (always: `jax.distributed.initialize` with the given
+      arguments, auto-detected on TPU pods, SLURM, Open MPI, ... when omitted) or
+      "auto" (when the arguments or the environment say the run has several
+      processes: `parallel.distributed_cluster`).
+    coordinator_address, num_processes, process_id: `jax.distributed.initialize`'s.
+
+  CPU processes exchange collectives through gloo. Returns whether it started.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"distributed: expected 'auto', 'on' or 'off', got {mode!r}")
+  if mode == "off":
+    return False
+  if mode == "auto" and coordinator_address is None and distributed_cluster(
+      os.environ, tpu_vm=os.path.exists("/dev/accel0")) is None:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True

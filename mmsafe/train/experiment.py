@@ -1,0 +1,135 @@
+"""What a training run is made of, built from a config: data, model, method, stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmsafe import data as data_lib
+from mmsafe import methods
+from mmsafe import models
+from mmsafe.train import parallel as parallel_lib
+from mmsafe.train.optimizer import make_optimizer, per_stage
+from mmsafe.train.stages import TrainingStage, stage_at, training_stages
+from mmsafe.train.state import TrainState
+
+SPLIT_ROLES = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a training run is made of, built from a validated config.
+
+  Attributes:
+    config: the config (a plain dict).
+    splits: "train" / "validation" / "test" datasets.
+    model: the `MultiModalModel`.
+    method: the `Method` trained.
+    stages: the training stages in order, with their step ranges.
+    optimizers: stage name -> optax transformation; all share one optimizer
+      state (`optimizer.per_stage`).
+    steps_per_epoch: optimizer steps per pass over the training split.
+  """
+
+  config: dict
+  splits: dict
+  model: Any
+  method: methods.Method
+  stages: tuple[TrainingStage, ...]
+  optimizers: dict
+  steps_per_epoch: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.stages[-1].end_step
+
+  def stage_at(self, step: int) -> TrainingStage:
+    return stage_at(self.stages, step)
+
+  @property
+  def method_config(self) -> dict[str, Any]:
+    """The method's hyper-parameters: `config.method_kwargs` plus `steps_per_epoch`
+    (methods whose schedule is in epochs count them from the step counter)."""
+    return {**(self.config.get("method_kwargs") or {}), "steps_per_epoch": self.steps_per_epoch}
+
+  def objective(self, stage: TrainingStage, batch_norm_axis_name: str | None = None):
+    """`stage`'s objective; with `batch_norm_axis_name`, on a model whose batch
+    norm averages its statistics over that axis (same parameters)."""
+    model = (self.model if batch_norm_axis_name is None else
+             build_model(self.config, self.method, self.splits["train"], batch_norm_axis_name))
+    return stage.make_objective(model, self.method_config)
+
+  def init_train_state(self) -> TrainState:
+    """The initial `TrainState` (deterministic in `config.seed`)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))
+    example = {m: np.zeros((int(self.config["batch_size"]), *shape), np.float32)
+               for m, shape in self.splits["train"].modality_shapes.items()}
+    variables = jax.jit(self.model.init)(init_rng, example)
+    method_state = (self.method.init_state(self.model, variables, self.method_config)
+                    if self.method.init_state else None)
+    return TrainState.create(variables, self.optimizers[self.stages[0].name], train_rng,
+                             method_state)
+
+
+def build_experiment(config: Mapping[str, Any]) -> Experiment:
+  """Validates the config and builds everything a run needs, touching no file.
+
+  Raises ValueError naming the bad field before anything is written.
+  """
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  method = methods.get(config["method"])
+  if config.get("parallel", "none") not in parallel_lib.MODES:
+    raise ValueError(f"parallel: expected one of {list(parallel_lib.MODES)}, got "
+                     f"{config.get('parallel')!r}")
+  splits = load_splits(config)
+  train = splits["train"]
+  batch_size = int(config["batch_size"])
+  if batch_size < 1 or batch_size > len(train):
+    raise ValueError(f"batch_size: expected 1..{len(train)} (the training set size), "
+                     f"got {batch_size}")
+  steps_per_epoch = len(train) // batch_size
+  stages = training_stages(config, method, steps_per_epoch)
+  optimizers = per_stage({stage.name: make_optimizer(stage.optimizer, steps_per_epoch)
+                          for stage in stages})
+  return Experiment(config=config, splits=splits, model=build_model(config, method, train),
+                    method=method, stages=stages, optimizers=optimizers,
+                    steps_per_epoch=steps_per_epoch)
+
+
+def build_model(config: Mapping[str, Any], method: methods.Method, train,
+                batch_norm_axis_name: str | None = None):
+  """The run's model for `method` on the training split `train`; with
+  `batch_norm_axis_name`, batch norm averages its statistics over that axis
+  (same parameters)."""
+  encoders = dict(config["model"].get("encoders") or {})
+  model_config = {**dict(config["model"]), "head": method.head,
+                  "encoders": {m: encoders.get(m) for m in train.modality_shapes
+                               if m in encoders}}
+  if batch_norm_axis_name is not None:
+    model_config["batch_norm_axis_name"] = batch_norm_axis_name
+  return models.build(model_config, num_classes=train.num_classes,
+                      input_shapes=train.modality_shapes)
+
+
+def load_splits(config: Mapping[str, Any]) -> dict:
+  """The run's "train" / "validation" / "test" datasets.
+
+  `config.data` holds the loader's options (embedded: `modalities`; clip
+  datasets: `data_dir` and `ClipPreprocessing` fields) and, optionally, `splits`:
+  role -> the split read for it, e.g. `{"validation": "train[95%:]", "train":
+  "train[:95%]"}` for a clip dataset built without a validation list (TFDS
+  slices of the shuffled stored order).
+  """
+  data_kwargs = dict(config.get("data") or {})
+  names = {role: role for role in SPLIT_ROLES}
+  overrides = dict(data_kwargs.pop("splits", None) or {})
+  unknown = sorted(set(overrides) - set(SPLIT_ROLES))
+  if unknown:
+    raise ValueError(f"data.splits: expected keys among {list(SPLIT_ROLES)}, got {unknown}")
+  names.update(overrides)
+  return {role: data_lib.load(config["dataset"], names[role], **data_kwargs)
+          for role in SPLIT_ROLES}

@@ -1,0 +1,195 @@
+"""Evaluators built from config dicts (`mmsafe.eval.evaluators`) on a tiny model:
+validation at build time, agreement with the suite and with direct
+computations, one compilation across runs, and the scalar metrics the training
+loop logs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import evals as evals_config
+from mmsafe import data as data_lib
+from mmsafe import models
+from mmsafe.attacks import PGDProtocol
+from mmsafe.eval import evaluators
+from mmsafe.eval import robustness
+
+SHAPES = {"a": (6,), "b": (5,)}
+K = 3
+N = 40  # with batch_size 16: three batches, the last one padded
+
+
+class Counting:
+  """A model whose `apply` counts its calls: one per trace inside `jax.jit`."""
+
+  def __init__(self, model):
+    self.model, self.traces = model, 0
+
+  def apply(self, *args, **kwargs):
+    self.traces += 1
+    return self.model.apply(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """(model, variables, splits): labels are the model's predictions with 20% flipped."""
+  encoders = {m: {"name": "mlp", "widths": (8,)} for m in SHAPES}
+  model = models.build({"head": "orthogonal", "encoders": encoders}, num_classes=K,
+                       input_shapes=SHAPES)
+  rng = np.random.default_rng(0)
+  example = {m: np.zeros((2, *s), np.float32) for m, s in SHAPES.items()}
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), example)
+  splits = {}
+  for index, split in enumerate(("train", "validation", "test")):
+    inputs = {m: rng.normal(size=(N, *s)).astype(np.float32) for m, s in SHAPES.items()}
+    labels = np.array(jnp.argmax(model.apply(variables, inputs).logits, -1), np.int32)
+    labels[index::5] = (labels[index::5] + 1) % K
+    splits[split] = data_lib.Dataset(name="toy", split=split, inputs=inputs, labels=labels,
+                                     num_classes=K, stats={})
+  return model, variables, splits
+
+
+def _build(toy, evals, model=None):
+  return evaluators.build_evaluators(evals, model=model or toy[0], splits=toy[2])
+
+
+FAST = dict(protocol=PGDProtocol(name="test", steps=5, restarts=2, relative_step_size=None,
+                                 random_start=False), batch_size=16)
+
+
+@pytest.mark.parametrize("evals, message", [
+    ({"x": {"type": "cw"}}, r"evals\.x\.type: expected one of \[.*'pgd'.*\], got 'cw'"),
+    ({"x": {"eps": 0.5}}, r"evals\.x\.type: expected one of .* got None"),
+    ({"p": {"type": "pgd", "epss": [0.5]}},
+     r"evals\.p\.epss: unknown key for type 'pgd'; expected one of \[.*'eps'.*\], got \['epss'\]"),
+    ({"p": {"type": "pgd", "scope": "z"}}, r"evals\.p\.scope: expected 'multi', 'uni' or one of"),
+    ({"p": {"type": "pgd", "protocol": "strongest"}}, r"evals\.p\.protocol: expected one of"),
+    ({"p": {"type": "fgm", "eps": "big"}}, r"evals\.p\.eps: expected a number or a list"),
+    ({"c": {"type": "clean", "split": "dev"}},
+     r"evals\.c\.split: expected one of \['test', 'train', 'validation'\], got 'dev'"),
+    ({"c": {"type": "clean", "every_steps": -1}},
+     r"evals\.c\.every_steps: expected an integer >= 0, got -1"),
+    ({"c": {"type": "certify", "kinds": ["exact"]}}, r"evals\.c\.kinds: expected a subset"),
+    ({"m": {"type": "missing", "fills": ["median"]}}, r"evals\.m\.missing_fills: expected"),
+    ({"r": {"type": "robustness", "multi_eps": [-1.0]}},
+     r"evals\.r\.multi_eps: expected finite values >= 0, got -1.0"),
+    ({"r": {"type": "robustness", "uni_modalities": ["z"]}},
+     r"evals\.r\.uni_modalities: unknown modality 'z'"),
+    ({"d": {"type": "decoupling", "scopes": ["all"]}}, r"evals\.d\.decoupling_scopes: expected"),
+    ({"s": {"type": "sweep", "steps": [0]}}, r"evals\.s\.steps/restarts: expected non-empty"),
+])
+def test_build_rejects_bad_configs_naming_the_key(toy, evals, message):
+  with pytest.raises(ValueError, match=message):
+    _build(toy, evals)
+
+
+def test_build_reads_the_config_file_and_common_keys(toy):
+  assert _build(toy, None) == {}
+  config = evals_config.get_config("robustness,certify,sweep").to_dict()
+  built = _build(toy, config)
+  assert {name: ev.type for name, ev in built.items()} == {
+      "robustness": "robustness", "certify": "certify", "sweep": "sweep"}
+  assert all(ev.every_steps == 0 and ev.split == "test" for ev in built.values())
+  assert built["certify"].batch_size == 100 and built["robustness"].batch_size == 256
+  paper = _build(toy, evals_config.get_config("paper").to_dict())["robustness"]
+  assert paper.suite_config.multi_eps == () and paper.suite_config.decoupling_fractions == ()
+  pgd = _build(toy, {"pgd_val": {"type": "pgd", "every_steps": 100, "eps": [0.5]}})["pgd_val"]
+  assert (pgd.name, pgd.every_steps, pgd.split, pgd.seed) == ("pgd_val", 100, "validation", 0)
+  with pytest.raises(ValueError, match=r"evals config: expected names among"):
+    evals_config.get_config("robustnes")
+
+
+def test_clean_accuracy_equals_a_direct_count(toy):
+  model, variables, splits = toy
+  ev = _build(toy, {"clean": {"type": "clean", "split": "test", "batch_size": 16}})["clean"]
+  metrics = ev.run(variables)
+  test = splits["test"]
+  predicted = np.asarray(jnp.argmax(model.apply(variables, test.inputs).logits, -1))
+  assert metrics == {"num_examples": N,
+                     "clean_accuracy": pytest.approx(np.mean(predicted == test.labels))}
+  assert metrics["clean_accuracy"] == pytest.approx(0.8)
+
+
+def test_attack_evaluators_agree_with_the_suite(toy):
+  model, variables, splits = toy
+  test = splits["test"]
+  evals = {
+      "suite": {"type": "robustness", "split": "test", "multi_eps": [0.25, 2.0],
+                "uni_eps": [2.0], "missing_fills": ["zeros", "mean"],
+                "decoupling_fractions": [0.2], "decoupling": {"rounds": 2, "steps_per_round": 3},
+                **FAST},
+      "pgd": {"type": "pgd", "split": "test", "scope": ["multi", "uni"], "eps": [0.25, 2.0],
+              "uni_eps": [2.0], **FAST},
+      "fgm": {"type": "fgm", "split": "test", "scope": "a", "uni_eps": [2.0], **FAST},
+      "missing": {"type": "missing", "split": "test", "fills": ["zeros", "mean"],
+                  "batch_size": 16},
+      "decoupling": {"type": "decoupling", "split": "test", "fractions": [0.2], "rounds": 2,
+                     "steps_per_round": 3, "batch_size": 16},
+  }
+  built = _build(toy, evals)
+  metrics = {name: ev.run(variables) for name, ev in built.items()}
+  suite = robustness.evaluate_robustness(
+      robustness.logits_apply(model), variables, test.inputs, test.labels,
+      built["suite"].suite_config, fill_means=data_lib.modality_means(splits["train"]))
+  assert metrics["suite"] == suite  # the suite evaluator is `evaluate_robustness`
+  assert metrics["pgd"]["curves"] == suite["curves"]["pgd"]
+  assert metrics["fgm"]["curves"] == {"a": suite["curves"]["fgm"]["a"]}
+  assert metrics["missing"]["accuracy"] == suite["missing"]
+  assert metrics["decoupling"]["curves"] == suite["decoupling"]
+  clean = suite["clean_accuracy"]
+  pgd = metrics["pgd"]["accuracy"]
+  assert set(pgd) == {"multi@0.25", "multi@0.5", "multi@2", "a@1", "a@2", "b@1", "b@2"}
+  assert all(v <= clean for v in pgd.values()) and pgd["multi@2"] < clean
+  assert pgd["multi@0.5"] == suite["headline"]["pgd/multi@0.5"]
+
+
+def _timeless(metrics):
+  """`metrics` without the certification's wall-clock times."""
+  if "kinds" not in metrics:
+    return metrics
+  return {**metrics, "kinds": {k: {**e, "seconds": 0} for k, e in metrics["kinds"].items()}}
+
+
+def test_run_compiles_once(toy):
+  _, variables, _ = toy
+  counting = Counting(toy[0])
+  evals = {"pgd": {"type": "pgd", "eps": [0.5, 1.0], "scope": ["multi", "a"], **FAST},
+           "missing": {"type": "missing", "fills": ["zeros", "noise"], "batch_size": 16},
+           "sweep": {"type": "sweep", "steps": [2, 3], "restarts": [1, 2], "scales": [1.0],
+                     "batch_size": 16},
+           "certify": {"type": "certify", "kinds": ["local", "sound"], "attack_steps": 3,
+                       "batch_size": 16, "power_iterations": 10}}
+  built = _build(toy, evals, model=counting)
+  other = jax.tree_util.tree_map(lambda x: x + 0.3, variables)
+  for ev in built.values():
+    first = _timeless(ev.run(variables))
+    traces = counting.traces
+    second = _timeless(ev.run(other))
+    assert counting.traces == traces, f"{ev.name}: the second run retraced"
+    assert _timeless(ev.run(variables)) == first and second != first, ev.name
+
+
+def test_certify_evaluator_sound_radii_are_never_broken(toy):
+  _, variables, splits = toy
+  ev = _build(toy, {"cert": {"type": "certify", "split": "test", "kinds": ["local", "sound"],
+                             "attack_steps": 20, "attack_restarts": 2, "batch_size": 16,
+                             "power_iterations": 50}})["cert"]
+  metrics = ev.run(variables)
+  sound = metrics["kinds"]["sound"]
+  assert metrics["num_examples"] == N and sound["summary"]["clean_accuracy"] == pytest.approx(0.8)
+  assert sound["attack"]["attacked"] > 0 and sound["attack"]["broken"] == 0
+  radius = {k: np.asarray(c.radius) for k, c in ev.certificates.items()}
+  assert np.all(radius["sound"] <= radius["local"] * (1 + 1e-5))
+  scalars = evaluators.scalar_metrics(metrics)
+  assert scalars["kinds/sound/attack/broken"] == 0.0
+  assert "kinds/sound/summary/mean_radius" in scalars
+
+
+def test_scalar_metrics_flattens_numbers_only():
+  metrics = {"a": 1, "b": {"c": 0.5, "d": [1, 2], "e": {"f": np.float32(2.0)}}, "s": "x",
+             "flag": True, "none": None, "n": np.int64(3)}
+  assert evaluators.scalar_metrics(metrics) == {"a": 1.0, "b/c": 0.5, "b/e/f": 2.0, "n": 3.0}
