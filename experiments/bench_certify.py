@@ -4,6 +4,9 @@ naive per-sample, per-class Python loop of single gradients.
   python -m experiments.bench_certify                       # Kinetics-Sounds shapes
   python -m experiments.bench_certify --batch=4 --image_size=64 --audio_frames=256 \
       --audio_bins=64 --naive_samples=1                     # a CPU-sized run
+  python -m experiments.bench_certify --batch_sizes=16,64,256 --frames=1 \
+      --image_size=32 --audio_frames=64 --audio_bins=32 --widths=8,16,32,64 \
+      --naive_samples=0                                     # vectorised vs per-example
 
 Defaults are Kinetics-Sounds shapes: visual [B, 3, 224, 224, 3], audio
 [B, 1024, 128, 1], 31 classes, ResNet18 encoders, batch 64. The vectorised
@@ -11,8 +14,10 @@ path computes all K uni-modal score gradients of every sample and modality
 with `vmap`-ed `jacrev` (or `jacfwd`) in one compiled call; the naive path
 calls a compiled single-example, single-class gradient `B x M x K` times from
 Python and assembles the radii with numpy (it is timed on `--naive_samples`
-examples and extrapolated). Both give the same radii (checked). Prints a table;
-not a test.
+examples and extrapolated). Both give the same radii (checked). With
+`--batch_sizes`, times the vectorised call at each batch size against a loop
+over its examples of the same call compiled for B = 1 (radii checked equal).
+Prints tables; not a test.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ _MODE = flags.DEFINE_enum("mode", "auto", ["auto", "jacfwd", "jacrev"], "Jacobia
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Examples per Jacobian chunk (0: whole batch).")
 _NAIVE = flags.DEFINE_integer("naive_samples", 2, "Examples timed in the naive loop (0: skip).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions of the vectorised call.")
+_COMPARE = flags.DEFINE_list("batch_sizes", [],
+                              "Batch sizes at which to time the vectorised call against a "
+                              "per-example loop of the compiled B = 1 call (e.g. 16,64,256).")
 _PRECISION = flags.DEFINE_enum("precision", "highest", ["default", "high", "highest"],
                                "Matmul/conv precision (jax.default_matmul_precision).")
 
@@ -101,6 +109,33 @@ def naive_radii(model, variables, inputs, labels, n: int):
   return np.array(radii), time.perf_counter() - start
 
 
+def _seconds(fn) -> float:
+  """Wall time of one `fn()`, its result blocked on."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  """Median of `repeats` timed runs of `fn()` after one untimed (compiling) run."""
+  jax.block_until_ready(fn())
+  return float(np.median([_seconds(fn) for _ in range(repeats)]))
+
+
+def compare_per_example(run, variables, inputs, labels, batches: list[int], repeats: int):
+  """Rows `(B, vectorised s, per-example loop s)`: `run` on the first B examples at
+  once versus `run` on one example at a time (the same radii, checked)."""
+  rows = []
+  for batch in batches:
+    x = {m: v[:batch] for m, v in inputs.items()}
+    singles = [({m: v[b:b + 1] for m, v in x.items()}, labels[b:b + 1]) for b in range(batch)]
+    vectorised = lambda: run(variables, x, labels[:batch]).radius
+    loop = lambda: [run(variables, xb, yb).radius for xb, yb in singles]
+    np.testing.assert_allclose(np.concatenate(loop()), vectorised(), rtol=1e-4)
+    rows.append((batch, _median_seconds(vectorised, repeats), _median_seconds(loop, repeats)))
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -110,7 +145,7 @@ def main(argv):
                         "encoders": {m: {"name": "resnet18", "widths": widths} for m in shapes}},
                        num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
   rng = np.random.default_rng(0)
-  batch = _BATCH.value
+  batch = max([_BATCH.value] + [int(b) for b in _COMPARE.value])
   inputs = {m: jnp.asarray(rng.normal(size=(batch, *s)), jnp.float32) for m, s in shapes.items()}
   variables = random_variables(model, {m: x[:1] for m, x in inputs.items()})
   logits = jax.jit(model.apply)(variables, inputs).logits
@@ -123,17 +158,20 @@ def main(argv):
   print(f"shapes: { {m: (batch, *s) for m, s in shapes.items()} }, K={ks_shapes.CLASSES.value}, "
         f"ResNet18 widths {widths}, {_HEAD.value} head, precision {_PRECISION.value}")
   with jax.default_matmul_precision(_PRECISION.value):
-    start = time.perf_counter()
+    if _COMPARE.value:
+      rows = compare_per_example(run, variables, inputs, labels,
+                                 [int(b) for b in _COMPARE.value], _REPEATS.value)
+      print(f"\nmode {_MODE.value}, chunk_size {chunk}: median of {_REPEATS.value} runs")
+      print(f"{'B':>5} {'vectorised s':>13} {'per-example s':>14} {'speed-up':>9}")
+      for b, vector_s, loop_s in rows:
+        print(f"{b:>5} {vector_s:>13.3f} {loop_s:>14.3f} {loop_s / vector_s:>8.2f}x")
+    inputs = {m: x[:_BATCH.value] for m, x in inputs.items()}
+    labels = labels[:_BATCH.value]
+    batch = _BATCH.value
+    compile_s = _seconds(lambda: run(variables, inputs, labels).radius)
+    vector_s = float(np.median([_seconds(lambda: run(variables, inputs, labels).radius)
+                                for _ in range(_REPEATS.value)]))
     cert = run(variables, inputs, labels)
-    cert.radius.block_until_ready()
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(_REPEATS.value):
-      start = time.perf_counter()
-      cert = run(variables, inputs, labels)
-      cert.radius.block_until_ready()
-      times.append(time.perf_counter() - start)
-    vector_s = float(np.median(times))
     rows = [("vectorised (vmap + jacobian)", batch, vector_s, batch / vector_s)]
     if _NAIVE.value > 0:
       n = min(_NAIVE.value, batch)

@@ -483,3 +483,49 @@ def test_certify_rejects_nan_inputs_unknown_kinds_and_missing_datasets(small_mod
     certify.certify(model, variables, x, labels, kind="global")
   with pytest.raises(ValueError, match="batches"):
     certify.certify(model, variables, x, labels, kind="empirical")
+
+
+def _traces_and_compiles(fn):
+  """The number of jaxpr traces and backend compilations while `fn()` runs."""
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum(e in ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/backend_compile_duration") for e in events)
+
+
+@pytest.mark.parametrize("head", ["concat", "orthogonal"])
+def test_direct_calls_compile_once_per_structure(small_models, head):
+  """A second direct call with the same model, options and shapes neither traces
+  nor compiles (each entry point keeps its compiled program)."""
+  model, variables, x, labels = small_models[head]
+  score_fn = lambda inputs: model.apply(variables, inputs).scores
+  calls = {
+      "certify local": lambda: certify.certify(model, variables, x, labels, kind="local"),
+      "certify empirical": lambda: certify.certify(model, variables, x, labels,
+                                                   kind="empirical", batches=[x, x]),
+      "certify sound": lambda: certify.certify(model, variables, x, labels, kind="sound",
+                                               iterations=20),
+      "local_lipschitz": lambda: certify.local_lipschitz(score_fn, x, "u", labels=labels),
+      "local_constants chunked": lambda: certify.local_constants(model, variables, x,
+                                                                 chunk_size=2),
+      "empirical_constants": lambda: certify.empirical_constants(model, variables, [x]),
+      "sound_constants": lambda: certify.sound_constants(model, variables),
+  }
+  first = {name: fn() for name, fn in calls.items()}
+  for name, fn in calls.items():
+    assert _traces_and_compiles(fn) == 0, f"{name}: traced or compiled again"
+  # New variables of the same structure reuse the program, and give new radii.
+  scaled = jax.tree_util.tree_map(lambda v: 1.5 * v, variables)
+  assert _traces_and_compiles(
+      lambda: certify.certify(model, scaled, x, labels, kind="local")) == 0
+  again = certify.certify(model, variables, x, labels, kind="local")
+  np.testing.assert_array_equal(again.radius, first["certify local"].radius)
+  # The counter sees compilations: a new batch size compiles the program again.
+  fewer = {m: v[:3] for m, v in x.items()}
+  assert _traces_and_compiles(
+      lambda: certify.certify(model, variables, fewer, labels[:3], kind="local")) > 0

@@ -15,7 +15,7 @@ from mmsafe.eval import report
 from mmsafe.eval import robustness
 
 SHAPES = {"a": (4, 3), "b": (6,)}
-N = 100  # two batches of 64, the second padded
+N = 100  # two batches: 64 examples, then the other 36 (not padded)
 
 
 def _model():
@@ -91,6 +91,39 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   with open(paths["markdown"]) as f:
     text = f.read()
   assert "## Headline" in text and "pgd/multi@0.5" in text and "Decoupling" in text
+
+
+def test_the_last_batch_is_not_padded_and_loops_agree():
+  apply_fn, variables = _model()
+  inputs, labels = _data(apply_fn, variables)
+  sizes = []
+
+  def fn(variables, inputs, labels, key, value):
+    sizes.append(len(labels))
+    return jnp.zeros(labels.shape, bool), jnp.ones(labels.shape)
+
+  bad, extra = robustness.over_batches(fn, variables, inputs, labels, batch_size=64,
+                                       key=jnp.zeros(2, jnp.uint32))
+  assert sizes == [64, N - 64] and bad.shape == extra.shape == (N,)
+  correct = np.ones(N, bool)
+  protocol = PGDProtocol(name="test", steps=4, restarts=2, relative_step_size=None,
+                         random_start=False)
+  curves = {}
+  for loop in ("python", "scan"):
+    pgd = robustness.PGDCurves(apply_fn, {"multi": (0.5, 1.5)}, protocol=protocol,
+                               batch_size=64, loop=loop)
+    decoupling = robustness.DecouplingCurves(apply_fn, SHAPES, (0.2,), batch_size=64,
+                                             options={"rounds": 2, "steps_per_round": 3},
+                                             loop=loop)
+    curves[loop] = (pgd(variables, inputs, labels, correct)["curves"]["pgd"]["multi"],
+                    decoupling(variables, inputs, labels, correct)["decoupling"]["multi"])
+  (pgd, decoupling), (pgd_traced, decoupling_traced) = curves["python"], curves["scan"]
+  assert pgd["accuracy"][1] < 0.8 and decoupling["asr"][0] > 0  # the attacks bite
+  assert pgd["accuracy_raw"] == pgd_traced["accuracy_raw"]
+  np.testing.assert_allclose(pgd["mean_norm"], pgd_traced["mean_norm"], rtol=1e-5)
+  assert decoupling["asr"] == decoupling_traced["asr"]
+  np.testing.assert_allclose(decoupling["mean_fraction_changed"],
+                             decoupling_traced["mean_fraction_changed"])
 
 
 def test_suite_rejects_bad_configs():

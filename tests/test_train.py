@@ -179,3 +179,24 @@ def test_evaluators_run_inside_training_and_are_logged(tmp_path):
   (pgd,) = [line for line in lines if "val_pgd/accuracy/multi@0.5" in line]
   assert pgd["step"] == 21
   assert 0.0 <= pgd["val_pgd/accuracy/multi@0.5"] <= pgd["val_pgd/clean_accuracy"]
+
+
+def test_checkpoint_cadence_by_steps_and_by_time(monkeypatch):
+  from mmsafe.train import preemption
+  clock = [0.0]
+  monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+  by_steps = preemption.CheckpointCadence(every_steps=5, every_seconds=60.0, sync_every=10,
+                                          agree=bool)
+  assert [d for d in range(1, 16) if by_steps.due(d, forced=False)] == [5, 10, 15]
+  assert by_steps.due(7, forced=True)  # end of a stage, preemption
+  by_time = preemption.CheckpointCadence(every_steps=0, every_seconds=60.0, sync_every=10,
+                                         agree=bool)
+  clock[0] = 59.0
+  assert not by_time.due(1, forced=False)
+  clock[0] = 60.0
+  assert by_time.due(2, forced=False)
+  by_time.saved()
+  clock[0] = 100.0
+  assert not by_time.due(3, forced=False)
+  with pytest.raises(ValueError, match="checkpoint_every_seconds"):
+    preemption.CheckpointCadence(every_steps=0, every_seconds=0.0, sync_every=1, agree=bool)

@@ -107,7 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # {"pgd_val": {"type": "pgd", "split": "validation", "every_steps": 100}}.
   config.evals = ml_collections.ConfigDict()
   config.log_every_steps = 0  # 0: once per epoch.
-  config.checkpoint_every_steps = 0  # 0: once per epoch (and always on SIGTERM).
+  # Checkpoints: at the end of each stage, on SIGTERM, and every this many steps
+  # (0: once `checkpoint_every_seconds` have passed since the last save).
+  config.checkpoint_every_steps = 0
+  config.checkpoint_every_seconds = 60.0
   config.checkpoint_max_to_keep = 2
   config.check_batches = True
   # Data parallelism (mmsafe/train/parallel.py): "none" (one device), "jit" (a

@@ -3,7 +3,10 @@ modalities), missing modality, and the MUROAN decoupling (l0) attack.
 
 Every attack takes `logits_fn` (dict modality -> [B, ...] to fused logits
 [B, K], closing over the model variables), so it works on any JAX model; all
-are pure and jit-able, with their loops in `lax.fori_loop`.
+are pure and jit-able. The iterative ones (PGD, decoupling) take a loop
+strategy (`mmsafe.attacks.engine`): a host loop over steps compiled once (the
+fast one on XLA:CPU, the default there for concrete inputs) or `lax` loops
+(traceable, e.g. inside a jitted train step).
 """
 
 from mmsafe.attacks.common import (LOSSES, joint_norm, normalize_l2, normalized_bounds,

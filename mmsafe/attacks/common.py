@@ -332,6 +332,17 @@ def select_examples(mask: Array, new: Mapping[str, Array], old: Mapping[str, Arr
   return {m: jnp.where(per_example(mask, new[m].ndim), new[m], old[m]) for m in new}
 
 
+def as_partial(logits_fn: LogitsFn) -> jax.tree_util.Partial:
+  """`logits_fn` as a `jax.tree_util.Partial`: a pytree whose leaves are its bound
+  arguments (e.g. `Partial(apply_fn, variables)`: the model variables) and whose
+  function is static, so a piece compiled once takes it as an argument. A
+  plain function becomes a `Partial` without arguments (the pieces then compile
+  once per function object)."""
+  if isinstance(logits_fn, jax.tree_util.Partial):
+    return logits_fn
+  return jax.tree_util.Partial(logits_fn)
+
+
 def merge(inputs: Inputs, x: Mapping[str, Array]) -> dict[str, Array]:
   """`inputs` with the attacked modalities replaced by `x` (cast to the input dtype).
 

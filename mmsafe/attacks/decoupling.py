@@ -26,8 +26,10 @@ support is the scatter of `k_r <= k` *distinct* `top_k` indices; the output
 keeps the clean value bit-for-bit wherever the support is off.
 
 The search is built from pieces: `_start_round` (grow the support),
-`_step` (one signed-gradient step), `_round` and `_search` (the loops) and
-`_finalise` (the output).
+`_step` (one signed-gradient step), `_close` (the last iterate joins the worst
+case) and `_finalise` (the output); `_round` and `_search` loop them with a
+strategy of `engine` ("python": a host loop over the pieces compiled once, the
+fast one on XLA:CPU; "scan"/"fori": one `lax` loop nest, traceable).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 
 from mmsafe import numerics
 from mmsafe.attacks import common
+from mmsafe.attacks import engine
 
 Array = jax.Array
 # Per-example worst case so far: (delta [B, n], support [B, n], loss [B], misclassified [B]).
@@ -65,14 +68,21 @@ def budget(inputs: common.Inputs, fraction: float,
   return int(math.floor(float(fraction) * n)), n
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("logits_fn", "inputs", "labels", "key", "x", "low", "high", "limit", "alpha",
+                 "k"),
+    meta_fields=("attacked", "shapes", "offsets", "k_max", "rounds", "steps_per_round", "loss",
+                 "random_start"))
 @dataclasses.dataclass(frozen=True)
 class _Attack:
   """The checked arguments of one `decoupling` call, on flattened inputs (the
-  arrays may be traced).
+  arrays may be traced); a pytree whose leaves are the arrays (see `pgd`).
 
   Attributes:
     attacked: the attacked modalities, sorted; `shapes` their example shapes
-      and `offsets` the start of each in the flat vector (n entries).
+      (same order) and `offsets` the start of each in the flat vector (n
+      entries, last).
     x: float32 [B, n], the attacked entries of the clean inputs.
     low, high: [n] the box (+-inf where a modality has none).
     limit, alpha: [B|1, 1] `max_change` and `step_size`.
@@ -80,13 +90,13 @@ class _Attack:
   The other fields are `decoupling`'s arguments, checked.
   """
 
-  logits_fn: common.LogitsFn
+  logits_fn: jax.tree_util.Partial
   inputs: common.Inputs
   labels: Array
   key: Array
   attacked: tuple[str, ...]
-  shapes: dict[str, tuple[int, ...]]
-  offsets: np.ndarray
+  shapes: tuple[tuple[int, ...], ...]
+  offsets: tuple[int, ...]
   x: Array
   low: Array
   high: Array
@@ -158,7 +168,7 @@ def _flatten(attacked: Sequence[str], tree: Mapping[str, Array]) -> Array:
 def _unflatten(attack: _Attack, flat: Array) -> dict[str, Array]:
   """The inverse of `_flatten`: attacked modality -> [B, ...]."""
   b = flat.shape[0]
-  return {m: flat[:, attack.offsets[i]:attack.offsets[i + 1]].reshape((b,) + attack.shapes[m])
+  return {m: flat[:, attack.offsets[i]:attack.offsets[i + 1]].reshape((b,) + attack.shapes[i])
           for i, m in enumerate(attack.attacked)}
 
 
@@ -180,10 +190,11 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
   max_change, step_size = _check_change(max_change, step_size, b)
   box = common.check_bounds(bounds, inputs, attacked)
   shapes = {m: tuple(inputs[m].shape[1:]) for m in attacked}
-  offsets = np.cumsum([0] + [int(np.prod(shapes[m])) for m in attacked])
+  offsets = tuple(int(o) for o in np.cumsum([0] + [int(np.prod(shapes[m])) for m in attacked]))
   low, high = _flat_box(box, shapes)
-  return _Attack(logits_fn=logits_fn, inputs=inputs, labels=labels, key=key, attacked=attacked,
-                 shapes=shapes, offsets=offsets, x=_flatten(attacked, inputs), low=low, high=high,
+  return _Attack(logits_fn=common.as_partial(logits_fn), inputs=dict(inputs), labels=labels,
+                 key=key, attacked=attacked, shapes=tuple(shapes.values()), offsets=offsets,
+                 x=_flatten(attacked, inputs), low=low, high=high,
                  limit=common.per_example(max_change, 2), alpha=common.per_example(step_size, 2),
                  k=k, k_max=k_max, rounds=rounds, steps_per_round=steps_per_round, loss=loss,
                  random_start=random_start)
@@ -275,23 +286,32 @@ def _step(attack: _Attack, carry: Carry) -> Carry:
   return _constrain(attack, delta + attack.alpha * jnp.sign(grad), support), support, best
 
 
-def _round(attack: _Attack, r: Array, carry: Carry) -> Carry:
-  """Round `r`: grow the support, then `steps_per_round` steps on it."""
-  step = lambda _, carry: _step(attack, carry)
-  return jax.lax.fori_loop(0, attack.steps_per_round, step, _start_round(attack, r, carry))
+def _round(attack: _Attack, loop: str, r: int | Array, carry: Carry) -> Carry:
+  """Round `r`: grow the support, then `steps_per_round` steps on it (strategy
+  `loop`, resolved)."""
+  start, step, _, _ = _COMPILED if loop == "python" else _PIECES
+  return engine.repeat(loop, attack.steps_per_round, lambda _, c: step(attack, c),
+                       start(attack, r, carry))
 
 
-def _search(attack: _Attack) -> Best:
-  """The worst case over every iterate of every round (the clean input for k_max = 0)."""
+def _close(attack: _Attack, carry: Carry) -> Best:
+  """The worst case after the last round: the last iterate joins it."""
+  delta, support, best = carry
+  _, (per, misclassified) = _evaluate(attack, delta)
+  return _keep_worse(best, delta, support, per, misclassified)
+
+
+def _search(attack: _Attack, loop: str) -> Best:
+  """The worst case over every iterate of every round (the clean input for
+  k_max = 0); steps looped with strategy `loop` (resolved)."""
   nothing = _nothing(attack)
   if attack.k_max == 0:
     _, (per, misclassified) = _evaluate(attack, nothing[0])
     return (nothing[0], nothing[1], per, misclassified)
-  round_fn = functools.partial(_round, attack)
-  delta, support, best = jax.lax.fori_loop(0, attack.rounds, round_fn,
-                                           (nothing[0], nothing[1], nothing))
-  _, (per, misclassified) = _evaluate(attack, delta)
-  return _keep_worse(best, delta, support, per, misclassified)
+  close = _COMPILED[2] if loop == "python" else _close
+  return close(attack, engine.repeat(engine.rolled(loop), attack.rounds,
+                                     functools.partial(_round, attack, loop),
+                                     (nothing[0], nothing[1], nothing)))
 
 
 def _finalise(attack: _Attack, best: Best, return_info: bool):
@@ -307,20 +327,28 @@ def _finalise(attack: _Attack, best: Best, return_info: bool):
                        "fraction_changed": changed.astype(jnp.float32) / attack.n}
 
 
+# The pieces of the search, traced or compiled once (per static settings and
+# shapes) for the "python" loop: start of a round, step, close, finalise.
+_PIECES = (_start_round, _step, _close, _finalise)
+_COMPILED = (jax.jit(_start_round), jax.jit(_step), jax.jit(_close),
+             jax.jit(_finalise, static_argnums=2))
+
+
 def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
                key: Array, *, fraction: float | None = None,
                modalities: str | Sequence[str] | None = None, count: int | Array | None = None,
                max_count: int | None = None, rounds: int = 8, steps_per_round: int = 10,
                max_change: float | Array = 2.0,
                step_size: float | Array | None = None, bounds: common.Bounds | None = None,
-               loss: str = "margin", random_start: bool = False, return_info: bool = False):
+               loss: str = "margin", random_start: bool = False, return_info: bool = False,
+               loop: str = "auto"):
   """MUROAN-style decoupling attack with an l0 budget (see the module docstring).
 
   The threat model of Vishwamitra et al. 2021 (a small fraction of the input
   entries changes); the algorithm (saliency-grown support, signed-gradient
   steps) is this library's, not the paper's.
 
-  Pure and jit-able (one `lax.fori_loop` nest): the arrays (`inputs`,
+  Pure and jit-able (with a traced `loop`): the arrays (`inputs`,
   `labels`, `key`, `max_change`, `step_size`, `bounds` and, with a static
   `max_count`, `count`) may be traced; `logits_fn`, `fraction`, `rounds`,
   `steps_per_round`, `modalities`, `loss` and the boolean options are static.
@@ -355,6 +383,8 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
     return_info: also return per-example arrays [B]: "misclassified",
       "loss", "changed" (number of entries changed, int32) and
       "fraction_changed".
+    loop: the loop strategy, as for `pgd` (`engine.LOOPS`; "auto": a host
+      loop over compiled steps on XLA:CPU with concrete inputs).
 
   Returns:
     The adversarial inputs (same structure/dtypes), or `(inputs', info)`.
@@ -362,10 +392,15 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
   Raises:
     ValueError for a fraction outside [0, 1], both or neither of fraction and
     count, a negative count, rounds/steps < 1, max_change <= 0, an unknown
-    modality or malformed inputs.
+    modality, an unknown loop (or "python" under a transformation) or
+    malformed inputs.
   """
   attack = _setup(logits_fn, inputs, labels, key, fraction=fraction, modalities=modalities,
                   count=count, max_count=max_count, rounds=rounds,
                   steps_per_round=steps_per_round, max_change=max_change, step_size=step_size,
                   bounds=bounds, loss=loss, random_start=random_start)
-  return _finalise(attack, _search(attack), return_info)
+  loop = engine.resolve(loop, attack)
+  if loop == "python":
+    attack = engine.host_ready(attack)
+  finalise = _COMPILED[3] if loop == "python" else _finalise
+  return finalise(attack, _search(attack, loop), return_info)

@@ -20,11 +20,11 @@ over restarts (and, with `keep_best`, over all iterates of each restart):
 a misclassified point beats a correctly classified one; ties go to the
 higher loss.
 
-The whole attack (restarts x steps) is one `lax.fori_loop` nest, so under
-`jax.jit` it compiles to a single XLA computation. A restart is built from
-pieces: `_start` (its first iterate), `_step` (one gradient step), `_steps`
-(the loop over steps) and `_finish_restart` (its worst case merged into the
-running one).
+A restart is built from pieces: `_first` (its first iterate), `_step` (one
+gradient step) and `_finish_restart` (its worst case merged into the running
+one); `_restart` loops them with a strategy of `engine` ("python": a host loop
+over the pieces compiled once, the fast one on XLA:CPU; "scan"/"fori": one
+`lax` loop nest, traceable, e.g. inside a jitted train step).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe.attacks import common
+from mmsafe.attacks import engine
 
 Array = jax.Array
 Perturbation = dict[str, Array]
@@ -45,9 +46,16 @@ Perturbation = dict[str, Array]
 Best = tuple[Perturbation, Array, Array]
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("logits_fn", "inputs", "labels", "key", "x", "box", "eps", "step_size",
+                 "wrong_classes"),
+    meta_fields=("steps", "restarts", "random_start", "loss", "keep_best", "return_info"))
 @dataclasses.dataclass(frozen=True)
 class _Attack:
-  """The checked arguments of one `pgd` call (the arrays may be traced).
+  """The checked arguments of one `pgd` call (the arrays may be traced); a
+  pytree whose leaves are the arrays (and those of a `Partial` logits_fn), so a
+  compiled piece takes it as an argument.
 
   Attributes:
     x: the attacked modalities of the clean inputs, float32.
@@ -57,7 +65,7 @@ class _Attack:
   The other fields are `pgd`'s arguments, checked.
   """
 
-  logits_fn: common.LogitsFn
+  logits_fn: jax.tree_util.Partial
   inputs: common.Inputs
   labels: Array
   key: Array
@@ -94,8 +102,8 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
   wrong_classes = None
   if loss == "targeted":
     wrong_classes = common.ranked_wrong_classes(logits_fn(dict(inputs)), labels)
-  return _Attack(logits_fn=logits_fn, inputs=inputs, labels=labels, key=key,
-                 x={m: inputs[m].astype(jnp.float32) for m in attacked}, box=box, eps=eps,
+  return _Attack(logits_fn=common.as_partial(logits_fn), inputs=dict(inputs), labels=labels,
+                 key=key, x={m: inputs[m].astype(jnp.float32) for m in attacked}, box=box, eps=eps,
                  step_size=step_size, steps=steps, restarts=restarts, random_start=random_start,
                  loss=loss, keep_best=keep_best, return_info=return_info,
                  wrong_classes=wrong_classes)
@@ -160,12 +168,18 @@ def _start(attack: _Attack, r: int | Array) -> Perturbation:
   return _zeros(attack)
 
 
-def _step(attack: _Attack, target: Array | None, carry: tuple[Perturbation, Best]
+def _first(attack: _Attack, r: int | Array) -> tuple[Perturbation, Best]:
+  """Restart `r`'s loop state before its first step: (first iterate, nothing)."""
+  return _start(attack, r), _nothing(attack)
+
+
+def _step(attack: _Attack, r: int | Array, carry: tuple[Perturbation, Best]
           ) -> tuple[Perturbation, Best]:
-  """One PGD step on `(delta, run_best)`; with `keep_best`, `run_best` also
-  takes `delta` (the iterate the gradient was taken at) where it is worse."""
+  """One PGD step of restart `r` on `(delta, run_best)`; with `keep_best`,
+  `run_best` also takes `delta` (the iterate the gradient was taken at) where
+  it is worse."""
   delta, run_best = carry
-  (_, (per, misclassified)), grad = _loss_and_grad(attack, delta, target)
+  (_, (per, misclassified)), grad = _loss_and_grad(attack, delta, _target(attack, r))
   if attack.keep_best:
     run_best = _keep_worse(run_best, delta, per, misclassified)
   direction = common.normalize_l2(grad)
@@ -174,21 +188,16 @@ def _step(attack: _Attack, target: Array | None, carry: tuple[Perturbation, Best
   return delta, run_best
 
 
-def _steps(attack: _Attack, target: Array | None, delta: Perturbation
-           ) -> tuple[Perturbation, Best]:
-  """`attack.steps` steps from `delta`: (last iterate, worst earlier iterate)."""
-  step = lambda _, carry: _step(attack, target, carry)
-  return jax.lax.fori_loop(0, attack.steps, step, (delta, _nothing(attack)))
-
-
-def _finish_restart(attack: _Attack, target: Array | None, delta: Perturbation,
-                    run_best: Best, best: Best) -> Best:
-  """`best` merged with the restart's worst case: its worst iterate with
-  `keep_best`, else its last one. A single restart that needs no selection
-  returns its last iterate without evaluating it (loss and flags None)."""
+def _finish_restart(attack: _Attack, r: int | Array, carry: tuple[Perturbation, Best],
+                    best: Best) -> Best:
+  """`best` merged with restart `r`'s worst case (`carry` after its steps): its
+  worst iterate with `keep_best`, else its last one. A single restart that
+  needs no selection returns its last iterate without evaluating it (loss and
+  flags None)."""
+  delta, run_best = carry
   if attack.restarts == 1 and not attack.keep_best and not attack.return_info:
     return delta, None, None  # nothing to select: skip the final forward pass
-  _, (per, misclassified) = _evaluate(attack, delta, target)
+  _, (per, misclassified) = _evaluate(attack, delta, _target(attack, r))
   if attack.keep_best:
     run_best = _keep_worse(run_best, delta, per, misclassified)
   else:
@@ -196,11 +205,20 @@ def _finish_restart(attack: _Attack, target: Array | None, delta: Perturbation,
   return _keep_worse(best, *run_best)
 
 
-def _restart(attack: _Attack, r: int | Array, best: Best) -> Best:
-  """Restart `r` (start, step loop, finish): `best` merged with its worst case."""
-  target = _target(attack, r)
-  delta, run_best = _steps(attack, target, _start(attack, r))
-  return _finish_restart(attack, target, delta, run_best, best)
+def _restart(attack: _Attack, loop: str, r: int | Array, best: Best) -> Best:
+  """Restart `r` (first iterate, `steps` steps, finish) looped with strategy
+  `loop` (resolved): `best` merged with its worst case."""
+  first, step, finish = _COMPILED if loop == "python" else (_first, _step, _finish_restart)
+  carry = engine.repeat(loop, attack.steps, lambda _, c: step(attack, r, c), first(attack, r))
+  return finish(attack, r, carry, best)
+
+
+def _search(attack: _Attack, loop: str) -> Best:
+  """The worst case over the restarts (steps looped with strategy `loop`, resolved)."""
+  if attack.restarts == 1:  # (its finish may return no loss: no loop carries it)
+    return _restart(attack, loop, 0, _nothing(attack))
+  return engine.repeat(engine.rolled(loop), attack.restarts,
+                       functools.partial(_restart, attack, loop), _nothing(attack))
 
 
 def _finalise(attack: _Attack, best: Best):
@@ -213,26 +231,31 @@ def _finalise(attack: _Attack, best: Best):
                        "norm": common.joint_norm(best_delta)}
 
 
+# The pieces of the "python" loop, compiled once per static settings and shapes.
+_COMPILED = (jax.jit(_first), jax.jit(_step), jax.jit(_finish_restart))
+_FINALISE = jax.jit(_finalise)
+
+
 def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
         eps: float | Array, steps: int, step_size: float | Array | None = None,
         modalities: str | Sequence[str] | None = None, restarts: int = 1,
         random_start: bool = True, bounds: common.Bounds | None = None, loss: str = "ce",
-        keep_best: bool = True, return_info: bool = False):
+        keep_best: bool = True, return_info: bool = False, loop: str = "auto"):
   """l2-PGD: maximise the loss over the joint l2 ball of radius eps (per example).
 
   Madry et al. 2018, in its l2 form; the update, the restarts and the
   worst-case selection are described in the module docstring.
 
-  Pure and jit-able (one `lax.fori_loop` nest): the arrays (`inputs`,
-  `labels`, `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`,
-  `steps`, `restarts`, `modalities`, `loss` and the boolean options are
-  static (close over them). Checks that need values (eps >= 0) run only on
-  concrete inputs.
+  Pure and jit-able (with a traced `loop`): the arrays (`inputs`, `labels`,
+  `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`, `steps`,
+  `restarts`, `modalities`, `loss` and the boolean options are static (close
+  over them). Checks that need values (eps >= 0) run only on concrete inputs.
 
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over
-      the model variables). Examples must not interact (e.g. batch norm in
-      inference mode).
+      the model variables, or a `jax.tree_util.Partial(apply_fn, variables)`:
+      then the "python" loop compiles its pieces once per `apply_fn`, not per
+      call). Examples must not interact (e.g. batch norm in inference mode).
     inputs: modality -> float [B, ...] in normalised space.
     labels: int [B] true labels.
     key: PRNG key (random starts).
@@ -258,6 +281,10 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
     return_info: also return a dict of per-example arrays [B]:
       "misclassified" (bool), "loss" (the attack loss at the returned point)
       and "norm" (the joint l2 norm of the perturbation).
+    loop: the loop strategy (`engine.LOOPS`): "auto" (a host loop over
+      compiled steps on XLA:CPU with concrete inputs, else a `lax` loop),
+      "python", "scan" (small step loops unrolled) or "fori". All give the
+      same results up to float rounding.
 
   Returns:
     The adversarial inputs (same modalities, shapes and dtypes), or
@@ -265,15 +292,17 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
 
   Raises:
     ValueError for eps < 0, steps < 1, restarts < 1, an unknown modality name,
-    an unknown loss or malformed bounds/inputs/labels.
+    an unknown loss, an unknown loop or "python" under a transformation, or
+    malformed bounds/inputs/labels.
   """
   attack = _setup(logits_fn, inputs, labels, key, eps=eps, steps=steps, step_size=step_size,
                   modalities=modalities, restarts=restarts, random_start=random_start,
                   bounds=bounds, loss=loss, keep_best=keep_best, return_info=return_info)
-  if attack.restarts == 1:
-    return _finalise(attack, _restart(attack, 0, _nothing(attack)))
-  restart = functools.partial(_restart, attack)
-  return _finalise(attack, jax.lax.fori_loop(0, attack.restarts, restart, _nothing(attack)))
+  loop = engine.resolve(loop, attack)
+  if loop == "python":
+    attack = engine.host_ready(attack)
+    return _FINALISE(attack, _search(attack, loop))
+  return _finalise(attack, _search(attack, loop))
 
 
 @dataclasses.dataclass(frozen=True)

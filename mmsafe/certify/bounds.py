@@ -45,7 +45,7 @@ give estimates. `Certificate.kind` records which was used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 import functools
 from typing import Any
 
@@ -55,9 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import checks, numerics
+from mmsafe.certify import programs
 from mmsafe.certify.constants import (KINDS, TARGETS, LipschitzConstants, head_params,
                                       integration_factors)
-from mmsafe.certify.local import empirical_constants, local_constants
+from mmsafe.certify.local import JacobianOptions, empirical_constants, local_constants
 from mmsafe.certify.sound import sound_constants
 from mmsafe.models.outputs import ModelOutput
 
@@ -395,6 +396,9 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   over) for kinds "local" and "sound", and for "empirical" when `constants`
   is given; computing empirical constants streams `batches` in Python (see
   `empirical_constants`). Checks that need values run only on concrete inputs.
+  A direct call runs one program (after the constants of `kind`), compiled
+  once per (model, kind, mode, chunk_size, precision) and shapes
+  (`mmsafe.certify.programs`), so it costs what an explicitly jitted call does.
 
   Raises:
     ValueError for NaN/Inf inputs (when concrete), a kind mismatch with
@@ -408,15 +412,16 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
   labels = jnp.asarray(labels)
   checks.check_labels(labels, head.num_classes, batch_size=batch)
-  options = {"mode": mode, "chunk_size": chunk_size, "precision": precision}
   if constants is None and kind != "local":
     constants = lipschitz_constants(model, variables, inputs, kind, head=head, batches=batches,
-                                    **options, **sound_options)
+                                    mode=mode, chunk_size=chunk_size, precision=precision,
+                                    **sound_options)
   if constants is not None:
     _check_precomputed(constants, kind, head.kind)
-  # Checks on concrete values ran above; the computation itself is compiled
-  # (once per call when called eagerly; wrap `certify` in `jax.jit` for reuse).
-  return jax.jit(_certify_fn(model, kind, options))(variables, inputs, labels, constants)
+  # Checks on concrete values ran above; the computation itself is one program,
+  # compiled once per (model, kind, options) and shapes (`mmsafe.certify.programs`).
+  options = JacobianOptions(mode, chunk_size, precision)
+  return programs.compiled(_certify, model, kind, options)(variables, inputs, labels, constants)
 
 
 def _check_precomputed(constants: LipschitzConstants, kind: str, head_kind: str) -> None:
@@ -432,21 +437,17 @@ def _check_precomputed(constants: LipschitzConstants, kind: str, head_kind: str)
     _check_finite(f"constants.values[{m!r}]", value)
 
 
-def _certify_fn(model, kind: str, options: Mapping[str, Any]
-                ) -> Callable[..., Certificate]:
-  """The computation of `certify` (arguments already checked):
-  `(variables, inputs, labels, constants | None) -> Certificate`, with local
-  constants computed at `inputs` when `constants` is None."""
-
-  def run(variables, inputs, labels, constants):
-    with numerics.matmul_precision(options["precision"]):
-      output = model.apply(variables, inputs)
-    if constants is None:
-      constants = local_constants(model, variables, inputs, head=output.head, **options)
-    return certified_radius(output, labels, constants.tau(labels),
-                            feature_lipschitz=constants.encoder or None, kind=kind)
-
-  return run
+def _certify(model, kind: str, options: JacobianOptions, variables: Mapping[str, Any],
+             inputs: Mapping[str, Array], labels: Array, constants: LipschitzConstants | None
+             ) -> Certificate:
+  """The computation of `certify` (traced; arguments already checked), with
+  local constants computed at `inputs` when `constants` is None."""
+  with numerics.matmul_precision(options.precision):
+    output = model.apply(variables, inputs)
+  if constants is None:
+    constants = local_constants(model, variables, inputs, head=output.head, **options._asdict())
+  return certified_radius(output, labels, constants.tau(labels),
+                          feature_lipschitz=constants.encoder or None, kind=kind)
 
 
 def concatenate(certificates: Iterable[Certificate]) -> Certificate:

@@ -37,6 +37,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mmsafe.certify import programs
+
 Array = jax.Array
 
 KINDS = ("local", "empirical", "sound")
@@ -109,11 +111,17 @@ def integration_factors(kernel: Array) -> Array:
 
 
 def head_params(model, variables):
-  """The `HeadParams` of `model` (one forward pass on a zero example)."""
+  """The `HeadParams` of `model`: one forward pass on a zero example, compiled
+  once per model (`mmsafe.certify.programs`)."""
   shapes = getattr(model, "input_shapes", None)
   if not shapes:
     raise ValueError("model: expected a model with `input_shapes` (see mmsafe.models.build)")
-  example = {m: jnp.zeros((1, *s), jnp.float32) for m, s in shapes.items()}
+  return programs.compiled(_head_params, model)(variables)
+
+
+def _head_params(model, variables):
+  """The computation of `head_params` (traced)."""
+  example = {m: jnp.zeros((1, *s), jnp.float32) for m, s in model.input_shapes.items()}
   return model.apply(variables, example).head
 
 

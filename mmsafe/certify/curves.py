@@ -11,6 +11,7 @@ returns plain Python values for JSON.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ def _weights(valid: Array | None, batch: int) -> Array:
   return valid.astype(jnp.float32)
 
 
+@jax.jit
 def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
                        valid: Array | None = None) -> Array:
   """`[T]`: fraction of (valid) samples with `correct & radius >= t` for each `t`."""
@@ -44,6 +46,7 @@ def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
   return jnp.sum(certified * weights[None], axis=1) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+@jax.jit
 def mean_radius(radius: Array, *, valid: Array | None = None) -> Array:
   """Mean certified radius over (valid) samples with a finite radius (an infinite
   one, from a zero vulnerability indicator, is left out and counted separately
@@ -80,11 +83,16 @@ def eta_ratio(certificate: Certificate, labels: Array, numerator: str, denominat
     if m not in certificate.eta:
       raise ValueError(f"eta_ratio: unknown modality {m!r}; expected one of "
                        f"{sorted(certificate.eta)}")
-  num = certificate.eta[numerator]
-  den = certificate.eta[denominator]
+  num_classes = certificate.eta[numerator].shape[1] if num_classes is None else num_classes
+  return _eta_ratio(certificate.eta[numerator], certificate.eta[denominator],
+                    jnp.asarray(labels), valid, num_classes)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _eta_ratio(num: Array, den: Array, labels: Array, valid: Array | None, num_classes: int
+               ) -> Array:
+  """The computation of `eta_ratio` (compiled once per shape)."""
   batch, k = num.shape
-  num_classes = k if num_classes is None else num_classes
-  labels = jnp.asarray(labels)
   weights = _weights(valid, batch)[:, None] * (den > 0)
   ratio = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
   sums = jax.ops.segment_sum(ratio * weights, labels, num_segments=num_classes)
@@ -105,7 +113,9 @@ def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
   unimodal_certified_accuracy (Prop. 3.4, per modality).
   """
   thresholds = np.asarray(thresholds, np.float32)
-  weights = np.asarray(_weights(valid, certificate.radius.shape[0])) > 0
+  arrays = jax.device_get(_summary_arrays(certificate.radius, certificate.correct,
+                                          dict(certificate.per_modality), thresholds, valid))
+  weights = arrays["weights"] > 0
   radius = np.asarray(certificate.radius)
   correct = np.asarray(certificate.correct)
 
@@ -115,15 +125,27 @@ def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
       "kind": certificate.kind,
       "num_examples": int(weights.sum()),
       "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else 0.0,
-      "mean_radius": float(mean_radius(certificate.radius, valid=valid)),
+      "mean_radius": float(arrays["mean_radius"]),
       "num_infinite_radius": int(np.sum(~np.isfinite(radius[weights]))),
       "median_radius_correct": float(np.median(certified)) if certified.size else 0.0,
       "thresholds": thresholds.tolist(),
-      "certified_accuracy": np.asarray(certified_accuracy(
-          certificate.radius, certificate.correct, thresholds, valid=valid)).tolist(),
-      "unimodal_mean_radius": {m: float(mean_radius(r, valid=valid))
-                               for m, r in sorted(certificate.per_modality.items())},
+      "certified_accuracy": arrays["certified_accuracy"].tolist(),
+      "unimodal_mean_radius": {m: float(v) for m, v in arrays["unimodal_mean_radius"].items()},
       "unimodal_certified_accuracy": {
-          m: np.asarray(v).tolist()
-          for m, v in unimodal_certified_accuracy(certificate, thresholds, valid=valid).items()},
+          m: v.tolist() for m, v in arrays["unimodal_certified_accuracy"].items()},
+  }
+
+
+@jax.jit
+def _summary_arrays(radius: Array, correct: Array, per_modality: dict[str, Array],
+                    thresholds: Array, valid: Array | None) -> dict[str, Any]:
+  """The arrays of `summarize`, in one program (compiled once per shape)."""
+  return {
+      "weights": _weights(valid, radius.shape[0]),
+      "mean_radius": mean_radius(radius, valid=valid),
+      "certified_accuracy": certified_accuracy(radius, correct, thresholds, valid=valid),
+      "unimodal_mean_radius": {m: mean_radius(r, valid=valid) for m, r in per_modality.items()},
+      "unimodal_certified_accuracy": {
+          m: certified_accuracy(r, correct, thresholds, valid=valid)
+          for m, r in per_modality.items()},
   }

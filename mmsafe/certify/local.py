@@ -14,13 +14,14 @@ The representation of the results is `mmsafe.certify.constants`'.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import numerics
+from mmsafe.certify import programs
 from mmsafe.certify.constants import (LipschitzConstants, head_params, head_target,
                                       integration_factors)
 from mmsafe.models.outputs import ModelOutput
@@ -29,6 +30,15 @@ Array = jax.Array
 ScoreFn = Callable[[dict[str, Array]], Any]
 
 MODES = ("auto", "jacfwd", "jacrev")
+
+
+class JacobianOptions(NamedTuple):
+  """How the per-example Jacobians are computed (static: part of a program's key;
+  see `jacobian_norms`)."""
+
+  mode: str = "auto"
+  chunk_size: int | None = None
+  precision: str | None = "highest"
 
 
 def _safe_divide(numerator: Array, denominator: Array) -> Array:
@@ -137,7 +147,9 @@ def jacobian_norms(score_fn: ScoreFn, inputs: Mapping[str, Array], modality: str
       must treat examples independently (batch-norm in eval mode). Arrays it
       closes over become constants of the compiled program: for large models
       call this under `jax.jit` with the variables as arguments (as
-      `local_constants` does).
+      `local_constants` does). A direct call compiles once per `(score_fn,
+      modality, mode, chunk_size, precision)` and input shapes
+      (`mmsafe.certify.programs`): pass the same `score_fn` to reuse it.
     inputs: modality -> `[B, ...]`; only `inputs[modality]` is differentiated.
     modality: the modality whose input the Jacobian is taken against.
     mode: "jacfwd", "jacrev", or "auto" (jacfwd when the per-example input
@@ -152,19 +164,35 @@ def jacobian_norms(score_fn: ScoreFn, inputs: Mapping[str, Array], modality: str
   Returns:
     (norms [B, K], pairs [B, K, K]) in float32.
   """
+  options = JacobianOptions(mode, chunk_size, precision)
+  return _score_fn_program(_jacobian_norms, score_fn, inputs, modality, options)(inputs)
+
+
+def _jacobian_norms(score_fn: ScoreFn, modality: str, options: JacobianOptions,
+                    inputs: Mapping[str, Array]) -> tuple[Array, Array]:
+  """The computation of `jacobian_norms` (traced)."""
   x = _checked_input(inputs, modality)
   others = {m: v for m, v in inputs.items() if m != modality}
   num_classes = _num_classes(score_fn, inputs, modality)
-  mode = _resolve_mode(mode, int(np.prod(x.shape[1:])), num_classes)
+  mode = _resolve_mode(options.mode, int(np.prod(x.shape[1:])), num_classes)
   example_jacobian = _example_jacobian(score_fn, modality, mode, num_classes)
 
   def one_example(args):
-    with numerics.matmul_precision(precision):
+    with numerics.matmul_precision(options.precision):
       return _row_norms_and_distances(example_jacobian(*args))
 
-  # Compiled once per call (inlined when the caller is already under jit).
-  return jax.jit(lambda x, others: _map_examples(one_example, (x, others), chunk_size))(
-      x, others)
+  return _map_examples(one_example, (x, others), options.chunk_size)
+
+
+def _score_fn_program(fn: Callable[..., Any], score_fn: ScoreFn, inputs: Mapping[str, Array],
+                      modality: str, options: JacobianOptions) -> Callable[..., Any]:
+  """`fn` with `score_fn`, `modality` and `options` bound: compiled once per
+  `(score_fn, modality, options)` (`mmsafe.certify.programs`), or inlined when
+  `inputs` are traced (the caller is compiled; its `score_fn` may close over
+  its tracers and must not be kept)."""
+  if programs.is_traced(inputs):
+    return lambda *args: fn(score_fn, modality, options, *args)
+  return programs.compiled(fn, score_fn, modality, options)
 
 
 def local_lipschitz(score_fn: ScoreFn, inputs: Mapping[str, Array], modality: str,
@@ -191,13 +219,22 @@ def local_lipschitz(score_fn: ScoreFn, inputs: Mapping[str, Array], modality: st
 
   Pure and jit-able with `score_fn`, `modality`, `mode`, `chunk_size` and
   `precision` static (close over them); `inputs`, `labels` and `kernel` may
-  be traced.
+  be traced. A direct call is one program, compiled once per static
+  arguments and shapes (see `jacobian_norms`).
   """
-  norms, pairs = jacobian_norms(score_fn, inputs, modality, mode, chunk_size=chunk_size,
-                                precision=precision)
+  options = JacobianOptions(mode, chunk_size, precision)
+  labels = None if labels is None else jnp.asarray(labels)
+  return _score_fn_program(_local_lipschitz, score_fn, inputs, modality, options)(
+      inputs, labels, kernel)
+
+
+def _local_lipschitz(score_fn: ScoreFn, modality: str, options: JacobianOptions,
+                     inputs: Mapping[str, Array], labels: Array | None, kernel: Array | None
+                     ) -> Array:
+  """The computation of `local_lipschitz` (traced)."""
+  norms, pairs = _jacobian_norms(score_fn, modality, options, inputs)
   if labels is None:
     return norms
-  labels = jnp.asarray(labels)
   if labels.shape != (norms.shape[0],):
     raise ValueError(f"labels: expected shape [{norms.shape[0]}], got {tuple(labels.shape)}")
   rows = jnp.take_along_axis(pairs, labels[:, None, None], axis=1)[:, 0]
@@ -220,15 +257,21 @@ def model_score_fn(model, variables: Mapping[str, Any], modality: str, kernel: A
   return lambda inputs: model.apply(variables, inputs).scores[modality]
 
 
-def _modality_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array],
-                        modality: str, kernel: Array, factors: Array | None, target: str,
-                        options: Mapping[str, Any]) -> Array:
-  """Local constants of one modality: the score gradient norms `[B, K]` (target
-  "scores", CRMT eq. 9) or the margin constants `[B, K, K]`, pair distances
-  divided by the integration `factors` `[K, K]` (target "margins", CRMT eq. 4)."""
-  norms, pairs = jacobian_norms(model_score_fn(model, variables, modality, kernel), inputs,
-                                modality, **options)
-  return norms if target == "scores" else _safe_divide(pairs, factors[None])
+def _local_tables(model, options: JacobianOptions, variables: Mapping[str, Any],
+                  inputs: Mapping[str, Array], head) -> dict[str, Array]:
+  """modality -> local constants (traced): the score gradient norms `[B, K]`
+  (target "scores", CRMT eq. 9) or the margin constants `[B, K, K]`, pair
+  distances divided by the integration factors `[K, K]` (target "margins",
+  CRMT eq. 4)."""
+  target = head_target(head.kind)
+  tables = {}
+  for m in sorted(head.kernels):
+    kernel = head.kernels[m]
+    norms, pairs = _jacobian_norms(model_score_fn(model, variables, m, kernel), m, options,
+                                   inputs)
+    tables[m] = norms if target == "scores" else _safe_divide(
+        pairs, integration_factors(kernel)[None])
+  return tables
 
 
 def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], *,
@@ -251,23 +294,13 @@ def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Ar
   Returns:
     `LipschitzConstants` of kind "local". Pure and jit-able with `model` and
     the options static (close over them); `variables`, `inputs` and `head`
-    may be traced.
+    may be traced. A direct call is one program, compiled once per (model,
+    options) and shapes (`mmsafe.certify.programs`).
   """
   head = head_params(model, variables) if head is None else head
-  target = head_target(head.kind)
-  options = {"mode": mode, "chunk_size": chunk_size, "precision": precision}
-
-  def compute(variables, inputs, head):
-    values = {}
-    for m in sorted(head.kernels):
-      factors = None if target == "scores" else integration_factors(head.kernels[m])
-      values[m] = _modality_constants(model, variables, inputs, m, head.kernels[m], factors,
-                                      target, options)
-    return values
-
-  # Compiled once per call (inlined when the caller is already under jit).
-  values = jax.jit(compute)(variables, inputs, head)
-  return LipschitzConstants(values=values, kind="local", target=target)
+  options = JacobianOptions(mode, chunk_size, precision)
+  values = programs.compiled(_local_tables, model, options)(variables, inputs, head)
+  return LipschitzConstants(values=values, kind="local", target=head_target(head.kind))
 
 
 def _valid_examples(batch: Any) -> tuple[Mapping[str, Array], np.ndarray] | None:
@@ -282,23 +315,15 @@ def _valid_examples(batch: Any) -> tuple[Mapping[str, Array], np.ndarray] | None
   return inputs, valid
 
 
-def _batch_maximum_fn(model, modalities: list[str], target: str, options: Mapping[str, Any]
-                      ) -> Callable[..., dict[str, Array]]:
-  """Jitted `(variables, kernels, factors, inputs, valid) -> modality -> maximum of the
-  local constants over the valid examples`. Variables and kernels are arguments (not
-  closed-over constants) so large models are not baked into the compiled program."""
-
-  @jax.jit
-  def batch_maximum(variables, kernels, factors, inputs, valid):
-    out = {}
-    for m in modalities:
-      value = _modality_constants(model, variables, inputs, m, kernels[m], factors[m], target,
-                                  options)
-      mask = valid.reshape((-1,) + (1,) * (value.ndim - 1))
-      out[m] = jnp.max(jnp.where(mask, value, -jnp.inf), axis=0)
-    return out
-
-  return batch_maximum
+def _batch_maximum(model, options: JacobianOptions, variables: Mapping[str, Any], head,
+                   inputs: Mapping[str, Array], valid: Array) -> dict[str, Array]:
+  """modality -> the maximum of the local constants over the valid examples
+  (traced; the variables are arguments, not constants of the program)."""
+  out = {}
+  for m, value in _local_tables(model, options, variables, inputs, head).items():
+    mask = valid.reshape((-1,) + (1,) * (value.ndim - 1))
+    out[m] = jnp.max(jnp.where(mask, value, -jnp.inf), axis=0)
+  return out
 
 
 def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[Any], *,
@@ -318,7 +343,8 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
 
   Pure, but not jit-able itself: it iterates over `batches` in Python (a
   stream of any length) and reads each `valid` mask as concrete numpy; each
-  batch's maximum is one jitted computation.
+  batch's maximum is one program, compiled once per (model, options) and
+  batch shapes (`mmsafe.certify.programs`).
 
   Returns:
     `LipschitzConstants` with values `[1, K]` (scores) or `[1, K, K]` (margins).
@@ -327,21 +353,18 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
     ValueError if `batches` holds no (valid) example.
   """
   head = head_params(model, variables) if head is None else head
-  target = head_target(head.kind)
-  modalities = sorted(head.kernels)
-  factors = {m: integration_factors(head.kernels[m]) for m in modalities}
-  batch_maximum = _batch_maximum_fn(model, modalities, target, {
-      "mode": mode, "chunk_size": chunk_size, "precision": precision})
+  batch_maximum = programs.compiled(_batch_maximum, model,
+                                    JacobianOptions(mode, chunk_size, precision))
   running = None
   for batch in batches:
     examples = _valid_examples(batch)
     if examples is None:
       continue
     inputs, valid = examples
-    maxima = batch_maximum(variables, dict(head.kernels), factors, inputs, jnp.asarray(valid))
+    maxima = batch_maximum(variables, head, inputs, jnp.asarray(valid))
     running = maxima if running is None else jax.tree_util.tree_map(jnp.maximum, running, maxima)
   if running is None:
     raise ValueError("empirical_constants: the dataset is empty (no valid example in `batches`); "
                      "expected at least one example")
   return LipschitzConstants(values={m: v[None] for m, v in running.items()}, kind="empirical",
-                            target=target)
+                            target=head_target(head.kind))

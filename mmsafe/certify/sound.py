@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmsafe.certify import programs
 from mmsafe.certify.constants import LipschitzConstants, head_params, head_target
 from mmsafe.models.layers import LIPSCHITZ_COLLECTION
 from mmsafe.models.operator_norms import BoundOptions
@@ -131,15 +132,23 @@ def sound_constants(model, variables: Mapping[str, Any], *, head=None, key: Arra
     cross-modal transformer).
 
   Pure and jit-able with `model` and the options static (close over them);
-  `variables`, `head` and `key` may be traced.
+  `variables`, `head` and `key` may be traced. A direct call is one program,
+  compiled once per (model, options) and shapes (`mmsafe.certify.programs`).
   """
   if not hasattr(model, "feature_lipschitz"):
     raise NotImplementedError(f"sound Lipschitz bound: {type(model).__name__} states no "
                               f"Lipschitz bound for its features (expected a model from "
                               f"mmsafe.models.build)")
   head = head_params(model, variables) if head is None else head
-  target = head_target(head.kind)
   options = _bound_options(key, method, iterations, failure_probability, exact_max_entries)
+  return programs.compiled(_sound_constants, model)(variables, head, options)
+
+
+def _sound_constants(model, variables: Mapping[str, Any], head, options: BoundOptions
+                     ) -> LipschitzConstants:
+  """The computation of `sound_constants` (traced; the static fields of
+  `options` are part of the program's key)."""
+  target = head_target(head.kind)
   encoder_bounds = model.apply(variables, options, method="feature_lipschitz")
   values = {m: _sound_values(head.kernels[m], encoder_bounds[m], target)
             for m in sorted(head.kernels)}

@@ -8,7 +8,9 @@ correctly classified sample with a positive radius r(x), an l2-PGD attack
 (margin loss, `attack_steps` steps of 2.5 r/steps, `attack_restarts` random
 restarts, worst iterate kept) searches the ball of radius `(1 - 1e-4) r(x)`.
 A success inside a `sound` radius would be a bug; for `local`/`empirical`
-(estimates) the result gives how often the radius is broken. It compiles
+(estimates) the result gives how often the radius is broken. Each batch is
+certified by one compiled program, compiled once per model, kind and shapes
+(`mmsafe.certify.programs`: shared by every instance); the attack compiles
 once per instance; `run_certification` runs one once.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
+from mmsafe.certify import programs
 
 Track = Callable[[Iterable, int, str], Iterable]
 
@@ -76,15 +79,28 @@ def _batches(inputs, labels, batch_size):
 
 
 def make_certifier(model, *, mode: str, chunk_size: int | None):
-  """A jitted `certify_batch(variables, inputs, labels, kind, constants) ->
-  Certificate`: `mmsafe.certify.certify` compiled once per kind (local:
-  Jacobians; empirical/sound: the precomputed `constants`, traced)."""
+  """`certify_batch(variables, inputs, labels, kind, constants=None) ->
+  (Certificate, LipschitzConstants)`: `mmsafe.certify.certify` as one program,
+  compiled once per (model, kind, options) and shapes (`mmsafe.certify.programs`);
+  without `constants` (kind "local") the local constants are computed in it and
+  returned with the certificate."""
 
   def certify_batch(variables, inputs, labels, kind, constants=None):
-    return certify_lib.certify(model, variables, inputs, labels, kind, constants=constants,
-                               mode=mode, chunk_size=chunk_size)
+    return programs.compiled(_certify_batch, model, kind, mode, chunk_size)(
+        variables, inputs, labels, constants)
 
-  return jax.jit(certify_batch, static_argnums=3)
+  return certify_batch
+
+
+def _certify_batch(model, kind: str, mode: str, chunk_size: int | None, variables, inputs,
+                   labels, constants):
+  """The computation of `make_certifier`'s `certify_batch` (traced)."""
+  if constants is None:
+    constants = certify_lib.local_constants(model, variables, inputs, mode=mode,
+                                            chunk_size=chunk_size)
+  cert = certify_lib.certify(model, variables, inputs, labels, kind, constants=constants,
+                             mode=mode, chunk_size=chunk_size)
+  return cert, constants
 
 
 def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
@@ -94,17 +110,21 @@ def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
 
 def certify_dataset(certify_batch, variables, inputs, labels, kind: str, *, constants=None,
                     batch_size: int, description: str, track: Track = _no_progress
-                    ) -> certify_lib.Certificate:
+                    ) -> tuple[certify_lib.Certificate, certify_lib.LipschitzConstants]:
   """Certificate of every example (batched with `certify_batch` of `make_certifier`,
-  padded batches trimmed)."""
-  parts = []
+  padded batches trimmed on the host) and the Lipschitz constants of the first
+  batch (`constants` when given)."""
+  parts, valid = [], []
   total = math.ceil(len(labels) / min(batch_size, len(labels)))
   for batch in track(_batches(inputs, labels, batch_size), total, description):
-    cert = certify_batch(variables, batch["inputs"], jnp.asarray(batch["label"]), kind,
-                         constants)
-    valid = np.asarray(batch["valid"])
-    parts.append(jax.tree_util.tree_map(lambda x: x[valid], cert))
-  return certify_lib.concatenate(parts)
+    parts.append(certify_batch(variables, batch["inputs"], jnp.asarray(batch["label"]), kind,
+                               constants))
+    valid.append(np.asarray(batch["valid"]))
+  valid = np.concatenate(valid)
+  certificates = jax.device_get([cert for cert, _ in parts])
+  joined = jax.tree_util.tree_map(lambda *xs: jnp.asarray(np.concatenate(xs)[valid]),
+                                  *certificates)
+  return joined, parts[0][1]
 
 
 def _json_matrix(matrix) -> list:
@@ -130,8 +150,9 @@ def _eta_pair(modalities):
 
 class Certification:
   """Certifies a split with each Lipschitz kind and attacks the radii (see the
-  module docstring). The certifier and the attack compile once per instance, so
-  it reruns on new variables (e.g. inside training) without recompiling.
+  module docstring). The certification programs compile once per model (and
+  shapes) and the attack once per instance, so it reruns on new variables
+  (e.g. inside training) without recompiling.
 
   Args:
     model: a `mmsafe.models` model.
@@ -161,12 +182,8 @@ class Certification:
     self._key = jax.random.PRNGKey(seed)
     self._head_kind = None
     self._certify_batch = make_certifier(model, mode=mode, chunk_size=chunk_size)
-    self._local_constants = jax.jit(lambda variables, inputs: certify_lib.local_constants(
-        model, variables, inputs, head=certify_lib.head_params(model, variables), mode=mode,
-        chunk_size=chunk_size))
-    self._sound_constants = jax.jit(lambda variables, key: certify_lib.sound_constants(
-        model, variables, head=certify_lib.head_params(model, variables), key=key,
-        iterations=power_iterations, failure_probability=failure_probability))
+    self._sound_options = {"iterations": power_iterations,
+                           "failure_probability": failure_probability}
     self._attack_batch = make_radius_attack(lambda v, x: model.apply(v, x).logits,
                                             steps=max(self.attack_steps, 1),
                                             restarts=self.attack_restarts)
@@ -188,13 +205,14 @@ class Certification:
     for kind in self.kinds:
       start = time.time()
       constants = self.constants(kind, variables, empirical_source, empirical_split)
-      cert = certify_dataset(self._certify_batch, variables, inputs, labels, kind,
-                             constants=constants, batch_size=self.batch_size,
-                             description=f"certify ({kind})", track=self.track)
+      cert, used = certify_dataset(self._certify_batch, variables, inputs, labels, kind,
+                                   constants=constants, batch_size=self.batch_size,
+                                   description=f"certify ({kind})", track=self.track)
       seconds = time.time() - start
       certificates[kind] = cert
       entry = {"seconds": seconds, **self._summary(cert, labels, dataset.num_classes)}
-      entry["lipschitz"] = self._lipschitz(variables, inputs, constants)
+      note = {"note": "local constants of the first batch"} if constants is None else {}
+      entry["lipschitz"] = {**note, **_constants_summary(used)}
       if self.attack_steps > 0:
         entry["attack"] = self.attack_check(variables, inputs, labels, np.asarray(cert.radius),
                                             kind)
@@ -202,8 +220,9 @@ class Certification:
     return results, certificates, labels
 
   def constants(self, kind: str, variables, empirical_source, empirical_split: str):
-    """The precomputed Lipschitz constants of `kind` (None for "local"); only the
-    empirical ones (a maximum over a whole split) are computed outside `jax.jit`."""
+    """The precomputed Lipschitz constants of `kind` (None for "local": computed
+    with the radii); each is a compiled program of `mmsafe.certify`, the
+    empirical ones one per batch of the split."""
     if kind == "empirical":
       if empirical_source is None:
         raise ValueError("empirical_source: expected a dataset for the 'empirical' kind, got None")
@@ -215,7 +234,9 @@ class Certification:
           head=certify_lib.head_params(self.model, variables), mode=self.mode,
           chunk_size=self.chunk_size)
     if kind == "sound":
-      return self._sound_constants(variables, jax.random.fold_in(self._key, 1))
+      return certify_lib.sound_constants(self.model, variables,
+                                         key=jax.random.fold_in(self._key, 1),
+                                         **self._sound_options)
     return None
 
   def _summary(self, cert, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
@@ -230,14 +251,6 @@ class Certification:
       ratio = certify_lib.eta_ratio(cert, labels, num, den, num_classes=num_classes)
       out["eta_ratio"] = {"numerator": num, "denominator": den, "matrix": _json_matrix(ratio)}
     return out
-
-  def _lipschitz(self, variables, inputs, constants) -> dict[str, Any]:
-    """Summary of the constants (local: those of the first batch)."""
-    if constants is not None:
-      return _constants_summary(constants)
-    n = min(len(next(iter(inputs.values()))), self.batch_size)
-    local = self._local_constants(variables, {m: x[:n] for m, x in inputs.items()})
-    return {"note": "local constants of the first batch", **_constants_summary(local)}
 
   def attack_check(self, variables, inputs, labels: np.ndarray, radius: np.ndarray,
                    kind: str) -> dict[str, Any]:

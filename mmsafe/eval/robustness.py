@@ -27,9 +27,11 @@ and PGD, `MissingModality`, `DecouplingCurves`, and `StrengthSweep`) holds its
 jitted function: each compiles once per instance and (scope, fill or step
 count); eps / budgets and the variables are traced arguments, so an instance
 reruns on new variables (e.g. inside training, `mmsafe.eval.evaluators`)
-without recompiling. `evaluate_robustness` composes them. Python loops here run
-over grid points and batches only; every attack's own iterations are inside
-`lax` loops.
+without recompiling. `evaluate_robustness` composes them. The iterative attacks
+(PGD, decoupling) loop with the strategy `loop` (`mmsafe.attacks.engine`):
+"auto" is a host loop over attack steps compiled once per instance on XLA:CPU
+(several times faster there than a compiled loop), the whole attack jitted
+with `lax` loops elsewhere.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import numpy as np
 from mmsafe import attacks
 from mmsafe import checks
 from mmsafe.attacks import common
+from mmsafe.attacks import engine
 from mmsafe.attacks.decoupling import budget as decoupling_budget
 from mmsafe.attacks.pgd import PGDProtocol, get_protocol
 from mmsafe.data.pipeline import eval_batches
@@ -115,9 +118,11 @@ def eps_grid(values: Sequence[float], must_have: float, name: str) -> tuple[floa
 def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
                  labels: np.ndarray, *, batch_size: int, key: Array, value: Any = 0.0,
                  progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
-  """Runs a jitted `fn(variables, inputs, labels, key, value) -> (bad [B], extra [B])`
-  over fixed-size batches of a split (the last one padded; batch i gets
-  `fold_in(key, i)`), calling `progress(1)` after each.
+  """Runs `fn(variables, inputs, labels, key, value) -> (bad [B], extra [B])` over
+  batches of a split (batch i gets `fold_in(key, i)`), calling `progress(1)`
+  after each. The last batch keeps only its real examples (one more
+  compilation for its size, instead of attacking padding: 400 examples in
+  batches of 256 cost 400 example-attacks, not 512).
 
   Returns:
     (bad bool [N], extra float64 [N]) of the real examples.
@@ -125,11 +130,12 @@ def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
   bad_parts, extra_parts = [], []
   batches = eval_batches(inputs, labels, batch_size=min(batch_size, len(labels)))
   for index, batch in enumerate(batches):
-    bad, extra = fn(variables, batch["inputs"], jnp.asarray(batch["label"], jnp.int32),
+    size = int(batch["valid"].sum())  # the real examples come first
+    bad, extra = fn(variables, {m: x[:size] for m, x in batch["inputs"].items()},
+                    jnp.asarray(batch["label"][:size], jnp.int32),
                     jax.random.fold_in(key, index), value)
-    valid = batch["valid"]
-    bad_parts.append(np.asarray(bad)[valid])
-    extra_parts.append(np.asarray(extra, np.float64)[valid])
+    bad_parts.append(np.asarray(bad))
+    extra_parts.append(np.asarray(extra, np.float64))
     if progress is not None:
       progress(1)
   return np.concatenate(bad_parts), np.concatenate(extra_parts)
@@ -141,19 +147,30 @@ def _wrong(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], label
 
 
 class _Kind:
-  """What the per-kind classes share: the apply function, batch size, key, their
-  `tasks` and `_run` (task number `index` of the kind over a split)."""
+  """What the per-kind classes share: the apply function, batch size, key, loop
+  strategy of the iterative attacks, their `tasks`, `_compile` and `_run`
+  (task number `index` of the kind over a split)."""
 
   kind = ""
   bounds: common.Bounds | None = None  # box constraints of the attacks, read when tracing
+  iterative = False  # whether `_attack` loops (and takes `loop`)
 
-  def __init__(self, apply_fn: ApplyFn, *, batch_size: int, seed: int):
+  def __init__(self, apply_fn: ApplyFn, *, batch_size: int, seed: int, loop: str = "auto"):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     self.apply_fn = apply_fn
     self.batch_size = int(batch_size)
     self.seed = int(seed)
+    self.loop = engine.resolve(loop) if self.iterative else "scan"
     self.tasks: list[Task] = []
+
+  def _compile(self, fn: Callable, static_argnames: str | Sequence[str]) -> Callable:
+    """`fn(..., loop)` with the instance's strategy: called as is around the host
+    loops of the attacks ("python": their steps compile once per apply function,
+    static options and batch shape), or jitted whole (traced loops); both take
+    the variables and eps / budgets as arrays (no recompilation per call)."""
+    fn = functools.partial(fn, loop=self.loop)
+    return fn if self.loop == "python" else jax.jit(fn, static_argnames=static_argnames)
 
   def _run(self, fn: Callable, index: int, variables: Any, inputs, labels, value: Any,
            progress: Progress) -> tuple[np.ndarray, np.ndarray]:
@@ -187,21 +204,22 @@ class _AttackCurves(_Kind):
     grids: scope (MULTI or a modality name) -> eps values (> 0).
     protocol: the PGD protocol; its multi_eps / uni_eps name the headline entries.
     bounds: optional box constraints, modality -> (low, high) (normalised space).
+    loop: loop strategy of PGD (`mmsafe.attacks.engine.LOOPS`).
   """
 
   worst_case = False  # report the per-example worst case over the grid up to each eps
 
   def __init__(self, apply_fn: ApplyFn, grids: Mapping[str, Sequence[float]], *,
                protocol: str | PGDProtocol = "default", bounds: common.Bounds | None = None,
-               batch_size: int = 256, seed: int = 0):
-    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+               batch_size: int = 256, seed: int = 0, loop: str = "auto"):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed, loop=loop)
     self.protocol = get_protocol(protocol)
     self.grids = {scope: tuple(sorted(float(e) for e in eps)) for scope, eps in grids.items()}
     self.tasks = [Task(self.kind, s, eps) for s, grid in self.grids.items() for eps in grid]
     self.bounds = bounds
-    self._fn = jax.jit(self._attack, static_argnames="scope")
+    self._fn = self._compile(self._attack, "scope")
 
-  def _attack(self, variables, inputs, labels, key, eps, scope):
+  def _attack(self, variables, inputs, labels, key, eps, scope, loop):
     raise NotImplementedError
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -235,8 +253,8 @@ class FGMCurves(_AttackCurves):
 
   kind = "fgm"
 
-  def _attack(self, variables, inputs, labels, key, eps, scope):
-    del key
+  def _attack(self, variables, inputs, labels, key, eps, scope, loop):
+    del key, loop  # one step: nothing to loop
     adversarial = attacks.fgm(lambda x: self.apply_fn(variables, x), inputs, labels, eps=eps,
                               modalities=None if scope == MULTI else scope, bounds=self.bounds,
                               loss="ce")
@@ -249,11 +267,12 @@ class PGDCurves(_AttackCurves):
 
   kind = "pgd"
   worst_case = True
+  iterative = True
 
-  def _attack(self, variables, inputs, labels, key, eps, scope):
-    _, info = attacks.pgd(lambda x: self.apply_fn(variables, x), inputs, labels, key,
+  def _attack(self, variables, inputs, labels, key, eps, scope, loop):
+    _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
                           modalities=None if scope == MULTI else scope, bounds=self.bounds,
-                          return_info=True, **self.protocol.pgd_kwargs(eps))
+                          return_info=True, loop=loop, **self.protocol.pgd_kwargs(eps))
     return info["misclassified"], info["norm"]
 
 
@@ -315,15 +334,17 @@ class DecouplingCurves(_Kind):
     scopes: MULTI (all modalities jointly) and/or modality names.
     options: keyword arguments of `attacks.decoupling` (rounds, steps_per_round,
       max_change, step_size, loss, random_start).
+    loop: loop strategy of the attack (`mmsafe.attacks.engine.LOOPS`).
   """
 
   kind = "decoupling"
+  iterative = True
 
   def __init__(self, apply_fn: ApplyFn, input_shapes: Mapping[str, Sequence[int]],
                fractions: Sequence[float], scopes: Sequence[str] = (MULTI,), *,
                options: Mapping[str, Any] | None = None, bounds: common.Bounds | None = None,
-               batch_size: int = 256, seed: int = 0):
-    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+               batch_size: int = 256, seed: int = 0, loop: str = "auto"):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed, loop=loop)
     modalities = sorted(input_shapes)
     zeros = {m: jnp.zeros((1, *s)) for m, s in input_shapes.items()}
     self.num_entries, self.max_count = {}, {}
@@ -338,13 +359,13 @@ class DecouplingCurves(_Kind):
         self.max_count[scope] = max(self.max_count.get(scope, 0), count)
     self.options = dict(options or {})
     self.bounds = self.options.pop("bounds", bounds)
-    self._fn = jax.jit(self._attack, static_argnames="scope")
+    self._fn = self._compile(self._attack, "scope")
 
-  def _attack(self, variables, inputs, labels, key, count, scope):
-    _, info = attacks.decoupling(lambda x: self.apply_fn(variables, x), inputs, labels, key,
-                                 modalities=None if scope == MULTI else scope, count=count,
+  def _attack(self, variables, inputs, labels, key, count, scope, loop):
+    _, info = attacks.decoupling(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels,
+                                 key, modalities=None if scope == MULTI else scope, count=count,
                                  max_count=self.max_count[scope], bounds=self.bounds,
-                                 return_info=True, **self.options)
+                                 return_info=True, loop=loop, **self.options)
     return info["misclassified"], info["fraction_changed"]
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -523,15 +544,18 @@ class StrengthSweep(_Kind):
   Args:
     budgets: (scope, eps) pairs; scope "multi" or one of `modalities`.
     steps, restarts: the grids.
+    loop: loop strategy of PGD (`mmsafe.attacks.engine.LOOPS`).
   """
 
   kind = "sweep"
+  iterative = True
 
   def __init__(self, apply_fn: ApplyFn, budgets: Sequence[tuple[str, float]], *,
                modalities: Sequence[str], steps: Sequence[int] = (4, 10, 20, 50, 100),
                restarts: Sequence[int] = (1, 3, 5), loss: str = "ce",
-               random_start: bool = False, batch_size: int = 256, seed: int = 0):
-    super().__init__(apply_fn, batch_size=batch_size, seed=seed)
+               random_start: bool = False, batch_size: int = 256, seed: int = 0,
+               loop: str = "auto"):
+    super().__init__(apply_fn, batch_size=batch_size, seed=seed, loop=loop)
     for scope, eps in budgets:
       if scope != MULTI and scope not in modalities:
         raise ValueError(f"budgets: expected scope {MULTI!r} or one of {sorted(modalities)}, "
@@ -546,12 +570,13 @@ class StrengthSweep(_Kind):
                        f"{self.steps}/{self.restarts}")
     self.loss, self.random_start = loss, bool(random_start)
     self._clean = CleanAccuracy(apply_fn, batch_size=batch_size, seed=seed)
-    self._fn = jax.jit(self._attack, static_argnames=("scope", "steps", "random_start"))
+    self._fn = self._compile(self._attack, ("scope", "steps", "random_start"))
 
-  def _attack(self, variables, inputs, labels, key, eps, scope, steps, random_start):
-    _, info = attacks.pgd(lambda x: self.apply_fn(variables, x), inputs, labels, key, eps=eps,
-                          steps=steps, modalities=None if scope == MULTI else scope,
-                          loss=self.loss, random_start=random_start, return_info=True)
+  def _attack(self, variables, inputs, labels, key, eps, scope, steps, random_start, loop):
+    _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
+                          eps=eps, steps=steps, modalities=None if scope == MULTI else scope,
+                          loss=self.loss, random_start=random_start, return_info=True,
+                          loop=loop)
     return info["misclassified"], jnp.zeros(labels.shape)
 
   def _row(self, variables, inputs, labels, correct, scope: str, eps: float, steps: int,

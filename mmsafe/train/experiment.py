@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from mmsafe import data as data_lib
 from mmsafe import methods
@@ -64,11 +64,15 @@ class Experiment:
     return stage.make_objective(model, self.method_config)
 
   def init_train_state(self) -> TrainState:
-    """The initial `TrainState` (deterministic in `config.seed`)."""
+    """The initial `TrainState` (deterministic in `config.seed`), built by one
+    compiled program."""
+    return jax.jit(self._init_train_state)()
+
+  def _init_train_state(self) -> TrainState:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))
-    example = {m: np.zeros((int(self.config["batch_size"]), *shape), np.float32)
+    example = {m: jnp.zeros((int(self.config["batch_size"]), *shape), jnp.float32)
                for m, shape in self.splits["train"].modality_shapes.items()}
-    variables = jax.jit(self.model.init)(init_rng, example)
+    variables = self.model.init(init_rng, example)
     method_state = (self.method.init_state(self.model, variables, self.method_config)
                     if self.method.init_state else None)
     return TrainState.create(variables, self.optimizers[self.stages[0].name], train_rng,

@@ -25,8 +25,9 @@ Data parallelism (`config.parallel`: "none" | "jit" | "pmap";
 loop, loads only its rows of each global batch, and process 0 alone writes the
 JSON files.
 
-Preemption: checkpoints are written every `config.checkpoint_every_steps` steps
-(0: once per epoch) and at the end of each stage. On SIGTERM the loop finishes
+Preemption: checkpoints are written at the end of each stage and every
+`config.checkpoint_every_steps` steps (0: at the first step boundary
+`config.checkpoint_every_seconds` after the previous save). On SIGTERM the loop finishes
 the step in flight, saves a checkpoint and raises `Preempted` (with several
 processes, they agree on the step first). Rerunning the same command resumes
 from the latest checkpoint: the step (training batches are a pure function of
@@ -57,7 +58,7 @@ from mmsafe.train import metrics as metrics_lib
 from mmsafe.train import parallel as parallel_lib
 from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.experiment import Experiment, build_experiment
-from mmsafe.train.preemption import Preempted, SigtermFlag
+from mmsafe.train.preemption import CheckpointCadence, Preempted, SigtermFlag
 from mmsafe.train.stages import TrainingStage
 
 _FRESH_PROGRESS = {"best_validation_accuracy": -1.0, "best_validation_loss": None,
@@ -155,8 +156,11 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
   config = experiment.config
   batch_size = int(config["batch_size"])
   log_every = int(config.get("log_every_steps", 0)) or experiment.steps_per_epoch
-  checkpoint_every = int(config.get("checkpoint_every_steps", 0)) or experiment.steps_per_epoch
   sync_every = max(1, int(config.get("preemption_sync_steps", 10)))
+  cadence = CheckpointCadence(
+      every_steps=int(config.get("checkpoint_every_steps", 0)),
+      every_seconds=float(config.get("checkpoint_every_seconds", 60.0)),
+      sync_every=sync_every, agree=parallel.any_process)
   train_steps = {stage.name: parallel.compile_train_step(
       experiment.objective(stage, parallel.batch_norm_axis_name),
       experiment.optimizers[stage.name]) for stage in experiment.stages}
@@ -189,10 +193,11 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
       # `sync_every` steps); one process reads its own flag every step.
       preempted = ((jax.process_count() == 1 or done % sync_every == 0
                     or done == experiment.total_steps) and parallel.any_process(sigterm.raised))
-      if done % checkpoint_every == 0 or end_of_stage or preempted:
+      if cadence.due(done, forced=end_of_stage or preempted):
         pending = [parallel.get(m) for m in pending]
         checkpointer.save(done, state, best,
                           {**progress, "pending_metrics": metrics_lib.pending_to_json(pending)})
+        cadence.saved()
       bar.update(1)
       if preempted and done < experiment.total_steps:
         checkpointer.close()
@@ -250,10 +255,16 @@ def _end_of_epoch(context: _Context, stage: TrainingStage, done: int, state, bes
     progress = {**progress, "best_validation_accuracy": val["accuracy"],
                 "best_validation_loss": val["loss"], "best_step": done}
     # A copy: the train step donates (reuses) the buffers of the state.
-    best = {"variables": jax.tree_util.tree_map(jax.numpy.copy, state.variables)}
+    best = {"variables": _copy(state.variables)}
   state = _apply_callbacks(context, state,
                            lambda cb, ctx: cb.on_epoch_end(stage.name, epoch, ctx))
   return state, best, progress
+
+
+@jax.jit
+def _copy(tree):
+  """A copy of `tree` in new buffers (one compiled program per structure)."""
+  return jax.tree_util.tree_map(jax.numpy.copy, tree)
 
 
 def _run_evaluators(context: _Context, done: int, state) -> None:
@@ -334,7 +345,11 @@ def restore_run(workdir: str, which: str = "best"):
   with open(config_path) as f:
     config = json.load(f)
   experiment = build_experiment(config)
-  template = experiment.init_train_state()
+  # Shapes only (no compilation): the restored arrays land on the first device.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(experiment.init_train_state))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = checkpointer.latest_step()
   if step is None:

@@ -159,8 +159,12 @@ class DataParallel:
     return to_host(tree)
 
   def put_batch(self, local_batch: dict, global_size: int) -> Any:
-    """This process's rows (`rows(global_size)`) of a global batch -> one global
+    """This process's rows (`rows(global_size)`) of a global batch -> what the
+    compiled steps take: with one process the numpy batch itself (the jitted
+    step's input sharding places it, in one transfer), with several one global
     array per leaf, sharded along the batch axis."""
+    if jax.process_count() == 1:
+      return local_batch
     sharding = batch_sharding(self.mesh)
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(

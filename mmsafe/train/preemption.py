@@ -1,8 +1,13 @@
-"""Preemption: SIGTERM stops a run at the next step boundary, after a checkpoint."""
+"""Preemption: SIGTERM stops a run at the next step boundary, after a checkpoint;
+the checkpoint cadence."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import signal
+import time
+
+import jax
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15, what
 # a shell reports for a SIGTERM-ed process): the launch scripts requeue on it.
@@ -41,3 +46,33 @@ class SigtermFlag:
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class CheckpointCadence:
+  """When the loop saves: at the end of every stage, on preemption, and every
+  `every_steps` steps, or, with `every_steps` 0, at the first step boundary
+  `every_seconds` after the previous save (so short epochs do not pay a save
+  each). Several processes agree on a time-based save at the sync steps
+  (`agree`: a collective or-ing a flag over processes)."""
+
+  def __init__(self, *, every_steps: int, every_seconds: float, sync_every: int,
+               agree: Callable[[bool], bool]):
+    if every_steps < 0 or every_seconds <= 0:
+      raise ValueError(f"checkpoint_every_steps / checkpoint_every_seconds: expected >= 0 / "
+                       f"> 0, got {every_steps} / {every_seconds}")
+    self.every_steps, self.every_seconds = every_steps, every_seconds
+    self.sync_every, self.agree = sync_every, agree
+    self.last_save = time.monotonic()
+
+  def due(self, done: int, forced: bool) -> bool:
+    """Whether to save after step `done` (`forced`: end of stage or preemption)."""
+    if forced:
+      return True
+    if self.every_steps:
+      return done % self.every_steps == 0
+    if jax.process_count() > 1 and done % self.sync_every:
+      return False
+    return self.agree(time.monotonic() - self.last_save >= self.every_seconds)
+
+  def saved(self) -> None:
+    self.last_save = time.monotonic()
