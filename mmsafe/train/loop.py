@@ -308,12 +308,15 @@ def evaluate(eval_step, variables, dataset, batch_size: int,
              loader: Mapping[str, Any] | None = None) -> dict[str, float]:
   """Accuracy and mean cross-entropy of `variables` on a whole split.
 
-  `batch_size` is the global evaluation batch (a multiple of the devices);
-  `eval_step` is compiled for `parallel` (`DataParallel.compile_eval_step`) and
-  this process loads its shard of the split (`make_iterator`, with the `loader`
-  options of clip datasets).
+  `batch_size` is the global evaluation batch (a multiple of the devices),
+  capped at the split's size rounded up to the devices, so a small split is
+  one batch, not one padded to `batch_size`; `eval_step` is compiled for
+  `parallel` (`DataParallel.compile_eval_step`) and this process loads its
+  shard of the split (`make_iterator`, with the `loader` options of clip
+  datasets).
   """
   parallel = parallel or parallel_lib.DataParallel.create("none")
+  batch_size = min(batch_size, parallel.round_batch_size(len(dataset)))
   batches = data_lib.make_iterator(dataset, train=False,
                                    batch_size=host_batch_size(parallel, batch_size),
                                    **dict(loader or {}))
