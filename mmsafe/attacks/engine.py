@@ -28,14 +28,11 @@ from typing import Any
 
 import jax
 
+from mmsafe.programs import is_traced
+
 LOOPS = ("auto", "python", "scan", "fori")
 # Loops of at most this many steps are fully unrolled by "scan".
 UNROLL_LIMIT = 16
-
-
-def is_traced(*trees: Any) -> bool:
-  """Whether any leaf of `trees` is a tracer (the caller is under a JAX transformation)."""
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def resolve(loop: str, *trees: Any) -> str:

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import checks, numerics
-from mmsafe.certify import programs
+from mmsafe import programs
 from mmsafe.certify.constants import (KINDS, TARGETS, LipschitzConstants, head_params,
                                       integration_factors)
 from mmsafe.certify.local import JacobianOptions, empirical_constants, local_constants

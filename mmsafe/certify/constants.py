@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mmsafe.certify import programs
+from mmsafe import programs
 
 Array = jax.Array
 

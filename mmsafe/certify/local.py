@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import numerics
-from mmsafe.certify import programs
+from mmsafe import programs
 from mmsafe.certify.constants import (LipschitzConstants, head_params, head_target,
                                       integration_factors)
 from mmsafe.models.outputs import ModelOutput

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmsafe.certify import programs
+from mmsafe import programs
 from mmsafe.certify.constants import LipschitzConstants, head_params, head_target
 from mmsafe.models.layers import LIPSCHITZ_COLLECTION
 from mmsafe.models.operator_norms import BoundOptions

@@ -28,7 +28,7 @@ import numpy as np
 from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
-from mmsafe.certify import programs
+from mmsafe import programs
 
 Track = Callable[[Iterable, int, str], Iterable]
 

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmsafe import programs
 from mmsafe.data import full_pass
 from mmsafe.methods.common import accuracy, apply_model, required
 from mmsafe.methods.registry import Callback, CallbackContext, register
@@ -121,28 +122,16 @@ def init_state(model, variables, config: Mapping | None = None) -> dict:
                       "has_reference": jnp.zeros((), jnp.int32)}}
 
 
-_SUMS_CACHE: list = []  # [(model, jitted sums)]: one compilation per model
-
-
-def _head_loss_sums(model):
-  """Jitted `(variables, batch) -> (per-head CE sums over valid examples, count)`."""
-  for cached, fn in _SUMS_CACHE:
-    if cached is model:
-      return fn
-
-  @jax.jit
-  def sums(variables, batch):
-    out = model.apply(variables, batch["inputs"], train=False)
-    valid = batch["valid"].astype(jnp.float32)
-    return jnp.sum(head_losses(out, batch["label"]) * valid, axis=1), jnp.sum(valid)
-
-  _SUMS_CACHE[:] = [*_SUMS_CACHE[-7:], (model, sums)]
-  return sums
+def _head_loss_sums(model, variables, batch):
+  """`(per-head CE sums over the batch's valid examples, count)`."""
+  out = model.apply(variables, batch["inputs"], train=False)
+  valid = batch["valid"].astype(jnp.float32)
+  return jnp.sum(head_losses(out, batch["label"]) * valid, axis=1), jnp.sum(valid)
 
 
 def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
   """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
-  sums = _head_loss_sums(model)
+  sums = programs.compiled(_head_loss_sums, model)  # One compilation per model.
   total, count = 0.0, 0.0
   for batch in full_pass(dataset, batch_size=batch_size):
     s, c = sums(variables, batch)

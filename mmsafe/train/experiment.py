@@ -68,6 +68,13 @@ class Experiment:
     compiled program."""
     return jax.jit(self._init_train_state)()
 
+  def abstract_train_state(self, sharding: jax.sharding.Sharding) -> TrainState:
+    """The train state's shapes and dtypes, placed by `sharding` (a checkpoint
+    template; nothing is computed or compiled)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        jax.eval_shape(self.init_train_state))
+
   def _init_train_state(self) -> TrainState:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))
     example = {m: jnp.zeros((int(self.config["batch_size"]), *shape), jnp.float32)

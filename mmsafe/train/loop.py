@@ -140,13 +140,15 @@ def _make_context(experiment: Experiment, workdir: str) -> _Context:
 
 def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointer):
   """(state, best, progress, resume step or None): the latest checkpoint of the
-  workdir, or a fresh run."""
-  state = parallel.put(experiment.init_train_state())
-  best = {"variables": parallel.put(parallel.get(state.variables))}
-  progress = dict(_FRESH_PROGRESS)
+  workdir (restored into a shape-only template), or a fresh run."""
   resume_step = checkpointer.latest_step()
-  if resume_step is not None:
-    state, best, progress = checkpointer.restore(resume_step, state, best)
+  if resume_step is None:
+    state = parallel.put(experiment.init_train_state())
+    best = {"variables": parallel.put(parallel.get(state.variables))}
+    return state, best, dict(_FRESH_PROGRESS), None
+  template = experiment.abstract_train_state(parallel_lib.replicated_sharding(parallel.mesh))
+  state, best, progress = checkpointer.restore(resume_step, template,
+                                               {"variables": template.variables})
   return state, best, progress, resume_step
 
 
@@ -349,10 +351,8 @@ def restore_run(workdir: str, which: str = "best"):
     config = json.load(f)
   experiment = build_experiment(config)
   # Shapes only (no compilation): the restored arrays land on the first device.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  template = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(experiment.init_train_state))
+  template = experiment.abstract_train_state(
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = checkpointer.latest_step()
   if step is None:

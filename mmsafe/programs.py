@@ -1,14 +1,15 @@
-"""Compiled programs of `mmsafe.certify`, built once per static structure.
+"""Compiled programs built once per static structure, and tracing detection.
 
-Every public entry point (`certify`, `local_lipschitz`, `jacobian_norms`,
-`local_constants`, `empirical_constants`, `sound_constants`, `head_params`)
-runs its computation as one `jax.jit` program taken from `compiled`. A program
+Every public entry point of `mmsafe.certify` (`certify`, `local_lipschitz`,
+`jacobian_norms`, `local_constants`, `empirical_constants`, `sound_constants`,
+`head_params`), and Gradient Blending's whole-split losses, run their
+computation as one `jax.jit` program taken from `compiled`. A program
 is keyed on what is static -- the model (or score function), by identity, and
 the options (kind, mode, chunk size, precision, ...) by value; the shapes and
 dtypes of its array arguments go to jit's own cache. A second direct call with
 the same model, options and shapes therefore neither traces nor compiles.
 
-Why a cache (the one piece of module state of `mmsafe.certify`): building a new
+Why a cache (the one compilation cache of `mmsafe`): building a new
 `jax.jit` on every call recompiles the whole program each time, 10-20x the run
 time of the compiled program at B = 100 on a CPU. The cache is bounded: beyond
 `MAX_PROGRAMS` the least recently used program is dropped, and with it jit's
@@ -57,6 +58,6 @@ def _jitted(fn: Callable[..., Any], subject: _ByIdentity, options: tuple[Hashabl
   return jax.jit(functools.partial(fn, subject.value, *options))
 
 
-def is_traced(tree: Any) -> bool:
-  """Whether any leaf of `tree` is a tracer (the caller runs under a transformation)."""
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+def is_traced(*trees: Any) -> bool:
+  """Whether any leaf of `trees` is a tracer (the caller runs under a transformation)."""
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
