@@ -25,18 +25,16 @@ a `sound` radius would be a bug; for `local`/`empirical` (estimates) the
 report gives how often the radius is broken.
 """
 
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import cli
+
 DEFAULT_EVALS = "experiments/configs/evals.py:certify"
-# The evals config must be named on the command line before experiments.evaluate
-# defines its flag, so that --evals.certify.* overrides apply to it.
-if __name__ == "__main__" and not any(a.split("=")[0].lstrip("-") == "evals"
-                                      for a in sys.argv[1:]):
-  sys.argv.insert(1, f"--evals={DEFAULT_EVALS}")
+# Named before experiments.evaluate defines its flag (with its own default).
+if __name__ == "__main__":
+  cli.name_config_on_command_line("evals", DEFAULT_EVALS)
 
 from experiments import evaluate  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -48,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,6 +33,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import cli
 from mmsafe import certify as certify_lib
 from mmsafe import files
 from mmsafe import methods
@@ -189,4 +190,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -29,12 +29,16 @@ import jax
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from experiments import cli
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.eval import report
 from mmsafe.train import loop
 
+DEFAULT_EVALS = "experiments/configs/evals.py:robustness"
+if __name__ == "__main__":
+  cli.name_config_on_command_line("evals", DEFAULT_EVALS)
 _EVALS = config_flags.DEFINE_config_file(
-    "evals", "experiments/configs/evals.py:robustness",
+    "evals", DEFAULT_EVALS,
     "Evaluators: name -> dict(type=..., ...) (see mmsafe.eval.evaluators).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
@@ -91,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,12 @@ r"""Trains one method on one dataset.
   python -m experiments.train --config=experiments/configs/embedded.py \
       --config.method=ojt --config.dataset=mfeat --workdir=/tmp/mmsafe/ojt
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir that
+verifies (a damaged one is set aside, with a warning). A workdir has one
+writer: a second process exits at once ("workdir: in use by pid N on host H").
+A rerun whose config differs from the workdir's in a field that defines the
+model or the run stops before writing and lists the fields; `--fresh` deletes
+the workdir's run and starts over.
 
 Data parallelism: `--config.parallel=jit` (or `pmap`) trains on all devices of
 all processes with `--config.batch_size` the global batch. Several processes
@@ -26,6 +31,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import cli
 from mmsafe.train import distributed
 from mmsafe.train import loop
 from mmsafe.train import preemption
@@ -33,6 +39,8 @@ from mmsafe.train import preemption
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_FRESH = flags.DEFINE_bool("fresh", False, "Delete the run in --workdir (checkpoints, "
+                            "metrics, results, reports) and start over.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Start jax.distributed: auto-detected multi-process jobs (auto), always (on), never (off).")
@@ -54,7 +62,7 @@ def main(argv):
       _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
-    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     print(json.dumps({"preempted": True, "step": e.step}), flush=True)
@@ -64,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

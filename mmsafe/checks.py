@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from mmsafe.numerics import concrete
 
@@ -38,8 +39,9 @@ def select_modalities(requested: str | Sequence[str] | None, valid: Sequence[str
 
 def check_inputs(inputs: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]], *,
                  batch_size: int | None = None, field: str = "inputs") -> None:
-  """Checks modality names, per-example shapes, floating dtypes and one batch size
-  (`batch_size` when given); static, on shapes and dtypes only, so it works under jit.
+  """Checks modality names, per-example shapes, floating dtypes and one non-empty
+  batch size (`batch_size` when given); static, on shapes and dtypes only, so it
+  works under jit.
 
   Raises:
     ValueError naming `field` (and the modality), the expected and the actual value.
@@ -65,6 +67,41 @@ def check_inputs(inputs: Mapping[str, Any], input_shapes: Mapping[str, Sequence[
   sizes = {m: inputs[m].shape[0] for m in input_shapes}
   if len(set(sizes.values())) > 1:
     raise ValueError(f"{field}: modalities disagree on the batch size: {sizes}")
+  if sizes:
+    check_nonempty(next(iter(sizes.values())), field)
+
+
+def check_nonempty(batch_size: int, field: str = "inputs") -> None:
+  """Checks that a (static) batch size is at least 1.
+
+  Raises:
+    ValueError naming `field` for an empty batch.
+  """
+  if batch_size < 1:
+    raise ValueError(f"{field}: expected a non-empty batch (batch size >= 1), "
+                     f"got batch size {batch_size}")
+
+
+def check_finite(value: Any, field: str, *, batched: bool = True) -> None:
+  """Checks that every entry of `value` is finite, when it is concrete (not traced
+  under jit; traced values pass unchecked).
+
+  Raises:
+    ValueError naming `field`, the number of NaN/Inf entries and (`batched`: the
+    leading axis is the batch) the first example holding one.
+  """
+  values = concrete(value)
+  if values is None:
+    return
+  bad = ~np.isfinite(values)
+  if not bad.any():
+    return
+  where = ""
+  if batched and values.ndim:
+    first = int(np.argmax(bad.reshape(values.shape[0], -1).any(axis=1)))
+    where = f" (first in example {first})"
+  raise ValueError(f"{field}: expected finite values, got {int(bad.sum())} NaN/Inf entries "
+                   f"of {values.size}{where}")
 
 
 def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None,

@@ -1,5 +1,7 @@
 """Shared fixtures: small models trained once per test session on mfeat."""
 
+import os
+import shutil
 import tempfile
 
 import jax
@@ -37,6 +39,18 @@ def assert_fails_before_touching_the_workdir(config, field: str, value, message:
   with pytest.raises(ValueError, match=message):
     loop.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def rewind(workdir, step: int) -> None:
+  """Leaves `workdir` as a run killed right after its checkpoint `step`: the later
+  checkpoints and the results are deleted (metrics past `step` are dropped by the
+  resumed run)."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  later = [name for name in os.listdir(checkpoints) if name.isdigit() and int(name) > step]
+  assert str(step) in os.listdir(checkpoints) and later, os.listdir(checkpoints)
+  for name in later:
+    shutil.rmtree(os.path.join(checkpoints, name))
+  os.remove(os.path.join(workdir, "results.json"))
 
 
 @pytest.fixture(scope="session")

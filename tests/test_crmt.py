@@ -1,6 +1,7 @@
 """CRMT: the L1 regulariser, step 2, CRMT-Mix, and the two-step schedule."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from mmsafe import methods
 from mmsafe.methods import compose, crmt
 from mmsafe.models import HeadParams, ModelOutput
 from mmsafe.train import TrainState, loop, make_optimizer, make_train_step, per_stage
-from tests.conftest import mfeat_config
+from tests.conftest import mfeat_config, rewind
 
 
 def _direct_l1(scores, labels, floor):
@@ -160,15 +161,15 @@ def test_tau_is_the_maximum_gradient_norm_of_the_uni_modal_scores(step2_setup):
 
 
 def test_two_step_run_resumes_in_step2(tmp_path):
-  def config(step2_epochs):
-    c = mfeat_config("crmt", num_epochs=1)
-    c.optimizer.decay_epochs = ()
-    c.step2.num_epochs = step2_epochs
-    return c
-
-  full = loop.train_and_evaluate(config(2), str(tmp_path / "full"))
-  loop.train_and_evaluate(config(1), str(tmp_path / "resumed"))
-  resumed = loop.train_and_evaluate(config(2), str(tmp_path / "resumed"))
+  config = mfeat_config("crmt", num_epochs=1)
+  config.optimizer.decay_epochs = ()
+  config.step2.num_epochs = 2
+  config.checkpoint_every_steps = 21
+  config.checkpoint_max_to_keep = 3
+  full = loop.train_and_evaluate(config, str(tmp_path / "full"))
+  shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+  rewind(str(tmp_path / "resumed"), 2 * 21)  # Killed after one epoch of step 2.
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert resumed["steps"] == full["steps"] == 3 * 21
   a = loop.restore_run(str(tmp_path / "full"), which="latest")[2]
   b = loop.restore_run(str(tmp_path / "resumed"), which="latest")[2]

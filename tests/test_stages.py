@@ -130,8 +130,8 @@ def test_listed_stages_equal_the_declared_ones(two_stage_method, tmp_path):
     ("jt", "stages", ({"objective": "jt", "num_epochs": 1}, {"objective": "jt", "num_epochs": 1}),
      r"stages: expected distinct stage names, got \['train', 'train'\]"),
     ("crmt", "step2", None, r"step2: stage 'step2' of method 'crmt' reads its optimizer"),
-    ("crmt", "step2.num_epochs", 0, r"step2.num_epochs: expected >= 1, got 0"),
-    ("crmt", "step2.trainable", "encoders", r"optimizer.trainable: expected one of"),
+    ("crmt", "step2.num_epochs", 0, r"step2.num_epochs: expected an integer >= 1, got 0"),
+    ("crmt", "step2.trainable", "encoders", r"step2.trainable: expected one of"),
 ])
 def test_bad_stage_configs_fail_before_touching_the_workdir(tmp_path, method, field, value,
                                                             message):

@@ -12,16 +12,25 @@ steps): `--config=experiments/configs/embedded.py:av_digits,lipschitz,runlocal`.
 Encoders are configured for every view of both datasets; a run builds the
 ones for the modalities it loads (`config.data.modalities`, default: the
 dataset's default pair).
+
+Any field can be overridden on the command line, also those that default to
+None (`--config.step2.num_epochs=2`, `--config.method_kwargs.ogm_end_epoch=50`).
+A tuple is given as comma-separated names (`--config.data.modalities=pix,fou`),
+a quoted Python literal (`--config.data.modalities="('pix', 'fou')"`) or by
+repeating the flag (`--config.data.modalities=pix --config.data.modalities=fou`);
+experiments/cli.py refuses unknown fields, naming the closest valid ones.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.dataset = "mfeat"
-  config.data = ml_collections.ConfigDict({"modalities": None})
+  # None: the dataset's default pair; a tuple of names overrides it.
+  config.data = ml_collections.ConfigDict({"modalities": config_dict.placeholder(tuple)})
   config.method = "jt"
   # Method hyper-parameters (each method reads the ones it needs).
   config.method_kwargs = ml_collections.ConfigDict({
@@ -41,13 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # reference README's default (0.8 recommended for CREMA-D); GE on
       # (OGM-GE). The reference modulates epochs 0..50 of 100; None = every
       # epoch (an int end also needs method_kwargs.steps_per_epoch).
-      "ogm_alpha": 0.1, "ogm_ge": True, "ogm_start_epoch": 0, "ogm_end_epoch": None,
+      "ogm_alpha": 0.1, "ogm_ge": True, "ogm_start_epoch": 0,
+      "ogm_end_epoch": config_dict.placeholder(int),
       # PMR (Fan et al., CVPR 2023; mmsafe/methods/pmr.py): alpha 1.0 is the
       # reference code's default; the per-step prototype EMA momentum 0.9 is
       # mmsafe's choice (the reference smooths per-epoch means with 0.5 in its
       # Kinetics-Sounds script); modulation every epoch (reference: 0..100 of
       # 150; an int end also needs method_kwargs.steps_per_epoch).
-      "pmr_alpha": 1.0, "pmr_momentum": 0.9, "pmr_start_epoch": 0, "pmr_end_epoch": None,
+      "pmr_alpha": 1.0, "pmr_momentum": 0.9, "pmr_start_epoch": 0,
+      "pmr_end_epoch": config_dict.placeholder(int),
       # MinSim + ExFMem (Tian & Xu, CVPR 2021; mmsafe/methods/msefm.py), from the
       # reference main_defense.py: loss CE + 1.0 * cosine similarity, a memory
       # of 1024 features, ISTA lasso weight 0.1, blend 0.6 (its Kinetics-Sounds
@@ -58,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # CRMT step 2 optimises the Thm 3.5 bound with "empirical" (the paper's
       # code) or "sound" constants; None: the method's own default (empirical
       # for the paper's variants, sound for crmt_cert).
-      "step2_lipschitz": None,
+      "step2_lipschitz": config_dict.placeholder(str),
       # crmt_cert (mmsafe/methods/crmt_cert.py): a hinge on every pairwise
       # tight Thm 3.5 radius at cert_eps (temperature cert_temperature), plus
       # cert_rho times L1 on the Lipschitz-normalised uni-modal margins. mmsafe's
@@ -97,7 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # modality weights a move). The paper's code: SGD, 0.03 x the base learning
   # rate, momentum 0.9, weight decay 1e-2, num_epochs // 3 epochs (None).
   config.step2 = ml_collections.ConfigDict({
-      "num_epochs": None, "learning_rate": 0.0015, "momentum": 0.9, "weight_decay": 1e-2})
+      "num_epochs": config_dict.placeholder(int), "learning_rate": 0.0015, "momentum": 0.9,
+      "weight_decay": 1e-2})
   # The training stages: () runs the method's own (mmsafe/train/stages.py), or
   # a list of {"name", "objective": "<method>/<stage>", "optimizer", "num_epochs",
   # "restart_selection"} dicts.

@@ -29,7 +29,7 @@ import jax.scipy.special  # noqa: F401  (jax.scipy.special.erfc)
 import numpy as np
 import optax
 
-from mmsafe import checks, numerics
+from mmsafe import checks, numerics, programs
 
 Array = jax.Array
 Inputs = Mapping[str, Array]
@@ -59,8 +59,14 @@ def resolve_modalities(inputs: Inputs, modalities: str | Sequence[str] | None
   return tuple(sorted(checks.select_modalities(modalities, sorted(inputs))))
 
 
-def batch_size(inputs: Inputs, labels: Array) -> int:
-  """The common batch size B of `inputs` and `labels` (int [B]); ValueError if they disagree."""
+def input_batch(inputs: Inputs) -> int:
+  """The common batch size B of `inputs` (modality -> float [B, ...], B >= 1); static
+  (shapes and dtypes), so it works under jit.
+
+  Raises:
+    ValueError naming the modality for a bad rank or dtype, a disagreement on B, or
+    an empty batch.
+  """
   sizes = {m: int(x.shape[0]) for m, x in inputs.items()}
   for m, x in inputs.items():
     if x.ndim < 2:
@@ -71,6 +77,14 @@ def batch_size(inputs: Inputs, labels: Array) -> int:
   if len(set(sizes.values())) != 1:
     raise ValueError(f"inputs: modalities disagree on the batch size: {sizes}")
   b = next(iter(sizes.values()))
+  checks.check_nonempty(b, "inputs")
+  return b
+
+
+def batch_size(inputs: Inputs, labels: Array) -> int:
+  """The common batch size B of `inputs` and `labels` (int [B]), checked statically
+  (`input_batch`); ValueError if they disagree."""
+  b = input_batch(inputs)
   labels_shape = tuple(getattr(labels, "shape", ()))
   if labels_shape != (b,):
     raise ValueError(f"labels: expected shape [{b}] (the batch size of inputs), "
@@ -78,6 +92,38 @@ def batch_size(inputs: Inputs, labels: Array) -> int:
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
   return b
+
+
+def check_finite_inputs(inputs: Inputs) -> None:
+  """ValueError naming the modality unless every entry of `inputs` is finite (only
+  for concrete arrays: traced ones pass unchecked)."""
+  for m in sorted(inputs):
+    checks.check_finite(inputs[m], f"inputs[{m!r}]")
+
+
+def checked_batch(logits_fn: LogitsFn, inputs: Inputs, labels: Array) -> int:
+  """`batch_size(inputs, labels)`, plus the checks on concrete values (once per
+  attack call, before any compiled piece runs): finite inputs and labels in
+  `[0, K)`, K the number of classes of `logits_fn`.
+
+  Raises:
+    ValueError naming the argument (and modality), the expected and actual value.
+  """
+  b = batch_size(inputs, labels)
+  check_finite_inputs(inputs)
+  if not programs.is_traced(labels):
+    checks.check_labels(labels, num_classes(logits_fn, inputs), batch_size=b)
+  return b
+
+
+# `fn(inputs)` for a `Partial` fn; its `eval_shape` is cached per function and shapes.
+_CALL = jax.jit(lambda fn, inputs: fn(inputs))
+
+
+def num_classes(logits_fn: LogitsFn, inputs: Inputs) -> int:
+  """K, the size of the last axis of `logits_fn(inputs)`, from shapes alone (no
+  forward pass; traced once per function and input shapes)."""
+  return int(_CALL.eval_shape(as_partial(logits_fn), dict(inputs)).shape[-1])
 
 
 def check_radius(value: Any, batch: int, name: str = "eps") -> Array:
@@ -308,6 +354,13 @@ def per_example_loss(logits: Array, labels: Array, loss: str, target: Array | No
       raise ValueError("target: expected class indices [B] for loss='targeted', got None")
     return jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0] - true
   return jnp.max(numerics.mask_labels(logits, labels, -jnp.inf), axis=1) - true
+
+
+def misclassified(logits: Array, labels: Array) -> Array:
+  """bool [B]: `argmax logits != labels`, or a NaN/Inf logit (a non-finite
+  prediction never counts as correct, e.g. under jit where inputs go unchecked)."""
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  return (jnp.argmax(logits, axis=-1) != labels) | ~finite
 
 
 def ranked_wrong_classes(logits: Array, labels: Array) -> Array:

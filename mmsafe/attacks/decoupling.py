@@ -179,7 +179,7 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
            bounds: common.Bounds | None, loss: str, random_start: bool) -> _Attack:
   """`decoupling`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
   attacked = common.resolve_modalities(inputs, modalities)
-  b = common.batch_size(inputs, labels)
+  b = common.checked_batch(logits_fn, inputs, labels)
   k, k_max = _check_budget(inputs, attacked, fraction, count, max_count)
   rounds = common.check_positive_int(rounds, "rounds")
   steps_per_round = common.check_positive_int(steps_per_round, "steps_per_round")
@@ -216,7 +216,7 @@ def _evaluate(attack: _Attack, delta: Array) -> tuple[Array, tuple[Array, Array]
   """
   logits = attack.logits_fn(common.merge(attack.inputs, _unflatten(attack, _add(attack, delta))))
   per = common.per_example_loss(logits, attack.labels, attack.loss)
-  return jnp.sum(per), (per, jnp.argmax(logits, axis=-1) != attack.labels)
+  return jnp.sum(per), (per, common.misclassified(logits, attack.labels))
 
 
 def _loss_and_grad(attack: _Attack, delta: Array):
@@ -380,7 +380,8 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
       examples) or "ce".
     random_start: newly chosen entries start uniform in `[-max_change,
       max_change]` instead of at zero.
-    return_info: also return per-example arrays [B]: "misclassified",
+    return_info: also return per-example arrays [B]: "misclassified" (also
+      True where the logits are NaN/Inf),
       "loss", "changed" (number of entries changed, int32) and
       "fraction_changed".
     loop: the loop strategy, as for `pgd` (`engine.LOOPS`; "auto": a host
@@ -392,8 +393,9 @@ def decoupling(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array,
   Raises:
     ValueError for a fraction outside [0, 1], both or neither of fraction and
     count, a negative count, rounds/steps < 1, max_change <= 0, an unknown
-    modality, an unknown loop (or "python" under a transformation) or
-    malformed inputs.
+    modality, an unknown loop (or "python" under a transformation), malformed
+    inputs/labels, an empty batch, or (when concrete) NaN/Inf inputs or labels
+    outside `[0, K)`.
   """
   attack = _setup(logits_fn, inputs, labels, key, fraction=fraction, modalities=modalities,
                   count=count, max_count=max_count, rounds=rounds,

@@ -28,7 +28,8 @@ def fgm(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, *,
 
   Pure and jit-able: the arrays (`inputs`, `labels`, `eps`, `bounds`) may be
   traced; `logits_fn`, `modalities` and `loss` are static (close over them).
-  Checks that need values (eps >= 0, low <= high) run only on concrete inputs.
+  Checks that need values (eps >= 0, low <= high, finite inputs, labels in
+  `[0, K)`) run only on concrete inputs.
 
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over
@@ -47,10 +48,11 @@ def fgm(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, *,
     The adversarial inputs, a dict with the same modalities, shapes and dtypes.
 
   Raises:
-    ValueError for eps < 0, an unknown modality name, or malformed inputs/labels.
+    ValueError for eps < 0, an unknown modality name, malformed inputs/labels,
+    an empty batch, or (when concrete) NaN/Inf inputs or labels outside `[0, K)`.
   """
   attacked = common.resolve_modalities(inputs, modalities)
-  b = common.batch_size(inputs, labels)
+  b = common.checked_batch(logits_fn, inputs, labels)
   eps = common.check_radius(eps, b, "eps")
   loss = common.check_loss(loss)
   if loss == "targeted":

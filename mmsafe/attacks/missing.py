@@ -29,8 +29,9 @@ def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
   The "missing modality" perturbation of CRMT Sec. 4.1 (Table 2).
 
   Pure and jit-able: `inputs`, `mean`, `key` and `noise_std` may be traced;
-  `modality` and `fill` are static. Shape checks are static; the
-  `noise_std >= 0` check runs only for a Python number.
+  `modality` and `fill` are static. Shape checks (a non-empty batch) are
+  static; finite inputs are checked when concrete; the `noise_std >= 0` check
+  runs only for a Python number.
 
   Args:
     inputs: modality -> float [B, ...] in normalised space.
@@ -47,10 +48,13 @@ def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
     A new dict with the same modalities, shapes and dtypes.
 
   Raises:
-    ValueError for an unknown modality or fill, a missing `mean`/`key`, or a
-    `mean` whose shape does not broadcast to one example.
+    ValueError for an unknown modality or fill, a missing `mean`/`key`, a
+    `mean` whose shape does not broadcast to one example, malformed or empty
+    inputs, or (when concrete) NaN/Inf inputs.
   """
   (modality,) = common.resolve_modalities(inputs, modality)
+  common.input_batch(inputs)
+  common.check_finite_inputs(inputs)
   if fill not in FILLS:
     raise ValueError(f"fill: expected one of {list(FILLS)}, got {fill!r}")
   x = inputs[modality]

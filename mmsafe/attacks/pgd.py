@@ -89,7 +89,7 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
            ) -> _Attack:
   """`pgd`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
   attacked = common.resolve_modalities(inputs, modalities)
-  b = common.batch_size(inputs, labels)
+  b = common.checked_batch(logits_fn, inputs, labels)
   eps = common.check_radius(eps, b, "eps")
   steps = common.check_positive_int(steps, "steps")
   restarts = common.check_positive_int(restarts, "restarts")
@@ -115,7 +115,7 @@ def _evaluate(attack: _Attack, delta: Perturbation, target: Array | None
   logits = attack.logits_fn(common.merge(attack.inputs,
                                          common.add_in_box(attack.x, delta, attack.box)))
   per = common.per_example_loss(logits, attack.labels, attack.loss, target)
-  misclassified = jnp.argmax(logits, axis=-1) != attack.labels
+  misclassified = common.misclassified(logits, attack.labels)
   return jnp.sum(per), (per, misclassified)
 
 
@@ -249,7 +249,8 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
   Pure and jit-able (with a traced `loop`): the arrays (`inputs`, `labels`,
   `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`, `steps`,
   `restarts`, `modalities`, `loss` and the boolean options are static (close
-  over them). Checks that need values (eps >= 0) run only on concrete inputs.
+  over them). Checks that need values (eps >= 0, finite inputs, labels in
+  `[0, K)`) run only on concrete inputs, once per call.
 
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over
@@ -279,7 +280,9 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       one extra forward pass per restart); False returns each restart's last
       iterate (as the CRMT reference code).
     return_info: also return a dict of per-example arrays [B]:
-      "misclassified" (bool), "loss" (the attack loss at the returned point)
+      "misclassified" (bool; also True where the logits are NaN/Inf: a
+      non-finite prediction is never robust), "loss" (the attack loss at the
+      returned point)
       and "norm" (the joint l2 norm of the perturbation).
     loop: the loop strategy (`engine.LOOPS`): "auto" (a host loop over
       compiled steps on XLA:CPU with concrete inputs, else a `lax` loop),
@@ -292,8 +295,9 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
 
   Raises:
     ValueError for eps < 0, steps < 1, restarts < 1, an unknown modality name,
-    an unknown loss, an unknown loop or "python" under a transformation, or
-    malformed bounds/inputs/labels.
+    an unknown loss, an unknown loop or "python" under a transformation,
+    malformed bounds/inputs/labels, an empty batch, or (when concrete) NaN/Inf
+    inputs or labels outside `[0, K)`.
   """
   attack = _setup(logits_fn, inputs, labels, key, eps=eps, steps=steps, step_size=step_size,
                   modalities=modalities, restarts=restarts, random_start=random_start,

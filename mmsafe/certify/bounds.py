@@ -78,9 +78,13 @@ class Certificate:
       0: a negative entry marks a class that already beats `y`.
     eta: modality -> [B, K] vulnerability indicators `eta^(m)_k` for the pair
       `(y, k)`; 0 at `k = y`.
-    correct: [B] bool, `argmax h(x) == y`.
+    correct: [B] bool, `argmax h(x) == y` and `finite` (a non-finite example
+      is never correct, so its radii are 0).
     margin: [B, K] fused logit margins `h_y(x) - h_k(x)` (0 at `k = y`).
     kind: the Lipschitz kind used: "local" | "empirical" | "sound" | "custom".
+    finite: [B] bool, the logits of the example are finite and none of its
+      vulnerability indicators is NaN (False e.g. for NaN inputs under jit,
+      where values go unchecked); None for a certificate built without it.
   """
 
   radius: Array
@@ -90,17 +94,11 @@ class Certificate:
   correct: Array
   margin: Array
   kind: str = flax.struct.field(pytree_node=False, default="custom")
+  finite: Array | None = None
 
   @property
   def modalities(self) -> tuple[str, ...]:
     return tuple(sorted(self.eta))
-
-
-def _check_finite(name: str, value: Any) -> None:
-  concrete = numerics.concrete(value)
-  if concrete is not None and not np.all(np.isfinite(concrete)):
-    raise ValueError(f"{name}: expected finite values, got {int((~np.isfinite(concrete)).sum())} "
-                     f"NaN/Inf entries of {concrete.size}")
 
 
 def _check_head(output: ModelOutput) -> None:
@@ -169,7 +167,7 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
   modalities = sorted(head.kernels)
   if sorted(tau) != modalities:
     raise ValueError(f"tau: expected modalities {modalities}, got {sorted(tau)}")
-  _check_finite("output.logits", logits)
+  checks.check_finite(logits, "output.logits")
   taus = {m: _checked_constants(f"tau[{m!r}]", tau[m], batch, num_classes) for m in modalities}
   if feature_lipschitz is not None:
     feature_lipschitz = _checked_feature_constants(feature_lipschitz, modalities)
@@ -188,7 +186,7 @@ def _checked_feature_constants(constants: Mapping[str, Array], modalities: list[
     if value.shape != ():
       raise ValueError(f"feature_lipschitz[{m!r}]: expected a scalar, got shape "
                        f"{tuple(value.shape)}")
-    _check_finite(f"feature_lipschitz[{m!r}]", value)
+    checks.check_finite(value, f"feature_lipschitz[{m!r}]", batched=False)
     concrete = numerics.concrete(value)
     if concrete is not None and concrete < 0:
       raise ValueError(f"feature_lipschitz[{m!r}]: expected a non-negative Lipschitz constant, "
@@ -236,7 +234,7 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
     logits = logits + jnp.asarray(bias, jnp.float32)
   labels = jnp.asarray(labels)
   checks.check_labels(labels, num_classes, batch_size=batch)
-  _check_finite("scores", logits)
+  checks.check_finite(logits, "scores")
   eta = {m: _checked_constants(f"eta[{m!r}]", eta[m], batch, num_classes) for m in modalities}
   return _radii_from_eta(logits, labels, eta, kind)
 
@@ -247,7 +245,7 @@ def _checked_constants(name: str, value: Array, batch: int, num_classes: int) ->
   if t.ndim != 2 or t.shape[0] not in (1, batch) or t.shape[1] != num_classes:
     raise ValueError(f"{name}: expected [B={batch}, K={num_classes}] or [1, K], got "
                      f"{tuple(t.shape)}")
-  _check_finite(name, t)
+  checks.check_finite(t, name, batched=False)
   concrete = numerics.concrete(t)
   if concrete is not None and np.any(concrete < 0):
     raise ValueError(f"{name}: expected non-negative Lipschitz constants, got minimum "
@@ -317,9 +315,12 @@ def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: s
   is_label = numerics.label_mask(labels, num_classes)
   logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k
-  correct = jnp.argmax(logits, axis=-1) == labels
   eta = {m: jnp.where(is_label, 0.0, jnp.broadcast_to(e, (batch, num_classes)))
          for m, e in eta.items()}
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  for e in eta.values():  # (an infinite indicator is sound: it gives radius 0)
+    finite = finite & ~jnp.any(jnp.isnan(e), axis=-1)
+  correct = (jnp.argmax(logits, axis=-1) == labels) & finite
 
   def radius_from(denominator):
     # margin / denominator, with a zero denominator meaning no perturbation can
@@ -335,7 +336,8 @@ def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: s
   per_class = radius_from(jnp.sqrt(sum(eta[m] ** 2 for m in modalities)))
   per_modality = {m: certified(radius_from(eta[m])) for m in modalities}
   return Certificate(radius=certified(per_class), per_modality=per_modality,
-                     per_class=per_class, eta=eta, correct=correct, margin=margin, kind=kind)
+                     per_class=per_class, eta=eta, correct=correct, margin=margin, kind=kind,
+                     finite=finite)
 
 
 def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array],
@@ -401,15 +403,19 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   (`mmsafe.certify.programs`), so it costs what an explicitly jitted call does.
 
   Raises:
-    ValueError for NaN/Inf inputs (when concrete), a kind mismatch with
-    `constants`, or any error of `certified_radius`.
+    ValueError for NaN/Inf inputs (when concrete), an empty batch, a kind
+    mismatch with `constants`, or any error of `certified_radius`. Under jit
+    (values unchecked) an example with NaN/Inf logits or NaN indicators gets
+    `correct=False`, radius 0 and `finite=False`.
   """
   if kind not in KINDS:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
   for m in sorted(inputs):
-    _check_finite(f"inputs[{m!r}]", inputs[m])
+    checks.check_finite(inputs[m], f"inputs[{m!r}]")
   head = head_params(model, variables)
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
+  if inputs:
+    checks.check_nonempty(batch, "inputs")
   labels = jnp.asarray(labels)
   checks.check_labels(labels, head.num_classes, batch_size=batch)
   if constants is None and kind != "local":
@@ -434,7 +440,7 @@ def _check_precomputed(constants: LipschitzConstants, kind: str, head_kind: str)
     raise ValueError(f"constants: expected target {expected_target!r} for a "
                      f"{head_kind!r} head, got {constants.target!r}")
   for m, value in constants.values.items():
-    _check_finite(f"constants.values[{m!r}]", value)
+    checks.check_finite(value, f"constants.values[{m!r}]", batched=False)
 
 
 def _certify(model, kind: str, options: JacobianOptions, variables: Mapping[str, Any],

@@ -48,13 +48,14 @@ def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
 
 @jax.jit
 def mean_radius(radius: Array, *, valid: Array | None = None) -> Array:
-  """Mean certified radius over (valid) samples with a finite radius (an infinite
-  one, from a zero vulnerability indicator, is left out and counted separately
-  by `summarize`); misclassified samples count as 0; 0 when none is left."""
+  """Mean certified radius over (valid) samples without an infinite radius (one,
+  from a zero vulnerability indicator, is left out and counted separately by
+  `summarize`); misclassified samples and NaN radii count as 0; 0 when none is
+  left."""
   radius = jnp.asarray(radius)
-  finite = jnp.isfinite(radius)
-  weights = _weights(valid, radius.shape[0]) * finite
-  return jnp.sum(jnp.where(finite, radius, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  weights = _weights(valid, radius.shape[0]) * ~jnp.isinf(radius)
+  value = jnp.where(jnp.isfinite(radius), radius, 0.0)
+  return jnp.sum(value * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def unimodal_certified_accuracy(certificate: Certificate, thresholds: Array, *,
@@ -108,16 +109,20 @@ def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
   Keys: kind, num_examples, clean_accuracy, mean_radius (over all samples,
   misclassified ones as 0; an infinite radius -- a sample no class can ever
   overtake, e.g. zero Lipschitz constants -- is left out of the mean and
-  counted in num_infinite_radius), median_radius_correct, thresholds,
+  counted in num_infinite_radius), num_non_finite (samples with NaN/Inf logits
+  or NaN indicators, `certificate.finite`, or else a NaN radius: counted as
+  failures, neither correct nor certified), median_radius_correct, thresholds,
   certified_accuracy (the curve over `thresholds`), unimodal_mean_radius and
   unimodal_certified_accuracy (Prop. 3.4, per modality).
   """
   thresholds = np.asarray(thresholds, np.float32)
-  arrays = jax.device_get(_summary_arrays(certificate.radius, certificate.correct,
+  radius = np.asarray(certificate.radius)
+  finite = (~np.isnan(radius) if certificate.finite is None
+            else np.asarray(certificate.finite, bool))
+  correct = np.asarray(certificate.correct, bool) & finite
+  arrays = jax.device_get(_summary_arrays(certificate.radius, correct,
                                           dict(certificate.per_modality), thresholds, valid))
   weights = arrays["weights"] > 0
-  radius = np.asarray(certificate.radius)
-  correct = np.asarray(certificate.correct)
 
   certified = radius[weights & correct]
   certified = certified[np.isfinite(certified)]
@@ -126,7 +131,8 @@ def summarize(certificate: Certificate, thresholds: Sequence[float] | Array, *,
       "num_examples": int(weights.sum()),
       "clean_accuracy": float(np.mean(correct[weights])) if weights.any() else 0.0,
       "mean_radius": float(arrays["mean_radius"]),
-      "num_infinite_radius": int(np.sum(~np.isfinite(radius[weights]))),
+      "num_infinite_radius": int(np.sum(np.isinf(radius[weights]))),
+      "num_non_finite": int(np.sum(~finite[weights])),
       "median_radius_correct": float(np.median(certified)) if certified.size else 0.0,
       "thresholds": thresholds.tolist(),
       "certified_accuracy": arrays["certified_accuracy"].tolist(),

@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mmsafe.checks import select_modalities
-from mmsafe.data.av_digits_audio import (DEFAULT_NUM_VOICES, SPLIT_CODES, av_cache_ok,
-                                         av_digits_cache_path, build_av_digits, read_av_cache)
+from mmsafe.data.av_digits_audio import (DEFAULT_NUM_VOICES, SPLIT_CODES, av_digits_cache_path,
+                                         build_av_digits, read_av_cache,
+                                         read_av_cache_or_none)
 from mmsafe.data.dataset import (NUM_CLASSES, Dataset, check_split, standardized_dataset,
                                  stratified_split)
 from mmsafe.data.mfeat import MFEAT_PIX_RANGE, load_mfeat_raw, mfeat_view
@@ -99,14 +100,17 @@ def _split_arrays(split: str, cache: Mapping[str, np.ndarray], images: np.ndarra
 
 def _audio_cache(data_dir: str | os.PathLike | None, num_voices: int, build: bool,
                  sounds_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
-  """The audio cache's arrays, built first when it is missing or stale (if `build`)."""
+  """The audio cache's arrays, built first when it is missing, damaged or stale (if
+  `build`)."""
   path = av_digits_cache_path(data_dir, num_voices)
-  if not (path.exists() and av_cache_ok(path)):
-    if not build:
-      raise FileNotFoundError(f"av_digits: cache {path} is missing or stale; build it with "
-                              f"`python -m experiments.build_data --dataset=av_digits "
-                              f"--num_voices={num_voices}`")
-    build_av_digits(data_dir, num_voices=num_voices, force=True, sounds_dir=sounds_dir)
+  arrays = read_av_cache_or_none(path)
+  if arrays is not None:
+    return arrays
+  if not build:
+    raise FileNotFoundError(f"av_digits: cache {path} is missing, damaged or stale; build it "
+                            f"with `python -m experiments.build_data --dataset=av_digits "
+                            f"--num_voices={num_voices}`")
+  build_av_digits(data_dir, num_voices=num_voices, force=True, sounds_dir=sounds_dir)
   return read_av_cache(path)
 
 

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import subprocess
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -39,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mmsafe.data import audio as audio_lib
-from mmsafe.data.cache import FileMemo, default_data_dir
+from mmsafe.data.cache import FileMemo, default_data_dir, read_cached
 from mmsafe.data.dataset import NUM_CLASSES
 from mmsafe.files import write_atomic
 
@@ -261,7 +260,8 @@ def build_av_digits(data_dir: str | os.PathLike | None = None, *,
       a tiny build for tests.
     workers: parallel espeak-ng processes (default `min(4, 2 * cpu_count)`).
     progress: called as `progress(done, total)` after each clip.
-    force: rebuild even if the cache exists.
+    force: rebuild even if the cache exists (a damaged or stale cache is
+      always rebuilt).
     sounds_dir: root of the Asterisk sounds (default /usr/share/asterisk/sounds).
 
   Raises:
@@ -269,7 +269,7 @@ def build_av_digits(data_dir: str | os.PathLike | None = None, *,
       installed (the message names the Debian package to install).
   """
   path = av_digits_cache_path(data_dir, num_voices)
-  if path.exists() and not force:
+  if not force and av_cache_ok(path):
     return path
   exe = _espeak()
   human = _asterisk_clips(Path(sounds_dir) if sounds_dir is not None else ASTERISK_SOUNDS_DIR)
@@ -303,10 +303,17 @@ def read_av_cache(path: Path) -> dict[str, np.ndarray]:
   return _CACHE_MEMO.get(path, _read_arrays)
 
 
+def _current_format(arrays: Mapping[str, np.ndarray]) -> bool:
+  """Whether the cache `arrays` are of the current format version."""
+  return json.loads(str(arrays["info"])).get("format_version") == AV_FORMAT_VERSION
+
+
+def read_av_cache_or_none(path: Path) -> dict[str, np.ndarray] | None:
+  """The audio cache's arrays, or None when it is missing, damaged or stale
+  (`mmsafe.data.cache.read_cached`): then it is to be built again."""
+  return read_cached(path, read_av_cache, _current_format)
+
+
 def av_cache_ok(path: Path) -> bool:
   """Whether `path` is a readable audio cache of the current format version."""
-  try:
-    info = json.loads(str(read_av_cache(path)["info"]))
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-    return False
-  return info.get("format_version") == AV_FORMAT_VERSION
+  return read_av_cache_or_none(path) is not None

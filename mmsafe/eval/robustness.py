@@ -13,7 +13,8 @@ and 4; MUROAN, Vishwamitra et al. 2021):
   entries it may change (jointly over modalities, or within one).
 
 Definitions. An example is *robust* at eps when it is classified correctly
-both clean and under the attack, so robust accuracy <= clean accuracy. Every
+both clean and under the attack, so robust accuracy <= clean accuracy; NaN/Inf
+logits (clean or attacked) count as a misclassification. Every
 attack at a smaller eps (or l0 budget) is also a valid attack at a larger one,
 so for PGD and the decoupling attack the reported curve is the per-example
 worst case over the grid points up to eps (`accuracy`, monotone in eps by
@@ -143,7 +144,16 @@ def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
 
 def _wrong(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], labels: Array
            ) -> Array:
-  return jnp.argmax(apply_fn(variables, inputs), axis=-1) != labels
+  """bool [B]: misclassified, or with NaN/Inf logits (`common.misclassified`)."""
+  return common.misclassified(apply_fn(variables, inputs), labels)
+
+
+def _clean_flags(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], labels: Array
+                 ) -> tuple[Array, Array]:
+  """(misclassified [B] as `_wrong`, non-finite [B]: some logit is NaN/Inf), one
+  forward pass."""
+  logits = apply_fn(variables, inputs)
+  return common.misclassified(logits, labels), ~jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 class _Kind:
@@ -180,21 +190,25 @@ class _Kind:
 
 
 class CleanAccuracy(_Kind):
-  """Which examples the model classifies correctly (no perturbation)."""
+  """Which examples the model classifies correctly (no perturbation); an example
+  with NaN/Inf logits never is."""
 
   kind = "clean"
 
   def __init__(self, apply_fn: ApplyFn, *, batch_size: int = 256, seed: int = 0):
     super().__init__(apply_fn, batch_size=batch_size, seed=seed)
     self.tasks = [Task("clean", "")]
-    self._fn = jax.jit(lambda variables, inputs, labels, key, value: (
-        _wrong(apply_fn, variables, inputs, labels), jnp.zeros(labels.shape)))
+    self._fn = jax.jit(lambda variables, inputs, labels, key, value: _clean_flags(
+        apply_fn, variables, inputs, labels))
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
-               progress: Progress = None) -> np.ndarray:
-    """bool [N]: correctly classified."""
-    wrong, _ = self._run(self._fn, 0, variables, inputs, labels, jnp.float32(0.0), progress)
-    return ~wrong
+               progress: Progress = None, *, with_non_finite: bool = False
+               ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """bool [N]: correctly classified; with `with_non_finite`, also bool [N]: the
+    logits hold a NaN/Inf (such an example counts as misclassified)."""
+    wrong, non_finite = self._run(self._fn, 0, variables, inputs, labels, jnp.float32(0.0),
+                                  progress)
+    return (~wrong, non_finite > 0) if with_non_finite else ~wrong
 
 
 class _AttackCurves(_Kind):
@@ -435,12 +449,15 @@ def num_work_units(config: SuiteConfig, input_shapes: Mapping[str, tuple[int, ..
 
 
 def _check_split(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> int:
+  """The number of examples N of a split, checked: N >= 1 for labels and every
+  modality, finite inputs (when concrete)."""
   n = int(labels.shape[0])
   if n == 0:
     raise ValueError("labels: expected at least one example, got 0")
   for m, x in inputs.items():
     if np.shape(x)[0] != n:
       raise ValueError(f"inputs[{m!r}]: expected {n} examples (as labels), got {np.shape(x)[0]}")
+  common.check_finite_inputs(inputs)
   return n
 
 
@@ -483,7 +500,9 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
 
   Returns:
     A dict of plain Python numbers and lists:
-      "num_examples", "clean_accuracy", "protocol" (the PGD protocol),
+      "num_examples", "clean_accuracy", "num_non_finite" (examples whose clean
+      logits hold a NaN/Inf: counted as misclassified, and so never robust
+      under any attack), "protocol" (the PGD protocol),
       "config" (grids), "headline" (the paper's table entries: clean,
       "fgm/multi@0.5", "pgd/multi@0.5", "fgm/<m>@1.0", "pgd/<m>@1.0",
       "missing/<m>"), "curves" ({kind: {scope: {"modalities", "eps",
@@ -512,9 +531,10 @@ def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
   labels = np.asarray(labels)
   n = _check_split(inputs, labels)
   clean, *others = parts
-  correct = clean(variables, inputs, labels, progress)
+  correct, non_finite = clean(variables, inputs, labels, progress, with_non_finite=True)
   results: dict[str, Any] = {
       "num_examples": n, "clean_accuracy": float(correct.mean()),
+      "num_non_finite": int(non_finite.sum()),
       "protocol": get_protocol(config.protocol).to_dict(),
       "config": suite_settings(config, n, bounds), "curves": {}, "missing": {},
       "decoupling": {}, "headline": {"clean": float(correct.mean())}}

@@ -12,12 +12,19 @@ import jax.numpy as jnp
 from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe import models
+from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.train import parallel as parallel_lib
-from mmsafe.train.optimizer import make_optimizer, per_stage
+from mmsafe.train.optimizer import check_integer, check_number, make_optimizer, per_stage
 from mmsafe.train.stages import TrainingStage, stage_at, training_stages
 from mmsafe.train.state import TrainState
 
 SPLIT_ROLES = ("train", "validation", "test")
+# Numeric method_kwargs checked before training when set (each method reads the
+# ones it needs): name -> (integer?, minimum, minimum allowed?).
+METHOD_KWARG_RANGES = {
+    "attack_eps": (False, 0.0, True), "attack_step_size": (False, 0.0, True),
+    "attack_steps": (True, 1, True), "rho": (False, 0.0, True),
+    "mixup_alpha": (False, 0.0, False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,8 @@ class Experiment:
     optimizers: stage name -> optax transformation; all share one optimizer
       state (`optimizer.per_stage`).
     steps_per_epoch: optimizer steps per pass over the training split.
+    evaluators: the in-training evaluators of `config.evals`, built (and so
+      validated) before anything is written.
   """
 
   config: dict
@@ -42,6 +51,7 @@ class Experiment:
   stages: tuple[TrainingStage, ...]
   optimizers: dict
   steps_per_epoch: int
+  evaluators: dict = dataclasses.field(default_factory=dict)
 
   @property
   def total_steps(self) -> int:
@@ -96,19 +106,39 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   if config.get("parallel", "none") not in parallel_lib.MODES:
     raise ValueError(f"parallel: expected one of {list(parallel_lib.MODES)}, got "
                      f"{config.get('parallel')!r}")
+  seed = check_integer(config.get("seed", 0), "seed", 0)
+  batch_size = check_integer(config.get("batch_size"), "batch_size", 1)
+  check_integer(config.get("eval_batch_size", 256), "eval_batch_size", 1)
+  check_method_kwargs(config.get("method_kwargs") or {})
   splits = load_splits(config)
   train = splits["train"]
-  batch_size = int(config["batch_size"])
-  if batch_size < 1 or batch_size > len(train):
+  if batch_size > len(train):
     raise ValueError(f"batch_size: expected 1..{len(train)} (the training set size), "
                      f"got {batch_size}")
   steps_per_epoch = len(train) // batch_size
   stages = training_stages(config, method, steps_per_epoch)
-  optimizers = per_stage({stage.name: make_optimizer(stage.optimizer, steps_per_epoch)
-                          for stage in stages})
-  return Experiment(config=config, splits=splits, model=build_model(config, method, train),
-                    method=method, stages=stages, optimizers=optimizers,
-                    steps_per_epoch=steps_per_epoch)
+  optimizers = per_stage({
+      stage.name: make_optimizer(stage.optimizer, steps_per_epoch, field=stage.optimizer_field)
+      for stage in stages})
+  model = build_model(config, method, train)
+  evaluators = evaluators_lib.build_evaluators(config.get("evals"), model=model, splits=splits,
+                                               seed=seed)
+  return Experiment(config=config, splits=splits, model=model, method=method, stages=stages,
+                    optimizers=optimizers, steps_per_epoch=steps_per_epoch,
+                    evaluators=evaluators)
+
+
+def check_method_kwargs(kwargs: Mapping[str, Any]) -> None:
+  """Checks the set numeric `method_kwargs` of `METHOD_KWARG_RANGES`."""
+  for name, (integer, minimum, inclusive) in METHOD_KWARG_RANGES.items():
+    value = kwargs.get(name)
+    if value is None:
+      continue
+    field = f"method_kwargs.{name}"
+    if integer:
+      check_integer(value, field, minimum)
+    else:
+      check_number(value, field, minimum, inclusive)
 
 
 def build_model(config: Mapping[str, Any], method: methods.Method, train,
@@ -142,5 +172,10 @@ def load_splits(config: Mapping[str, Any]) -> dict:
   if unknown:
     raise ValueError(f"data.splits: expected keys among {list(SPLIT_ROLES)}, got {unknown}")
   names.update(overrides)
-  return {role: data_lib.load(config["dataset"], names[role], **data_kwargs)
-          for role in SPLIT_ROLES}
+  try:
+    return {role: data_lib.load(config["dataset"], names[role], **data_kwargs)
+            for role in SPLIT_ROLES}
+  except ValueError as e:
+    if str(e).split(":", 1)[0] in data_kwargs:  # A loader's error about a data field.
+      raise ValueError(f"data.{e}") from e
+    raise

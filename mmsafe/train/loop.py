@@ -46,6 +46,7 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -54,13 +55,16 @@ from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.files import write_json_atomic
+from mmsafe.train import distributed
 from mmsafe.train import metrics as metrics_lib
 from mmsafe.train import parallel as parallel_lib
-from mmsafe.train.checkpoint import Checkpointer
+from mmsafe.train import workdir as workdir_lib
+from mmsafe.train.checkpoint import Checkpointer, DamagedCheckpoint
 from mmsafe.train.experiment import Experiment, build_experiment
 from mmsafe.train.preemption import CheckpointCadence, Preempted, SigtermFlag
 from mmsafe.train.stages import TrainingStage
 
+DAMAGED_DIR = "checkpoints_damaged"
 _FRESH_PROGRESS = {"best_validation_accuracy": -1.0, "best_validation_loss": None,
                    "best_step": 0, "stage": None}
 
@@ -79,33 +83,58 @@ class _Context:
   postfix: dict = dataclasses.field(default_factory=dict)
 
 
-def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, fresh: bool = False
+                       ) -> dict[str, Any]:
   """Trains `config.method` on `config.dataset` through its stages, evaluating on
   validation each epoch, checkpointing to `workdir` and resuming from it when
-  it holds a run. Model selection: best validation accuracy, ties to the lower
-  validation loss (`is_better`), restarting with stages that ask for it.
+  it holds the same run. Model selection: best validation accuracy, ties to the
+  lower validation loss (`is_better`), restarting with stages that ask for it.
+
+  The workdir has one writer (`workdir.WorkdirLock`, held by process 0). A
+  workdir that holds a run with a different config is refused
+  (`workdir.check_same_run`) unless `fresh`, which deletes that run first.
 
   Returns the final results (also written to `workdir/results.json`).
 
   Raises:
     Preempted: on SIGTERM, after saving a checkpoint (see the module docstring).
+    WorkdirInUse: another live process writes `workdir`.
+    ValueError: a bad config, or a workdir holding another run (nothing written).
+    DamagedCheckpoint: no checkpoint of the workdir verifies.
   """
   experiment = build_experiment(config)
+  context = _make_context(experiment)
+  lock = (workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    if fresh:
+      if jax.process_index() == 0:
+        workdir_lib.clear_workdir(workdir)
+      distributed.sync_processes("mmsafe_fresh_workdir")
+    else:
+      workdir_lib.check_same_run(workdir, experiment.config)
+    return _run(context, workdir)
+
+
+def _run(context: _Context, workdir: str) -> dict[str, Any]:
+  """Restores or initialises the run in `workdir` (owned by this job), trains it
+  and evaluates the selected model on the test split."""
+  experiment = context.experiment
   config = experiment.config
-  context = _make_context(experiment, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               max_to_keep=int(config.get("checkpoint_max_to_keep", 2)))
-  state, best, progress, resume_step = _restore_or_init(experiment, context.parallel,
-                                                        checkpointer)
-  if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "config.json"), config)
-  context.writer = (metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
-                                              resume_step)
-                    if jax.process_index() == 0 else metrics_lib.NullWriter())
-  pending = metrics_lib.pending_from_json(progress.pop("pending_metrics", {}))
-  start_time = time.time()
-  state, best, progress = _train(context, checkpointer, state, best, progress, pending)
-  checkpointer.close()
+  # Closed on every exit (pending saves finish), so no orbax thread outlives a failure.
+  with contextlib.closing(checkpointer):
+    state, best, progress, resume_step = _restore_or_init(
+        experiment, context.parallel, checkpointer, os.path.join(workdir, DAMAGED_DIR))
+    if jax.process_index() == 0:
+      write_json_atomic(os.path.join(workdir, "config.json"), config)
+    context.writer = (metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
+                                                resume_step)
+                      if jax.process_index() == 0 else metrics_lib.NullWriter())
+    pending = metrics_lib.pending_from_json(progress.pop("pending_metrics", {}))
+    start_time = time.time()
+    state, best, progress = _train(context, checkpointer, state, best, progress, pending)
   test = evaluate(context.eval_step, best["variables"], experiment.splits["test"],
                   context.eval_batch_size, context.parallel, context.loader)
   results = {
@@ -120,36 +149,58 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, Any
   return results
 
 
-def _make_context(experiment: Experiment, workdir: str) -> _Context:
-  """The layout, compiled eval step and evaluators of a run (all checked before
-  anything is written)."""
+def _make_context(experiment: Experiment) -> _Context:
+  """The device layout, compiled eval step and evaluators of a run (all checked
+  before anything is written)."""
   config = experiment.config
   parallel = parallel_lib.DataParallel.create(config.get("parallel", "none"))
   parallel.check_batch_size("batch_size", int(config["batch_size"]))
-  evaluators = evaluators_lib.build_evaluators(config.get("evals"), model=experiment.model,
-                                               splits=experiment.splits,
-                                               seed=int(config.get("seed", 0)))
-  os.makedirs(workdir, exist_ok=True)
   return _Context(experiment=experiment, parallel=parallel,
                   eval_step=parallel.compile_eval_step(experiment.model),
                   eval_batch_size=parallel.round_batch_size(
                       int(config.get("eval_batch_size", 256))),
                   loader=dict(config.get("loader") or {}), writer=metrics_lib.NullWriter(),
-                  evaluators=evaluators)
+                  evaluators=experiment.evaluators)
 
 
-def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointer):
-  """(state, best, progress, resume step or None): the latest checkpoint of the
-  workdir (restored into a shape-only template), or a fresh run."""
-  resume_step = checkpointer.latest_step()
-  if resume_step is None:
+def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointer,
+                     damaged_dir: str):
+  """(state, best, progress, resume step or None): the newest checkpoint of the
+  workdir that verifies (restored into a shape-only template), or a fresh run.
+
+  Damaged checkpoints newer than it are moved to `damaged_dir`, each with a
+  warning naming it and why it was skipped.
+
+  Raises:
+    DamagedCheckpoint: the workdir holds checkpoints and none verifies.
+    CheckpointMismatch: a checkpoint's structure differs from the config's model.
+  """
+  steps = checkpointer.all_steps()
+  if not steps:
     state = parallel.put(experiment.init_train_state())
     best = {"variables": parallel.put(parallel.get(state.variables))}
     return state, best, dict(_FRESH_PROGRESS), None
   template = experiment.abstract_train_state(parallel_lib.replicated_sharding(parallel.mesh))
-  state, best, progress = checkpointer.restore(resume_step, template,
-                                               {"variables": template.variables})
-  return state, best, progress, resume_step
+  damaged = []
+  for step in steps:
+    try:
+      state, best, progress = checkpointer.restore(step, template,
+                                                   {"variables": template.variables})
+      break
+    except DamagedCheckpoint as error:
+      damaged.append((step, error))
+  else:
+    raise DamagedCheckpoint(checkpointer.directory, "no checkpoint verifies: " + "; ".join(
+        f"{step}: {error.reason}" for step, error in damaged)
+        + ". Rerun with a fresh workdir (or --fresh) to start over")
+  for bad_step, error in damaged:
+    moved = checkpointer.quarantine(bad_step, damaged_dir) if jax.process_index() == 0 else ""
+    logging.warning("skipped damaged checkpoint %s (%s); moved to %s; resuming from step %d",
+                    error.path, error.reason, moved, step)
+  if damaged:
+    distributed.sync_processes("mmsafe_quarantine")
+    checkpointer.reload()
+  return state, best, progress, step
 
 
 def _train(context: _Context, checkpointer: Checkpointer, state, best, progress, pending):
@@ -200,9 +251,9 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
         checkpointer.save(done, state, best,
                           {**progress, "pending_metrics": metrics_lib.pending_to_json(pending)})
         cadence.saved()
+      checkpointer.seal_if_written()
       bar.update(1)
       if preempted and done < experiment.total_steps:
-        checkpointer.close()
         raise Preempted(done)
   return state, best, progress
 
@@ -340,6 +391,11 @@ def restore_run(workdir: str, which: str = "best"):
 
   Returns:
     (config dict, model, variables, splits dict "train"/"validation"/"test").
+
+  Raises:
+    DamagedCheckpoint: the latest checkpoint cannot be read or fails its digest
+      (its path is named; nothing falls back silently).
+    CheckpointMismatch: the checkpoint's structure differs from config.json's model.
   """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
@@ -353,11 +409,12 @@ def restore_run(workdir: str, which: str = "best"):
   # Shapes only (no compilation): the restored arrays land on the first device.
   template = experiment.abstract_train_state(
       jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"workdir: no checkpoint under {workdir!r}/checkpoints")
-  train_state, best, _ = checkpointer.restore(step, template, {"variables": template.variables})
-  checkpointer.close()
+  with contextlib.closing(Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       read_only=True)) as checkpointer:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"workdir: no checkpoint under {workdir!r}/checkpoints")
+    train_state, best, _ = checkpointer.restore(step, template,
+                                                {"variables": template.variables})
   variables = best["variables"] if which == "best" else train_state.variables
   return config, experiment.model, variables, experiment.splits

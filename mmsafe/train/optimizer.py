@@ -4,13 +4,33 @@ frozen parameters per training stage."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from mmsafe.manifold import stiefel_transform
 from mmsafe.models.heads import is_modality_weight, is_stiefel_leaf
+
+
+def check_integer(value: Any, field: str, minimum: int) -> int:
+  """`value` as an int; ValueError naming `field` unless it is an integer >= `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_number(value: Any, field: str, minimum: float, inclusive: bool = True) -> float:
+  """`value` as a float; ValueError naming `field` unless it is a finite number
+  >= `minimum` (> `minimum` when not `inclusive`)."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value) and (value >= minimum if inclusive else value > minimum))
+  if not ok:
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    raise ValueError(f"{field}: expected a finite number {bound}, got {value!r}")
+  return float(value)
 
 
 def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.Schedule:
@@ -21,13 +41,23 @@ def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> o
   return optax.piecewise_constant_schedule(config["learning_rate"], boundaries)
 
 
+def check_hyperparameters(config: Mapping[str, Any], field: str) -> None:
+  """Checks the optimizer `config`'s numbers (section `field`), all finite:
+  `decay_factor` > 0; `learning_rate` (0: a stage that trains nothing),
+  `momentum` and `weight_decay` >= 0."""
+  check_number(config.get("learning_rate"), f"{field}.learning_rate", 0.0)
+  check_number(config.get("decay_factor", 0.1), f"{field}.decay_factor", 0.0, inclusive=False)
+  for key in ("momentum", "weight_decay"):
+    check_number(config.get(key) or 0.0, f"{field}.{key}", 0.0)
+
+
 # Parameter selections a stage's optimizer may train (`trainable`); every other
 # leaf gets an exactly-zero update and stays bit-identical.
 TRAINABLE = {"all": None, "modality_weights": is_modality_weight}
 
 
-def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, *,
+                   field: str = "optimizer") -> optax.GradientTransformation:
   """The optimizer of `config` (`name` "sgd" | "adam", `learning_rate`,
   `momentum`, `weight_decay`, `decay_epochs`, `decay_factor`, `retraction`,
   `trainable`).
@@ -37,12 +67,13 @@ def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int
   Stiefel manifold with the configured retraction. `trainable` (a key of
   `TRAINABLE`, default "all") freezes the other leaves, as big_vision freezes
   parameters by schedule (e.g. a stage that tunes only the orthogonal
-  head's modality weights `a`).
+  head's modality weights `a`). Errors name the config section `field`.
   """
   config = dict(config)
+  check_hyperparameters(config, field)
   trainable = config.get("trainable") or "all"
   if trainable not in TRAINABLE:
-    raise ValueError(f"optimizer.trainable: expected one of {sorted(TRAINABLE)}, got "
+    raise ValueError(f"{field}.trainable: expected one of {sorted(TRAINABLE)}, got "
                      f"{trainable!r}")
   schedule = learning_rate_schedule(config, steps_per_epoch)
   name = config.get("name", "sgd")
@@ -51,7 +82,7 @@ def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int
   elif name == "adam":
     inner = optax.adam(schedule)
   else:
-    raise ValueError(f"optimizer.name: expected 'sgd' or 'adam', got {name!r}")
+    raise ValueError(f"{field}.name: expected 'sgd' or 'adam', got {name!r}")
   weight_decay = config.get("weight_decay", 0.0)
   if weight_decay:
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 from mmsafe import methods
+from mmsafe.train.optimizer import check_integer
 
 _STAGE_KEYS = ("name", "objective", "optimizer", "num_epochs", "restart_selection")
 
@@ -34,6 +35,8 @@ class TrainingStage:
     name: the stage's name in logs and checkpoints.
     make_objective: `(model, method_config) -> loss_fn`.
     optimizer: `make_optimizer`'s config (with `trainable`).
+    optimizer_field: where the config holds it (a section, e.g. "step2", or
+      "stages[<i>].optimizer"), for error messages.
     num_epochs: epochs of the stage.
     restart_selection: whether model selection restarts when it begins.
     start_step, end_step: the run's steps `[start_step, end_step)` it covers.
@@ -44,6 +47,7 @@ class TrainingStage:
   optimizer: dict
   num_epochs: int
   restart_selection: bool
+  optimizer_field: str = "optimizer"
   start_step: int = 0
   end_step: int = 0
 
@@ -58,10 +62,8 @@ def _section(config: Mapping[str, Any], name: str, stage: str) -> dict:
 
 
 def _epochs(value: Any, default: int, field: str) -> int:
-  epochs = default if value is None else int(value)
-  if epochs < 1:
-    raise ValueError(f"{field}: expected >= 1, got {epochs}")
-  return epochs
+  """`value` (None: `default`) checked to be an integer >= 1."""
+  return check_integer(default if value is None else value, field, 1)
 
 
 def _declared(config: Mapping[str, Any], stage: methods.Stage) -> TrainingStage:
@@ -75,7 +77,7 @@ def _declared(config: Mapping[str, Any], stage: methods.Stage) -> TrainingStage:
                          f"{stage.optimizer}.num_epochs")
   optimizer["trainable"] = optimizer.get("trainable") or stage.trainable
   return TrainingStage(stage.name, stage.make_objective, optimizer, num_epochs,
-                       stage.restart_selection)
+                       stage.restart_selection, optimizer_field=stage.optimizer)
 
 
 def _listed(config: Mapping[str, Any], index: int, entry: Mapping[str, Any]) -> TrainingStage:
@@ -89,13 +91,15 @@ def _listed(config: Mapping[str, Any], index: int, entry: Mapping[str, Any]) -> 
   method = methods.get(method_name)
   declared = method.stage(stage_name) if stage_name else method.stages[0]
   optimizer = entry.get("optimizer", declared.optimizer)
+  optimizer_field = optimizer if isinstance(optimizer, str) else f"{field}.optimizer"
   optimizer = (_section(config, optimizer, declared.name) if isinstance(optimizer, str)
                else dict(optimizer))
   optimizer.pop("num_epochs", None)
   optimizer["trainable"] = optimizer.get("trainable") or declared.trainable
   return TrainingStage(str(entry.get("name", declared.name)), declared.make_objective,
                        optimizer, _epochs(entry.get("num_epochs"), 0, f"{field}.num_epochs"),
-                       bool(entry.get("restart_selection", declared.restart_selection)))
+                       bool(entry.get("restart_selection", declared.restart_selection)),
+                       optimizer_field=optimizer_field)
 
 
 def training_stages(config: Mapping[str, Any], method: methods.Method, steps_per_epoch: int
