@@ -77,8 +77,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only),
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only),
         item_handlers={"train_state": ocp.StandardCheckpointHandler(),
                        "best": ocp.StandardCheckpointHandler(),
                        "progress": ocp.JsonCheckpointHandler()})
