@@ -4,6 +4,7 @@ the expected and the actual value."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -102,6 +103,33 @@ def check_finite(value: Any, field: str, *, batched: bool = True) -> None:
     where = f" (first in example {first})"
   raise ValueError(f"{field}: expected finite values, got {int(bad.sum())} NaN/Inf entries "
                    f"of {values.size}{where}")
+
+
+def check_finite_inputs(inputs: Mapping[str, Any], field: str = "inputs") -> None:
+  """`check_finite` on every modality of `inputs`, naming it (`inputs['pix']`)."""
+  for m in sorted(inputs):
+    check_finite(inputs[m], f"{field}[{m!r}]")
+
+
+def check_integer(value: Any, field: str, minimum: int) -> int:
+  """`value` as an int; ValueError naming `field` unless it is an integer >= `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_number(value: Any, field: str, minimum: float, inclusive: bool = True, *,
+                 maximum: float = math.inf, what: str = "a finite number") -> float:
+  """`value` as a float; ValueError naming `field` unless it is a finite number
+  >= `minimum` (> `minimum` when not `inclusive`) and <= `maximum`."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        and value <= maximum)
+  if not ok:
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    bound += f" and <= {maximum:g}" if maximum < math.inf else ""
+    raise ValueError(f"{field}: expected {what} {bound}, got {value!r}")
+  return float(value)
 
 
 def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None,

@@ -94,13 +94,6 @@ def batch_size(inputs: Inputs, labels: Array) -> int:
   return b
 
 
-def check_finite_inputs(inputs: Inputs) -> None:
-  """ValueError naming the modality unless every entry of `inputs` is finite (only
-  for concrete arrays: traced ones pass unchecked)."""
-  for m in sorted(inputs):
-    checks.check_finite(inputs[m], f"inputs[{m!r}]")
-
-
 def checked_batch(logits_fn: LogitsFn, inputs: Inputs, labels: Array) -> int:
   """`batch_size(inputs, labels)`, plus the checks on concrete values (once per
   attack call, before any compiled piece runs): finite inputs and labels in
@@ -110,7 +103,7 @@ def checked_batch(logits_fn: LogitsFn, inputs: Inputs, labels: Array) -> int:
     ValueError naming the argument (and modality), the expected and actual value.
   """
   b = batch_size(inputs, labels)
-  check_finite_inputs(inputs)
+  checks.check_finite_inputs(inputs)
   if not programs.is_traced(labels):
     checks.check_labels(labels, num_classes(logits_fn, inputs), batch_size=b)
   return b

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsafe import checks
 from mmsafe.attacks import common
 
 Array = jax.Array
@@ -54,7 +55,7 @@ def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
   """
   (modality,) = common.resolve_modalities(inputs, modality)
   common.input_batch(inputs)
-  common.check_finite_inputs(inputs)
+  checks.check_finite_inputs(inputs)
   if fill not in FILLS:
     raise ValueError(f"fill: expected one of {list(FILLS)}, got {fill!r}")
   x = inputs[modality]

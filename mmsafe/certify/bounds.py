@@ -410,8 +410,7 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   """
   if kind not in KINDS:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-  for m in sorted(inputs):
-    checks.check_finite(inputs[m], f"inputs[{m!r}]")
+  checks.check_finite_inputs(inputs)
   head = head_params(model, variables)
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
   if inputs:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mmsafe import certify as certify_lib
+from mmsafe import checks
 from mmsafe import data as data_lib
 from mmsafe.attacks.pgd import get_protocol
 from mmsafe.eval import certification
@@ -72,14 +73,9 @@ def _floats(value: Any, field: str) -> tuple[float, ...]:
 def _bounded_floats(value: Any, field: str, low: float, high: float = math.inf, *,
                     low_inclusive: bool = True) -> tuple[float, ...]:
   """`value` (one number or a list of them) as floats, each finite, >= `low` (>
-  when not `low_inclusive`) and <= `high`."""
-  values = _floats(value, field)
-  for v in values:
-    if not (math.isfinite(v) and (v >= low if low_inclusive else v > low) and v <= high):
-      bound = f"{'>=' if low_inclusive else '>'} {low:g}"
-      bound += f" and <= {high:g}" if high < math.inf else ""
-      raise ValueError(f"{field}: expected finite values {bound}, got {v!r}")
-  return values
+  when not `low_inclusive`) and <= `high` (`checks.check_number`)."""
+  return tuple(checks.check_number(v, field, low, low_inclusive, maximum=high,
+                                   what="finite values") for v in _floats(value, field))
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:

@@ -457,7 +457,7 @@ def _check_split(inputs: Mapping[str, np.ndarray], labels: np.ndarray) -> int:
   for m, x in inputs.items():
     if np.shape(x)[0] != n:
       raise ValueError(f"inputs[{m!r}]: expected {n} examples (as labels), got {np.shape(x)[0]}")
-  common.check_finite_inputs(inputs)
+  checks.check_finite_inputs(inputs)
   return n
 
 

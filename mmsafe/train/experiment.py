@@ -14,7 +14,8 @@ from mmsafe import methods
 from mmsafe import models
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.train import parallel as parallel_lib
-from mmsafe.train.optimizer import check_integer, check_number, make_optimizer, per_stage
+from mmsafe.checks import check_integer, check_number
+from mmsafe.train.optimizer import make_optimizer, per_stage
 from mmsafe.train.stages import TrainingStage, stage_at, training_stages
 from mmsafe.train.state import TrainState
 

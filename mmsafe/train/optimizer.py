@@ -4,33 +4,14 @@ frozen parameters per training stage."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-import math
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
+from mmsafe import checks
 from mmsafe.manifold import stiefel_transform
 from mmsafe.models.heads import is_modality_weight, is_stiefel_leaf
-
-
-def check_integer(value: Any, field: str, minimum: int) -> int:
-  """`value` as an int; ValueError naming `field` unless it is an integer >= `minimum`."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{field}: expected an integer >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def check_number(value: Any, field: str, minimum: float, inclusive: bool = True) -> float:
-  """`value` as a float; ValueError naming `field` unless it is a finite number
-  >= `minimum` (> `minimum` when not `inclusive`)."""
-  ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-        and math.isfinite(value) and (value >= minimum if inclusive else value > minimum))
-  if not ok:
-    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
-    raise ValueError(f"{field}: expected a finite number {bound}, got {value!r}")
-  return float(value)
 
 
 def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.Schedule:
@@ -45,10 +26,11 @@ def check_hyperparameters(config: Mapping[str, Any], field: str) -> None:
   """Checks the optimizer `config`'s numbers (section `field`), all finite:
   `decay_factor` > 0; `learning_rate` (0: a stage that trains nothing),
   `momentum` and `weight_decay` >= 0."""
-  check_number(config.get("learning_rate"), f"{field}.learning_rate", 0.0)
-  check_number(config.get("decay_factor", 0.1), f"{field}.decay_factor", 0.0, inclusive=False)
+  checks.check_number(config.get("learning_rate"), f"{field}.learning_rate", 0.0)
+  checks.check_number(config.get("decay_factor", 0.1), f"{field}.decay_factor", 0.0,
+                      inclusive=False)
   for key in ("momentum", "weight_decay"):
-    check_number(config.get(key) or 0.0, f"{field}.{key}", 0.0)
+    checks.check_number(config.get(key) or 0.0, f"{field}.{key}", 0.0)
 
 
 # Parameter selections a stage's optimizer may train (`trainable`); every other

@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from mmsafe import methods
-from mmsafe.train.optimizer import check_integer
+from mmsafe.checks import check_integer
 
 _STAGE_KEYS = ("name", "objective", "optimizer", "num_epochs", "restart_selection")
 
