@@ -15,8 +15,10 @@ with `vmap`-ed `jacrev` (or `jacfwd`) in one compiled call; the naive path
 calls a compiled single-example, single-class gradient `B x M x K` times from
 Python and assembles the radii with numpy (it is timed on `--naive_samples`
 examples and extrapolated). Both give the same radii (checked). With
-`--batch_sizes`, times the vectorised call at each batch size against a loop
-over its examples of the same call compiled for B = 1 (radii checked equal).
+`--batch_sizes`, times a direct `certify` call at each batch size (on a CPU
+without `--chunk_size`: host chunks of about 64 / K examples, its default)
+against a loop over its examples of the same call at B = 1 (radii checked
+equal).
 Prints tables; not a test.
 """
 
@@ -132,7 +134,9 @@ def compare_per_example(run, variables, inputs, labels, batches: list[int], repe
     vectorised = lambda: run(variables, x, labels[:batch]).radius
     loop = lambda: [run(variables, xb, yb).radius for xb, yb in singles]
     np.testing.assert_allclose(np.concatenate(loop()), vectorised(), rtol=1e-4)
-    rows.append((batch, _median_seconds(vectorised, repeats), _median_seconds(loop, repeats)))
+    # Interleaved, so that a change in the machine's load hits both alike.
+    times = np.asarray([(_seconds(vectorised), _seconds(loop)) for _ in range(repeats)])
+    rows.append((batch, *np.median(times, axis=0)))
   return rows
 
 
@@ -159,7 +163,11 @@ def main(argv):
         f"ResNet18 widths {widths}, {_HEAD.value} head, precision {_PRECISION.value}")
   with jax.default_matmul_precision(_PRECISION.value):
     if _COMPARE.value:
-      rows = compare_per_example(run, variables, inputs, labels,
+      # The direct call (its default chunking: host chunks on a CPU) at each B, against
+      # the same call one example at a time.
+      direct = lambda v, x, y: certify.certify(model, v, x, y, "local", mode=_MODE.value,
+                                               chunk_size=chunk, precision=precision)
+      rows = compare_per_example(direct, variables, inputs, labels,
                                  [int(b) for b in _COMPARE.value], _REPEATS.value)
       print(f"\nmode {_MODE.value}, chunk_size {chunk}: median of {_REPEATS.value} runs")
       print(f"{'B':>5} {'vectorised s':>13} {'per-example s':>14} {'speed-up':>9}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmsafe import certify, models
+from mmsafe.certify import local
 
 K = 5
 SHAPES = {"img": (6, 5, 1), "vec": (7,), "vec2": (4,), "clip": (2, 40, 8, 2)}
@@ -385,3 +386,24 @@ def test_sound_resnet_bound_counts_the_shortcut_path(resnet):
   local = np.linalg.svd(_encoder_jacobians(encoder, variables, points), compute_uv=False)[:, 0]
   assert local.max() > 0 and np.all(local <= float(bound))
   assert float(layers["ResidualBlock_0"]) >= 1.0  # identity shortcut
+
+
+def test_host_chunks_give_the_results_of_one_program(tiny_models, monkeypatch):
+  """On a CPU, direct calls loop over host chunks (the last one shorter, not
+  padded); radii and constants equal those of one vectorised program (jitted)."""
+  model, variables, _ = tiny_models["orthogonal"]
+  x = _inputs({m: SHAPES[m] for m in ("img", "vec", "vec2")}, batch=5, seed=13)
+  labels = jnp.arange(5) % K
+  whole = jax.jit(lambda v, x, y: certify.certify(model, v, x, y, "local"))(variables, x, labels)
+  whole_local = jax.jit(lambda v, x: certify.local_constants(model, v, x))(variables, x)
+  monkeypatch.setattr(local, "CPU_JACOBIAN_ROWS", 2 * K)
+  assert local.host_chunk_size(5, K, None) == 2  # chunks of 2, 2 and 1 examples
+  assert local.host_chunk_size(5, K, 3) is None and local.host_chunk_size(2, K, None) is None
+  chunked = certify.certify(model, variables, x, labels, "local")
+  np.testing.assert_allclose(chunked.radius, whole.radius, rtol=1e-5)
+  np.testing.assert_allclose(chunked.per_class, whole.per_class, rtol=1e-5)
+  chunked_local = certify.local_constants(model, variables, x)
+  empirical = certify.empirical_constants(model, variables, [x])
+  for m, value in whole_local.values.items():
+    np.testing.assert_allclose(chunked_local.values[m], value, rtol=1e-5)
+    np.testing.assert_allclose(empirical.values[m][0], np.max(value, 0), rtol=1e-5)

@@ -30,6 +30,12 @@ Array = jax.Array
 ScoreFn = Callable[[dict[str, Array]], Any]
 
 MODES = ("auto", "jacfwd", "jacrev")
+# Examples x classes per vectorised Jacobian of a direct call on XLA:CPU.
+# Vectorising more examples slows its convolution backward pass: per example,
+# 17 / 12 / 25 / 33 / 72 ms at 1 / 2 / 4 / 8 / 64 examples of a two-ResNet18
+# model with K = 31 (`experiments/bench_certify.py`), so a direct call on a CPU
+# loops over compiled chunks of about this many rows.
+CPU_JACOBIAN_ROWS = 64
 
 
 class JacobianOptions(NamedTuple):
@@ -155,7 +161,9 @@ def jacobian_norms(score_fn: ScoreFn, inputs: Mapping[str, Array], modality: str
     mode: "jacfwd", "jacrev", or "auto" (jacfwd when the per-example input
       dimension is smaller than K, else jacrev).
     chunk_size: examples per vectorised chunk (`jax.lax.map(..., batch_size)`),
-      to bound memory; None: the whole batch at once (`jax.vmap`).
+      to bound memory; None: the whole batch at once (`jax.vmap`). (A direct
+      call of `local_constants`, `empirical_constants` or `certify` with None
+      on a CPU loops over host chunks instead: `host_chunk_size`.)
     precision: `jax.default_matmul_precision` for the model's matmuls and
       convolutions inside the Jacobian ("highest": full float32, as
       everything the bounds use; None: the ambient setting, e.g.
@@ -182,6 +190,26 @@ def _jacobian_norms(score_fn: ScoreFn, modality: str, options: JacobianOptions,
       return _row_norms_and_distances(example_jacobian(*args))
 
   return _map_examples(one_example, (x, others), options.chunk_size)
+
+
+def host_chunk_size(batch: int, num_classes: int, chunk_size: int | None) -> int | None:
+  """Examples per compiled call of a direct (untraced) call without an explicit
+  `chunk_size`: on XLA:CPU about `CPU_JACOBIAN_ROWS / K`; None (the whole batch
+  in one call) elsewhere, with an explicit `chunk_size`, or for a small batch."""
+  if chunk_size is not None or jax.default_backend() != "cpu":
+    return None
+  size = max(1, CPU_JACOBIAN_ROWS // max(int(num_classes), 1))
+  return size if size < batch else None
+
+
+def host_chunks(tree: Any, size: int) -> Iterable[Any]:
+  """The leading-axis slices of `tree`'s arrays, `size` examples each (the last
+  one shorter: it is never padded), sliced as numpy views on the host (a CPU
+  array converts without a copy; slicing a jax array dispatches an op)."""
+  tree = jax.tree_util.tree_map(np.asarray, tree)
+  batch = jax.tree_util.tree_leaves(tree)[0].shape[0]
+  for start in range(0, batch, size):
+    yield jax.tree_util.tree_map(lambda x, start=start: x[start:start + size], tree)
 
 
 def _score_fn_program(fn: Callable[..., Any], score_fn: ScoreFn, inputs: Mapping[str, Array],
@@ -299,7 +327,14 @@ def local_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Ar
   """
   head = head_params(model, variables) if head is None else head
   options = JacobianOptions(mode, chunk_size, precision)
-  values = programs.compiled(_local_tables, model, options)(variables, inputs, head)
+  tables = programs.compiled(_local_tables, model, options)
+  size = None if programs.is_traced(variables, inputs, head) else host_chunk_size(
+      next(iter(inputs.values())).shape[0], head.num_classes, chunk_size)
+  if size is None:
+    values = tables(variables, inputs, head)
+  else:
+    values = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *[
+        tables(variables, chunk, head) for chunk in host_chunks(inputs, size)])
   return LipschitzConstants(values=values, kind="local", target=head_target(head.kind))
 
 
@@ -361,8 +396,13 @@ def empirical_constants(model, variables: Mapping[str, Any], batches: Iterable[A
     if examples is None:
       continue
     inputs, valid = examples
-    maxima = batch_maximum(variables, head, inputs, jnp.asarray(valid))
-    running = maxima if running is None else jax.tree_util.tree_map(jnp.maximum, running, maxima)
+    size = host_chunk_size(len(valid), head.num_classes, chunk_size) or len(valid)
+    for chunk, chunk_valid in host_chunks((inputs, valid), size):
+      if not chunk_valid.any():
+        continue
+      maxima = batch_maximum(variables, head, chunk, jnp.asarray(chunk_valid))
+      running = maxima if running is None else jax.tree_util.tree_map(jnp.maximum, running,
+                                                                       maxima)
   if running is None:
     raise ValueError("empirical_constants: the dataset is empty (no valid example in `batches`); "
                      "expected at least one example")
