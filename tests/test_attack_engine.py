@@ -103,6 +103,20 @@ def test_host_loop_compiles_its_step_once_per_model():
   assert step._cache_size() == compiled
 
 
+def test_host_loop_compiles_each_piece_once_with_committed_variables():
+  """Committed variables (as restored from a checkpoint) and numpy inputs: the first
+  and the later calls of each piece share one compilation (`engine.host_ready`)."""
+  inputs, labels = _data()
+  inputs = {m: np.asarray(x[:7]) for m, x in inputs.items()}  # a shape no other test uses
+  variables = jax.device_put(_variables(), jax.devices()[0])
+  _, step, finish = PGD_MODULE._COMPILED
+  before = step._cache_size(), finish._cache_size()
+  attacks.pgd(jax.tree_util.Partial(_apply, variables), inputs, np.asarray(labels[:7]),
+              jax.random.PRNGKey(0), eps=0.5, steps=3, restarts=3, random_start=False,
+              loop="python")
+  assert (step._cache_size() - before[0], finish._cache_size() - before[1]) == (1, 1)
+
+
 def test_strategy_resolution_and_errors():
   inputs, labels = _data()
   logits_fn = jax.tree_util.Partial(_apply, _variables())

@@ -15,7 +15,7 @@ from mmsafe.eval import report
 from mmsafe.eval import robustness
 
 SHAPES = {"a": (4, 3), "b": (6,)}
-N = 100  # two batches: 64 examples, then the other 36 (not padded)
+N = 100  # two batches of 50 (balanced: one size, one compilation)
 
 
 def _model():
@@ -93,7 +93,7 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   assert "## Headline" in text and "pgd/multi@0.5" in text and "Decoupling" in text
 
 
-def test_the_last_batch_is_not_padded_and_loops_agree():
+def test_batches_are_balanced_and_loops_agree():
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
   sizes = []
@@ -104,7 +104,13 @@ def test_the_last_batch_is_not_padded_and_loops_agree():
 
   bad, extra = robustness.over_batches(fn, variables, inputs, labels, batch_size=64,
                                        key=jnp.zeros(2, jnp.uint32))
-  assert sizes == [64, N - 64] and bad.shape == extra.shape == (N,)
+  # The fewest batches of at most 64, of one size (one compilation), the last
+  # padded by at most one row per batch; only the real rows come back.
+  balanced = robustness.balanced_batch_size(N, 64)
+  assert sizes == [balanced] * -(-N // 64) and 0 <= balanced * len(sizes) - N < len(sizes)
+  assert bad.shape == extra.shape == (N,)
+  assert [robustness.balanced_batch_size(n, 256) for n in (400, 401, 10, 513)] == [
+      200, 201, 10, 171]
   correct = np.ones(N, bool)
   protocol = PGDProtocol(name="test", steps=4, restarts=2, relative_step_size=None,
                          random_start=False)

@@ -304,7 +304,8 @@ def _close(attack: _Attack, carry: Carry) -> Best:
 def _search(attack: _Attack, loop: str) -> Best:
   """The worst case over every iterate of every round (the clean input for
   k_max = 0); steps looped with strategy `loop` (resolved)."""
-  nothing = _nothing(attack)
+  nothing = engine.host_ready(_nothing(attack), like=attack) if loop == "python" else (
+      _nothing(attack))
   if attack.k_max == 0:
     _, (per, misclassified) = _evaluate(attack, nothing[0])
     return (nothing[0], nothing[1], per, misclassified)

@@ -71,7 +71,19 @@ def rolled(loop: str) -> str:
   return "python" if loop == "python" else "fori"
 
 
-def host_ready(tree: Any) -> Any:
-  """`tree` with its leaves on the device (numpy arrays are transferred once, not
-  at every call of a compiled piece)."""
-  return jax.tree_util.tree_map(jax.numpy.asarray, tree)
+def host_ready(tree: Any, like: Any = None) -> Any:
+  """`tree` with its leaves on the device: numpy arrays are transferred once, not
+  at every call of a compiled piece. When `like` (default: `tree`) holds a
+  committed, replicated array (e.g. the model variables), every leaf is placed
+  like it: jit compiles committed and uncommitted arguments separately, and a
+  piece or an eager op that reads only uncommitted inputs (PGD's first iterate,
+  the initial worst case) returns uncommitted arrays, so the later pieces would
+  otherwise compile twice (first call, later calls)."""
+  placement = next((leaf.sharding for leaf in jax.tree_util.tree_leaves(
+      tree if like is None else like) if isinstance(leaf, jax.Array) and leaf.committed
+                    and leaf.sharding.is_fully_replicated), None)
+  if placement is None:
+    return jax.tree_util.tree_map(jax.numpy.asarray, tree)
+  return jax.tree_util.tree_map(
+      lambda leaf: leaf if isinstance(leaf, jax.Array) and leaf.committed
+      else jax.device_put(leaf, placement), tree)

@@ -215,10 +215,12 @@ def _restart(attack: _Attack, loop: str, r: int | Array, best: Best) -> Best:
 
 def _search(attack: _Attack, loop: str) -> Best:
   """The worst case over the restarts (steps looped with strategy `loop`, resolved)."""
+  nothing = engine.host_ready(_nothing(attack), like=attack) if loop == "python" else (
+      _nothing(attack))
   if attack.restarts == 1:  # (its finish may return no loss: no loop carries it)
-    return _restart(attack, loop, 0, _nothing(attack))
+    return _restart(attack, loop, 0, nothing)
   return engine.repeat(engine.rolled(loop), attack.restarts,
-                       functools.partial(_restart, attack, loop), _nothing(attack))
+                       functools.partial(_restart, attack, loop), nothing)
 
 
 def _finalise(attack: _Attack, best: Best):

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -116,27 +117,35 @@ def eps_grid(values: Sequence[float], must_have: float, name: str) -> tuple[floa
   return tuple(v for v in grid if v > 0)
 
 
+def balanced_batch_size(num_examples: int, batch_size: int) -> int:
+  """The size of the fewest equal batches of at most `batch_size` covering
+  `num_examples` (the last one padded by fewer rows than there are batches)."""
+  num_batches = math.ceil(num_examples / max(min(batch_size, num_examples), 1))
+  return math.ceil(num_examples / max(num_batches, 1))
+
+
 def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
                  labels: np.ndarray, *, batch_size: int, key: Array, value: Any = 0.0,
                  progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs `fn(variables, inputs, labels, key, value) -> (bad [B], extra [B])` over
   batches of a split (batch i gets `fold_in(key, i)`), calling `progress(1)`
-  after each. The last batch keeps only its real examples (one more
-  compilation for its size, instead of attacking padding: 400 examples in
-  batches of 256 cost 400 example-attacks, not 512).
+  after each. The split is cut into the fewest batches of at most
+  `batch_size`, all of one size (`balanced_batch_size`): one compilation per
+  program, and at most one padded row per batch (400 examples in batches of
+  at most 256: two batches of 200, not 256 + 144 with two compilations, nor
+  512 rows).
 
   Returns:
     (bad bool [N], extra float64 [N]) of the real examples.
   """
   bad_parts, extra_parts = [], []
-  batches = eval_batches(inputs, labels, batch_size=min(batch_size, len(labels)))
+  batches = eval_batches(inputs, labels, batch_size=balanced_batch_size(len(labels), batch_size))
   for index, batch in enumerate(batches):
     size = int(batch["valid"].sum())  # the real examples come first
-    bad, extra = fn(variables, {m: x[:size] for m, x in batch["inputs"].items()},
-                    jnp.asarray(batch["label"][:size], jnp.int32),
+    bad, extra = fn(variables, batch["inputs"], jnp.asarray(batch["label"], jnp.int32),
                     jax.random.fold_in(key, index), value)
-    bad_parts.append(np.asarray(bad))
-    extra_parts.append(np.asarray(extra, np.float64))
+    bad_parts.append(np.asarray(bad)[:size])
+    extra_parts.append(np.asarray(extra, np.float64)[:size])
     if progress is not None:
       progress(1)
   return np.concatenate(bad_parts), np.concatenate(extra_parts)
