@@ -11,10 +11,18 @@ and measures:
 * train / eval: examples/s of `clip_train_iterator` / `clip_eval_iterator` (decode,
   crop, resize, flip, normalise, batch) for each thread / process count, with
   normalisation on the host (float32 batches) or left to the device
-  (`normalize=False`, uint8 frames).
+  (`normalize=False`, uint8 frames), and the CPU they use: `*_per_core` is examples
+  per CPU-second of this process and its worker processes (robust to other load on
+  the machine, unlike examples/s of wall time).
 
   python -m experiments.bench_pipeline --threads=1,2 --steps=20
   python -m experiments.bench_pipeline --datasets=kinetics_sounds --num_clips=32
+
+Another version of the loader (`mmsafe` of another commit, e.g. the loader before
+grain, `git archive <commit> mmsafe | tar -x -C <dir>`) is measured by the same code
+with `--baseline=<dir>`: the iterator measurements of both run in fresh processes,
+alternating for `--rounds` rounds (both see the same load), and the results hold
+the medians, `baseline_*` entries and `*_speedup` ratios.
 
 The source is small and cached in memory, so the numbers are CPU costs (no disk I/O).
 `cpu_ms_*` are CPU milliseconds per example on one thread (read = deserialisation
@@ -27,6 +35,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,8 +43,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+import psutil
 import tensorflow_datasets as tfds
 
+import mmsafe
 from mmsafe.data import pipeline
 from mmsafe.data import tfds as mtfds
 from mmsafe.data.tfds import media
@@ -49,9 +60,18 @@ _SECONDS = flags.DEFINE_integer("seconds", 10, "Clip length (UCF101 clips: 7 s).
 _SOURCE_SIZE = flags.DEFINE_string("source_size", "480x360", "Fake video size (WxH).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Batches read before the timing starts.")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "Thread counts to measure.")
 _PROCESSES = flags.DEFINE_list("processes", ["2"], "Worker process counts to measure.")
 _BUILD_WORKERS = flags.DEFINE_integer("build_workers", None, "Builder workers (default: CPUs).")
+_REBUILD = flags.DEFINE_bool("rebuild", True, "Build the data afresh (timed) even if the "
+                             "workdir holds it; --norebuild reuses it (no build numbers).")
+_BASELINE = flags.DEFINE_string("baseline", None, "A directory holding another `mmsafe` "
+                                "whose loader is measured too (see the module docstring).")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "With --baseline: alternating rounds of both "
+                               "loaders' measurements (medians reported).")
+_ITERATORS_ONLY = flags.DEFINE_string("iterators_only", None, "Internal: measure only the "
+                                      "iterators on the data under this TFDS data_dir.")
 
 
 def make_fake_clips(root: str, num: int, seconds: int, size: str, fps: int, audio: bool) -> None:
@@ -112,14 +132,30 @@ def build(dataset: str, manual: str, data_dir: str):
   return builder, time.perf_counter() - start
 
 
-def rate(iterator, batch_size: int, steps: int) -> float:
-  """Examples/s over `steps` batches after one warm-up batch."""
+def _cpu_seconds() -> float:
+  """CPU seconds (user + system) of this process and its live worker processes."""
+  processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+  total = 0.0
+  for process in processes:
+    try:
+      times = process.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    total += times.user + times.system
+  return total
+
+
+def rate(iterator, batch_size: int, steps: int) -> tuple[float, float]:
+  """(examples/s, examples per CPU-second) over `steps` batches after `_WARMUP` batches
+  (so that the workers and the prefetch buffer are in their steady state)."""
   with iterator:
-    next(iterator)
-    start = time.perf_counter()
+    for _ in range(_WARMUP.value):
+      next(iterator)
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(steps):
       next(iterator)
-    return steps * batch_size / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    return steps * batch_size / wall, steps * batch_size / max(cpu, 1e-9)
 
 
 def bench_dataset(dataset: str, workdir: str) -> dict:
@@ -127,13 +163,20 @@ def bench_dataset(dataset: str, workdir: str) -> dict:
   ucf = dataset == "ucf101_rgb_flow"
   manual = os.path.join(workdir, dataset, "manual")
   result = _fake_manual_dir(dataset, manual, ucf)
-  source, measured = _bench_build(dataset, manual, os.path.join(workdir, dataset, "tfds"), ucf)
-  result.update(measured)
-  if ucf:
-    result["tvl1_s_per_pair_320x240"] = _bench_tvl1(manual)
+  data_dir = os.path.join(workdir, dataset, "tfds")
+  if _REBUILD.value or not os.path.isdir(data_dir):
+    source, measured = _bench_build(dataset, manual, data_dir, ucf)
+    result.update(measured)
+    if ucf:
+      result["tvl1_s_per_pair_320x240"] = _bench_tvl1(manual)
+  else:
+    source = _train_source(dataset, data_dir)
   result.update(_bench_read(source))
   result.update(_bench_preprocessing(source))
-  result.update(_bench_iterators(source))
+  if _BASELINE.value:
+    result.update(_compare_iterators(dataset, data_dir))
+  else:
+    result.update(_bench_iterators(source))
   return result
 
 
@@ -214,14 +257,55 @@ def _bench_iterators(source) -> dict:
     for normalize in (True, False):
       config = pipeline.ClipPreprocessing(normalize=normalize)
       tag = f"{kind}{count}_{'f32' if normalize else 'uint8'}"
-      options = ({"num_threads": count} if kind == "threads" else {"processes": count})
-      result[f"train_{tag}"] = rate(pipeline.clip_train_iterator(
-          _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
-          prefetch=4, **options), b, steps)
-      result[f"eval_{tag}"] = rate(pipeline.clip_eval_iterator(
-          _Repeat(source, (steps + 1) * b), batch_size=b, config=config, prefetch=4,
-          **options), b, steps)
+      options = ({"num_threads": count} if kind == "threads"
+                 else {"processes": count, "num_threads": 1})
+      # Built one at a time: a loader's workers start with it.
+      for split, make in (
+          ("train", lambda: pipeline.clip_train_iterator(
+              _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
+              prefetch=4, **options)),
+          ("eval", lambda: pipeline.clip_eval_iterator(
+              _Repeat(source, (steps + _WARMUP.value) * b), batch_size=b, config=config,
+              prefetch=4, **options))):
+        result[f"{split}_{tag}"], result[f"{split}_{tag}_per_core"] = rate(make(), b, steps)
   return result
+
+
+def _iterators_in_subprocess(mmsafe_root: str, dataset: str, data_dir: str) -> dict:
+  """`_bench_iterators` of the `mmsafe` package under `mmsafe_root`, in a fresh process."""
+  env = {**os.environ, "PYTHONPATH": os.path.abspath(mmsafe_root)}
+  args = [sys.executable, os.path.abspath(__file__), f"--iterators_only={data_dir}",
+          f"--datasets={dataset}", f"--batch_size={_BATCH_SIZE.value}",
+          f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
+          f"--threads={','.join(_THREADS.value)}",
+          f"--processes={','.join(_PROCESSES.value)}"]
+  out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
+  return json.loads(out[out.index("{"):])
+
+
+def _compare_iterators(dataset: str, data_dir: str) -> dict:
+  """This `mmsafe`'s iterators against `--baseline`'s: `--rounds` alternating rounds
+  (so that both see the same load on a shared machine), the median of each figure,
+  as `<figure>`, `baseline_<figure>` and `<figure>_speedup`."""
+  this_root = os.path.dirname(os.path.dirname(os.path.abspath(mmsafe.__file__)))
+  rounds = {"new": [], "old": []}
+  for _ in range(_ROUNDS.value):
+    rounds["new"].append(_iterators_in_subprocess(this_root, dataset, data_dir))
+    rounds["old"].append(_iterators_in_subprocess(_BASELINE.value, dataset, data_dir))
+  median = {kind: {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            for kind, runs in rounds.items()}
+  result = dict(median["new"])
+  result.update({f"baseline_{k}": v for k, v in median["old"].items()})
+  result.update({f"{k}_speedup": median["new"][k] / v for k, v in median["old"].items()})
+  return result
+
+
+def _train_source(dataset: str, data_dir: str):
+  """The train split of the built `dataset` under `data_dir`."""
+  config = (mtfds.Ucf101Config(name="bench", num_classes=3, flow="compute")
+            if dataset == "ucf101_rgb_flow" else
+            mtfds.AudioVisualConfig(name="bench", num_classes=3))
+  return mtfds.BUILDERS[dataset](data_dir=data_dir, config=config).as_data_source()["train"]
 
 
 class _Repeat:
@@ -242,6 +326,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   tfds.disable_progress_bar()
+  if _ITERATORS_ONLY.value:
+    print(json.dumps(_bench_iterators(_train_source(_DATASETS.value[0], _ITERATORS_ONLY.value))))
+    return
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="mmsafe_bench_")
   try:
     results = [bench_dataset(d, workdir) for d in _DATASETS.value]
@@ -252,7 +339,9 @@ def main(argv):
               if line.startswith("model name")), platform.processor()) if os.path.exists(
                   "/proc/cpuinfo") else platform.processor()
   print(json.dumps({"host": {"cpu": cpu, "cores": os.cpu_count(),
-                             "python": platform.python_version()},
+                             "python": platform.python_version(),
+                             "load_average": os.getloadavg()},
+                    "baseline": _BASELINE.value,
                     "batch_size": _BATCH_SIZE.value,
                     "results": [{k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in r.items()} for r in results]},

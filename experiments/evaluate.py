@@ -8,6 +8,8 @@ writes each one's report.
       --evals.robustness.protocol=paper_reference --evals.robustness.split=validation
   python -m experiments.evaluate --workdir=/tmp/mmsafe/ojt \
       --evals=experiments/configs/evals.py:sweep
+  python -m experiments.evaluate --workdir=/tmp/mmsafe/msefm \
+      --evals.robustness.defence=msefm --out=/tmp/mmsafe/msefm/defended
 
 Evaluator `<name>` writes into `<out>/<name>/` (`--out`, default: the
 workdir; `mmsafe.eval.report.write_evaluation`): type "robustness" (the
@@ -69,7 +71,8 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
     name -> {"summary": printed numbers, "files": paths written}.
   """
   config, model, variables, splits = loop.restore_run(workdir, which=which)
-  evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits)
+  evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
+                                               run_config=config)
   done = {}
   for name, evaluator in evaluators.items():
     where = f"{config['method']} on {config['dataset']} ({evaluator.split})"
@@ -77,6 +80,7 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
       metrics = evaluator.run(variables, progress=bar.update)
     metrics["meta"] = {"workdir": os.path.abspath(workdir), "method": config["method"],
                        "dataset": config["dataset"], "split": evaluator.split,
+                       "defence": evaluator.settings["defence"],
                        "checkpoint": which, "device": str(jax.devices()[0])}
     files = report.write_evaluation(evaluator.type, metrics, os.path.join(out or workdir, name),
                                     title=f"Robustness of {where}")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import evaluate
 from mmsafe import data as data_lib
 from mmsafe import methods, models
 from mmsafe.methods import common, compose, gb, msefm, ogm, pmr
@@ -152,16 +153,40 @@ def test_pmr_prototypes_are_an_ema_of_class_means():
   np.testing.assert_array_equal(new_seen, [1, 1, 1])
 
 
-def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
-  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
-  out = dominant.apply(params, batch["inputs"])
-  labels = batch["label"]
-  # Prototypes: the class means of the current features.
+PMR_CONFIG = {"pmr_alpha": 0.7, "pmr_momentum": 0.5, "pmr_start_epoch": 0, "pmr_end_epoch": None,
+              "pmr_entropy_end_epoch": None}
+
+
+def _pmr_setup(dominant, step=0):
+  """(labels, prototypes = the class means of the current features, PMR state)."""
+  out = dominant.apply(dominant.params, dominant.batch["inputs"])
+  labels = dominant.batch["label"]
   onehot = jax.nn.one_hot(labels, CLASSES)
   means = {m: (onehot.T @ out.features[m]) / onehot.sum(0)[:, None] for m in SHAPES}
   state = {"model": {}, "pmr": {"prototypes": means, "seen": jnp.ones((CLASSES,), jnp.int32),
-                                "step": jnp.zeros((), jnp.int32)}}
-  config = {"pmr_alpha": 0.7, "pmr_momentum": 0.5, "pmr_start_epoch": 0, "pmr_end_epoch": None}
+                                "step": jnp.asarray(step, jnp.int32)}}
+  return labels, means, state
+
+
+def _prototype_term(model, batch, means, modality, kind):
+  """By hand: PCE or the entropy of the prototype classifier of `modality`."""
+  labels = batch["label"]
+
+  def term(p):
+    features = model.apply({"params": p}, batch["inputs"]).features[modality]
+    dist = jnp.sqrt(jnp.sum((features[:, None] - means[modality][None]) ** 2, -1))
+    if kind == "pce":
+      return common.cross_entropy(-dist, labels)
+    prob = jax.nn.softmax(-dist, axis=-1)
+    return -jnp.mean(jnp.sum(prob * jnp.log(prob), axis=-1))
+
+  return term
+
+
+def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  labels, means, state = _pmr_setup(dominant)
+  config = {**PMR_CONFIG, "pmr_entropy_weight": 0.0}
   objective = methods.get("pmr")(model, config)
   (loss, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
       params, state, batch, jax.random.PRNGKey(0))
@@ -169,11 +194,7 @@ def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
   assert float(metrics["coefficient_a"]) == 0.0
   np.testing.assert_allclose(metrics["coefficient_b"], 0.7, rtol=1e-6)
 
-  def pce_b(p):
-    features = model.apply({"params": p}, batch["inputs"]).features["b"]
-    dist = jnp.sqrt(jnp.sum((features[:, None] - means["b"][None]) ** 2, -1))
-    return common.cross_entropy(-dist, labels)
-
+  pce_b = _prototype_term(model, batch, means, "b", "pce")
   np.testing.assert_allclose(loss, dominant.ce + 0.7 * jax.jit(pce_b)(params), rtol=1e-5)
   extra = jax.jit(jax.grad(pce_b))(params)
   _tree_allclose(grads["encoders_a"], plain["encoders_a"], rtol=1e-5, atol=1e-7)
@@ -184,6 +205,54 @@ def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
   # ... and the prototypes moved toward this batch's means (here: equal to them).
   _tree_allclose(new_state["pmr"]["prototypes"], means, rtol=1e-5, atol=1e-6)
   assert int(new_state["pmr"]["step"]) == 1
+
+
+def test_pmr_entropy_of_the_prototype_classifier_by_hand():
+  logits = jnp.array([[0.0, 0.0, 0.0], [0.0, -1.0, -2.0]])
+  p = np.exp([0.0, -1.0, -2.0]) / np.exp([0.0, -1.0, -2.0]).sum()
+  expected = (math.log(3.0) - np.sum(p * np.log(p))) / 2
+  np.testing.assert_allclose(pmr.prototype_entropy(logits), expected, rtol=1e-6)
+
+
+def test_pmr_entropy_regulariser_raises_the_dominant_modalitys_entropy_early(dominant):
+  """`L = CE + beta_b PCE_b - mu_a H_a` while epoch <= pmr_entropy_end_epoch
+  (here 0, one step per epoch), `CE + beta_b PCE_b` after it."""
+  model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
+  config = {**PMR_CONFIG, "pmr_entropy_weight": 0.3, "pmr_entropy_end_epoch": 0,
+            "steps_per_epoch": 1}
+  objective = jax.jit(jax.value_and_grad(methods.get("pmr")(model, config), has_aux=True))
+  labels, means, state = _pmr_setup(dominant, step=0)
+  (loss, (_, metrics)), grads = objective(params, state, batch, jax.random.PRNGKey(0))
+  entropy_a = _prototype_term(model, batch, means, "a", "entropy")
+  pce_b = _prototype_term(model, batch, means, "b", "pce")
+  np.testing.assert_allclose(metrics["entropy_coefficient_a"], 0.3, rtol=1e-6)
+  assert float(metrics["entropy_coefficient_b"]) == 0.0  # b is the slower modality
+  # The entropy of the dominant modality, in float64 numpy from its features.
+  features = np.asarray(dominant.apply(params, batch["inputs"]).features["a"], np.float64)
+  dist = np.linalg.norm(features[:, None] - np.asarray(means["a"], np.float64)[None], axis=-1)
+  prob = np.exp(-dist) / np.exp(-dist).sum(-1, keepdims=True)
+  np.testing.assert_allclose(metrics["entropy_a"], -np.mean(np.sum(prob * np.log(prob), -1)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, dominant.ce + 0.7 * pce_b(params) - 0.3 * entropy_a(params),
+                             rtol=1e-5)
+  extra = jax.jit(jax.grad(entropy_a))(params)
+  _tree_allclose(grads["encoders_a"], jax.tree_util.tree_map(
+      lambda g, e: g - 0.3 * e, plain["encoders_a"], extra["encoders_a"]), rtol=1e-4, atol=1e-6)
+  _tree_allclose(grads["head"], plain["head"], rtol=1e-5, atol=1e-7)
+  # Descending the regulariser's part of the gradient raises H_a.
+  step = jax.tree_util.tree_map(lambda g, p0: -0.05 * (g - p0), grads, plain)
+  moved = jax.tree_util.tree_map(jnp.add, params, step)
+  assert float(entropy_a(moved)) > float(entropy_a(params)) + 1e-4
+  # Epoch 1 > pmr_entropy_end_epoch: the term is off, PCE stays on.
+  _, _, late_state = _pmr_setup(dominant, step=1)
+  (late, (_, late_metrics)), _ = objective(params, late_state, batch, jax.random.PRNGKey(0))
+  assert float(late_metrics["entropy_coefficient_a"]) == 0.0
+  np.testing.assert_allclose(late, dominant.ce + 0.7 * pce_b(params), rtol=1e-5)
+
+
+def test_pmr_entropy_weight_is_checked():
+  with pytest.raises(ValueError, match=r"method_kwargs\.pmr_entropy_weight: expected >= 0, got -1"):
+    methods.get("pmr")(_model(), {**PMR_CONFIG, "pmr_entropy_weight": -1.0})
 
 
 # ----------------------------------------------------------------- MSEFM
@@ -246,7 +315,7 @@ def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
   np.testing.assert_allclose(codes, _numpy_ista(bank["a"], out.features["a"], 0.05, 30),
                              rtol=1e-3, atol=1e-5)
   # The similarity term's gradient reaches both encoders through the blend.
-  settings = msefm._settings(config)
+  settings = msefm.hyperparameters(config)
   similarity = lambda p: msefm.cross_modal_similarity(msefm.defended_features(
       model.apply({"params": p}, batch["inputs"]).features, full["msefm"], settings))
   np.testing.assert_allclose(metrics["similarity"], similarity(params), rtol=1e-5)
@@ -397,3 +466,11 @@ def test_baseline_trains_on_mfeat(tmp_path, method):
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
   assert losses and all(math.isfinite(v) for v in losses)
+  if method == "msefm":  # its test-time defence, through experiments.evaluate
+    evals = {"defended": {"type": "clean", "split": "test", "defence": "msefm",
+                          "max_examples": 100}}
+    done = evaluate.evaluate_run(str(tmp_path), evals, out=str(tmp_path / "defended"))
+    with open(done["defended"]["files"][0]) as f:
+      written = json.load(f)
+    assert written["meta"]["defence"] == "msefm" and written["num_examples"] == 100
+    assert written["clean_accuracy"] > 0.3, written  # chance: 0.1

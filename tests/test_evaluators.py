@@ -193,3 +193,93 @@ def test_scalar_metrics_flattens_numbers_only():
   metrics = {"a": 1, "b": {"c": 0.5, "d": [1, 2], "e": {"f": np.float32(2.0)}}, "s": "x",
              "flag": True, "none": None, "n": np.int64(3)}
   assert evaluators.scalar_metrics(metrics) == {"a": 1.0, "b/c": 0.5, "b/e/f": 2.0, "n": 3.0}
+
+
+# ------------------------------------------------------------ MSEFM defence
+
+MSEFM_RUN = {"method": "msefm", "method_kwargs": {
+    "msefm_sim_weight": 1.0, "msefm_memory_size": 12, "msefm_lasso": 0.05, "msefm_blend": 0.6,
+    "msefm_ista_steps": 25}}
+
+
+@pytest.fixture(scope="module")
+def concat_toy(toy):
+  """(model, variables, splits): a tiny concat-head model (an MSEFM model's head)."""
+  encoders = {m: {"name": "mlp", "widths": (8,)} for m in SHAPES}
+  model = models.build({"head": "concat", "encoders": encoders}, num_classes=K,
+                       input_shapes=SHAPES)
+  example = {m: np.zeros((2, *s), np.float32) for m, s in SHAPES.items()}
+  return model, jax.jit(model.init)(jax.random.PRNGKey(1), example), toy[2]
+
+
+def _numpy_defended_logits(model, variables, inputs, memory_inputs, lasso, steps, blend):
+  """ExFMem by hand in float64: ISTA codes over the memory, blend, concat head."""
+  out = model.apply(variables, inputs)
+  memory = model.apply(variables, memory_inputs).features
+  logits = np.asarray(out.head.bias, np.float64)
+  for m in SHAPES:
+    d, x = np.asarray(memory[m], np.float64), np.asarray(out.features[m], np.float64)
+    step = 1.0 / np.linalg.eigvalsh(d.T @ d).max()
+    h = np.zeros((x.shape[0], d.shape[0]))
+    for _ in range(steps):
+      h = h - step * (h @ d - x) @ d.T
+      h = np.sign(h) * np.maximum(np.abs(h) - step * lasso, 0.0)
+    logits = logits + (blend * h @ d + (1 - blend) * x) @ np.asarray(out.head.kernels[m])
+  return logits
+
+
+def test_msefm_defence_is_the_reconstruction_by_hand(concat_toy):
+  model, variables, splits = concat_toy
+  evals = {"clean": {"type": "clean", "split": "test", "defence": "msefm", "batch_size": 16,
+                     "seed": 3},
+           "plain": {"type": "clean", "split": "test", "batch_size": 16}}
+  built = evaluators.build_evaluators(evals, model=model, splits=splits, run_config=MSEFM_RUN)
+  ev, test = built["clean"], splits["test"]
+  rows = np.sort(np.random.default_rng(3).choice(N, 12, replace=False))
+  memory_inputs = {m: x[rows] for m, x in splits["train"].inputs.items()}
+  expected = _numpy_defended_logits(model, variables, test.inputs, memory_inputs, 0.05, 25, 0.6)
+  defended = ev.defence.prepare(variables)
+  logits = np.asarray(jax.jit(ev.apply_fn)(defended, test.inputs))
+  np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-4)
+  plain = np.asarray(model.apply(variables, test.inputs).logits)
+  assert np.abs(logits - plain).max() > 1e-2  # the defence changes the classifier
+  metrics = ev.run(variables)
+  assert metrics["clean_accuracy"] == pytest.approx(np.mean(expected.argmax(-1) == test.labels))
+  assert built["plain"].run(variables)["clean_accuracy"] == pytest.approx(
+      np.mean(plain.argmax(-1) == test.labels))
+  # White box: the attacks' gradient is the defended classifier's, through the ISTA
+  # iterations (a directional derivative against central differences).
+  x = {m: v[:4] for m, v in test.inputs.items()}
+  loss = jax.jit(lambda inputs: jnp.sum(jax.nn.log_softmax(ev.apply_fn(defended, inputs))[:, 0]))
+  grads = jax.jit(jax.grad(loss))(x)
+  direction = {m: np.random.default_rng(1).normal(size=v.shape).astype(np.float32)
+               for m, v in x.items()}
+  h = 1e-2
+  shifted = lambda s: loss({m: x[m] + s * h * direction[m] for m in x})
+  numeric = (shifted(1.0) - shifted(-1.0)) / (2 * h)
+  analytic = sum(jnp.vdot(grads[m], direction[m]) for m in x)
+  assert abs(float(numeric)) > 1e-3
+  np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+@pytest.mark.parametrize("evals, run_config, message", [
+    ({"c": {"type": "clean", "defence": "msefm"}}, {"method": "jt", "method_kwargs": {}},
+     r"evals\.c\.defence: 'msefm' applies to a model trained with method 'msefm', got method "
+     r"'jt'"),
+    ({"c": {"type": "clean", "defence": "msefm"}}, None,
+     r"evals\.c\.defence: 'msefm' applies to .* got method None"),
+    ({"c": {"type": "pgd", "defence": "ExFMem"}}, MSEFM_RUN,
+     r"evals\.c\.defence: expected one of \['none', 'msefm'\], got 'ExFMem'"),
+    ({"c": {"type": "certify", "defence": "msefm"}}, MSEFM_RUN,
+     r"evals\.c\.defence: the certificates are of the undefended model; expected 'none'"),
+    ({"c": {"type": "clean", "defence": "msefm"}},
+     {"method": "msefm", "method_kwargs": {**MSEFM_RUN["method_kwargs"],
+                                           "msefm_memory_size": 1000}},
+     r"msefm_memory_size: the test-time memory needs that many training examples, expected "
+     r"<= 40, got 1000"),
+])
+def test_msefm_defence_fails_fast_naming_the_field(concat_toy, evals, run_config, message):
+  model, variables, splits = concat_toy
+  with pytest.raises(ValueError, match=message):
+    evaluators.build_evaluators(evals, model=model, splits=splits,
+                                run_config=run_config)["c"].run(variables)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import claims
-from experiments import reproduce
+from experiments import reproduction as reproduce
 from tests.conftest import mfeat_config
 
 MODALITIES = ("pix", "fou")
@@ -69,11 +69,11 @@ def test_mean_std_and_radius_flags():
   stat = reproduce.mean_std([0.5, 0.7, 0.9])
   assert stat["mean"] == pytest.approx(0.7) and stat["std"] == pytest.approx(0.2)
   assert reproduce.mean_std([0.4])["std"] == 0.0
-  assert reproduce._floats(["2", "0.5", "1"], "multi_eps", 0.5) == [0.5, 1.0, 2.0]
+  assert reproduce.parse_radii(["2", "0.5", "1"], "multi_eps", 0.5) == [0.5, 1.0, 2.0]
   with pytest.raises(ValueError, match=r"multi_eps: expected positive radii including 0.5"):
-    reproduce._floats(["1", "2"], "multi_eps", 0.5)
+    reproduce.parse_radii(["1", "2"], "multi_eps", 0.5)
   with pytest.raises(ValueError, match="uni_eps: expected comma-separated numbers"):
-    reproduce._floats(["one"], "uni_eps", 1.0)
+    reproduce.parse_radii(["one"], "uni_eps", 1.0)
 
 
 def test_report_of_trained_runs(trained_mfeat, tmp_path):

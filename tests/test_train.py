@@ -50,6 +50,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   full = loop.train_and_evaluate(config, str(tmp_path / "full"))
   shutil.copytree(tmp_path / "full", tmp_path / "resumed")
   rewind(str(tmp_path / "resumed"), 21)  # Killed after the first epoch.
+  checkpointer = Checkpointer(str(tmp_path / "resumed" / "checkpoints"), read_only=True)
+  template = loop.build_experiment(config).abstract_train_state(
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  _, _, progress = checkpointer.restore(21, template, {"variables": template.variables})
+  checkpointer.close()
+  # The data position is in the checkpoint (and the resumed run starts from it).
+  assert progress["data_iterator"]["start_step"] == 0 and progress["data_iterator"]["step"] == 21
+  assert progress["data_iterator"]["grain"] == {"next_index": 21}
   resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert resumed["steps"] == full["steps"]
   _, _, full_vars, _ = loop.restore_run(str(tmp_path / "full"), which="latest")

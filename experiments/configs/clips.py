@@ -57,10 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({
       "data_dir": ml_collections.FieldReference(None, field_type=str),
       "splits": {"train": "train[:95%]", "validation": "train[95%:]", "test": "test"},
-      "modalities": modalities, "image_size": 224, "num_frames": 3,
+      "modalities": modalities, "image_size": 224, "num_frames": 3, "normalize": False,
   })
-  # Decoding workers of the input pipeline (`mmsafe.data.make_iterator`): threads
-  # (Pillow and numpy release the GIL) or, with processes > 0, worker processes.
+  # Decoding workers of the grain input pipeline (`mmsafe.data.make_iterator`):
+  # threads (Pillow and numpy release the GIL) or, with processes > 0, grain worker
+  # processes (each with num_threads threads). Batches stay uint8 to the devices
+  # (`data.normalize=False`; normalised inside the compiled steps).
   config.loader = ml_collections.ConfigDict({"num_threads": 16, "prefetch": 4, "processes": 0})
 
   resnet18 = {"name": "resnet18", "widths": (64, 128, 256, 512), "stage_sizes": (2, 2, 2, 2)}

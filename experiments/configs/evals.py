@@ -14,10 +14,15 @@ run inside training). The arg is a comma-separated list of:
               radius attacked (l2-PGD, 100 steps x 5 restarts).
   sweep       PGD steps x restarts sweep at 1x and 4x the paper's budgets.
 
+Every suite and sweep config takes `defence` ("none"; "msefm": an MSEFM model
+evaluated behind its test-time feature-memory reconstruction, attacks
+included; `mmsafe.eval.evaluators`). Certificates take only "none".
+
 Override any value on the command line, e.g.
   --evals=experiments/configs/evals.py:robustness,certify \
   --evals.robustness.protocol=fast --evals.robustness.multi_eps="(0.5, 1.0)" \
-  --evals.robustness.box=True --evals.certify.kinds="('sound',)"
+  --evals.robustness.box=True --evals.certify.kinds="('sound',)" \
+  --evals.robustness.defence=msefm
 """
 
 import ml_collections
@@ -30,7 +35,7 @@ _SUITE = dict(
     missing_fills=("zeros",),
     decoupling_fractions=(0.0025, 0.005, 0.0116, 0.025, 0.05), decoupling_scopes=("multi",),
     decoupling={"max_change": 2.0, "rounds": 8, "steps_per_round": 10},
-    box=False, batch_size=256, max_examples=0, fill_examples=0, seed=0)
+    box=False, batch_size=256, max_examples=0, fill_examples=0, seed=0, defence="none")
 
 
 def _suite(**changes) -> dict:
@@ -58,7 +63,7 @@ def _sweep() -> dict:
   return {"sweep": dict(
       type="sweep", split="test", protocol="default", scales=(1.0, 4.0),
       steps=(4, 10, 20, 50, 100), restarts=(1, 3, 5), loss="ce", random_start=False,
-      batch_size=256, max_examples=0, seed=0)}
+      batch_size=256, max_examples=0, seed=0, defence="none")}
 
 
 CONFIGS = {"robustness": _robustness, "paper": _paper, "certify": _certify, "sweep": _sweep}

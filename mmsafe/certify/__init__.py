@@ -12,8 +12,21 @@
 * `bounds`: `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4, vulnerability
   indicators), `pair_lipschitz`, and `certify` (model + kind -> `Certificate`).
 * `curves`: certified accuracy versus radius, mean radius, eta ratios.
+
+Probabilistic certificates (beyond the paper), on any `logits_fn`:
+
+* `smoothing`: randomized smoothing (Cohen et al., ICML 2019) with a noise
+  level per modality: `smoothing.certify` (CERTIFY; joint-l2, per-modality
+  and ellipsoid radii), `smoothing.predict` (PREDICT).
+* `ablation`: the modality-ablation certificate (MMCert, Wang et al., CVPR
+  2024): `ablation.certify` bounds the changed entries per modality and in
+  total that cannot change the vote.
+* `votes`: their Monte-Carlo votes (chunked, jitted, reproducible from a key)
+  and binomial bounds.
 """
 
+from mmsafe.certify import ablation, smoothing, votes
+from mmsafe.certify.ablation import AblationCertificate
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
                                    lipschitz_constants, pair_lipschitz, radius_from_scores)
 from mmsafe.certify.constants import KINDS, LipschitzConstants, head_params, integration_factors
@@ -21,12 +34,14 @@ from mmsafe.certify.curves import (certified_accuracy, eta_ratio, mean_radius, r
                                    summarize, unimodal_certified_accuracy)
 from mmsafe.certify.local import (empirical_constants, jacobian_norms, local_constants,
                                   local_lipschitz, model_score_fn)
+from mmsafe.certify.smoothing import SmoothedCertificate
 from mmsafe.certify.sound import encoder_lipschitz, sound_constants
 from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_pool_operator_norm,
                                           conv_operator_norm, max_pool_lipschitz, operator_norm,
                                           power_iteration_factor)
 
 __all__ = [
+    "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "votes",
     "KINDS", "ROUNDING_MARGIN", "BoundOptions", "Certificate", "LipschitzConstants",
     "avg_pool_operator_norm", "certified_accuracy", "certified_radius", "certify", "concatenate",
     "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",

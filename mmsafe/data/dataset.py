@@ -78,6 +78,27 @@ class Dataset:
   def __len__(self) -> int:
     return int(self.labels.shape[0])
 
+  @property
+  def prepare_inputs(self) -> None:
+    """The map of batches to model space inside the compiled steps: none, the
+    arrays are standardised already."""
+    return None
+
+  @property
+  def info(self):
+    """The split's `mmsafe.data.source.SourceInfo`."""
+    from mmsafe.data.source import SourceInfo
+    return SourceInfo(num_classes=self.num_classes, shapes=self.modality_shapes,
+                      dtypes={m: x.dtype for m, x in self.inputs.items()},
+                      stats=dict(self.stats), value_range=dict(self.value_range))
+
+  def reader(self, *, train: bool, seed: int = 0, normalized: bool = False):
+    """Batch plans -> batches: slices of the arrays (model space already; `train`,
+    `seed` and `normalized` change nothing)."""
+    del train, seed, normalized
+    from mmsafe.data.pipeline import ReadArrays
+    return ReadArrays(self.inputs, self.labels)
+
   def normalized_range(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """`value_range[modality]` mapped to model space: (low, high) arrays that
     broadcast against one example (for box constraints on attacks)."""

@@ -9,16 +9,19 @@ In-memory arrays: `train_batch`, `eval_batches`. Clip datasets built by
 `mmsafe.data.tfds` (random access through `tfds.data_source`): `clip_train_iterator`
 and `clip_eval_iterator` shard the index space per host (`host_train_indices`,
 `shard_indices`), apply `preprocess_clip` (training augmentation or
-deterministic evaluation preprocessing, then normalisation) in a thread pool
-and prefetch batches in the background.
+deterministic evaluation preprocessing, then optionally normalisation) and load
+batches with grain (`grain_batches`: worker threads or processes, prefetch, a
+checkpointable position). `make_iterator` (`mmsafe.data`) loads in-memory
+arrays through the same grain pipeline.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,12 +31,13 @@ from mmsafe.data.dataset import Standardization
 
 
 def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
-                   num_classes: int) -> None:
+                   num_classes: int, *, raw_inputs: bool = False) -> None:
   """Fails fast on a malformed batch, naming the field, expected and actual value.
 
   Checks: the "inputs" and "label" keys, integer labels `[B]` in `[0, num_classes)`,
   the inputs as `mmsafe.checks.check_inputs` does (every modality present, no extras,
-  per-example shapes, floating dtypes, batch size B) and finite values.
+  per-example shapes, floating dtypes, batch size B) and finite values. With
+  `raw_inputs` (clips normalised on the device) uint8 inputs are accepted too.
   """
   for key in ("inputs", "label"):
     if key not in batch:
@@ -42,9 +46,13 @@ def validate_batch(batch: Mapping, input_shapes: Mapping[str, tuple[int, ...]],
   labels = np.asarray(batch["label"])
   check_labels(labels, num_classes, field="batch['label']")
   inputs = {m: np.asarray(x) for m, x in batch["inputs"].items()}
-  check_inputs(inputs, input_shapes, batch_size=labels.shape[0], field="batch['inputs']")
+  # uint8 raw inputs are checked for their shapes on a float32 stand-in (no copy).
+  shaped = {m: np.broadcast_to(np.float32(0), x.shape) if raw_inputs and x.dtype == np.uint8
+            else x for m, x in inputs.items()}
+  check_inputs(shaped, input_shapes, batch_size=labels.shape[0], field="batch['inputs']")
   for m in input_shapes:
-    _check_finite(inputs[m], f"batch['inputs'][{m!r}]")
+    if np.issubdtype(inputs[m].dtype, np.floating):
+      _check_finite(inputs[m], f"batch['inputs'][{m!r}]")
 
 
 def _check_finite(x: np.ndarray, field: str) -> None:
@@ -80,17 +88,14 @@ def train_batch(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *, batch_s
 
 def eval_batches(inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
                  batch_size: int) -> Iterator[dict]:
-  """Fixed-order batches covering every example once; the last one is padded
-  (by repeating example 0) to `batch_size` and carries a boolean `"valid"` [B]
-  marking real examples, so a jitted evaluation compiles once. (`"mask"` is
-  reserved for per-modality presence masks.)"""
-  n = len(labels)
-  for start in range(0, n, batch_size):
-    index = np.arange(start, start + batch_size)
-    valid = index < n
-    batch = take(inputs, labels, np.where(valid, index, 0))
-    batch["valid"] = valid
-    yield batch
+  """Fixed-order batches covering every example once, by the one evaluation rule
+  (`eval_plans`): the last one is completed to `batch_size` with copies of example 0
+  and carries a boolean `"valid"` [B] marking real examples (first in the batch), so
+  a jitted evaluation compiles once and counts each example once. (`"mask"` is
+  reserved for per-modality presence masks.) Synchronous: for arrays at hand."""
+  read = ReadArrays(inputs, labels)
+  for plan in eval_plans(len(labels), batch_size=batch_size):
+    yield read(plan)
 
 
 # ----------------------------------------------------------------------------
@@ -344,177 +349,199 @@ def host_train_indices(num_examples: int, *, batch_size: int, seed: int, step: i
   return order[start:start + batch_size]
 
 
-def _make_example(source: Sequence, index: int, train: bool, config: ClipPreprocessing,
-                  rng_key: tuple[int, int] | None) -> dict:
-  """Example `index` of `source`, preprocessed; `rng_key` = (seed, epoch) when training."""
-  rng = example_rng(rng_key[0], rng_key[1], index) if rng_key is not None else None
-  return preprocess_clip(source[int(index)], train=train, rng=rng, config=config)
+class Batches:
+  """An iterator over batches loaded by grain, whose position can be saved and restored.
 
-
-_WORKER_STATE: dict = {}
-
-
-def _init_worker_process(source: Sequence, config: ClipPreprocessing) -> None:
-  _WORKER_STATE.update(source=source, config=config)
-
-
-def _worker_process_example(index: int, train: bool, rng_key: tuple[int, int] | None) -> dict:
-  return _make_example(_WORKER_STATE["source"], index, train, _WORKER_STATE["config"], rng_key)
-
-
-def _write(batch: dict, slot: int, example: dict) -> None:
-  for m, x in example["inputs"].items():
-    batch["inputs"][m][slot] = x
-  batch["label"][slot] = example["label"]
-
-
-class _Producer:
-  """The background half of `BatchIterator` (kept apart so the thread holds no
-  reference to the iterator, which can then be garbage-collected and stop it)."""
-
-  END = object()
-
-  def __init__(self, source: Sequence, config: ClipPreprocessing, train: bool, *,
-               num_threads: int, prefetch: int, processes: int):
-    import multiprocessing
-    import queue
-    import threading
-    self.source, self.config, self.train = source, config, train
-    self.spec = clip_output_spec(source, config)
-    self.processes = int(processes)
-    if self.processes > 0:  # "spawn": safe next to JAX's threads
-      self.pool = concurrent.futures.ProcessPoolExecutor(
-          self.processes, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker_process, initargs=(source, config))
-    else:
-      self.pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)),
-                                                        thread_name_prefix="batch")
-    self.queue = queue.Queue(maxsize=max(1, int(prefetch)))
-    self.stop = threading.Event()
-
-  def allocate(self, size: int) -> dict:
-    return {"inputs": {m: np.empty((size, *shape), dtype)
-                       for m, (shape, dtype) in self.spec.items()},
-            "label": np.empty((size,), np.int32)}
-
-  def fill(self, batch: dict, slot: int, index: int, rng_key) -> None:
-    _write(batch, slot, _make_example(self.source, index, self.train, self.config, rng_key))
-
-  def put(self, item) -> bool:
-    import queue
-    while not self.stop.is_set():
-      try:
-        self.queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def run(self, batch_specs: Iterator[tuple[np.ndarray, tuple[int, int] | None, dict]]) -> None:
-    try:
-      for index, rng_key, extra in batch_specs:
-        if self.stop.is_set():
-          return
-        batch = self.allocate(len(index))
-        if self.processes > 0:  # examples come back pickled; the consumer writes them
-          futures = [self.pool.submit(_worker_process_example, int(i), self.train, rng_key)
-                     for i in index]
-        else:  # threads write straight into the batch
-          futures = [self.pool.submit(self.fill, batch, slot, int(i), rng_key)
-                     for slot, i in enumerate(index)]
-        if not self.put((batch, futures, extra)):
-          for f in futures:
-            f.cancel()
-          return
-      self.put(self.END)
-    except BaseException as e:  # surfaced by BatchIterator.__next__
-      self.put(e)
-
-
-class BatchIterator:
-  """Batches of preprocessed clips assembled ahead of time.
-
-  A background thread walks `batch_specs` (`(indices, rng_key, extra)` per batch;
-  `rng_key` = (seed, epoch) for training, None for evaluation) and submits one job
-  per example; up to `prefetch` batches are in flight. Workers are `num_threads`
-  threads writing straight into preallocated batch arrays (Pillow's decoding and
-  resizing and numpy's arithmetic release the GIL; deserialisation and Python glue do
-  not, which caps one process at a few cores), or, with `processes > 0`, that many
-  "spawn" processes, each holding its own copy of the source (TFDS data sources and
-  lists of dicts pickle), whose examples are copied into the batch by `next()`.
-  Results do not depend on the kind or number of workers.
-
-  Use as an iterator; `close()` (or a `with` block, or dropping the iterator) stops
-  the workers early. Errors raised by a job are re-raised by `next()`.
+  Wraps the iterator of a grain `IterDataset` (worker threads, optionally worker
+  processes); `get_state()` is a JSON-able dict (the first step of the plan, the
+  step of the next batch, the workers and grain's own iterator state) that
+  `set_state` restores, so a resumed run continues from the exact batch it stopped
+  at. Use as an iterator; `close()` (or a `with` block) stops grain's workers.
+  Errors raised while loading are re-raised by `next()`.
   """
 
-  def __init__(self, source: Sequence, batch_specs: Iterable[tuple[np.ndarray, Any, dict]], *,
-               train: bool, config: ClipPreprocessing = ClipPreprocessing(),
-               num_threads: int = 4, prefetch: int = 2, processes: int = 0):
-    import threading
-    self._closed = True
-    self._producer = _Producer(source, config, train, num_threads=num_threads,
-                               prefetch=prefetch, processes=processes)
+  def __init__(self, dataset, *, start_step: int, workers: dict):
+    self._start_step, self._workers = int(start_step), dict(workers)
+    self._iterator = iter(dataset)
+    self._step = self._start_step
     self._closed = False
-    self._thread = threading.Thread(target=self._producer.run, args=(iter(batch_specs),),
-                                    daemon=True, name="batch-specs")
-    self._thread.start()
 
-  def __iter__(self) -> "BatchIterator":
+  def __iter__(self) -> "Batches":
     return self
 
   def __next__(self) -> dict:
     if self._closed:
       raise StopIteration
-    item = self._producer.queue.get()
-    if item is _Producer.END:
-      self.close()
-      raise StopIteration
-    if isinstance(item, BaseException):
-      self.close()
-      raise item
-    batch, futures, extra = item
     try:
-      for slot, f in enumerate(futures):
-        example = f.result()
-        if example is not None:
-          _write(batch, slot, example)
+      batch = next(self._iterator)
     except BaseException:
       self.close()
       raise
-    batch.update(extra)
+    self._step += 1
     return batch
 
-  def close(self) -> None:
-    """Stops the background work (pending jobs are cancelled)."""
-    if self._closed:
-      return
-    import queue
-    self._closed = True
-    producer = self._producer
-    producer.stop.set()
-    while True:
-      try:
-        item = producer.queue.get_nowait()
-      except queue.Empty:
-        break
-      if isinstance(item, tuple):
-        for f in item[1]:
-          f.cancel()
-    self._thread.join()
-    producer.pool.shutdown(wait=True, cancel_futures=True)
+  @property
+  def step(self) -> int:
+    """The step (plan index) of the next batch."""
+    return self._step
 
-  def __enter__(self) -> "BatchIterator":
+  def get_state(self) -> dict:
+    """The position: `{"start_step", "step", "workers", "grain"}` (JSON-able)."""
+    return {"start_step": self._start_step, "step": self._step, "workers": self._workers,
+            "grain": self._iterator.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    """Moves to the position `state` (from `get_state` of an iterator built with the
+    same `start_step` and workers).
+
+    Raises:
+      ValueError: `state` was saved by an iterator with another start step or workers.
+    """
+    expected = {"start_step": self._start_step, "workers": self._workers}
+    saved = {key: state.get(key) for key in expected}
+    if saved != expected:
+      raise ValueError(f"data iterator state: expected one saved with {expected}, got {saved}")
+    self._iterator.set_state(state["grain"])
+    self._step = int(state["step"])
+
+  def close(self) -> None:
+    """Stops grain's worker threads and processes."""
+    if not self._closed:
+      self._closed = True
+      close = getattr(self._iterator, "close", None)
+      if close is not None:
+        close()
+
+  def __enter__(self) -> "Batches":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # interpreter shutdown
-      pass
+
+@dataclasses.dataclass(frozen=True)
+class ReadClips:
+  """Reads one batch of clips: the examples `index` of `source`, preprocessed (training:
+  `example_rng(seed, epoch, index)` each) into preallocated arrays; picklable, so grain's
+  worker processes each hold a copy of the source."""
+
+  source: Sequence
+  config: ClipPreprocessing
+  train: bool
+  seed: int = 0
+
+  @functools.cached_property
+  def spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return clip_output_spec(self.source, self.config)
+
+  def __call__(self, plan: tuple) -> dict:
+    index, epoch, extra = plan
+    batch = {"inputs": {m: np.empty((len(index), *shape), dtype)
+                        for m, (shape, dtype) in self.spec.items()},
+             "label": np.empty((len(index),), np.int32)}
+    for slot, i in enumerate(index):
+      rng = example_rng(self.seed, epoch, int(i)) if self.train else None
+      example = preprocess_clip(self.source[int(i)], train=self.train, rng=rng,
+                                config=self.config)
+      for m, x in example["inputs"].items():
+        batch["inputs"][m][slot] = x
+      batch["label"][slot] = example["label"]
+    batch.update(extra)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadArrays:
+  """Reads one batch of in-memory arrays: a slice of each (`take`)."""
+
+  inputs: Mapping[str, np.ndarray]
+  labels: np.ndarray
+
+  def __call__(self, plan: tuple) -> dict:
+    index, _, extra = plan
+    batch = take(self.inputs, self.labels, index)
+    batch.update(extra)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+  """Step -> (this host's example indices, epoch, {}) (`host_train_indices`)."""
+
+  num_examples: int
+  batch_size: int
+  seed: int
+  process_index: int
+  process_count: int
+
+  def __call__(self, step: int) -> tuple:
+    steps_per_epoch = self.num_examples // (self.batch_size * self.process_count)
+    index = host_train_indices(self.num_examples, batch_size=self.batch_size, seed=self.seed,
+                               step=step, process_index=self.process_index,
+                               process_count=self.process_count)
+    return index, int(step) // steps_per_epoch, {}
+
+
+def shard_options(process_index: int, process_count: int):
+  """grain's per-host shard options (checked: `0 <= process_index < process_count`)."""
+  import grain  # Imported where used here and below: it takes seconds to import.
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index: expected in [0, {process_count}), got {process_index}")
+  return grain.sharding.ShardOptions(shard_index=int(process_index),
+                                     shard_count=int(process_count), drop_remainder=False)
+
+
+def grain_batches(plans, read, *, start_step: int = 0, num_threads: int = 4,
+                  prefetch: int = 2, processes: int = 0) -> Batches:
+  """Batches `read(plans[k])` for k = 0, 1, ..., loaded by grain: a `MapDataset` of
+  batch plans mapped by `read` (`ReadClips` / `ReadArrays`), read by `num_threads`
+  threads with `prefetch` batches buffered, or, with `processes > 0`, by that many
+  worker processes (grain's `mp_prefetch`, round-robin over batches, so the order
+  does not depend on the workers). `plans` is a `MapDataset` (or a sequence)."""
+  import grain
+  for name, value, low in (("num_threads", num_threads, 0), ("prefetch", prefetch, 0),
+                           ("processes", processes, 0)):
+    if int(value) < low:
+      raise ValueError(f"loader.{name}: expected >= {low}, got {value}")
+  dataset = plans if isinstance(plans, grain.MapDataset) else grain.MapDataset.source(plans)
+  dataset = dataset.map(read).to_iter_dataset(grain.ReadOptions(
+      num_threads=int(num_threads), prefetch_buffer_size=max(int(prefetch), int(num_threads))))
+  if processes > 0:
+    _absl_flags_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(processes)))
+  return Batches(dataset, start_step=start_step,
+                 workers={"num_threads": int(num_threads), "processes": int(processes)})
+
+
+def _absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl program (tests,
+  notebooks) they are marked parsed with their defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def train_plans(num_examples: int, *, batch_size: int, seed: int, start_step: int = 0,
+                num_steps: int | None = None, process_index: int = 0, process_count: int = 1):
+  """The plans of training steps `start_step, ...` (forever, or `num_steps`) of this
+  host as a grain `MapDataset` (`TrainPlan`); host from grain's `shard_options`."""
+  import grain
+  shard = shard_options(process_index, process_count)
+  host_train_indices(num_examples, batch_size=batch_size, seed=seed, step=0,
+                     process_index=shard.shard_index,
+                     process_count=shard.shard_count)  # validates the sizes
+  stop = sys.maxsize if num_steps is None else int(start_step) + int(num_steps)
+  return grain.MapDataset.range(int(start_step), stop).map(TrainPlan(
+      num_examples, batch_size, int(seed), shard.shard_index, shard.shard_count))
+
+
+def eval_plans(num_examples: int, *, batch_size: int, process_index: int = 0,
+               process_count: int = 1) -> list[tuple]:
+  """This host's evaluation plans `(indices, 0, {"valid": mask})` (`clip_eval_batches`)."""
+  shard = shard_options(process_index, process_count)
+  return [(index, 0, {"valid": valid}) for index, valid in clip_eval_batches(
+      num_examples, batch_size=batch_size, process_index=shard.shard_index,
+      process_count=shard.shard_count)]
 
 
 def clip_output_spec(source: Sequence, config: ClipPreprocessing
@@ -542,36 +569,28 @@ def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_s
                         process_count: int = 1,
                         config: ClipPreprocessing = ClipPreprocessing(),
                         num_threads: int = 4, prefetch: int = 2,
-                        processes: int = 0) -> BatchIterator:
+                        processes: int = 0) -> Batches:
   """Training batches of this host from step `start_step` on (forever, or `num_steps`).
 
   `batch_size` is per host. Batch `step` holds `host_train_indices(...)` examples,
   each augmented with `example_rng(seed, epoch, index)`: a pure function of
   (seed, step, process_index, process_count), so a resumed run sees the same data.
-  Workers: `num_threads` threads, or `processes` processes (see `BatchIterator`).
+  Workers: `num_threads` threads, or `processes` processes (see `grain_batches`).
   """
-  n = len(source)
-  steps_per_epoch = n // (batch_size * process_count)
-  host_train_indices(n, batch_size=batch_size, seed=seed, step=0,
-                     process_index=process_index, process_count=process_count)  # validates
-
-  def train_specs():
-    step = int(start_step)
-    while num_steps is None or step < start_step + num_steps:
-      index = host_train_indices(n, batch_size=batch_size, seed=seed, step=step,
-                                 process_index=process_index, process_count=process_count)
-      yield index, (int(seed), step // steps_per_epoch), {}
-      step += 1
-
-  return BatchIterator(source, train_specs(), train=True, config=config, num_threads=num_threads,
-                       prefetch=prefetch, processes=processes)
+  plans = train_plans(len(source), batch_size=batch_size, seed=seed, start_step=start_step,
+                      num_steps=num_steps, process_index=process_index,
+                      process_count=process_count)
+  return grain_batches(plans, ReadClips(source, config, train=True, seed=int(seed)),
+                       start_step=start_step, num_threads=num_threads, prefetch=prefetch,
+                       processes=processes)
 
 
 def clip_eval_batches(num_examples: int, *, batch_size: int, process_index: int = 0,
                       process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
   """This host's evaluation batches as (indices, valid) pairs: its `shard_indices` block,
-  padded (with the block's first example, or example 0) to the same number of
-  `batch_size` batches on every host, `valid` marking real examples."""
+  completed (with the block's first example, or example 0) to the same number of
+  `batch_size` batches on every host, `valid` marking real examples (the one
+  evaluation rule of every source, embedded or clip)."""
   shard = shard_indices(num_examples, process_index, process_count)
   longest = -(-num_examples // process_count)
   num_batches = -(-longest // batch_size)
@@ -590,11 +609,11 @@ def clip_eval_iterator(source: Sequence, *, batch_size: int, process_index: int 
                        process_count: int = 1,
                        config: ClipPreprocessing = ClipPreprocessing(),
                        num_threads: int = 4, prefetch: int = 2,
-                       processes: int = 0) -> BatchIterator:
+                       processes: int = 0) -> Batches:
   """Evaluation batches of this host (deterministic preprocessing), each with a boolean
   `"valid"` [B]; every host yields the same number of batches (`clip_eval_batches`)."""
-  batches = clip_eval_batches(len(source), batch_size=batch_size, process_index=process_index,
-                              process_count=process_count)
-  specs = ((index, None, {"valid": valid}) for index, valid in batches)
-  return BatchIterator(source, specs, train=False, config=config, num_threads=num_threads,
+  clip_output_spec(source, config)  # fails fast on an empty source or absent modalities
+  plans = eval_plans(len(source), batch_size=batch_size, process_index=process_index,
+                     process_count=process_count)
+  return grain_batches(plans, ReadClips(source, config, train=False), num_threads=num_threads,
                        prefetch=prefetch, processes=processes)

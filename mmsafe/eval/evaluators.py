@@ -8,8 +8,15 @@ reports (`mmsafe.eval.report.write_evaluation`). An evaluator compiles once
 (on its first `run`): the variables, eps and budgets are traced arguments.
 
 Keys every type takes: `type`, `split` ("validation"), `every_steps` (0),
-`max_examples` (0: the whole split), `batch_size` (256; certify: 100) and
-`seed` (the `build_evaluators` seed). The types and their own keys:
+`max_examples` (0: the whole split), `batch_size` (256; certify: 100), `seed`
+(the `build_evaluators` seed) and `defence` ("none"): "msefm" evaluates an
+MSEFM model (`method` "msefm" in the run's config) behind its test-time
+defence, ExFMem (`mmsafe.methods.msefm`): the fused logits come from the
+features reconstructed from a memory of `method_kwargs.msefm_memory_size`
+clean training features of the evaluated model, drawn with `seed`; clean
+accuracy and every attack (white box, gradients through the reconstruction)
+are measured on that defended classifier. Certificates are of the undefended
+model, so `certify` takes only "none". The types and their own keys:
 
   clean       clean accuracy.
   fgm, pgd    robust accuracy against l2 FGM / l2-PGD (`robustness`): `scope`
@@ -42,6 +49,7 @@ import functools
 import math
 from typing import Any, ClassVar
 
+import jax
 import numpy as np
 
 from mmsafe import certify as certify_lib
@@ -51,10 +59,12 @@ from mmsafe.attacks.pgd import get_protocol
 from mmsafe.eval import certification
 from mmsafe.eval import robustness
 from mmsafe.eval.robustness import MULTI
+from mmsafe.methods import msefm
 
 Progress = Callable[[int], None] | None
 COMMON = {"type": None, "split": "validation", "every_steps": 0, "max_examples": 0,
-          "batch_size": 256, "seed": None}
+          "batch_size": 256, "seed": None, "defence": "none"}
+DEFENCES = ("none", "msefm")
 
 
 def _sequence(value: Any, field: str, kind: type, what: str) -> tuple:
@@ -91,9 +101,43 @@ def _count(value: Any, field: str, minimum: int = 0) -> int:
   return int(value)
 
 
+class MSEFMDefence:
+  """MSEFM's test-time defence (ExFMem) around a model: `apply_fn` takes
+  `prepare(variables)` (the variables and the memory built from them)."""
+
+  def __init__(self, model, run_config: Mapping[str, Any] | None, splits: Mapping[str, Any], *,
+               seed: int, batch_size: int):
+    method = (run_config or {}).get("method")
+    if method != "msefm":
+      raise ValueError(f"defence: 'msefm' applies to a model trained with method 'msefm', got "
+                       f"method {method!r}")
+    if "train" not in splits:
+      raise ValueError(f"defence: 'msefm' builds its memory from a 'train' split, got splits "
+                       f"{sorted(splits)}")
+    self.settings = msefm.hyperparameters(run_config.get("method_kwargs") or {})
+    self.model, self.splits, self.seed, self.batch_size = model, splits, seed, batch_size
+    self._features = jax.jit(lambda v, x: model.apply(v, x, train=False).features)
+
+  def apply_fn(self, defended: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
+    """Fused logits of the defended classifier."""
+    output = self.model.apply(defended["variables"], inputs, train=False)
+    return msefm.defended_logits(output, defended["memory"], self.settings)
+
+  @functools.cached_property
+  def train_inputs(self) -> Mapping[str, np.ndarray]:
+    """The training split's inputs, loaded on first use."""
+    return data_lib.in_memory(self.splits["train"], 0).inputs
+
+  def prepare(self, variables: Any) -> dict[str, Any]:
+    """`{"variables", "memory"}`: the memory of the evaluated model's training features."""
+    memory = msefm.evaluation_memory(self._features, variables, self.train_inputs, self.settings,
+                                    seed=self.seed, batch_size=self.batch_size)
+    return {"variables": variables, "memory": memory}
+
+
 class Evaluator:
   """One measurement on one split; subclasses set `type`, `options` (their own
-  keys and defaults) and implement `setup` (validate, build) and `run`.
+  keys and defaults) and implement `setup` (validate, build) and `measure`.
 
   Attributes:
     name: the key in `config.evals`.
@@ -107,7 +151,8 @@ class Evaluator:
   default_batch_size: ClassVar[int] = 256
 
   def __init__(self, name: str, config: Mapping[str, Any], *, model,
-               splits: Mapping[str, Any], seed: int = 0):
+               splits: Mapping[str, Any], seed: int = 0,
+               run_config: Mapping[str, Any] | None = None):
     unknown = sorted(set(config) - set(COMMON) - set(self.options))
     if unknown:
       raise ValueError(f"{unknown[0]}: unknown key for type {self.type!r}; expected one of "
@@ -121,7 +166,12 @@ class Evaluator:
     self.seed = _count(self.settings["seed"], "seed")
     self.model, self.splits = model, splits
     self.split = self._split("split")
-    self.apply_fn = robustness.logits_apply(model)
+    defence = self.settings["defence"]
+    if defence not in DEFENCES:
+      raise ValueError(f"defence: expected one of {list(DEFENCES)}, got {defence!r}")
+    self.defence = (MSEFMDefence(model, run_config, splits, seed=self.seed,
+                                 batch_size=self.batch_size) if defence == "msefm" else None)
+    self.apply_fn = self.defence.apply_fn if self.defence else robustness.logits_apply(model)
     self.input_shapes = dict(splits[self.split].modality_shapes)
     self.setup()
 
@@ -147,7 +197,12 @@ class Evaluator:
             if m in self.data.inputs}
 
   def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
-    """The metrics of `variables` (a dict of numbers, lists and dicts)."""
+    """The metrics of `variables` (a dict of numbers, lists and dicts), of the
+    defended classifier when there is a `defence`."""
+    return self.measure(self.defence.prepare(variables) if self.defence else variables, progress)
+
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+    """The metrics of what `self.apply_fn` computes with `variables`."""
     raise NotImplementedError
 
 
@@ -160,7 +215,7 @@ class Clean(Evaluator):
     self._clean = robustness.CleanAccuracy(self.apply_fn, batch_size=self.batch_size,
                                            seed=self.seed)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     correct = self._clean(variables, self.data.inputs, self.data.labels, progress)
     return {"num_examples": int(correct.size), "clean_accuracy": float(correct.mean())}
 
@@ -190,7 +245,7 @@ class Attack(Clean):
     self._curves = robustness.ATTACK_CURVES[self.type](
         self.apply_fn, grids, protocol=protocol, batch_size=self.batch_size, seed=self.seed)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     inputs, labels = self.data.inputs, self.data.labels
     self._curves.bounds = self.bounds()
     correct = self._clean(variables, inputs, labels, progress)
@@ -235,7 +290,7 @@ class Missing(Evaluator):
     self._missing = robustness.MissingModality(self.apply_fn, sorted(self.input_shapes), fills,
                                                batch_size=self.batch_size, seed=self.seed)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     if not self._missing.fill_means:
       self._missing.fill_means = _means_for(self, self._missing.fills)
     section = self._missing(variables, self.data.inputs, self.data.labels, None, progress)
@@ -263,7 +318,7 @@ class Decoupling(Clean):
         _strings(self.settings["scopes"], "scopes"), options=attack,
         batch_size=self.batch_size, seed=self.seed)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     inputs, labels = self.data.inputs, self.data.labels
     self._curves.bounds = self.bounds()
     correct = self._clean(variables, inputs, labels, progress)
@@ -301,7 +356,7 @@ class Robustness(Evaluator):
                                                seed=self.seed)
     self._parts = robustness.suite(self.apply_fn, self.suite_config, self.input_shapes)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     bounds = self.bounds()
     for part in self._parts:
       if isinstance(part, robustness.MissingModality) and not part.fill_means:
@@ -322,6 +377,9 @@ class Certify(Evaluator):
              "attack_steps": 100, "attack_restarts": 5, "num_thresholds": 101}
 
   def setup(self) -> None:
+    if self.defence:
+      raise ValueError(f"defence: the certificates are of the undefended model; expected "
+                       f"'none', got {self.settings['defence']!r}")
     kinds = _strings(self.settings["kinds"], "kinds")
     self.empirical_split = self._split("empirical_split") if "empirical" in kinds else None
     self._certification = certification.Certification(
@@ -337,7 +395,7 @@ class Certify(Evaluator):
         seed=self.seed)
     self.certificates: dict[str, certify_lib.Certificate] = {}
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     del progress
     empirical = self.splits[self.empirical_split] if self.empirical_split else None
     results, self.certificates, _ = self._certification(
@@ -366,7 +424,7 @@ class Sweep(Evaluator):
         loss=self.settings["loss"], random_start=bool(self.settings["random_start"]),
         batch_size=self.batch_size, seed=self.seed)
 
-  def run(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
+  def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
     return self._sweep(variables, self.data.inputs, self.data.labels, progress)
 
 
@@ -375,9 +433,11 @@ EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
 
 
 def build_evaluators(evals: Mapping[str, Mapping[str, Any]] | None, *, model,
-                     splits: Mapping[str, Any], seed: int = 0) -> dict[str, Evaluator]:
+                     splits: Mapping[str, Any], seed: int = 0,
+                     run_config: Mapping[str, Any] | None = None) -> dict[str, Evaluator]:
   """The evaluators of `evals` (name -> settings with a `type`; None: none), all
-  validated before any runs.
+  validated before any runs. `run_config`: the training run's config (its
+  `method` and `method_kwargs`), needed by `defence="msefm"`.
 
   Raises:
     ValueError naming `evals.<name>.<key>`, the expected and the actual value.
@@ -392,7 +452,7 @@ def build_evaluators(evals: Mapping[str, Mapping[str, Any]] | None, *, model,
                        f"got {kind!r}")
     try:
       evaluators[name] = EVALUATOR_TYPES[kind](name, config, model=model, splits=splits,
-                                               seed=seed)
+                                               seed=seed, run_config=run_config)
     except ValueError as e:
       raise ValueError(f"evals.{name}.{e}") from e
   return evaluators

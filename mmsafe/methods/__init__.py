@@ -11,6 +11,7 @@ from mmsafe.methods import gb  # noqa: F401  (registers "gb")
 from mmsafe.methods import msefm  # noqa: F401  (registers "msefm")
 from mmsafe.methods import ogm  # noqa: F401  (registers "ogm")
 from mmsafe.methods import pmr  # noqa: F401  (registers "pmr")
+from mmsafe.methods import randomized  # noqa: F401  (registers "gaussian_aug", "ablated")
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import (Callback, CallbackContext, Method, Objective, Stage, get,
                                      names, register)

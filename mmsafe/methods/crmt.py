@@ -37,11 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe import certify
-from mmsafe.data import full_pass
+from mmsafe.data import host_pass
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import Callback, CallbackContext, Stage
 from mmsafe.models.heads import is_modality_weight
 from mmsafe.numerics import mask_labels
+from mmsafe.train import distributed
 
 Array = jax.Array
 
@@ -163,18 +164,21 @@ def prepare_step2(model, variables, dataset, config: Mapping | None = None, *,
                   batch_size: int, default_lipschitz: str = "empirical") -> dict:
   """The method state for step 2, modality -> constants of the uni-modal scores:
   "empirical" (`step2_lipschitz`): `tau~` = the maximum per-sample gradient
-  norm over `dataset`, as in the paper's code; "sound": the encoders' stated
-  bounds (`mmsafe.certify.sound_constants`; `dataset` is not read), with
-  `L^(m)` for the tight Thm 3.5."""
+  norm over `dataset`, as in the paper's code (eq. 9; each process reads its
+  rows, `host_pass`, and the maxima are reduced over processes); "sound": the
+  encoders' stated bounds (`mmsafe.certify.sound_constants`; `dataset` is not
+  read), with `L^(m)` for the tight Thm 3.5."""
   if step2_lipschitz(config, default_lipschitz) == "sound":
     constants = certify.sound_constants(model, variables)  # One compiled program.
-    features = constants.encoder
+    features, values = constants.encoder, constants.values
   else:
-    constants = certify.empirical_constants(
-        model, variables, full_pass(dataset, batch_size=batch_size))
-    features = {m: 0.0 for m in constants.values}
+    # Each process streams its own rows; the maximum over processes is the split's.
+    with host_pass(dataset, batch_size=batch_size) as batches:
+      constants = certify.empirical_constants(model, variables, batches)
+    values = distributed.reduce_over_processes(dict(constants.values), "max")
+    features = {m: 0.0 for m in values}
   return {STATE_KEY: {
-      "tau": {m: jnp.asarray(v, jnp.float32) for m, v in constants.values.items()},
+      "tau": {m: jnp.asarray(v, jnp.float32) for m, v in values.items()},
       "feature_lipschitz": {m: jnp.asarray(v, jnp.float32) for m, v in features.items()}}}
 
 

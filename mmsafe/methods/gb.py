@@ -57,10 +57,11 @@ import numpy as np
 import optax
 
 from mmsafe import programs
-from mmsafe.data import full_pass
+from mmsafe.data import host_pass
 from mmsafe.methods.common import accuracy, apply_model, required
 from mmsafe.methods.registry import Callback, CallbackContext, register
 from mmsafe.models.outputs import ModelOutput
+from mmsafe.train import distributed
 
 Array = jax.Array
 
@@ -130,12 +131,16 @@ def _head_loss_sums(model, variables, batch):
 
 
 def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
-  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]."""
+  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]: the
+  `L^T` / `L^V` of the paper's OGR at one checkpoint. Each process streams
+  its own rows (`host_pass`); the sums and counts are added over processes."""
   sums = programs.compiled(_head_loss_sums, model)  # One compilation per model.
-  total, count = 0.0, 0.0
-  for batch in full_pass(dataset, batch_size=batch_size):
-    s, c = sums(variables, batch)
-    total, count = total + np.asarray(s, np.float64), count + float(c)
+  total, count = np.zeros(len(model.input_shapes) + 1, np.float64), 0.0
+  with host_pass(dataset, batch_size=batch_size) as batches:
+    for batch in batches:
+      s, c = sums(variables, batch)
+      total, count = total + np.asarray(s, np.float64), count + float(c)
+  total, count = distributed.reduce_over_processes((total, np.float64(count)), "sum")
   if count == 0:
     raise ValueError("gb: the dataset split holds no example")
   return (total / count).astype(np.float32)

@@ -32,12 +32,24 @@ Choices and simplifications (documented on purpose):
   of `D^T D` (the gradient's Lipschitz constant, so the iteration is monotone).
 * M > 2 modalities: MinSim averages over all modality pairs; it needs equal
   feature dimensions across modalities (as the reference's 512/512).
-* Inference. The reference also applies ExFMem at test time. mmsafe's
-  evaluation (`make_eval_step`, attacks, certificates) runs `model.apply`,
-  which cannot read the memory in the method state, so MSEFM is evaluated as
-  the concat model trained with MinSim on memory-blended features (the
-  test-time defence, `defended_features` on the saved memory, is not wired
-  into the evaluation).
+* Inference. The reference applies ExFMem at test time too. mmsafe's
+  training-loop validation and its certificates run `model.apply` (the concat
+  model trained with MinSim on memory-blended features, no defence); the
+  test-time defence is an evaluation option (`defence="msefm"` of
+  `mmsafe.eval.evaluators`): `defended_logits` on a memory of
+  `msefm_memory_size` clean training features of the evaluated model
+  (`evaluation_memory`, inference mode; like the reference's bank computed
+  with a trained model), and the attacks see the whole defended classifier:
+  the fixed ISTA iterations are differentiable almost everywhere (soft
+  thresholding is piecewise linear), so gradients flow through the
+  reconstruction exactly (white box, no BPDA).
+
+Equations (Tian & Xu 2021, their defence section): MinSim is the
+classification loss plus the weighted cosine similarity of the audio and
+visual embeddings of an example (`L` above); ExFMem is the lasso
+reconstruction of an embedding from the memory of clean embeddings followed by
+the convex blend with the embedding itself (`phi~` above); `ista` solves the
+lasso, `memory_blend` blends, `cross_modal_similarity` is the MinSim term.
 
 Hyper-parameters (`config.method_kwargs`): `msefm_sim_weight` (gamma),
 `msefm_memory_size` (N), `msefm_lasso` (lambda), `msefm_blend` (a),
@@ -51,10 +63,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
 from mmsafe.methods.registry import register
-from mmsafe.models.outputs import HeadParams
+from mmsafe.models.outputs import HeadParams, ModelOutput
 from mmsafe.numerics import HIGHEST
 
 Array = jax.Array
@@ -136,7 +149,8 @@ def write_memory(memory: Mapping[str, Array], pointer: Array, count: Array,
   return new, (pointer + batch) % size, jnp.minimum(count + batch, size)
 
 
-def _settings(config, name="msefm") -> dict[str, Any]:
+def hyperparameters(config: Mapping, name: str = "msefm") -> dict[str, Any]:
+  """The MSEFM settings of `config` (method_kwargs), checked."""
   settings = {"sim_weight": float(required(config, "msefm_sim_weight", name)),
               "size": int(required(config, "msefm_memory_size", name)),
               "lasso": float(required(config, "msefm_lasso", name)),
@@ -168,10 +182,36 @@ def defended_features(features: Mapping[str, Array], method_state: Mapping, sett
   return {m: jnp.where(full, blended[m], features[m].astype(jnp.float32)) for m in features}
 
 
+def defended_logits(output: ModelOutput, memory: Mapping[str, Array], settings: Mapping
+                    ) -> Array:
+  """ExFMem at test time: the concat head on the memory-blended features,
+  `sum_m (a h^(m) D^(m) + (1 - a) phi^(m)) W^(m) + b` (differentiable in the inputs)."""
+  blended = memory_blend(output.features, memory, lasso=settings["lasso"],
+                         steps=settings["steps"], blend=settings["blend"])
+  return fused_logits(output.head, blended)
+
+
+def evaluation_memory(features_fn, variables, inputs: Mapping[str, np.ndarray],
+                     settings: Mapping, *, seed: int = 0, batch_size: int = 256
+                     ) -> dict[str, Array]:
+  """The test-time memory `D^(m)` [N, d_m]: the features `features_fn(variables,
+  batch)` (inference mode) of `N = settings["size"]` training examples drawn
+  without replacement (`seed`)."""
+  available = len(next(iter(inputs.values())))
+  size = settings["size"]
+  if size > available:
+    raise ValueError(f"method_kwargs.msefm_memory_size: the test-time memory needs that many "
+                     f"training examples, expected <= {available}, got {size}")
+  rows = np.sort(np.random.default_rng(seed).choice(available, size, replace=False))
+  chunks = [features_fn(variables, {m: x[rows[i:i + batch_size]] for m, x in inputs.items()})
+            for i in range(0, size, batch_size)]
+  return {m: jnp.concatenate([c[m] for c in chunks]).astype(jnp.float32) for m in chunks[0]}
+
+
 @register("msefm", head="concat", init_state=init_state,
           description="MinSim + ExFMem: cross-modal dissimilarity + feature-memory reconstruction")
 def make_objective(model, config):
-  settings = _settings(config)
+  settings = hyperparameters(config)
 
   def loss_fn(params, state, batch, rng):
     del rng

@@ -27,6 +27,14 @@ step, inside the pure train step:
    ogm_end_epoch` (inclusive, as in the reference code; `ogm_end_epoch=None`:
    to the end); outside the window the step is plain joint training.
 
+Equations, in the paper's terms: steps 1-2 are its uni-modal scores `s^u`
+and discrepancy ratio `rho^u` (Sec. 3.2, as above), step 3 its modulation
+coefficient `k^u` (eq. 10, in the continuous form noted), step 4 the
+modulated SGD update `theta^u <- theta^u - eta k^u g(theta^u)` and, for GE,
+the same update with the Gaussian term `h ~ N(0, Sigma)` added to the
+gradient (Sec. 3.3; `Sigma` estimated per tensor from the gradient as the
+reference code does).
+
 How the surgery stays pure: the objective computes the gradient of the CE
 itself (`jax.vjp` at `stop_gradient(params)`), modulates it, and returns the
 surrogate `stop_gradient(loss) + sum <stop_gradient(g'), params - stop_gradient(params)>`,

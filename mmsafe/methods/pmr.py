@@ -3,44 +3,67 @@ Prototypical Modal Rebalance for Multimodal Learning", CVPR 2023; reference
 code fanyunfeng-bit/Modal-Imbalance-PMR, `main_Prototype_grad.py`).
 
 Per modality m and class k a prototype `c^(m)_k`, the mean feature `phi^(m)`
-of class k, kept in the method state. The prototypes define a non-parametric
-uni-modal classifier with logits `-||phi^(m)(x) - c^(m)_k||_2` (Euclidean
-distance, not squared, as the reference code), and its cross-entropy is the
-prototypical cross-entropy `PCE^(m)`. Each step:
+of class k (the paper's class-centroid prototypes), kept in the method state.
+The prototypes define a non-parametric uni-modal classifier with logits
+`-d(phi^(m)(x), c^(m)_k)`, `d` the Euclidean distance (not squared, as the
+reference code), i.e. the prototypical prediction
+`p^(m)_k(x) = softmax_k(-d(phi^(m)(x), c^(m)_k))`, and its cross-entropy is the
+prototypical cross-entropy (the paper's PCE loss)
+`PCE^(m) = -mean_i log p^(m)_{y_i}(x_i)`. Each step:
 
-1. Imbalance ratio from the prototypical confidences (reference code):
-   `score^(m) = sum_i softmax(-d(phi^(m)_i, c^(m)))[y_i]`,
-   `rho^(m) = score^(m) / mean_{j != m} score^(j)` (M = 2: `score_a / score_v`).
-2. `L = CE(h(x), y) + sum_m beta^(m) PCE^(m)`, with `beta^(m) = pmr_alpha` for
-   every slower modality (`rho^(m) < 1`) and 0 for the dominant one: the
-   weaker modality is pulled toward its class prototypes, which accelerates
-   its encoder without interference from the fused head.
-3. The prototypes are constants in the loss (their reference computes them
+1. Imbalance ratio from the prototypical confidences (the paper's ratio of
+   summed prototypical probabilities of the true class, as the reference code):
+   `score^(m) = sum_i p^(m)_{y_i}(x_i)`,
+   `rho^(m) = score^(m) / mean_{j != m} score^(j)` (M = 2: `score_a / score_v`
+   and its inverse). `rho^(m) < 1`: m learns slower; `rho^(m) > 1`: m dominates.
+2. The loss (the paper's total objective: CE, PCE on the slow modality and the
+   prototype-based entropy regulariser on the dominant one),
+   `L = CE(h(x), y) + sum_m beta^(m) PCE^(m) - sum_m mu^(m) H^(m)`, with
+   `H^(m) = mean_i -sum_k p^(m)_k(x_i) log p^(m)_k(x_i)` (the entropy of the
+   prototypical predictions) and the ratio rule:
+   `beta^(m) = pmr_alpha` where `rho^(m) < 1`, else 0 (the weaker modality is
+   pulled toward its class prototypes, which accelerates its encoder without
+   interference from the fused head);
+   `mu^(m) = pmr_entropy_weight` where `rho^(m) > 1`, else 0, and only in the
+   early epochs `pmr_start_epoch .. pmr_entropy_end_epoch`: maximising the
+   entropy of the dominant modality's prototypical predictions keeps it from
+   converging prematurely and suppressing the slow one.
+3. The prototypes are constants in the loss (the reference computes them
    under `no_grad`); after the loss they are updated from the batch (below).
 Active for epochs `pmr_start_epoch .. pmr_end_epoch` (inclusive; end None: to
 the end), from the method's own step counter and `steps_per_epoch`.
 
+Equations: the terms are named as the paper names them (class-centroid
+prototypes, prototypical cross-entropy, imbalance ratio, prototype-based
+entropy regularisation and the total loss of step 2); mmsafe implements them
+from the paper's method section and the reference code, and gives no
+equation numbers it could not check against the paper's text.
+
 Choices and simplifications (documented on purpose):
-* Coefficient: the reference code's constant `alpha` on the weaker modality
-  (the paper writes the coefficient as a function of the ratio; mmsafe
-  follows the released code the CRMT comparison builds on).
-* The paper's prototype-based entropy regulariser for the dominant modality
-  in the early epochs is not part of the reference training script and is not
-  implemented.
+* Coefficients: a constant `alpha` on the weaker modality, as the reference
+  code (the paper scales the coefficient with the imbalance ratio; mmsafe
+  follows the released code the CRMT comparison builds on), and, alike, a
+  constant `mu` on the dominant one. The reference training script has no
+  entropy term; it is implemented from the paper's description (the
+  prototype-based entropy regularisation of the dominant modality in the
+  early training stage), with weight `pmr_entropy_weight` (0: off, the
+  reference script) and last epoch `pmr_entropy_end_epoch` (mmsafe's choices).
 * Prototype estimation: the reference recomputes class means once per epoch
   on 10% of the training set (evaluation mode) and smooths them across epochs
   (`c <- (1 - mu) c_new + mu c_old`). mmsafe keeps it inside the pure step: an
   exponential moving average over steps of the batch's class-mean features
   (training-mode features, no gradient),
-  `c_k <- mu c_k + (1 - mu) mean_{i: y_i = k} phi_i` for the classes in the
-  batch, a class's first batch setting `c_k` directly; `mu = pmr_momentum`.
-  The PCE term is off until every class has a prototype.
-* M > 2: every modality with `rho < 1` gets `alpha` (M = 2: the paper's rule).
+  `c_k <- m c_k + (1 - m) mean_{i: y_i = k} phi_i` for the classes in the
+  batch, a class's first batch setting `c_k` directly; `m = pmr_momentum`.
+  The PCE and entropy terms are off until every class has a prototype.
+* M > 2: every modality with `rho < 1` gets `alpha`, every one with `rho > 1`
+  gets `mu` (M = 2: the paper's rule).
 * Distances use a gradient-safe square root (finite at zero distance).
 
 Hyper-parameters (`config.method_kwargs`): `pmr_alpha`, `pmr_momentum`,
-`pmr_start_epoch`, `pmr_end_epoch`, and `steps_per_epoch` when the window is
-not every epoch.
+`pmr_start_epoch`, `pmr_end_epoch`, `pmr_entropy_weight`,
+`pmr_entropy_end_epoch`, and `steps_per_epoch` when a window is not every
+epoch.
 """
 
 from __future__ import annotations
@@ -97,9 +120,20 @@ def update_prototypes(prototypes: Mapping[str, Array], seen: Array,
   return new, jnp.where(present, 1, seen).astype(jnp.int32)
 
 
+def prototype_entropy(logits: Array) -> Array:
+  """`H = mean_i -sum_k p_ik log p_ik`, `p = softmax(logits)` (PMR's entropy term)."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
+
+
 def rebalance_coefficients(ratios: Mapping[str, Array], alpha: float) -> dict[str, Array]:
-  """`alpha` for every modality slower than the others (`rho < 1`), else 0."""
+  """`beta`: `alpha` for every modality slower than the others (`rho < 1`), else 0."""
   return {m: jnp.where(r < 1.0, alpha, 0.0) for m, r in ratios.items()}
+
+
+def entropy_coefficients(ratios: Mapping[str, Array], weight: float) -> dict[str, Array]:
+  """`mu`: `weight` for every dominant modality (`rho > 1`), else 0."""
+  return {m: jnp.where(r > 1.0, weight, 0.0) for m, r in ratios.items()}
 
 
 def init_state(model, variables, config: Mapping | None = None) -> dict:
@@ -119,13 +153,19 @@ def init_state(model, variables, config: Mapping | None = None) -> dict:
 
 
 @register("pmr", head="concat", init_state=init_state,
-          description="PMR: prototypical CE on the slower modality (prototypes: EMA of features)")
+          description="PMR: prototypical CE on the slower modality, entropy on the dominant one")
 def make_objective(model, config):
   alpha = float(required(config, "pmr_alpha", "pmr"))
   momentum = float(required(config, "pmr_momentum", "pmr"))
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"method_kwargs.pmr_momentum: expected in [0, 1), got {momentum}")
+  entropy_weight = float(required(config, "pmr_entropy_weight", "pmr"))
+  if not entropy_weight >= 0.0:
+    raise ValueError(f"method_kwargs.pmr_entropy_weight: expected >= 0, got {entropy_weight}")
+  # The entropy window: the PMR window, ending at pmr_entropy_end_epoch.
+  entropy_config = {**config, "pmr_end_epoch": config.get("pmr_entropy_end_epoch")}
   window_active(jnp.zeros((), jnp.int32), config, "pmr", "pmr")  # checks the config now
+  window_active(jnp.zeros((), jnp.int32), entropy_config, "pmr", "pmr")
 
   def loss_fn(params, state, batch, rng):
     del rng
@@ -141,7 +181,12 @@ def make_objective(model, config):
     active = jnp.logical_and(ready, window_active(pmr["step"], config, "pmr", "pmr"))
     coefficients = {m: jnp.where(active, b, 0.0)
                     for m, b in rebalance_coefficients(ratios, alpha).items()}
-    loss = ce + sum(coefficients[m] * pce[m] for m in pce)
+    early = jnp.logical_and(active, window_active(pmr["step"], entropy_config, "pmr", "pmr"))
+    entropy = {m: prototype_entropy(z) for m, z in logits.items()}
+    entropy_coefficient = {m: jnp.where(early, w, 0.0)
+                           for m, w in entropy_coefficients(ratios, entropy_weight).items()}
+    loss = (ce + sum(coefficients[m] * pce[m] for m in pce)
+            - sum(entropy_coefficient[m] * entropy[m] for m in entropy))
     updated, seen = update_prototypes(pmr["prototypes"], pmr["seen"], out.features, labels,
                                       momentum)
     new_state = {**new_state, STATE_KEY: {"prototypes": updated, "seen": seen,
@@ -149,7 +194,9 @@ def make_objective(model, config):
     metrics = {"ce": ce, "accuracy": accuracy(out.logits, labels),
                **{f"pce_{m}": v for m, v in pce.items()},
                **{f"ratio_{m}": r for m, r in ratios.items()},
-               **{f"coefficient_{m}": b for m, b in coefficients.items()}}
+               **{f"coefficient_{m}": b for m, b in coefficients.items()},
+               **{f"entropy_{m}": h for m, h in entropy.items()},
+               **{f"entropy_coefficient_{m}": w for m, w in entropy_coefficient.items()}}
     return loss, (new_state, metrics)
 
   return loss_fn

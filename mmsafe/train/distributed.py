@@ -63,3 +63,19 @@ def sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def reduce_over_processes(tree, op: str):
+  """`tree` (numpy or scalar leaves, the same structure and shapes on every process)
+  reduced over the processes by `op`, "sum" or "max"; with one process, `tree` as
+  numpy. Every process gets the result (a collective: every process must call it)."""
+  import numpy as np
+  reducers = {"sum": np.sum, "max": np.max}
+  if op not in reducers:
+    raise ValueError(f"op: expected one of {sorted(reducers)}, got {op!r}")
+  tree = jax.tree_util.tree_map(np.asarray, tree)
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(tree)  # leading axis: the process
+  return jax.tree_util.tree_map(lambda x: reducers[op](np.asarray(x), axis=0), gathered)

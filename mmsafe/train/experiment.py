@@ -25,7 +25,8 @@ SPLIT_ROLES = ("train", "validation", "test")
 METHOD_KWARG_RANGES = {
     "attack_eps": (False, 0.0, True), "attack_step_size": (False, 0.0, True),
     "attack_steps": (True, 1, True), "rho": (False, 0.0, True),
-    "mixup_alpha": (False, 0.0, False)}
+    "mixup_alpha": (False, 0.0, False), "noise_sigma": (False, 0.0, False),
+    "ablation_keep_fraction": (False, 0.0, False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
       for stage in stages})
   model = build_model(config, method, train)
   evaluators = evaluators_lib.build_evaluators(config.get("evals"), model=model, splits=splits,
-                                               seed=seed)
+                                               seed=seed, run_config=config)
   return Experiment(config=config, splits=splits, model=model, method=method, stages=stages,
                     optimizers=optimizers, steps_per_epoch=steps_per_epoch,
                     evaluators=evaluators)

@@ -30,8 +30,9 @@ Preemption: checkpoints are written at the end of each stage and every
 `config.checkpoint_every_seconds` after the previous save). On SIGTERM the loop finishes
 the step in flight, saves a checkpoint and raises `Preempted` (with several
 processes, they agree on the step first). Rerunning the same command resumes
-from the latest checkpoint: the step (training batches are a pure function of
-`(seed, step)`), the RNG and optimizer state, the stage, the model selection so
+from the latest checkpoint: the step and the data loader's position (grain's
+iterator state; training batches are a pure function of `(seed, step)`), the
+RNG and optimizer state, the stage, the model selection so
 far and the not-yet-logged training metrics, so an interrupted run ends
 bit-identical to an uninterrupted one.
 """
@@ -151,12 +152,14 @@ def _run(context: _Context, workdir: str) -> dict[str, Any]:
 
 def _make_context(experiment: Experiment) -> _Context:
   """The device layout, compiled eval step and evaluators of a run (all checked
-  before anything is written)."""
+  before anything is written, as is the splits' agreement: `data.check_splits`)."""
   config = experiment.config
+  data_lib.check_splits(experiment.splits)
   parallel = parallel_lib.DataParallel.create(config.get("parallel", "none"))
   parallel.check_batch_size("batch_size", int(config["batch_size"]))
   return _Context(experiment=experiment, parallel=parallel,
-                  eval_step=parallel.compile_eval_step(experiment.model),
+                  eval_step=parallel.compile_eval_step(
+                      experiment.model, experiment.splits["train"].prepare_inputs),
                   eval_batch_size=parallel.round_batch_size(
                       int(config.get("eval_batch_size", 256))),
                   loader=dict(config.get("loader") or {}), writer=metrics_lib.NullWriter(),
@@ -214,13 +217,12 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
       every_steps=int(config.get("checkpoint_every_steps", 0)),
       every_seconds=float(config.get("checkpoint_every_seconds", 60.0)),
       sync_every=sync_every, agree=parallel.any_process)
+  train = experiment.splits["train"]
   train_steps = {stage.name: parallel.compile_train_step(
       experiment.objective(stage, parallel.batch_norm_axis_name),
-      experiment.optimizers[stage.name]) for stage in experiment.stages}
+      experiment.optimizers[stage.name], train.prepare_inputs) for stage in experiment.stages}
   start_step = int(parallel.get(state.step))
-  batches = data_lib.make_iterator(
-      experiment.splits["train"], train=True, seed=int(config.get("seed", 0)),
-      start_step=start_step, batch_size=host_batch_size(parallel, batch_size), **context.loader)
+  batches = _train_batches(context, start_step, progress.pop("data_iterator", None))
   with contextlib.closing(batches), SigtermFlag() as sigterm, tqdm(
       total=experiment.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
       desc=f"{config['method']} on {config['dataset']}",
@@ -231,8 +233,8 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
         state, progress = _start_stage(context, stage, state, progress)
       batch = next(batches)
       if config.get("check_batches", True):
-        data_lib.validate_batch(batch, experiment.model.input_shapes,
-                                experiment.splits["train"].num_classes)
+        data_lib.validate_batch(batch, experiment.model.input_shapes, train.num_classes,
+                                raw_inputs=train.prepare_inputs is not None)
       state, metrics = train_steps[stage.name](state, parallel.put_batch(batch, batch_size))
       pending.append(metrics)
       done = step + 1
@@ -249,13 +251,40 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
       if cadence.due(done, forced=end_of_stage or preempted):
         pending = [parallel.get(m) for m in pending]
         checkpointer.save(done, state, best,
-                          {**progress, "pending_metrics": metrics_lib.pending_to_json(pending)})
+                          {**progress, "pending_metrics": metrics_lib.pending_to_json(pending),
+                           "data_iterator": batches.get_state()})
         cadence.saved()
       checkpointer.seal_if_written()
       bar.update(1)
       if preempted and done < experiment.total_steps:
         raise Preempted(done)
   return state, best, progress
+
+
+def _train_batches(context: _Context, start_step: int, saved: dict | None
+                   ) -> data_lib.Batches:
+  """This process's training batches from `start_step` on: at the position `saved`
+  in the checkpoint (`Batches.get_state`) when its loader workers are today's, else
+  planned from `start_step` (the same batches: they are a function of the step)."""
+  config = context.experiment.config
+  size = host_batch_size(context.parallel, int(config["batch_size"]))
+  make = lambda first: data_lib.make_iterator(
+      context.experiment.splits["train"], train=True, seed=int(config.get("seed", 0)),
+      start_step=first, batch_size=size, **context.loader)
+  if saved is None:
+    return make(start_step)
+  if saved.get("step") != start_step:
+    raise ValueError(f"data iterator state: expected the position of the checkpoint's step "
+                     f"{start_step}, got step {saved.get('step')}")
+  batches = make(int(saved["start_step"]))
+  try:
+    batches.set_state(saved)
+  except ValueError as error:
+    batches.close()
+    logging.warning("data position not restored (%s); batches planned from step %d",
+                    error, start_step)
+    return make(start_step)
+  return batches
 
 
 def _start_stage(context: _Context, stage: TrainingStage, state, progress):

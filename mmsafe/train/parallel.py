@@ -170,10 +170,13 @@ class DataParallel:
         lambda x: jax.make_array_from_process_local_data(
             sharding, np.asarray(x), (global_size, *np.shape(x)[1:])), local_batch)
 
-  def compile_train_step(self, objective, optimizer) -> Callable:
+  def compile_train_step(self, objective, optimizer,
+                         prepare_inputs: Callable | None = None) -> Callable:
     """`make_train_step(objective, optimizer)` compiled for this layout:
     `(state, global batch) -> (state, metrics)`, donating the state. In "pmap"
-    mode `objective` must be built for `batch_norm_axis_name`."""
+    mode `objective` must be built for `batch_norm_axis_name`. `prepare_inputs`
+    (e.g. `mmsafe.data.normalize_inputs` for uint8 clips) maps the batch's
+    inputs to model space inside the compiled step."""
     replicated, sharded = replicated_sharding(self.mesh), batch_sharding(self.mesh)
     if self.mode == "pmap":
       step = jax.shard_map(make_train_step(objective, optimizer, axis_name=AXIS),
@@ -181,16 +184,26 @@ class DataParallel:
                            check_vma=False)
     else:
       step = make_train_step(objective, optimizer)
-    return jax.jit(step, in_shardings=(replicated, sharded),
+    return jax.jit(_with_prepared_inputs(step, prepare_inputs),
+                   in_shardings=(replicated, sharded),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
-  def compile_eval_step(self, model) -> Callable:
+  def compile_eval_step(self, model, prepare_inputs: Callable | None = None) -> Callable:
     """`make_eval_step(model)` compiled for this layout: `(variables, global batch)
-    -> sums` over the global batch."""
+    -> sums` over the global batch (inputs mapped by `prepare_inputs` first)."""
     replicated = replicated_sharding(self.mesh)
-    return jax.jit(make_eval_step(model), in_shardings=(replicated, batch_sharding(self.mesh)),
+    return jax.jit(_with_prepared_inputs(make_eval_step(model), prepare_inputs),
+                   in_shardings=(replicated, batch_sharding(self.mesh)),
                    out_shardings=replicated)
 
   def any_process(self, flag: bool) -> bool:
     """`flag` or-ed over all processes (a collective when there are several)."""
     return any_process(flag, self.mesh)
+
+
+def _with_prepared_inputs(step: Callable, prepare_inputs: Callable | None) -> Callable:
+  """`step(first, batch)` on the batch with `prepare_inputs(batch["inputs"])` (traced
+  into the same program: raw uint8 batches travel to the devices, floats stay there)."""
+  if prepare_inputs is None:
+    return step
+  return lambda first, batch: step(first, {**batch, "inputs": prepare_inputs(batch["inputs"])})
