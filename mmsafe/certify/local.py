@@ -204,12 +204,14 @@ def host_chunk_size(batch: int, num_classes: int, chunk_size: int | None) -> int
 
 def host_chunks(tree: Any, size: int) -> Iterable[Any]:
   """The leading-axis slices of `tree`'s arrays, `size` examples each (the last
-  one shorter: it is never padded), sliced as numpy views on the host (a CPU
-  array converts without a copy; slicing a jax array dispatches an op)."""
-  tree = jax.tree_util.tree_map(np.asarray, tree)
-  batch = jax.tree_util.tree_leaves(tree)[0].shape[0]
-  for start in range(0, batch, size):
-    yield jax.tree_util.tree_map(lambda x, start=start: x[start:start + size], tree)
+  one shorter: it is never padded). Each array is split by one operation (not
+  one slice per chunk), and jax arrays stay jax arrays: a compiled call takes
+  its fast path only for them."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  cuts = list(range(size, leaves[0].shape[0], size))
+  pieces = [(np if isinstance(leaf, np.ndarray) else jnp).split(leaf, cuts) for leaf in leaves]
+  for chunk in zip(*pieces):
+    yield jax.tree_util.tree_unflatten(treedef, list(chunk))
 
 
 def _score_fn_program(fn: Callable[..., Any], score_fn: ScoreFn, inputs: Mapping[str, Array],
