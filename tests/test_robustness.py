@@ -1,6 +1,7 @@
 """The robustness evaluation suite and report, on a small synthetic model and end
 to end (`python -m experiments.evaluate`) on a model trained on mfeat."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -196,3 +197,32 @@ def test_strength_sweep_is_monotone_in_restarts(tmp_path):
   paths = report.write_sweep(sweep, str(tmp_path))
   with open(paths["markdown"]) as f:
     assert "| 3 |" in f.read()
+
+
+def test_the_margin_loss_breaks_what_a_saturated_ce_loss_cannot():
+  """A linear model with huge logit margins: the CE loss's gradient underflows to 0
+  in float32, so CE-only PGD cannot move; the `default` protocol also attacks with
+  the margin loss and keeps the worst case, which finds the closed-form answer
+  (every example falls once eps exceeds its distance to the boundary)."""
+  rng = np.random.default_rng(0)
+  weights = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)}
+  apply_fn = lambda v, x: 1e4 * (x["a"] @ v["a"] + x["b"] @ v["b"])
+  inputs = {"a": rng.normal(size=(16, 3)).astype(np.float32),
+            "b": rng.normal(size=(16, 2)).astype(np.float32)}
+  labels = np.asarray(jnp.argmax(apply_fn(weights, inputs), -1), np.int32)
+  # Distance to the boundary: |margin| / ||w_y - w_k|| over the joint input.
+  w = np.concatenate([np.asarray(weights["a"]), np.asarray(weights["b"])])
+  x = np.concatenate([inputs["a"], inputs["b"]], axis=1)
+  distance = np.abs(x @ (w[:, 0] - w[:, 1])) / np.linalg.norm(w[:, 0] - w[:, 1])
+  eps = float(np.max(distance)) * 1.5
+  correct = np.ones(16, bool)
+  ce_only = dataclasses.replace(robustness.get_protocol("default"), loss="ce", restarts=1)
+  both = dataclasses.replace(ce_only, loss="ce+margin")
+  assert robustness.get_protocol("default").losses == ("ce", "margin")
+  accuracy = {}
+  for protocol in (ce_only, both):
+    curves = robustness.PGDCurves(apply_fn, {"multi": (0.5, eps)}, protocol=protocol)
+    result = curves(weights, inputs, labels, correct, None)["curves"]["pgd"]["multi"]
+    accuracy[protocol.loss] = result["accuracy"][-1]
+  assert accuracy == {"ce": 1.0, "ce+margin": 0.0}

@@ -293,10 +293,20 @@ class PGDCurves(_AttackCurves):
   iterative = True
 
   def _attack(self, variables, inputs, labels, key, eps, scope, loop):
-    _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
-                          modalities=None if scope == MULTI else scope, bounds=self.bounds,
-                          return_info=True, loop=loop, **self.protocol.pgd_kwargs(eps))
-    return info["misclassified"], info["norm"]
+    """One attack per protocol loss; an example falls to any of them (its norm
+    is that of the first attack that broke it)."""
+    broken, norm = None, None
+    for loss in self.protocol.losses:
+      _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels,
+                            key, modalities=None if scope == MULTI else scope,
+                            bounds=self.bounds, return_info=True, loop=loop,
+                            **self.protocol.pgd_kwargs(eps, loss))
+      if broken is None:
+        broken, norm = info["misclassified"], info["norm"]
+      else:
+        norm = jnp.where(broken, norm, info["norm"])
+        broken = jnp.logical_or(broken, info["misclassified"])
+    return broken, norm
 
 
 ATTACK_CURVES = {"fgm": FGMCurves, "pgd": PGDCurves}
