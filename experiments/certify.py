@@ -26,8 +26,6 @@ report gives how often the radius is broken.
 """
 
 
-from absl import flags
-from absl import logging
 
 from experiments import cli
 
@@ -40,8 +38,6 @@ from experiments import evaluate  # noqa: E402  pylint: disable=g-import-not-at-
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
   evaluate.main(argv)
 
 

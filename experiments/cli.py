@@ -69,10 +69,23 @@ def name_config_on_command_line(name: str, default: str, argv: list[str] = sys.a
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with `parse_flags` as its flags parser; the errors of
+  """`absl.app.run(main)` with `parse_flags` as its flags parser. Positional
+  arguments are refused, logging is at WARNING unless `--verbosity` is given
+  (Orbax logs every save and restore at INFO), and the errors of
   `REPORTED_ERRORS` that `main` raises end the program with their message on
   stderr and exit status 1 (`--verbosity=1` also logs the traceback)."""
-  app.run(_reporting_errors(main), flags_parser=parse_flags)
+  app.run(_reporting_errors(_program(main)), flags_parser=parse_flags)
+
+
+def _program(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  @functools.wraps(main)
+  def program(argv: list[str]) -> Any:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    return main(argv)
+  return program
 
 
 def _reporting_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

@@ -14,9 +14,7 @@ printed and written to `<workdir>/comparison.{md,json}`.
 
 import os
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from experiments import cli
@@ -65,10 +63,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   for name in _METHODS.value:
     methods.get(name)  # Unknown names fail before any training starts.
   rows = []

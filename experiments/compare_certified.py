@@ -29,7 +29,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
@@ -143,10 +142,8 @@ def markdown_table(rows: list[dict], radii: np.ndarray) -> str:
   return "\n".join(lines) + "\n"
 
 
-def check_flags(argv) -> None:
-  """Bad arguments, method or encoder-set names fail before any training starts."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def check_flags() -> None:
+  """Bad method or encoder-set names fail before any training starts."""
   unknown = sorted(set(_ENCODERS.value) - set(ENCODER_SETS))
   if unknown:
     raise app.UsageError(f"--encoders: expected a subset of {sorted(ENCODER_SETS)}, got {unknown}")
@@ -155,9 +152,8 @@ def check_flags(argv) -> None:
 
 
 def main(argv):
-  check_flags(argv)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  del argv  # (positional arguments are refused by cli.run)
+  check_flags()
   radii = np.asarray([float(r) for r in _RADII.value], np.float32)
   grid = certify_lib.radius_grid(_MAX_RADIUS.value, 121)
   seeds = [int(s) for s in _SEEDS.value]

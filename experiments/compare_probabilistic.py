@@ -34,9 +34,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -173,10 +171,6 @@ def markdown(rows, radii, changed, sizes) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   base = _CONFIG.value
   keep_fraction = _KEEP.value or base.method_kwargs.ablation_keep_fraction
   radii = [float(r) for r in _RADII.value]

@@ -89,8 +89,6 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir: expected a training run's directory, got none")
   done = evaluate_run(_WORKDIR.value, _EVALS.value.to_dict(), which=_WHICH.value,

@@ -31,9 +31,7 @@ import os
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -62,10 +60,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   for name in _METHODS.value:
     methods_lib.get(name)  # Unknown names fail before any training starts.
   seeds = [int(s) for s in _SEEDS.value]

@@ -1,6 +1,7 @@
 """The clip input pipeline on in-memory records (no ffmpeg, no TFDS): per-host shards,
 augmentation determinism, deterministic evaluation, normalisation, batching."""
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -193,6 +194,8 @@ def test_worker_processes_give_the_same_batches_as_threads():
   kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)
   with pipeline.clip_train_iterator(records, num_threads=2, **kwargs) as it:
     threads = list(it)
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest is no absl program)
+    flags.FLAGS.mark_as_parsed()
   with pipeline.clip_train_iterator(records, processes=2, **kwargs) as it:
     processes = list(it)
   assert len(threads) == len(processes) == 2

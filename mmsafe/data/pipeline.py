@@ -507,18 +507,9 @@ def grain_batches(plans, read, *, start_step: int = 0, num_threads: int = 4,
   dataset = dataset.map(read).to_iter_dataset(grain.ReadOptions(
       num_threads=int(num_threads), prefetch_buffer_size=max(int(prefetch), int(num_threads))))
   if processes > 0:
-    _absl_flags_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(processes)))
   return Batches(dataset, start_step=start_step,
                  workers={"num_threads": int(num_threads), "processes": int(processes)})
-
-
-def _absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags; outside an absl program (tests,
-  notebooks) they are marked parsed with their defaults."""
-  from absl import flags
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
 
 
 def train_plans(num_examples: int, *, batch_size: int, seed: int, start_step: int = 0,

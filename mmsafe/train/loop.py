@@ -47,6 +47,7 @@ import os
 import time
 from typing import Any
 
+from absl import flags
 from absl import logging
 import jax
 import numpy as np
@@ -155,6 +156,8 @@ def _make_context(experiment: Experiment) -> _Context:
   before anything is written, as is the splits' agreement: `data.check_splits`)."""
   config = experiment.config
   data_lib.check_splits(experiment.splits)
+  if int((config.get("loader") or {}).get("processes", 0)) > 0:
+    _let_grain_workers_read_flags()
   parallel = parallel_lib.DataParallel.create(config.get("parallel", "none"))
   parallel.check_batch_size("batch_size", int(config["batch_size"]))
   return _Context(experiment=experiment, parallel=parallel,
@@ -164,6 +167,13 @@ def _make_context(experiment: Experiment) -> _Context:
                       int(config.get("eval_batch_size", 256))),
                   loader=dict(config.get("loader") or {}), writer=metrics_lib.NullWriter(),
                   evaluators=experiment.evaluators)
+
+
+def _let_grain_workers_read_flags() -> None:
+  """grain's worker processes (`loader.processes > 0`) read absl flags; outside an
+  absl program (a notebook, pytest) they are marked parsed with their defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointer,
