@@ -228,6 +228,14 @@ def test_restarts_are_never_weaker_than_one_run_and_pgd_beats_fgm():
   assert np.any(np.asarray(many["loss"]) > np.asarray(one["loss"]) + 1e-3)  # restarts help
   fgm_wrong = _predict(NONLINEAR, FGM(NONLINEAR, x, labels, eps=eps)) != np.asarray(labels)
   assert many_mis.sum() >= fgm_wrong.sum() > 0
+  # Restart by restart (`restart_offset`): the same worst case.
+  parts = [PGD(NONLINEAR, x, labels, key, eps=eps, steps=6, modalities=None, restarts=1,
+               restart_offset=r, return_info=True)[1] for r in range(2)]
+  np.testing.assert_array_equal(many_mis, parts[0]["misclassified"] | parts[1]["misclassified"])
+  np.testing.assert_array_equal(one_mis, parts[0]["misclassified"])
+  never = ~many_mis
+  np.testing.assert_allclose(np.asarray(many["loss"])[never], np.maximum(
+      parts[0]["loss"], parts[1]["loss"])[never], rtol=1e-5)
   # eps = 0 leaves every input unchanged.
   still, _ = PGD(NONLINEAR, x, labels, key, eps=jnp.zeros((B,)), steps=6, modalities=None,
                  restarts=2, return_info=True)

@@ -158,7 +158,7 @@ def test_robustness_suite_counts_non_finite_logits_as_failures():
   assert results["num_non_finite"] == 1
   assert results["clean_accuracy"] == pytest.approx(clean.mean())
   for kind in ("fgm", "pgd"):
-    assert results["curves"][kind]["multi"]["accuracy_raw"][0] <= clean.mean()
+    assert results["curves"][kind]["multi"]["accuracy"][0] <= clean.mean()
   assert results["missing"]["a"]["zeros"] <= 7 / 8
   with pytest.raises(ValueError, match=r"inputs\['a'\]: expected finite values"):
     bad = {**inputs, "a": np.where(np.arange(8)[:, None, None] == 5, np.nan, inputs["a"])}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmsafe import attacks
 from mmsafe.attacks import PGDProtocol
 from mmsafe.eval import report
 from mmsafe.eval import robustness
@@ -52,7 +53,7 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   means = {m: x.mean(0) for m, x in inputs.items()}
   results = robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config,
                                            fill_means=means, progress=calls.append)
-  assert len(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 21
+  assert sum(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 21
   clean = results["clean_accuracy"]
   assert results["num_examples"] == N and clean == pytest.approx(0.9)
   # The paper budgets are added to the grids; the headline reads them.
@@ -65,12 +66,15 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   assert headline["pgd/multi@0.5"] == curves["pgd"]["multi"]["accuracy"][1]
   for kind in ("fgm", "pgd"):
     for scope, curve in curves[kind].items():
-      accuracy, raw = np.array(curve["accuracy"]), np.array(curve["accuracy_raw"])
-      assert np.all(accuracy <= clean) and np.all(raw <= clean), (kind, scope)
+      accuracy = np.array(curve["accuracy"])
+      assert np.all(accuracy <= clean), (kind, scope)
       if kind == "pgd":
-        assert np.all(np.diff(accuracy) <= 0) and np.all(accuracy <= raw)
+        assert np.all(np.diff(accuracy) <= 0)
         norm, eps = np.array(curve["mean_norm"]), np.array(curve["eps"])
-        assert np.all(norm <= eps * (1 + 1e-5)) and np.all(norm >= 0.8 * eps)
+        # Within each budget; the examples broken at a smaller eps keep that
+        # perturbation, so only the first eps attacks every example.
+        assert np.all(norm <= eps * (1 + 1e-5)) and np.all(np.diff(norm) >= 0)
+        assert norm[0] >= 0.8 * eps[0]
   assert curves["pgd"]["multi"]["accuracy"][-1] < clean - 0.2  # eps = 2 does bite
   # Missing modality: zeros fill equals a direct computation.
   dropped = dict(inputs, a=np.zeros_like(inputs["a"]))
@@ -126,11 +130,44 @@ def test_batches_are_balanced_and_loops_agree():
                     decoupling(variables, inputs, labels, correct)["decoupling"]["multi"])
   (pgd, decoupling), (pgd_traced, decoupling_traced) = curves["python"], curves["scan"]
   assert pgd["accuracy"][1] < 0.8 and decoupling["asr"][0] > 0  # the attacks bite
-  assert pgd["accuracy_raw"] == pgd_traced["accuracy_raw"]
+  assert pgd["accuracy"] == pgd_traced["accuracy"]
   np.testing.assert_allclose(pgd["mean_norm"], pgd_traced["mean_norm"], rtol=1e-5)
   assert decoupling["asr"] == decoupling_traced["asr"]
   np.testing.assert_allclose(decoupling["mean_fraction_changed"],
                              decoupling_traced["mean_fraction_changed"])
+
+
+def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monkeypatch):
+  apply_fn, variables = _model()
+  inputs, labels = _data(apply_fn, variables)
+  correct = np.asarray(jnp.argmax(apply_fn(variables, inputs), -1)) == labels
+  protocol = PGDProtocol(name="test", steps=5, restarts=1, relative_step_size=None,
+                         random_start=False, loss="ce+margin")  # deterministic
+  grid = (0.3, 0.8, 1.5)
+  attacked = []
+  over_rows = robustness.over_rows
+  monkeypatch.setattr(robustness, "over_rows",
+                      lambda *a, **k: attacked.append(a[4].copy()) or over_rows(*a, **k))
+  curve = robustness.PGDCurves(apply_fn, {"multi": grid}, protocol=protocol, batch_size=64)(
+      variables, inputs, labels, correct)["curves"]["pgd"]["multi"]
+  # Brute force: every example attacked at every eps with every loss.
+  broken, expected = ~correct, []
+  for eps in grid:
+    for loss in protocol.losses:
+      _, info = attacks.pgd(lambda x: apply_fn(variables, x), inputs, jnp.asarray(labels),
+                            jnp.zeros(2, jnp.uint32), return_info=True,
+                            **protocol.pgd_kwargs(eps, loss))
+      broken = broken | np.asarray(info["misclassified"])
+    expected.append(float((correct & ~broken).mean()))
+  assert curve["accuracy"] == expected and expected[-1] < expected[0] < correct.mean()
+  # Each attack saw exactly the examples still robust: the clean-correct ones
+  # first, then fewer and fewer.
+  assert len(attacked) == 2 * len(grid)
+  np.testing.assert_array_equal(attacked[0], np.flatnonzero(correct))
+  assert all(len(b) <= len(a) for a, b in zip(attacked, attacked[1:]))
+  assert len(attacked[-1]) == round(expected[-1] * N) < len(attacked[0])
+  assert [robustness.subset_batch_size(n, 200) for n in (400, 200, 199, 101, 100, 30, 3)] == [
+      200, 200, 200, 200, 100, 50, 13]
 
 
 def test_suite_rejects_bad_configs():

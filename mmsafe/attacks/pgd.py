@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from mmsafe.attacks import common
 from mmsafe.attacks import engine
+from mmsafe.programs import is_traced
 
 Array = jax.Array
 Perturbation = dict[str, Array]
@@ -49,7 +50,7 @@ Best = tuple[Perturbation, Array, Array]
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("logits_fn", "inputs", "labels", "key", "x", "box", "eps", "step_size",
-                 "wrong_classes"),
+                 "wrong_classes", "restart_offset"),
     meta_fields=("steps", "restarts", "random_start", "loss", "keep_best", "return_info"))
 @dataclasses.dataclass(frozen=True)
 class _Attack:
@@ -62,6 +63,8 @@ class _Attack:
     box: attacked modality -> (low, high) (see `common.check_bounds`).
     wrong_classes: loss "targeted": int32 [B, K - 1], the wrong classes at
       the clean input, most likely first; None otherwise.
+    restart_offset: int32 scalar, the index of the first restart; None for 0
+      (then no random draw is compiled for a single clean-start restart).
   The other fields are `pgd`'s arguments, checked.
   """
 
@@ -80,13 +83,14 @@ class _Attack:
   keep_best: bool
   return_info: bool
   wrong_classes: Array | None
+  restart_offset: Array | None = None
 
 
 def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
            eps: float | Array, steps: int, step_size: float | Array | None,
            modalities: str | Sequence[str] | None, restarts: int, random_start: bool,
-           bounds: common.Bounds | None, loss: str, keep_best: bool, return_info: bool
-           ) -> _Attack:
+           bounds: common.Bounds | None, loss: str, keep_best: bool, return_info: bool,
+           restart_offset: int | Array | None) -> _Attack:
   """`pgd`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
   attacked = common.resolve_modalities(inputs, modalities)
   b = common.checked_batch(logits_fn, inputs, labels)
@@ -99,6 +103,12 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
   else:
     step_size = common.check_radius(step_size, b, "step_size")
   box = common.check_bounds(bounds, inputs, attacked)
+  if restart_offset is not None:
+    restart_offset = jnp.asarray(restart_offset, jnp.int32)
+    if restart_offset.ndim != 0:
+      raise ValueError(f"restart_offset: expected a scalar, got shape {restart_offset.shape}")
+    if not is_traced(restart_offset) and int(restart_offset) < 0:
+      raise ValueError(f"restart_offset: expected >= 0, got {int(restart_offset)}")
   wrong_classes = None
   if loss == "targeted":
     wrong_classes = common.ranked_wrong_classes(logits_fn(dict(inputs)), labels)
@@ -106,7 +116,7 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
                  key=key, x={m: inputs[m].astype(jnp.float32) for m in attacked}, box=box, eps=eps,
                  step_size=step_size, steps=steps, restarts=restarts, random_start=random_start,
                  loss=loss, keep_best=keep_best, return_info=return_info,
-                 wrong_classes=wrong_classes)
+                 wrong_classes=wrong_classes, restart_offset=restart_offset)
 
 
 def _evaluate(attack: _Attack, delta: Perturbation, target: Array | None
@@ -150,18 +160,28 @@ def _nothing(attack: _Attack) -> Best:
   return _zeros(attack), jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), bool)
 
 
+def _index(attack: _Attack, r: int | Array) -> int | Array:
+  """The index of this call's restart `r` in the whole attack (`restart_offset + r`)."""
+  return r if attack.restart_offset is None else attack.restart_offset + r
+
+
 def _target(attack: _Attack, r: int | Array) -> Array | None:
-  """Loss "targeted": restart `r`'s target class [B], the (r mod (K-1))-th most
-  likely wrong class at the clean input; None for the other losses."""
+  """Loss "targeted": restart `r`'s target class [B], the (i mod (K-1))-th most
+  likely wrong class at the clean input (`i = _index(r)`); None for the other
+  losses."""
   if attack.wrong_classes is None:
     return None
-  return jnp.take(attack.wrong_classes, r % attack.wrong_classes.shape[1], axis=1)
+  return jnp.take(attack.wrong_classes, _index(attack, r) % attack.wrong_classes.shape[1],
+                  axis=1)
 
 
 def _start(attack: _Attack, r: int | Array) -> Perturbation:
-  """The first iterate of restart `r`: a uniform random point of the ball
-  (key `fold_in(key, r)`) when `random_start` or `r > 0`, else zero."""
-  if attack.random_start or attack.restarts > 1:  # (static: no draw is compiled when unused)
+  """The first iterate of restart `r` (index `i = _index(r)`): a uniform random
+  point of the ball (key `fold_in(key, i)`) when `random_start` or `i > 0`,
+  else zero."""
+  # (static: no draw is compiled when it cannot be used)
+  if attack.random_start or attack.restarts > 1 or attack.restart_offset is not None:
+    r = _index(attack, r)
     start = common.random_l2_ball(jax.random.fold_in(attack.key, r), attack.x, attack.eps)
     use_random = jnp.logical_or(attack.random_start, r > 0)
     return _constrain(attack, {m: jnp.where(use_random, start[m], 0.0) for m in attack.x})
@@ -242,7 +262,8 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
         eps: float | Array, steps: int, step_size: float | Array | None = None,
         modalities: str | Sequence[str] | None = None, restarts: int = 1,
         random_start: bool = True, bounds: common.Bounds | None = None, loss: str = "ce",
-        keep_best: bool = True, return_info: bool = False, loop: str = "auto"):
+        keep_best: bool = True, return_info: bool = False, loop: str = "auto",
+        restart_offset: int | Array | None = None):
   """l2-PGD: maximise the loss over the joint l2 ball of radius eps (per example).
 
   Madry et al. 2018, in its l2 form; the update, the restarts and the
@@ -290,20 +311,26 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       compiled steps on XLA:CPU with concrete inputs, else a `lax` loop),
       "python", "scan" (small step loops unrolled) or "fori". All give the
       same results up to float rounding.
+    restart_offset: the index of the first restart (None: 0). With the same
+      key, `restarts=1, restart_offset=r` computes restart r of an attack with
+      more restarts (its start and target), so a caller can run the restarts
+      one by one and stop attacking the examples already broken.
 
   Returns:
     The adversarial inputs (same modalities, shapes and dtypes), or
     `(inputs', info)` with `return_info=True`.
 
   Raises:
-    ValueError for eps < 0, steps < 1, restarts < 1, an unknown modality name,
+    ValueError for eps < 0, steps < 1, restarts < 1, restart_offset < 0 or not
+    a scalar, an unknown modality name,
     an unknown loss, an unknown loop or "python" under a transformation,
     malformed bounds/inputs/labels, an empty batch, or (when concrete) NaN/Inf
     inputs or labels outside `[0, K)`.
   """
   attack = _setup(logits_fn, inputs, labels, key, eps=eps, steps=steps, step_size=step_size,
                   modalities=modalities, restarts=restarts, random_start=random_start,
-                  bounds=bounds, loss=loss, keep_best=keep_best, return_info=return_info)
+                  bounds=bounds, loss=loss, keep_best=keep_best, return_info=return_info,
+                  restart_offset=restart_offset)
   loop = engine.resolve(loop, attack)
   if loop == "python":
     attack = engine.host_ready(attack)

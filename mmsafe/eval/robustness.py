@@ -18,8 +18,9 @@ logits (clean or attacked) count as a misclassification. Every
 attack at a smaller eps (or l0 budget) is also a valid attack at a larger one,
 so for PGD and the decoupling attack the reported curve is the per-example
 worst case over the grid points up to eps (`accuracy`, monotone in eps by
-construction); the independent per-eps numbers are kept as `accuracy_raw`
-(`asr_raw`). FGM is reported per eps as is (its known non-monotonicity is
+construction). PGD attacks only the examples still undecided (robust so far),
+which makes large-eps grids cheap; the decoupling attack's independent per-eps
+numbers are kept as `asr_raw`. FGM is reported per eps as is (its known non-monotonicity is
 part of what it measures). The attack success rate (ASR) is the fraction of
 clean-correct examples that the attack makes misclassified.
 
@@ -151,6 +152,36 @@ def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
   return np.concatenate(bad_parts), np.concatenate(extra_parts)
 
 
+def subset_batch_size(num_rows: int, full_batch_size: int) -> int:
+  """The batch size for `num_rows` examples of a split batched by `full_batch_size`
+  (`balanced_batch_size` of the whole split): the smallest of `full_batch_size`,
+  its halves, quarters, ... (down to 8 rows) that covers the rows in as few
+  batches as `full_batch_size` does. Subsets of any size then compile for a
+  handful of shapes, and at most half of a batch is padding."""
+  num_batches = math.ceil(num_rows / full_batch_size)
+  needed = math.ceil(num_rows / max(num_batches, 1))
+  size = full_batch_size
+  while math.ceil(size / 2) >= max(needed, 8):
+    size = math.ceil(size / 2)
+  return size
+
+
+def over_rows(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
+              labels: np.ndarray, rows: np.ndarray, *, batch_size: int, key: Array,
+              value: Any = 0.0) -> tuple[np.ndarray, np.ndarray]:
+  """`over_batches` on the examples `rows` (int indices) of a split batched by
+  `batch_size`, in batches of `subset_batch_size`.
+
+  Returns:
+    (bad bool [len(rows)], extra float64 [len(rows)]).
+  """
+  if len(rows) == 0:
+    return np.zeros(0, bool), np.zeros(0, np.float64)
+  full = balanced_batch_size(len(labels), batch_size)
+  return over_batches(fn, variables, {m: x[rows] for m, x in inputs.items()}, labels[rows],
+                      batch_size=subset_batch_size(len(rows), full), key=key, value=value)
+
+
 def _wrong(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], labels: Array
            ) -> Array:
   """bool [B]: misclassified, or with NaN/Inf logits (`common.misclassified`)."""
@@ -230,7 +261,7 @@ class _AttackCurves(_Kind):
     loop: loop strategy of PGD (`mmsafe.attacks.engine.LOOPS`).
   """
 
-  worst_case = False  # report the per-example worst case over the grid up to each eps
+  static_argnames: tuple[str, ...] = ("scope",)  # of `_attack`, besides `loop`
 
   def __init__(self, apply_fn: ApplyFn, grids: Mapping[str, Sequence[float]], *,
                protocol: str | PGDProtocol = "default", bounds: common.Bounds | None = None,
@@ -240,9 +271,15 @@ class _AttackCurves(_Kind):
     self.grids = {scope: tuple(sorted(float(e) for e in eps)) for scope, eps in grids.items()}
     self.tasks = [Task(self.kind, s, eps) for s, grid in self.grids.items() for eps in grid]
     self.bounds = bounds
-    self._fn = self._compile(self._attack, "scope")
+    self._fn = self._compile(self._attack, self.static_argnames)
 
   def _attack(self, variables, inputs, labels, key, eps, scope, loop):
+    raise NotImplementedError
+
+  def _curve(self, variables, inputs, labels, correct, scope: str, grid: Sequence[float],
+             first_index: int, progress: Progress) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """(robust bool [N] per eps, extra curve entries) of one scope; task numbers
+    start at `first_index`."""
     raise NotImplementedError
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -251,20 +288,12 @@ class _AttackCurves(_Kind):
     for the clean-correct mask `correct` [N] (see `evaluate_robustness`)."""
     curves, headline, index = {}, {}, 0
     for scope, grid in self.grids.items():
-      robust_raw, norms = [], []
-      for eps in grid:
-        wrong, extra = self._run(functools.partial(self._fn, scope=scope), index, variables,
-                                 inputs, labels, jnp.float32(eps), progress)
-        robust_raw.append(correct & ~wrong)
-        norms.append(float(extra.mean()))
-        index += 1
-      robust = (np.logical_and.accumulate(np.stack(robust_raw), axis=0) if self.worst_case
-                else np.stack(robust_raw))
-      curves[scope] = {
-          "modalities": sorted(inputs) if scope == MULTI else [scope], "eps": list(grid),
-          "accuracy": [float(r.mean()) for r in robust],
-          "accuracy_raw": [float(r.mean()) for r in robust_raw],
-          "mean_norm": norms if self.kind == "pgd" else None}
+      robust, extra = self._curve(variables, inputs, labels, correct, scope, grid, index,
+                                  progress)
+      index += len(grid)
+      curves[scope] = {"modalities": sorted(inputs) if scope == MULTI else [scope],
+                       "eps": list(grid), "accuracy": [float(r.mean()) for r in robust],
+                       **extra}
       target = self.protocol.multi_eps if scope == MULTI else self.protocol.uni_eps
       if target in grid:
         headline[f"{self.kind}/{scope}@{target}"] = curves[scope]["accuracy"][grid.index(target)]
@@ -272,7 +301,8 @@ class _AttackCurves(_Kind):
 
 
 class FGMCurves(_AttackCurves):
-  """Robust accuracy against l2 FGM (cross-entropy, as in CRMT Sec. 4), per eps as is."""
+  """Robust accuracy against l2 FGM (cross-entropy, as in CRMT Sec. 4), per eps as is
+  (`mean_norm` is None)."""
 
   kind = "fgm"
 
@@ -283,30 +313,61 @@ class FGMCurves(_AttackCurves):
                               loss="ce")
     return _wrong(self.apply_fn, variables, adversarial, labels), jnp.zeros(labels.shape)
 
+  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress):
+    robust = [correct & ~self._run(functools.partial(self._fn, scope=scope), first_index + i,
+                                   variables, inputs, labels, jnp.float32(eps), progress)[0]
+              for i, eps in enumerate(grid)]
+    return robust, {"mean_norm": None}
+
 
 class PGDCurves(_AttackCurves):
-  """Robust accuracy against l2-PGD (the protocol's strength), worst case over the
-  grid; `mean_norm` is the mean l2 norm of the perturbations found."""
+  """Robust accuracy against l2-PGD (the protocol's strength): per example, the
+  worst case over the grid up to each eps and over the protocol's losses.
+
+  Only undecided examples are attacked: one misclassified clean, broken at a
+  smaller eps, or broken by an earlier loss or restart at this eps is not
+  robust at this eps whatever a further attack finds, so it is skipped; each
+  restart runs on its own (`pgd(restarts=1, restart_offset=r)`) on the
+  remaining examples, batched by `over_rows`. The `accuracy` curve is the one
+  attacking every example at every eps with every loss and restart would give
+  (up to the random starts, which depend on the batch). `mean_norm` is the mean, over the
+  clean-correct examples, of the l2 norm of the perturbation found within each
+  eps (for an example broken earlier, the one that broke it).
+  """
 
   kind = "pgd"
-  worst_case = True
   iterative = True
+  static_argnames = ("scope", "loss")
 
-  def _attack(self, variables, inputs, labels, key, eps, scope, loop):
-    """One attack per protocol loss; an example falls to any of them (its norm
-    is that of the first attack that broke it)."""
-    broken, norm = None, None
-    for loss in self.protocol.losses:
-      _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels,
-                            key, modalities=None if scope == MULTI else scope,
-                            bounds=self.bounds, return_info=True, loop=loop,
-                            **self.protocol.pgd_kwargs(eps, loss))
-      if broken is None:
-        broken, norm = info["misclassified"], info["norm"]
-      else:
-        norm = jnp.where(broken, norm, info["norm"])
-        broken = jnp.logical_or(broken, info["misclassified"])
-    return broken, norm
+  def _attack(self, variables, inputs, labels, key, value, scope, loss, loop):
+    """Restart `r` of the protocol's attack with `loss` at radius `eps`, for
+    `value = (eps, r)`."""
+    eps, restart = value
+    kwargs = dict(self.protocol.pgd_kwargs(eps, loss), restarts=1, restart_offset=restart)
+    _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
+                          modalities=None if scope == MULTI else scope, bounds=self.bounds,
+                          return_info=True, loop=loop, **kwargs)
+    return info["misclassified"], info["norm"]
+
+  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress):
+    kind_key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _KIND_INDEX[self.kind])
+    batches = math.ceil(len(labels) / balanced_batch_size(len(labels), self.batch_size))
+    broken, norm = ~correct, np.zeros(len(labels))
+    robust, norms = [], []
+    for i, eps in enumerate(grid):
+      for loss in self.protocol.losses:
+        for restart in range(self.protocol.restarts):
+          rows = np.flatnonzero(~broken)
+          broken[rows], norm[rows] = over_rows(
+              functools.partial(self._fn, scope=scope, loss=loss), variables, inputs, labels,
+              rows, batch_size=self.batch_size,
+              key=jax.random.fold_in(kind_key, first_index + i),
+              value=(jnp.float32(eps), jnp.int32(restart)))
+      if progress is not None:
+        progress(batches)
+      robust.append(correct & ~broken)
+      norms.append(float(norm[correct].mean()) if correct.any() else 0.0)
+    return robust, {"mean_norm": norms}
 
 
 ATTACK_CURVES = {"fgm": FGMCurves, "pgd": PGDCurves}
@@ -514,8 +575,9 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
     fill_means: modality -> per-entry mean (one example's shape, normalised
       space; e.g. the training split's mean), needed by the "mean" fill and
       used as the centre of the "noise" fill.
-    progress: called with 1 after each (task, batch) (e.g. `tqdm.update`);
-      `num_work_units` gives the total.
+    progress: called with the number of (task, batch) units done (e.g.
+      `tqdm.update`; PGD reports each eps's batches at once); `num_work_units`
+      gives the total.
 
   Returns:
     A dict of plain Python numbers and lists:
@@ -525,7 +587,7 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
       "config" (grids), "headline" (the paper's table entries: clean,
       "fgm/multi@0.5", "pgd/multi@0.5", "fgm/<m>@1.0", "pgd/<m>@1.0",
       "missing/<m>"), "curves" ({kind: {scope: {"modalities", "eps",
-      "accuracy", "accuracy_raw", "mean_norm"}}}), "missing" ({m: {fill:
+      "accuracy", "mean_norm"}}}), "missing" ({m: {fill:
       accuracy}}) and "decoupling" ({scope: {"fraction", "count",
       "num_entries", "asr", "asr_raw", "accuracy", "mean_fraction_changed"}}).
   """
@@ -563,9 +625,28 @@ def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
   return results
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LogitsApply:
+  """`(variables, inputs) -> logits` of `model` in inference mode; equal for equal
+  models (a module holding dicts is unhashable, so the hash is its repr's), so the
+  attacks' compiled pieces are shared by every model of one architecture."""
+
+  model: Any
+
+  def __call__(self, variables: Any, inputs: Mapping[str, Array]) -> Array:
+    return self.model.apply(variables, inputs, train=False).logits
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, _LogitsApply) and self.model == other.model
+
+  def __hash__(self) -> int:
+    return hash(repr(self.model))
+
+
 def logits_apply(model) -> ApplyFn:
-  """`(variables, inputs) -> logits` of a `mmsafe.models` model in inference mode."""
-  return lambda variables, inputs: model.apply(variables, inputs, train=False).logits
+  """`(variables, inputs) -> logits` of a `mmsafe.models` model in inference mode
+  (equal, and so sharing compiled programs, for equal models)."""
+  return _LogitsApply(model)
 
 
 class StrengthSweep(_Kind):
