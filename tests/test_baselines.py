@@ -16,7 +16,7 @@ from experiments import evaluate
 from mmsafe import data as data_lib
 from mmsafe import methods, models
 from mmsafe.methods import common, compose, gb, msefm, ogm, pmr
-from mmsafe.train import loop
+from mmsafe.train import experiment, loop
 from tests.conftest import mfeat_config
 
 SHAPES = {"a": (6,), "b": (5,)}
@@ -419,9 +419,9 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
     return data_lib.Dataset(name="toy", split=name, inputs=b["inputs"],
                             labels=np.asarray(b["label"]), num_classes=CLASSES, stats={})
 
-  train, heldout = split("train", batch), split("validation", _batch(seed=7, size=15))
-  splits = {"train": train, "validation": heldout}
-  config = {"gb_super_epoch": 2, "gb_heldout_split": "validation"}
+  train, heldout = split("train", batch), split("heldout", _batch(seed=7, size=15))
+  splits = {"train": train, "heldout": heldout}
+  config = {"gb_super_epoch": 2}
   hook = lambda p, s, epoch: gb.measure_and_blend(model, config, {"params": p}, s, splits,
                                                   epoch=epoch, batch_size=10)
 
@@ -450,6 +450,34 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
   assert raw.sum() > 0
   np.testing.assert_allclose(second["gb"]["weights"], raw / raw.sum(), rtol=1e-3, atol=1e-6)
   _tree_allclose(second["gb"]["reference"], cur, rtol=1e-5)
+
+
+def test_gb_holds_out_a_slice_of_the_training_split():
+  config = mfeat_config("gb", num_epochs=1)
+  whole = experiment.load_splits(config)["train"]
+  splits = experiment.build_experiment(config).splits
+  train, heldout = splits["train"], splits["heldout"]
+  assert (len(train), len(heldout)) == (1260, 140) and len(whole) == 1400
+  assert len(splits["validation"]) == len(experiment.load_splits(config)["validation"])
+  # Disjoint, together the whole training split (mfeat's meta: the UCI row).
+  rows = np.concatenate([train.meta["index"], heldout.meta["index"]])
+  np.testing.assert_array_equal(np.sort(rows), np.sort(whole.meta["index"]))
+  for m, x in heldout.inputs.items():
+    np.testing.assert_array_equal(x, whole.inputs[m][np.isin(whole.meta["index"],
+                                                             heldout.meta["index"])])
+  # The same slice for the same seed, another for another seed; none for other methods.
+  np.testing.assert_array_equal(
+      experiment.build_experiment(config).splits["heldout"].meta["index"], heldout.meta["index"])
+  config.seed = 1
+  assert set(experiment.build_experiment(config).splits["heldout"].meta["index"]) != set(
+      heldout.meta["index"])
+  config.method = "jt"
+  assert "heldout" not in experiment.build_experiment(config).splits
+  config.method = "gb"
+  for bad in (0.0, 1.0, 1.5, 0.0001):
+    config.method_kwargs.gb_heldout_fraction = bad
+    with pytest.raises(ValueError, match="method_kwargs.gb_heldout_fraction"):
+      experiment.build_experiment(config)
 
 
 # ---------------------------------------------------- training on mfeat

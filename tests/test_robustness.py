@@ -148,8 +148,10 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
   over_rows = robustness.over_rows
   monkeypatch.setattr(robustness, "over_rows",
                       lambda *a, **k: attacked.append(a[4].copy()) or over_rows(*a, **k))
-  curve = robustness.PGDCurves(apply_fn, {"multi": grid}, protocol=protocol, batch_size=64)(
-      variables, inputs, labels, correct)["curves"]["pgd"]["multi"]
+  curves = robustness.PGDCurves(apply_fn, {"multi": grid}, protocol=protocol, batch_size=64)
+  attack, batch_sizes = curves._fn, set()
+  curves._fn = lambda v, x, y, *a, **k: batch_sizes.add(len(y)) or attack(v, x, y, *a, **k)
+  curve = curves(variables, inputs, labels, correct)["curves"]["pgd"]["multi"]
   # Brute force: every example attacked at every eps with every loss.
   broken, expected = ~correct, []
   for eps in grid:
@@ -166,6 +168,8 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
   np.testing.assert_array_equal(attacked[0], np.flatnonzero(correct))
   assert all(len(b) <= len(a) for a, b in zip(attacked, attacked[1:]))
   assert len(attacked[-1]) == round(expected[-1] * N) < len(attacked[0])
+  # Batches of the whole split's size (two of 50) or its halves: few compilations.
+  assert len(batch_sizes) > 1 and batch_sizes <= {50, 25, 13}
   assert [robustness.subset_batch_size(n, 200) for n in (400, 200, 199, 101, 100, 30, 3)] == [
       200, 200, 200, 200, 100, 50, 13]
 

@@ -189,6 +189,12 @@ def test_in_memory_split_inverts_to_the_raw_pixels_and_fbank(ks_built):
   means = data_lib.modality_means(split, batch_size=3)  # streamed over a padded batch
   for m in means:
     np.testing.assert_allclose(means[m], data.inputs[m].mean(axis=0), rtol=1e-5, atol=1e-6)
+  # A held-out slice (e.g. Gradient Blending's): views of the same records.
+  kept, heldout = data_lib.split_off(split, 0.5, seed=1)
+  assert (len(kept), len(heldout), heldout.split) == (2, 2, "heldout")
+  rows = heldout.source.indices
+  np.testing.assert_array_equal(np.sort(np.concatenate([kept.source.indices, rows])), range(4))
+  np.testing.assert_array_equal(data_lib.in_memory(heldout).labels, data.labels[rows])
   with pytest.raises(ValueError, match=r"data: unknown option\(s\) \['frames'\]"):
     data_lib.load("kinetics_sounds/tiny", "train", data_dir=data_dir, frames=3)
 

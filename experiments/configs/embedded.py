@@ -43,9 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "attack_random_start": False,
       # Gradient Blending (Wang et al., CVPR 2020; mmsafe/methods/gb.py): weights
       # re-estimated every super-epoch of this many epochs (the paper's online
-      # G-Blend leaves the length open; mmsafe's choice), from the losses on
-      # this held-out split (the paper holds out part of the training set).
-      "gb_super_epoch": 5, "gb_heldout_split": "validation",
+      # G-Blend leaves the length open; mmsafe's choice), from the losses on a
+      # held-out slice of the training split, this fraction of it (the paper
+      # holds out part of the training set; 0.1 is mmsafe's choice).
+      "gb_super_epoch": 5, "gb_heldout_fraction": 0.1,
       # OGM-GE (Peng et al., CVPR 2022; mmsafe/methods/ogm.py): alpha 0.1 is the
       # reference README's default (0.8 recommended for CREMA-D); GE on
       # (OGM-GE). The reference modulates epochs 0..50 of 100; None = every

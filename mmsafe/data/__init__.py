@@ -14,7 +14,7 @@ from mmsafe.data import pipeline
 from mmsafe.data.pipeline import (Batches, ClipPreprocessing, eval_batches, normalize_inputs,
                                   preprocess_clip, take, train_batch, validate_batch)
 from mmsafe.data.source import (SourceInfo, check_splits, full_pass, host_pass, in_memory,
-                                modality_means)
+                                modality_means, split_off)
 
 TFDS_DATASETS = ("kinetics_sounds", "ucf101_rgb_flow", "vggsound")
 
@@ -109,4 +109,5 @@ __all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "Batches", "ClipDataset", "Clip
            "Dataset", "MissingDependencyError", "SourceInfo", "Standardization", "check_splits",
            "eval_batches", "full_pass", "host_pass", "in_memory", "load", "load_embedded",
            "load_tfds", "make_iterator", "modality_means",
-           "normalize_inputs", "preprocess_clip", "take", "train_batch", "validate_batch"]
+           "normalize_inputs", "preprocess_clip", "split_off", "take", "train_batch",
+           "validate_batch"]

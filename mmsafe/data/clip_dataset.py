@@ -25,6 +25,21 @@ _BYTE_RANGE = (0.0, 255.0)
 
 
 @dataclasses.dataclass(frozen=True)
+class Rows:
+  """The records at `indices` of a random-access `source` (picklable, for grain's
+  worker processes)."""
+
+  source: Sequence[dict]
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[index])]
+
+
+@dataclasses.dataclass(frozen=True)
 class ClipDataset:
   """One split of a TFDS clip dataset (`kinetics_sounds`, `ucf101_rgb_flow`, `vggsound`).
 
@@ -76,6 +91,10 @@ class ClipDataset:
                       dtypes={m: np.dtype(dtype) for m, (_, dtype) in spec.items()},
                       stats=self.stats,
                       value_range={m: _BYTE_RANGE for m in spec if m != "audio"})
+
+  def select(self, indices: np.ndarray, split: str) -> "ClipDataset":
+    """The examples at `indices` as split `split` (a view of the same records)."""
+    return dataclasses.replace(self, split=split, source=Rows(self.source, indices))
 
   def reader(self, *, train: bool, seed: int = 0, normalized: bool = False
              ) -> pipeline.ReadClips:

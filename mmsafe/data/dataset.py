@@ -99,6 +99,13 @@ class Dataset:
     from mmsafe.data.pipeline import ReadArrays
     return ReadArrays(self.inputs, self.labels)
 
+  def select(self, indices: np.ndarray, split: str) -> "Dataset":
+    """The examples at `indices` (and their meta) as split `split`."""
+    return dataclasses.replace(self, split=split,
+                               inputs={m: x[indices] for m, x in self.inputs.items()},
+                               labels=self.labels[indices],
+                               meta={k: v[indices] for k, v in self.meta.items()})
+
   def normalized_range(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
     """`value_range[modality]` mapped to model space: (low, high) arrays that
     broadcast against one example (for box constraints on attacks)."""

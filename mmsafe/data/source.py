@@ -73,6 +73,24 @@ def check_splits(splits: Mapping[str, Any], reference: str = "train") -> None:
                          f"the {reference} split), got {np.dtype(info.dtypes[m])}")
 
 
+def split_off(data, fraction: float, *, seed: int, field: str = "fraction"):
+  """`(kept, heldout)`: `data` cut at random (permutation seeded by `seed`) into
+  `round(fraction * len(data))` examples of split "heldout" and the rest, each in
+  the original order (e.g. the slice of the training split a method holds out).
+
+  Raises:
+    ValueError naming `field` when the slice or the rest would be empty.
+  """
+  n = len(data)
+  count = int(round(float(fraction) * n))
+  if not 0 < count < n:
+    raise ValueError(f"{field}: expected a fraction of the {n} training examples leaving "
+                     f"both parts non-empty, got {fraction}")
+  order = np.random.default_rng(seed).permutation(n)
+  return (data.select(np.sort(order[count:]), data.split),
+          data.select(np.sort(order[:count]), "heldout"))
+
+
 def full_pass(data, *, batch_size: int, max_examples: int = 0, num_threads: int = 4
               ) -> pipeline.Batches:
   """Evaluation batches in model space (float32) covering the first `max_examples`

@@ -139,8 +139,15 @@ def over_batches(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
   Returns:
     (bad bool [N], extra float64 [N]) of the real examples.
   """
+  return _over(fn, variables, eval_batches(
+      inputs, labels, batch_size=balanced_batch_size(len(labels), batch_size)),
+               key=key, value=value, progress=progress)
+
+
+def _over(fn: Callable, variables: Any, batches, *, key: Array, value: Any,
+          progress: Progress = None) -> tuple[np.ndarray, np.ndarray]:
+  """`over_batches` on the given batches (each with its `"valid"` rows first)."""
   bad_parts, extra_parts = [], []
-  batches = eval_batches(inputs, labels, batch_size=balanced_batch_size(len(labels), batch_size))
   for index, batch in enumerate(batches):
     size = int(batch["valid"].sum())  # the real examples come first
     bad, extra = fn(variables, batch["inputs"], jnp.asarray(batch["label"], jnp.int32),
@@ -177,9 +184,10 @@ def over_rows(fn: Callable, variables: Any, inputs: Mapping[str, np.ndarray],
   """
   if len(rows) == 0:
     return np.zeros(0, bool), np.zeros(0, np.float64)
-  full = balanced_batch_size(len(labels), batch_size)
-  return over_batches(fn, variables, {m: x[rows] for m, x in inputs.items()}, labels[rows],
-                      batch_size=subset_batch_size(len(rows), full), key=key, value=value)
+  size = subset_batch_size(len(rows), balanced_batch_size(len(labels), batch_size))
+  return _over(fn, variables, eval_batches({m: x[rows] for m, x in inputs.items()},
+                                           labels[rows], batch_size=size),
+               key=key, value=value)
 
 
 def _wrong(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, Array], labels: Array

@@ -33,9 +33,11 @@ Choices the paper leaves open:
   model at the end of consecutive super-epochs (evaluation mode), and blends
   with the weights from the last two measurements. Until two measurements
   exist the weights are uniform, `1 / (M + 1)`.
-* Held-out split: `gb_heldout_split` of the run's splits (the paper holds out
-  part of the training set; with mmsafe's embedded datasets this is the
-  "validation" split, which then informs M + 1 scalars per super-epoch).
+* Held-out data: as in the paper, a slice of the training set that GB does not
+  train on: the fraction `gb_heldout_fraction` of the training split (a random
+  slice seeded by `config.seed`; 0.1 is mmsafe's choice), split "heldout" of the
+  run (`mmsafe.train.experiment.hold_out`). The validation split stays for
+  model selection only.
 
 Callback: re-estimation needs whole-split evaluations, which a pure train
 step cannot do. `measure_and_blend(model, config, variables, state, splits,
@@ -44,7 +46,7 @@ after epoch `epoch` (number of completed epochs; `epoch=0` before the first
 step takes the first measurement at initialisation). The callback
 `BlendingWeights` calls it when training starts and after every epoch.
 
-Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_split`.
+Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_fraction`.
 """
 
 from __future__ import annotations
@@ -152,17 +154,16 @@ def measure_and_blend(model, config, variables, state, splits, *, epoch: int,
   measure the heads' losses on the training and held-out splits and, given a
   previous measurement, re-estimate the blending weights. `{}` otherwise."""
   every = int(required(config, "gb_super_epoch", "gb"))
-  split = required(config, "gb_heldout_split", "gb")
   if every < 1:
     raise ValueError(f"method_kwargs.gb_super_epoch: expected >= 1, got {every}")
-  if split not in splits:
-    raise ValueError(f"method_kwargs.gb_heldout_split: expected one of {sorted(splits)}, "
-                     f"got {split!r}")
+  if "heldout" not in splits:
+    raise ValueError(f"splits: gb expected a 'heldout' split (method_kwargs."
+                     f"gb_heldout_fraction of the training split), got {sorted(splits)}")
   if epoch % every:
     return {}
   current = {"train": jnp.asarray(mean_head_losses(model, variables, splits["train"],
                                                    batch_size=batch_size)),
-             "heldout": jnp.asarray(mean_head_losses(model, variables, splits[split],
+             "heldout": jnp.asarray(mean_head_losses(model, variables, splits["heldout"],
                                                      batch_size=batch_size))}
   gb = state[STATE_KEY]
   weights = jnp.where(gb["has_reference"] > 0,
@@ -187,6 +188,7 @@ class BlendingWeights(Callback):
 
 
 @register("gb", head="concat", init_state=init_state, callbacks=(BlendingWeights(),),
+          heldout_fraction_kwarg="gb_heldout_fraction",
           description="Gradient Blending: OGR-weighted uni-modal + fused CE")
 def make_objective(model, config):
   del config

@@ -106,6 +106,9 @@ class Method:
       entries (beside `state["model"]`), present from the first step so a
       checkpoint has one structure throughout.
     callbacks: the method's `Callback`s.
+    heldout_fraction_kwarg: the `method_kwargs` entry naming the fraction of the
+      training split the method holds out (split "heldout", not trained on),
+      or None.
   """
 
   name: str
@@ -114,6 +117,7 @@ class Method:
   description: str = ""
   init_state: Callable[[Any, Any, Mapping[str, Any]], dict] | None = None
   callbacks: tuple[Callback, ...] = ()
+  heldout_fraction_kwarg: str | None = None
 
   def stage(self, name: str) -> Stage:
     """The stage called `name`; a clear error for unknown names."""

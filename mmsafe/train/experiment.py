@@ -112,7 +112,7 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   batch_size = check_integer(config.get("batch_size"), "batch_size", 1)
   check_integer(config.get("eval_batch_size", 256), "eval_batch_size", 1)
   check_method_kwargs(config.get("method_kwargs") or {})
-  splits = load_splits(config)
+  splits = hold_out(load_splits(config), method, config)
   train = splits["train"]
   if batch_size > len(train):
     raise ValueError(f"batch_size: expected 1..{len(train)} (the training set size), "
@@ -141,6 +141,22 @@ def check_method_kwargs(kwargs: Mapping[str, Any]) -> None:
       check_integer(value, field, minimum)
     else:
       check_number(value, field, minimum, inclusive)
+
+
+def hold_out(splits: Mapping[str, Any], method: methods.Method, config: Mapping[str, Any]
+             ) -> dict:
+  """`splits` with the slice of "train" that `method` holds out moved to split
+  "heldout" (`Method.heldout_fraction_kwarg`; a random slice, the same for every
+  run with the same seed), or `splits` unchanged."""
+  name = method.heldout_fraction_kwarg
+  if name is None:
+    return dict(splits)
+  field = f"method_kwargs.{name}"
+  fraction = check_number((config.get("method_kwargs") or {}).get(name), field, 0.0, False,
+                          maximum=1.0)
+  train, heldout = data_lib.split_off(splits["train"], fraction,
+                                      seed=int(config.get("seed", 0)), field=field)
+  return {**splits, "train": train, "heldout": heldout}
 
 
 def build_model(config: Mapping[str, Any], method: methods.Method, train,
