@@ -408,6 +408,11 @@ PROTOCOLS: dict[str, PGDProtocol] = {
         name="paper_reference", steps=4, restarts=1, relative_step_size=1.0 / 3.0,
         random_start=False, keep_best=False,
         description="CRMT reference code: 4 steps of eps/3 from the clean input, last iterate"),
+    "quick": PGDProtocol(
+        name="quick", steps=10, restarts=1, relative_step_size=None, random_start=False,
+        loss="ce+margin",
+        description="curves on costly models: 10 steps of 2.5*eps/10 from the clean input, "
+                    "once with the CE and once with the margin loss, worst case kept"),
     "fast": PGDProtocol(
         name="fast", steps=10, restarts=1, relative_step_size=None, random_start=False,
         description="smoke runs: 10 steps of 2.5*eps/10 from the clean input"),
