@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from experiments import claims as claims_lib
 from experiments import cli
 from experiments.reproduction import (ABLATION_METHODS, MULTI, TABLE1_METHODS, parse_radii,
-                                      device_description, evaluation_settings, protocol_check,
-                                      train_and_evaluate_run, write_report)
+                                      device_description, evaluation_settings, pgd_points,
+                                      protocol_check, train_and_evaluate_run, write_report)
 from mmsafe import methods as methods_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
@@ -79,7 +79,7 @@ def main(argv):
           "wall_seconds": time.time() - start, "device": device_description()}
   if settings["protocol"] != "default":
     meta["protocol_check"] = claims_lib.protocol_agreement(
-        {method: (results[method][0]["headline"],
+        {method: (pgd_points(results[method][0]["curves"]),
                   protocol_check(os.path.join(_WORKDIR.value, "runs", method,
                                               f"seed{seeds[0]}"), settings))
          for method in ("jt", "crmt") if method in results}, settings["protocol"])

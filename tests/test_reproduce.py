@@ -65,6 +65,18 @@ def test_claims_follow_the_paired_seeds():
   assert "−\\|gap\\| at 1.0" in markdown  # a pipe inside a cell does not split it
 
 
+def test_protocol_check_compares_pgd_points_of_both_protocols():
+  curves = {"pgd": {"multi": {"eps": [0.5, 2.0, 8.0], "accuracy": [0.9, 0.6, 0.0]},
+                    "pix": {"eps": [1.0], "accuracy": [0.8]}}}
+  cheap = reproduce.pgd_points(curves)
+  assert cheap == {"pgd/multi@0.5": 0.9, "pgd/multi@2": 0.6, "pgd/multi@8": 0.0,
+                   "pgd/pix@1": 0.8}
+  default = {"pgd/multi@0.5": 0.85, "pgd/multi@2": 0.65, "pgd/pix@1": 0.8, "pgd/pix@4": 0.1}
+  sentence = claims.protocol_agreement({"jt": (cheap, default)}, "quick")
+  assert "differs from the `default` protocol's by at most 0.050 (mean +0.000; 3 numbers" in (
+      sentence)
+
+
 def test_mean_std_and_radius_flags():
   stat = reproduce.mean_std([0.5, 0.7, 0.9])
   assert stat["mean"] == pytest.approx(0.7) and stat["std"] == pytest.approx(0.2)
