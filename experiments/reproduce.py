@@ -78,11 +78,14 @@ def main(argv):
           "num_examples": first["num_examples"], "chance": 1.0 / first["num_classes"],
           "wall_seconds": time.time() - start, "device": device_description()}
   if settings["protocol"] != "default":
-    meta["protocol_check"] = claims_lib.protocol_agreement(
-        {method: (pgd_points(results[method][0]["curves"]),
-                  protocol_check(os.path.join(_WORKDIR.value, "runs", method,
-                                              f"seed{seeds[0]}"), settings))
-         for method in ("jt", "crmt") if method in results}, settings["protocol"])
+    pairs = {method: (pgd_points(results[method][0]["curves"]),
+                      protocol_check(os.path.join(_WORKDIR.value, "runs", method,
+                                                  f"seed{seeds[0]}"), settings))
+             for method in ("jt", "crmt") if method in results}
+    meta["protocol_check"] = claims_lib.protocol_agreement(pairs, settings["protocol"])
+    meta["protocol_check_points"] = {
+        method: {point: [cheap[point], default[point]] for point in default if point in cheap}
+        for method, (cheap, default) in pairs.items()}
   report = write_report(results, modalities, os.path.join(_WORKDIR.value, "report"), meta)
   print(claims_lib.markdown(report["claims"]))
   print(f"report: {os.path.join(_WORKDIR.value, 'report', 'report.md')}")

@@ -226,6 +226,11 @@ def report_markdown(dataset: str, summary, table_rows, claim_rows, paths, meta) 
            f"seeds. Wall time {meta['wall_seconds'] / 60:.1f} min on {meta['device']}.", ""]
   if meta.get("protocol_check"):
     lines += [meta["protocol_check"], ""]
+    rows = [["method", "point", f"`{meta['protocol']}`", "`default`"]]
+    rows += [[method, point, f"{cheap:.3f}", f"{default:.3f}"]
+             for method, points in meta.get("protocol_check_points", {}).items()
+             for point, (cheap, default) in points.items()]
+    lines += [markdown_table(rows)] if len(rows) > 1 else []
   for name, rows in table_rows.items():
     lines += [f"## {name}", "", markdown_table(rows)]
   lines += ["## The paper's claims", "", claims_lib.markdown(claim_rows), "## Figures", ""]

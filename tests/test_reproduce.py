@@ -111,11 +111,14 @@ def test_report_of_trained_runs(trained_mfeat, tmp_path):
       a - 0.05 for a in jt["curves"]["pgd"]["multi"]["accuracy"]]
   results = {"jt": [jt], "ojt": [ojt]}
   meta = {"dataset": "mfeat", "seeds": [0], **settings, "num_examples": 48, "chance": 0.1,
-          "wall_seconds": 1.0, "device": reproduce.device_description()}
+          "wall_seconds": 1.0, "device": reproduce.device_description(),
+          "protocol_check": "Protocol check: (constructed)",
+          "protocol_check_points": {"jt": {"pgd/multi@0.5": [0.9, 0.85]}}}
   report = reproduce.write_report(results, ["fou", "pix"], str(tmp_path / "report"), meta)
   assert report["summary"]["jt"]["headline"]["clean"]["mean"] == jt["headline"]["clean"]
   text = (tmp_path / "report" / "report.md").read_text()
   assert "| ojt | " in text and "## Table 2" in text
+  assert "| jt | pgd/multi@0.5 | 0.900 | 0.850 |" in text
   ojt_claim = next(r for r in report["claims"] if r["claim"].startswith("The orthogonal"))
   assert ojt_claim["verdict"] == claims.REPRODUCED
   assert "ojt − jt mean PGD accuracy: -0.050 ± 0.000 (0/1 seeds > 0)" in ojt_claim["evidence"]
