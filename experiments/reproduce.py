@@ -76,7 +76,9 @@ def main(argv):
   modalities = [scope for scope in first["curves"]["pgd"] if scope != MULTI]
   meta = {"dataset": _CONFIG.value.dataset, "seeds": seeds, **settings,
           "num_examples": first["num_examples"], "chance": 1.0 / first["num_classes"],
-          "wall_seconds": time.time() - start, "device": device_description()}
+          "wall_seconds": time.time() - start, "device": device_description(),
+          **{f"{part}_seconds": sum(run[f"{part}_seconds"] for runs in results.values()
+                                    for run in runs) for part in ("training", "evaluation")}}
   if settings["protocol"] != "default":
     pairs = {method: (pgd_points(results[method][0]["curves"]),
                       protocol_check(os.path.join(_WORKDIR.value, "runs", method,

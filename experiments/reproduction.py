@@ -223,7 +223,9 @@ def report_markdown(dataset: str, summary, table_rows, claim_rows, paths, meta) 
            f"Seeds {meta['seeds']}; PGD protocol `{meta['protocol']}`; multi-modal radii "
            f"{meta['multi_eps']}, uni-modal radii {meta['uni_eps']}; {meta['num_examples']} "
            f"test examples; chance {meta['chance']:.3f}. Cells: mean ± sample std over "
-           f"seeds. Wall time {meta['wall_seconds'] / 60:.1f} min on {meta['device']}.", ""]
+           f"seeds. On {meta['device']}: training {meta['training_seconds'] / 60:.1f} min and "
+           f"evaluation {meta['evaluation_seconds'] / 60:.1f} min summed over the runs "
+           f"(whenever each ran), this invocation {meta['wall_seconds'] / 60:.1f} min.", ""]
   if meta.get("protocol_check"):
     lines += [meta["protocol_check"], ""]
     rows = [["method", "point", f"`{meta['protocol']}`", "`default`"]]

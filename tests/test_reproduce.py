@@ -111,7 +111,8 @@ def test_report_of_trained_runs(trained_mfeat, tmp_path):
       a - 0.05 for a in jt["curves"]["pgd"]["multi"]["accuracy"]]
   results = {"jt": [jt], "ojt": [ojt]}
   meta = {"dataset": "mfeat", "seeds": [0], **settings, "num_examples": 48, "chance": 0.1,
-          "wall_seconds": 1.0, "device": reproduce.device_description(),
+          "wall_seconds": 1.0, "training_seconds": 60.0, "evaluation_seconds": 30.0,
+          "device": reproduce.device_description(),
           "protocol_check": "Protocol check: (constructed)",
           "protocol_check_points": {"jt": {"pgd/multi@0.5": [0.9, 0.85]}}}
   report = reproduce.write_report(results, ["fou", "pix"], str(tmp_path / "report"), meta)
@@ -119,6 +120,7 @@ def test_report_of_trained_runs(trained_mfeat, tmp_path):
   text = (tmp_path / "report" / "report.md").read_text()
   assert "| ojt | " in text and "## Table 2" in text
   assert "| jt | pgd/multi@0.5 | 0.900 | 0.850 |" in text
+  assert "training 1.0 min and evaluation 0.5 min summed over the runs" in text
   ojt_claim = next(r for r in report["claims"] if r["claim"].startswith("The orthogonal"))
   assert ojt_claim["verdict"] == claims.REPRODUCED
   assert "ojt − jt mean PGD accuracy: -0.050 ± 0.000 (0/1 seeds > 0)" in ojt_claim["evidence"]
