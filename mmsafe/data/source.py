@@ -84,8 +84,8 @@ def split_off(data, fraction: float, *, seed: int, field: str = "fraction"):
   n = len(data)
   count = int(round(float(fraction) * n))
   if not 0 < count < n:
-    raise ValueError(f"{field}: expected a fraction of the {n} training examples leaving "
-                     f"both parts non-empty, got {fraction}")
+    raise ValueError(f"{field}: expected a fraction of the {n} examples of split "
+                     f"{data.split!r} leaving both parts non-empty, got {fraction}")
   order = np.random.default_rng(seed).permutation(n)
   return (data.select(np.sort(order[count:]), data.split),
           data.select(np.sort(order[:count]), "heldout"))

@@ -20,8 +20,8 @@ so for PGD and the decoupling attack the reported curve is the per-example
 worst case over the grid points up to eps (`accuracy`, monotone in eps by
 construction). PGD attacks only the examples still undecided (robust so far),
 which makes large-eps grids cheap; the decoupling attack's independent per-eps
-numbers are kept as `asr_raw`. FGM is reported per eps as is (its known non-monotonicity is
-part of what it measures). The attack success rate (ASR) is the fraction of
+numbers are kept as `asr_raw`. FGM is reported per eps as is (its known
+non-monotonicity is part of what it measures). The attack success rate (ASR) is the fraction of
 clean-correct examples that the attack makes misclassified.
 
 One class per kind of measurement (`CleanAccuracy`, `AttackCurves` for FGM
@@ -230,11 +230,16 @@ class _Kind:
     fn = functools.partial(fn, loop=self.loop)
     return fn if self.loop == "python" else jax.jit(fn, static_argnames=static_argnames)
 
+  def _task_key(self, index: int) -> Array:
+    """The key of task number `index` of this kind (the suite seed, the kind's
+    index and the task's folded in)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _KIND_INDEX[self.kind])
+    return jax.random.fold_in(key, index)
+
   def _run(self, fn: Callable, index: int, variables: Any, inputs, labels, value: Any,
            progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _KIND_INDEX[self.kind])
     return over_batches(fn, variables, inputs, labels, batch_size=self.batch_size,
-                        key=jax.random.fold_in(key, index), value=value, progress=progress)
+                        key=self._task_key(index), value=value, progress=progress)
 
 
 class CleanAccuracy(_Kind):
@@ -338,9 +343,9 @@ class PGDCurves(_AttackCurves):
   restart runs on its own (`pgd(restarts=1, restart_offset=r)`) on the
   remaining examples, batched by `over_rows`. The `accuracy` curve is the one
   attacking every example at every eps with every loss and restart would give
-  (up to the random starts, which depend on the batch). `mean_norm` is the mean, over the
-  clean-correct examples, of the l2 norm of the perturbation found within each
-  eps (for an example broken earlier, the one that broke it).
+  (up to the random starts, which depend on the batch). `mean_norm` is the
+  mean, over the clean-correct examples, of the l2 norm of the perturbation
+  found within each eps (for an example broken earlier, the one that broke it).
   """
 
   kind = "pgd"
@@ -358,7 +363,6 @@ class PGDCurves(_AttackCurves):
     return info["misclassified"], info["norm"]
 
   def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress):
-    kind_key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _KIND_INDEX[self.kind])
     batches = math.ceil(len(labels) / balanced_batch_size(len(labels), self.batch_size))
     broken, norm = ~correct, np.zeros(len(labels))
     robust, norms = [], []
@@ -368,8 +372,7 @@ class PGDCurves(_AttackCurves):
           rows = np.flatnonzero(~broken)
           broken[rows], norm[rows] = over_rows(
               functools.partial(self._fn, scope=scope, loss=loss), variables, inputs, labels,
-              rows, batch_size=self.batch_size,
-              key=jax.random.fold_in(kind_key, first_index + i),
+              rows, batch_size=self.batch_size, key=self._task_key(first_index + i),
               value=(jnp.float32(eps), jnp.int32(restart)))
       if progress is not None:
         progress(batches)
