@@ -56,7 +56,7 @@ _EPOCHS = flags.DEFINE_integer("epochs", 30, "Epochs of the training-loop compar
 CERTIFY_ARGS = ["--batch_sizes=16,64,256", "--frames=1", "--image_size=32", "--audio_frames=64",
                 "--audio_bins=32", "--widths=8,16,32,64", "--naive_samples=0"]
 MAIN_JOB = ["-m", "experiments.compare", "--config=experiments/configs/embedded.py",
-            "--methods=jt,ojt"]
+            "--methods=jt,ojt", "--protocol=quick"]
 
 
 def _print(**record) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import evals as evals_config
+from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
 from mmsafe import models
 from mmsafe.attacks import PGDProtocol
@@ -81,6 +82,10 @@ FAST = dict(protocol=PGDProtocol(name="test", steps=5, restarts=2, relative_step
      r"evals\.r\.uni_modalities: unknown modality 'z'"),
     ({"d": {"type": "decoupling", "scopes": ["all"]}}, r"evals\.d\.decoupling_scopes: expected"),
     ({"s": {"type": "sweep", "steps": [0]}}, r"evals\.s\.steps/restarts: expected non-empty"),
+    ({"p": {"type": "pgd", "skip_certified": "yes"}},
+     r"evals\.p\.skip_certified: expected True or False, got 'yes'"),
+    ({"r": {"type": "robustness", "skip_certified": 1}},
+     r"evals\.r\.skip_certified: expected True or False, got 1"),
 ])
 def test_build_rejects_bad_configs_naming_the_key(toy, evals, message):
   with pytest.raises(ValueError, match=message):
@@ -134,7 +139,8 @@ def test_attack_evaluators_agree_with_the_suite(toy):
   metrics = {name: ev.run(variables) for name, ev in built.items()}
   suite = robustness.evaluate_robustness(
       robustness.logits_apply(model), variables, test.inputs, test.labels,
-      built["suite"].suite_config, fill_means=data_lib.modality_means(splits["train"]))
+      built["suite"].suite_config, fill_means=data_lib.modality_means(splits["train"]),
+      certified=built["suite"].sound_radii(variables))
   assert metrics["suite"] == suite  # the suite evaluator is `evaluate_robustness`
   assert metrics["pgd"]["curves"] == suite["curves"]["pgd"]
   assert metrics["fgm"]["curves"] == {"a": suite["curves"]["fgm"]["a"]}
@@ -145,6 +151,26 @@ def test_attack_evaluators_agree_with_the_suite(toy):
   assert set(pgd) == {"multi@0.25", "multi@0.5", "multi@2", "a@1", "a@2", "b@1", "b@2"}
   assert all(v <= clean for v in pgd.values()) and pgd["multi@2"] < clean
   assert pgd["multi@0.5"] == suite["headline"]["pgd/multi@0.5"]
+
+
+def test_skipping_certified_examples_changes_no_number(toy):
+  """PGD skips the examples whose sound certified radius exceeds eps (they
+  cannot be broken there); every number equals the run that attacks them."""
+  model, variables, splits = toy
+  base = {"type": "pgd", "split": "test", "scope": ["multi", "uni"], "eps": [0.02, 0.25, 2.0],
+          "uni_eps": [0.05, 2.0], **FAST}
+  built = _build(toy, {"skip": base, "all": {**base, "skip_certified": False}})
+  skipping, attacking = built["skip"].run(variables), built["all"].run(variables)
+  radii = built["skip"].sound_radii(variables)
+  assert built["all"].sound_radii(variables) is None
+  cert = certify_lib.certify(model, variables, splits["test"].inputs, splits["test"].labels,
+                             kind="sound")
+  np.testing.assert_allclose(radii["multi"], cert.radius, rtol=1e-6)
+  np.testing.assert_allclose(radii["a"], cert.per_modality["a"], rtol=1e-6)
+  assert skipping["accuracy"] == attacking["accuracy"]
+  certified = {scope: curve["num_certified"] for scope, curve in skipping["curves"].items()}
+  assert certified["multi"][0] > 0 and certified["multi"][-1] == 0  # tiny radii skip some rows
+  assert all(curve["num_certified"] is None for curve in attacking["curves"].values())
 
 
 def _timeless(metrics):

@@ -174,6 +174,65 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
       200, 200, 200, 200, 100, 50, 13]
 
 
+def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypatch):
+  """On a linear model the smallest l2 perturbation that flips an example is
+  `min_k margin_k / ||w_y - w_k||` (over the attacked modalities' weights): a
+  radius no attack can beat. Given those radii, PGD attacks only the examples
+  whose radius is below eps, and the curve is the one attacking everything gives."""
+  rng = np.random.default_rng(3)
+  weights = {m: rng.normal(size=(int(np.prod(s)), 5)).astype(np.float32)
+             for m, s in SHAPES.items()}
+
+  def apply_fn(variables, inputs):
+    del variables
+    return sum(inputs[m].reshape(inputs[m].shape[0], -1) @ weights[m] for m in SHAPES)
+
+  inputs, labels = _data(apply_fn, None)
+  logits = np.asarray(apply_fn(None, inputs), np.float64)
+  correct = logits.argmax(-1) == labels
+  rows = np.arange(N)
+
+  def exact_radius(modalities):
+    w = np.concatenate([weights[m] for m in modalities]).astype(np.float64)
+    margin = logits[rows, labels][:, None] - logits
+    norm = np.linalg.norm(w[:, labels][:, :, None] - w[:, None, :], axis=0)  # [N, K]
+    ratio = np.where(np.arange(5) == labels[:, None], np.inf, margin / np.maximum(norm, 1e-12))
+    return np.where(correct, ratio.min(-1), 0.0)
+
+  certified = {"multi": exact_radius(sorted(SHAPES)), "a": exact_radius(["a"])}
+  protocol = PGDProtocol(name="test", steps=10, restarts=1, relative_step_size=None,
+                         random_start=False, loss="ce+margin")  # deterministic
+  grids = {"multi": (0.1, 0.3, 0.9), "a": (0.2, 1.0)}
+  attacked = []
+  over_rows = robustness.over_rows
+  monkeypatch.setattr(robustness, "over_rows",
+                      lambda *a, **k: attacked.append(a[4].copy()) or over_rows(*a, **k))
+  curves = robustness.PGDCurves(apply_fn, grids, protocol=protocol, batch_size=64)
+  skipping = curves(None, inputs, labels, correct, certified=certified)["curves"]["pgd"]
+  seen, attacked[:] = list(attacked), []
+  everything = curves(None, inputs, labels, correct)["curves"]["pgd"]
+  for scope, grid in grids.items():
+    assert skipping[scope]["accuracy"] == everything[scope]["accuracy"]
+    expected = [int((correct & (certified[scope] > eps * (1 + robustness.CERTIFIED_SLACK))).sum())
+                for eps in grid]
+    assert skipping[scope]["num_certified"] == expected
+    assert everything[scope]["num_certified"] is None
+    assert 0 < expected[-1] < expected[0] < correct.sum()  # some, not all, are skipped
+  assert skipping["multi"]["accuracy"][-1] < skipping["multi"]["accuracy"][0]  # PGD bites
+  # No attack saw an example certified at its eps; each attack saw fewer rows.
+  attack_eps = [eps for scope, grid in grids.items() for eps in grid for _ in protocol.losses]
+  attack_scope = [scope for scope, grid in grids.items() for _ in grid for _ in protocol.losses]
+  assert len(seen) == len(attacked) == len(attack_eps)
+  for rows_seen, rows_all, eps, scope in zip(seen, attacked, attack_eps, attack_scope):
+    assert not np.any(certified[scope][rows_seen] > eps * (1 + robustness.CERTIFIED_SLACK))
+    assert set(rows_seen) <= set(rows_all)
+  assert sum(map(len, seen)) < sum(map(len, attacked))
+  with pytest.raises(ValueError, match=r"certified: expected radii for scope 'a'"):
+    curves(None, inputs, labels, correct, certified={"multi": certified["multi"]})
+  with pytest.raises(ValueError, match=r"certified\['a'\]: expected shape \(100,\)"):
+    curves(None, inputs, labels, correct, certified={**certified, "a": certified["a"][:5]})
+
+
 def test_suite_rejects_bad_configs():
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)

@@ -24,14 +24,19 @@ model, so `certify` takes only "none". The types and their own keys:
               modality name; or a list of these), `eps` (multi-modal grid),
               `uni_eps` (uni-modal grid), `protocol` (PGD preset; its budgets,
               CRMT's 0.5 / 1.0, are added to the grids), `box` (clip to the
-              raw value range).
+              raw value range); pgd also `skip_certified` (True: the model's
+              sound certified radii are computed first, and PGD does not
+              attack an example at an eps its radius exceeds: it cannot be
+              broken there, so the numbers are the same; off behind a
+              defence and for a model that states no Lipschitz bound).
   missing     accuracy with each modality missing: `fills`, `fill_examples`
               (training examples averaged for the "mean" fill, 0: all).
   decoupling  the l0 decoupling attack's success rate: `fractions`, `scopes`,
               `rounds`, `steps_per_round`, `max_change`, `step_size`, `loss`,
               `random_start`, `box`.
   robustness  the whole suite of `evaluate_robustness` (its metrics are the
-              report's input): the `SuiteConfig` fields, `box`, `fill_examples`.
+              report's input): the `SuiteConfig` fields, `box`, `fill_examples`,
+              `skip_certified` (as for pgd).
   certify     certified radii per Lipschitz kind, checked by attacks
               (`certification.Certification`): `kinds`, `empirical_split`,
               `mode`, `chunk_size`, `power_iterations`, `failure_probability`,
@@ -86,6 +91,12 @@ def _bounded_floats(value: Any, field: str, low: float, high: float = math.inf, 
   when not `low_inclusive`) and <= `high` (`checks.check_number`)."""
   return tuple(checks.check_number(v, field, low, low_inclusive, maximum=high,
                                    what="finite values") for v in _floats(value, field))
+
+
+def _check_flag(settings: Mapping[str, Any], field: str) -> None:
+  """ValueError unless `settings[field]` is a bool."""
+  if not isinstance(settings[field], (bool, np.bool_)):
+    raise ValueError(f"{field}: expected True or False, got {settings[field]!r}")
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:
@@ -205,6 +216,24 @@ class Evaluator:
     """The metrics of what `self.apply_fn` computes with `variables`."""
     raise NotImplementedError
 
+  def sound_radii(self, variables: Any) -> dict[str, np.ndarray] | None:
+    """Scope -> [N] sound certified radii of the evaluated split ("multi": Thm
+    3.3 / 3.5; each modality alone: Prop. 3.4), for PGD to skip what it cannot
+    break; None without `skip_certified`, behind a defence (the certificates
+    are of the undefended model) or for a model that states no Lipschitz bound."""
+    if not self.settings.get("skip_certified", False) or self.defence:
+      return None
+    try:
+      constants = certify_lib.sound_constants(self.model, variables)
+    except NotImplementedError:
+      return None
+    certifier = certification.make_certifier(self.model, mode="auto", chunk_size=None)
+    cert, _ = certification.certify_dataset(
+        certifier, variables, self.data.inputs, self.data.labels, "sound", constants=constants,
+        batch_size=self.batch_size, description="sound radii")
+    return {MULTI: np.asarray(cert.radius),
+            **{m: np.asarray(r) for m, r in cert.per_modality.items()}}
+
 
 class Clean(Evaluator):
   """Clean accuracy."""
@@ -249,7 +278,8 @@ class Attack(Clean):
     inputs, labels = self.data.inputs, self.data.labels
     self._curves.bounds = self.bounds()
     correct = self._clean(variables, inputs, labels, progress)
-    curves = self._curves(variables, inputs, labels, correct, progress)["curves"][self.type]
+    curves = self._curves(variables, inputs, labels, correct, progress,
+                          certified=self.sound_radii(variables))["curves"][self.type]
     return {"num_examples": int(correct.size), "clean_accuracy": float(correct.mean()),
             "accuracy": {f"{scope}@{eps:g}": acc for scope, curve in curves.items()
                          for eps, acc in zip(curve["eps"], curve["accuracy"])},
@@ -266,6 +296,11 @@ class PGD(Attack):
   """Robust accuracy against l2-PGD (worst case over the eps grid)."""
 
   type = "pgd"
+  options = {**Attack.options, "skip_certified": True}
+
+  def setup(self) -> None:
+    _check_flag(self.settings, "skip_certified")
+    super().setup()
 
 
 def _means_for(evaluator: Evaluator, fills: Sequence[str]) -> dict[str, np.ndarray]:
@@ -338,10 +373,11 @@ class Robustness(Evaluator):
   """The whole robustness suite (`evaluate_robustness`'s results: the report's input)."""
 
   type = "robustness"
-  options = {**_SUITE_FIELDS, "box": False, "fill_examples": 0}
+  options = {**_SUITE_FIELDS, "box": False, "fill_examples": 0, "skip_certified": True}
 
   def setup(self) -> None:
     _count(self.settings["fill_examples"], "fill_examples")
+    _check_flag(self.settings, "skip_certified")
     fields = {k: self.settings[k] for k in _SUITE_FIELDS}
     for key in ("multi_eps", "uni_eps"):
       fields[key] = _bounded_floats(fields[key], key, 0.0)
@@ -363,7 +399,8 @@ class Robustness(Evaluator):
         part.fill_means = _means_for(self, part.fills)
       part.bounds = bounds
     return robustness.run_suite(self._parts, self.suite_config, variables, self.data.inputs,
-                                self.data.labels, bounds=bounds, progress=progress)
+                                self.data.labels, bounds=bounds,
+                                certified=self.sound_radii(variables), progress=progress)
 
 
 class Certify(Evaluator):

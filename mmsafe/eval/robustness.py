@@ -18,11 +18,13 @@ logits (clean or attacked) count as a misclassification. Every
 attack at a smaller eps (or l0 budget) is also a valid attack at a larger one,
 so for PGD and the decoupling attack the reported curve is the per-example
 worst case over the grid points up to eps (`accuracy`, monotone in eps by
-construction). PGD attacks only the examples still undecided (robust so far),
-which makes large-eps grids cheap; the decoupling attack's independent per-eps
-numbers are kept as `asr_raw`. FGM is reported per eps as is (its known
-non-monotonicity is part of what it measures). The attack success rate (ASR) is the fraction of
-clean-correct examples that the attack makes misclassified.
+construction). PGD attacks only the examples still undecided (robust so far,
+and not certified: given sound certified radii, an example whose radius
+exceeds eps cannot be broken at eps), which makes large-eps grids cheap; the
+decoupling attack's independent per-eps numbers are kept as `asr_raw`. FGM is
+reported per eps as is (its known non-monotonicity is part of what it
+measures). The attack success rate (ASR) is the fraction of clean-correct
+examples that the attack makes misclassified.
 
 One class per kind of measurement (`CleanAccuracy`, `AttackCurves` for FGM
 and PGD, `MissingModality`, `DecouplingCurves`, and `StrengthSweep`) holds its
@@ -59,6 +61,9 @@ Array = jax.Array
 ApplyFn = Callable[[Any, Mapping[str, Array]], Array]
 Progress = Callable[[int], None] | None
 MULTI = "multi"  # scope name of the multi-modal (all modalities, joint budget) attacks
+# A certified radius decides an example robust at eps only when it exceeds eps by
+# more than this relative margin (float32 rounding of the margins and constants).
+CERTIFIED_SLACK = 1e-4
 ATTACK_KINDS = ("fgm", "pgd")
 # Each kind draws its randomness from the suite seed with its own index folded in.
 _KIND_INDEX = {"clean": 0, "fgm": 1, "pgd": 2, "missing": 3, "decoupling": 4, "sweep": 5}
@@ -290,19 +295,24 @@ class _AttackCurves(_Kind):
     raise NotImplementedError
 
   def _curve(self, variables, inputs, labels, correct, scope: str, grid: Sequence[float],
-             first_index: int, progress: Progress) -> tuple[list[np.ndarray], dict[str, Any]]:
+             first_index: int, progress: Progress, certified_radius: np.ndarray | None
+             ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """(robust bool [N] per eps, extra curve entries) of one scope; task numbers
-    start at `first_index`."""
+    start at `first_index`; `certified_radius` [N]: the scope's sound certified
+    radii, or None."""
     raise NotImplementedError
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
-               correct: np.ndarray, progress: Progress = None) -> dict[str, Any]:
+               correct: np.ndarray, progress: Progress = None, *,
+               certified: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """{"curves": {kind: {scope: curve}}, "headline": {"<kind>/<scope>@<eps>": accuracy}}
-    for the clean-correct mask `correct` [N] (see `evaluate_robustness`)."""
+    for the clean-correct mask `correct` [N] (see `evaluate_robustness`);
+    `certified`: scope -> [N] sound certified radii (see `PGDCurves`)."""
     curves, headline, index = {}, {}, 0
     for scope, grid in self.grids.items():
+      radius = None if certified is None else _checked_radius(certified, scope, len(labels))
       robust, extra = self._curve(variables, inputs, labels, correct, scope, grid, index,
-                                  progress)
+                                  progress, radius)
       index += len(grid)
       curves[scope] = {"modalities": sorted(inputs) if scope == MULTI else [scope],
                        "eps": list(grid), "accuracy": [float(r.mean()) for r in robust],
@@ -326,7 +336,9 @@ class FGMCurves(_AttackCurves):
                               loss="ce")
     return _wrong(self.apply_fn, variables, adversarial, labels), jnp.zeros(labels.shape)
 
-  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress):
+  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress,
+             certified_radius):
+    del certified_radius  # one gradient per example: nothing worth skipping
     robust = [correct & ~self._run(functools.partial(self._fn, scope=scope), first_index + i,
                                    variables, inputs, labels, jnp.float32(eps), progress)[0]
               for i, eps in enumerate(grid)]
@@ -339,13 +351,17 @@ class PGDCurves(_AttackCurves):
 
   Only undecided examples are attacked: one misclassified clean, broken at a
   smaller eps, or broken by an earlier loss or restart at this eps is not
-  robust at this eps whatever a further attack finds, so it is skipped; each
-  restart runs on its own (`pgd(restarts=1, restart_offset=r)`) on the
-  remaining examples, batched by `over_rows`. The `accuracy` curve is the one
-  attacking every example at every eps with every loss and restart would give
-  (up to the random starts, which depend on the batch). `mean_norm` is the
-  mean, over the clean-correct examples, of the l2 norm of the perturbation
-  found within each eps (for an example broken earlier, the one that broke it).
+  robust at this eps whatever a further attack finds, so it is skipped; and
+  given sound certified radii (`certified`), one whose radius exceeds eps (by
+  `CERTIFIED_SLACK`) is robust at eps whatever any attack tries, so it is
+  skipped too. Each restart runs on its own (`pgd(restarts=1,
+  restart_offset=r)`) on the remaining examples, batched by `over_rows`. The
+  `accuracy` curve is the one attacking every example at every eps with every
+  loss and restart would give (up to the random starts, which depend on the
+  batch). `mean_norm` is the mean, over the clean-correct examples, of the l2
+  norm of the perturbation found within each eps (for an example broken
+  earlier, the one that broke it); `num_certified` counts the clean-correct
+  examples certified at each eps (None without `certified`).
   """
 
   kind = "pgd"
@@ -362,14 +378,19 @@ class PGDCurves(_AttackCurves):
                           return_info=True, loop=loop, **kwargs)
     return info["misclassified"], info["norm"]
 
-  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress):
+  def _curve(self, variables, inputs, labels, correct, scope, grid, first_index, progress,
+             certified_radius):
     batches = math.ceil(len(labels) / balanced_batch_size(len(labels), self.batch_size))
     broken, norm = ~correct, np.zeros(len(labels))
-    robust, norms = [], []
+    robust, norms, num_certified = [], [], []
     for i, eps in enumerate(grid):
+      certified = np.zeros(len(labels), bool)
+      if certified_radius is not None:
+        certified = certified_radius > eps * (1 + CERTIFIED_SLACK)
+        num_certified.append(int((correct & certified).sum()))
       for loss in self.protocol.losses:
         for restart in range(self.protocol.restarts):
-          rows = np.flatnonzero(~broken)
+          rows = np.flatnonzero(~broken & ~certified)
           broken[rows], norm[rows] = over_rows(
               functools.partial(self._fn, scope=scope, loss=loss), variables, inputs, labels,
               rows, batch_size=self.batch_size, key=self._task_key(first_index + i),
@@ -378,7 +399,23 @@ class PGDCurves(_AttackCurves):
         progress(batches)
       robust.append(correct & ~broken)
       norms.append(float(norm[correct].mean()) if correct.any() else 0.0)
-    return robust, {"mean_norm": norms}
+    return robust, {"mean_norm": norms,
+                    "num_certified": None if certified_radius is None else num_certified}
+
+
+def _checked_radius(certified: Mapping[str, np.ndarray], scope: str, n: int) -> np.ndarray:
+  """`certified[scope]` as float64 [n] (ValueError naming the scope otherwise)."""
+  if scope not in certified:
+    raise ValueError(f"certified: expected radii for scope {scope!r}, got scopes "
+                     f"{sorted(certified)}")
+  radius = np.asarray(certified[scope], np.float64)
+  if radius.shape != (n,):
+    raise ValueError(f"certified[{scope!r}]: expected shape ({n},) (one radius per example), "
+                     f"got {radius.shape}")
+  if np.isnan(radius).any():
+    raise ValueError(f"certified[{scope!r}]: expected radii, got {int(np.isnan(radius).sum())} "
+                     f"NaN")
+  return radius
 
 
 ATTACK_CURVES = {"fgm": FGMCurves, "pgd": PGDCurves}
@@ -571,6 +608,7 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
                         labels: np.ndarray, config: SuiteConfig = SuiteConfig(), *,
                         bounds: common.Bounds | None = None,
                         fill_means: Mapping[str, Any] | None = None,
+                        certified: Mapping[str, np.ndarray] | None = None,
                         progress: Progress = None) -> dict[str, Any]:
   """Runs the suite on a whole split; see the module docstring for definitions.
 
@@ -586,6 +624,11 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
     fill_means: modality -> per-entry mean (one example's shape, normalised
       space; e.g. the training split's mean), needed by the "mean" fill and
       used as the centre of the "noise" fill.
+    certified: optional scope ("multi" and each attacked modality) -> [N]
+      sound certified radii of the evaluated classifier (`mmsafe.certify`,
+      kind "sound": `radius` and `per_modality`); PGD does not attack an
+      example at an eps its radius exceeds. Results are unchanged: such an
+      example cannot be broken there.
     progress: called with the number of (task, batch) units done (e.g.
       `tqdm.update`; PGD reports each eps's batches at once); `num_work_units`
       gives the total.
@@ -598,7 +641,7 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
       "config" (grids), "headline" (the paper's table entries: clean,
       "fgm/multi@0.5", "pgd/multi@0.5", "fgm/<m>@1.0", "pgd/<m>@1.0",
       "missing/<m>"), "curves" ({kind: {scope: {"modalities", "eps",
-      "accuracy", "mean_norm"}}}), "missing" ({m: {fill:
+      "accuracy", "mean_norm"; PGD also "num_certified"}}}), "missing" ({m: {fill:
       accuracy}}) and "decoupling" ({scope: {"fraction", "count",
       "num_entries", "asr", "asr_raw", "accuracy", "mean_fraction_changed"}}).
   """
@@ -612,14 +655,16 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
       raise ValueError(f"fill_means: expected a mean for every modality with fill 'mean', "
                        f"missing {lacking}")
   return run_suite([clean, *parts], config, variables, inputs, labels, bounds=bounds,
-                   progress=progress)
+                   certified=certified, progress=progress)
 
 
 def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
               inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
-              bounds: common.Bounds | None = None, progress: Progress = None) -> dict[str, Any]:
+              bounds: common.Bounds | None = None,
+              certified: Mapping[str, np.ndarray] | None = None,
+              progress: Progress = None) -> dict[str, Any]:
   """Runs the per-kind evaluations `parts` of `suite(..., config, ...)` and
-  assembles the results dict of `evaluate_robustness`."""
+  assembles the results dict of `evaluate_robustness` (`certified`: see there)."""
   labels = np.asarray(labels)
   n = _check_split(inputs, labels)
   clean, *others = parts
@@ -631,7 +676,8 @@ def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
       "config": suite_settings(config, n, bounds), "curves": {}, "missing": {},
       "decoupling": {}, "headline": {"clean": float(correct.mean())}}
   for part in others:
-    for key, section in part(variables, inputs, labels, correct, progress).items():
+    skip = {"certified": certified} if isinstance(part, PGDCurves) else {}
+    for key, section in part(variables, inputs, labels, correct, progress, **skip).items():
       results[key].update(section)
   return results
 
