@@ -16,6 +16,12 @@ Prints one JSON line per measurement:
   batches, seconds per step after compilation.
 * `main_job`: the README's main job in a subprocess: wall seconds, and the
   number of XLA compilations and their seconds (`jax_log_compiles`).
+* `skip_certified`: the paper's robustness suite under the `default` protocol
+  with and without skipping the examples that sound certificates decide
+  (`skip_certified`), seconds (median of interleaved runs after a warm-up),
+  the examples certified per attack, and whether every number agrees; on the
+  main job's JT and on a JT with 1-Lipschitz encoders (`<workdir>/lipschitz`,
+  trained when absent).
 
 The models are the mfeat JT run the main job trains (`<workdir>/main/jt`).
 """
@@ -37,16 +43,18 @@ import numpy as np
 import optax
 
 from experiments.configs import embedded
+from experiments.configs import evals as evals_config
 from mmsafe import attacks
 from mmsafe import data as data_lib
+from mmsafe.eval import evaluators
 from mmsafe.eval import robustness
 from mmsafe.train import loop
 from mmsafe.train import experiment as experiment_lib
 from mmsafe.train.step import make_train_step
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mmsafe/bench_cpu", "Scratch directory.")
-_PARTS = flags.DEFINE_list("parts", ["main_job", "pgd", "certify", "train_loop"],
-                           "Measurements to run.")
+_PARTS = flags.DEFINE_list("parts", ["main_job", "pgd", "certify", "train_loop",
+                                     "skip_certified"], "Measurements to run.")
 _EPS = flags.DEFINE_list("eps", ["0.5", "2.0"], "PGD budgets (joint l2, normalised space).")
 _STEPS = flags.DEFINE_integer("steps", 10, "PGD steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "PGD batch.")
@@ -144,6 +152,40 @@ def pgd(run_dir: str) -> None:
            misclassified=success, clean_error=wrong(inputs))
 
 
+def skip_certified(run_dirs: dict[str, str]) -> None:
+  """The paper's suite (`default` protocol) with and without `skip_certified`."""
+  for name, run_dir in run_dirs.items():
+    _, model, variables, splits = loop.restore_run(run_dir)
+    runs = {}
+    for skip in (True, False):
+      evals = evals_config.get_config("paper").to_dict()
+      evals["robustness"].update(protocol="default", skip_certified=skip)
+      runs[skip] = evaluators.build_evaluators(evals, model=model, splits=splits)["robustness"]
+    results = {skip: ev.run(variables) for skip, ev in runs.items()}  # compiles
+    seconds = {True: [], False: []}
+    for _ in range(_REPEATS.value // 2 or 1):
+      for skip, ev in runs.items():
+        start = time.perf_counter()
+        ev.run(variables)
+        seconds[skip].append(time.perf_counter() - start)
+    curves = {skip: r["curves"]["pgd"] for skip, r in results.items()}
+    _print(what="skip_certified", model=name, protocol="default",
+           seconds={"skip": round(float(np.median(seconds[True])), 2),
+                    "attack_all": round(float(np.median(seconds[False])), 2)},
+           certified={scope: c["num_certified"] for scope, c in curves[True].items()},
+           clean_correct=round(results[True]["clean_accuracy"] * results[True]["num_examples"]),
+           same_numbers=results[True]["headline"] == results[False]["headline"] and all(
+               curves[True][s]["accuracy"] == curves[False][s]["accuracy"] for s in curves[True]))
+
+
+def _lipschitz_run(workdir: str) -> str:
+  """A JT run with 1-Lipschitz encoders on mfeat (trained when absent)."""
+  run_dir = os.path.join(workdir, "lipschitz", "jt")
+  if not os.path.exists(os.path.join(run_dir, "results.json")):
+    loop.train_and_evaluate(embedded.get_config("lipschitz"), run_dir)
+  return run_dir
+
+
 def _config(epochs: int):
   config = embedded.get_config()
   config.num_epochs = epochs
@@ -206,6 +248,8 @@ def main(argv):
   if "certify" in _PARTS.value:
     subprocess.run([sys.executable, "-m", "experiments.bench_certify", *CERTIFY_ARGS],
                    check=True)
+  if "skip_certified" in _PARTS.value:
+    skip_certified({"jt": run_dir, "jt_lipschitz": _lipschitz_run(root)})
   if "train_loop" in _PARTS.value:
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
     train_loop(root)

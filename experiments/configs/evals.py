@@ -35,7 +35,10 @@ _SUITE = dict(
     missing_fills=("zeros",),
     decoupling_fractions=(0.0025, 0.005, 0.0116, 0.025, 0.05), decoupling_scopes=("multi",),
     decoupling={"max_change": 2.0, "rounds": 8, "steps_per_round": 10},
-    box=False, batch_size=256, max_examples=0, fill_examples=0, seed=0, defence="none")
+    box=False, batch_size=256, max_examples=0, fill_examples=0, seed=0, defence="none",
+    # PGD does not attack an example at an eps below its sound certified radius
+    # (it cannot be broken there: same numbers, less work).
+    skip_certified=True)
 
 
 def _suite(**changes) -> dict:
