@@ -372,9 +372,7 @@ class PGDCurves(_AttackCurves):
     """Restart `r` of the protocol's attack with `loss` at radius `eps`, for
     `value = (eps, r)`."""
     eps, restart = value
-    # (one restart: restart 0, and no random start compiled when it starts clean)
-    offset = restart if self.protocol.restarts > 1 else None
-    kwargs = dict(self.protocol.pgd_kwargs(eps, loss), restarts=1, restart_offset=offset)
+    kwargs = dict(self.protocol.pgd_kwargs(eps, loss), restarts=1, restart_offset=restart)
     _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
                           modalities=None if scope == MULTI else scope, bounds=self.bounds,
                           return_info=True, loop=loop, **kwargs)
