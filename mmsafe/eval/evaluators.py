@@ -27,8 +27,10 @@ model, so `certify` takes only "none". The types and their own keys:
               raw value range); pgd also `skip_certified` (True: the model's
               sound certified radii are computed first, and PGD does not
               attack an example at an eps its radius exceeds: it cannot be
-              broken there, so the numbers are the same; off behind a
-              defence and for a model that states no Lipschitz bound).
+              broken there, so the numbers are the same, up to the sound
+              bounds' own failure probability for large convolutions, 1e-6;
+              off behind a defence and for a model that states no Lipschitz
+              bound).
   missing     accuracy with each modality missing: `fills`, `fill_examples`
               (training examples averaged for the "mean" fill, 0: all).
   decoupling  the l0 decoupling attack's success rate: `fractions`, `scopes`,
