@@ -227,6 +227,21 @@ def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypat
     assert not np.any(certified[scope][rows_seen] > eps * (1 + robustness.CERTIFIED_SLACK))
     assert set(rows_seen) <= set(rows_all)
   assert sum(map(len, seen)) < sum(map(len, attacked))
+  # Through the suite, and stated in its report.
+  config = robustness.SuiteConfig(protocol=protocol, multi_eps=grids["multi"],
+                                  uni_eps=grids["a"], attacks=("pgd",), uni_modalities=("a",),
+                                  missing_fills=(), decoupling_fractions=(), batch_size=64)
+  suite = robustness.evaluate_robustness(apply_fn, None, inputs, labels, config,
+                                         certified=certified)
+  multi = suite["curves"]["pgd"]["multi"]  # the grid gains the paper's 0.5
+  assert multi["num_certified"] == [
+      int((correct & (certified["multi"] > eps * (1 + robustness.CERTIFIED_SLACK))).sum())
+      for eps in multi["eps"]] and 0.5 in multi["eps"]
+  text = report.markdown(suite)
+  assert "Robust by their sound certified radius, so not attacked" in text
+  assert f"multi: 0.1: {skipping['multi']['num_certified'][0]}, " in text
+  assert "Robust by their sound" not in report.markdown(robustness.evaluate_robustness(
+      apply_fn, None, inputs, labels, config))
   with pytest.raises(ValueError, match=r"certified: expected radii for scope 'a'"):
     curves(None, inputs, labels, correct, certified={"multi": certified["multi"]})
   with pytest.raises(ValueError, match=r"certified\['a'\]: expected shape \(100,\)"):

@@ -69,6 +69,13 @@ def markdown(results: Mapping[str, Any], title: str = "Robustness report") -> st
     for scope, curve in scopes.items():
       pairs = ", ".join(f"{e:g}: {_pct(a)}" for e, a in zip(curve["eps"], curve["accuracy"]))
       lines.append(f"| {scope} ({'+'.join(curve['modalities'])}) | {pairs} |")
+    certified = {scope: ", ".join(f"{e:g}: {n}" for e, n in zip(curve["eps"], counts))
+                 for scope, curve in scopes.items()
+                 if (counts := curve.get("num_certified")) is not None}
+    if certified:
+      lines += ["", "Robust by their sound certified radius, so not attacked (examples per "
+                "eps): " + "; ".join(f"{scope}: {pairs}" for scope, pairs in certified.items())
+                + "."]
   if results.get("missing"):
     fills = sorted({f for per in results["missing"].values() for f in per})
     lines += ["", "## Missing modality (accuracy)", "",
