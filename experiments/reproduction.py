@@ -1,12 +1,32 @@
-"""The pieces of `experiments.reproduce`: one run's training and evaluation
-(cached in the run's directory), the mean and spread over seeds, Tables 1-2,
-the figures (Fig. 1/3/4/5) and the report with the paper's claims
-(`experiments.claims`). Flag-free, so that tests and notebooks import it."""
+"""The pieces of `experiments.reproduce`: attack budgets calibrated where attacks
+bite, one run's training and evaluation (cached in the run's directory), and
+the experiment's parts. Flag-free, so that tests and notebooks import it; the
+report is `experiments.reproduction_report`.
+
+Parts (`PARTS`), each with seeded runs under `<workdir>/runs/<part>/...`:
+
+* "main": every Table 1 and ablation method on the dataset's default pair;
+* "transformer": the multi-modal transformer, JT against CRMT step 1 (Table 3);
+* "iterations": CRMT with two iterations of its two steps (App. 8.3);
+* "pairs": JT, CRMT and the two strongest baselines on every other pair of
+  the dataset's modalities (datasets with more than two; mfeat has 15 pairs);
+* "imbalance": JT and CRMT with noise of growing strength dialled into one
+  modality (`mmsafe.data.dataset.with_noise`).
+
+Budgets: besides the paper's (multi-modal eps 0.5, uni-modal 1.0), each
+setting (a modality pair, or the default pair) gets budgets at which JT's
+robust accuracy on the *validation* split is about 0.75, 0.5 and 0.25, per
+modality and multi-modal (`calibrate`), from JT's seed-0 run: fixed before any
+other run is evaluated, and written in the report.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import itertools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -17,244 +37,427 @@ import numpy as np
 
 from experiments import claims as claims_lib
 from experiments.configs import evals as evals_config
+from experiments.configs import mmt as mmt_config
+from mmsafe import data as data_lib
 from mmsafe import files
+from mmsafe.data import mfeat
 from mmsafe.eval import evaluators
-from mmsafe.eval import plots
 from mmsafe.train import loop
 
 TABLE1_METHODS = claims_lib.TABLE1_METHODS
 # The paper's ablation (Sec. 4.3, Fig. 5).
 ABLATION_METHODS = ("jt", "ojt", "crmt_step1", "crmt_step2", "crmt")
-# Fig. 3 compares MMAT with CRMT-AT; mmsafe adds the JT-based pair.
-ETA_METHODS = ("jt", "crmt_step1", "crmt", "mmat", "crmt_at")
-MULTI = "multi"
+MAIN_METHODS = tuple(dict.fromkeys(TABLE1_METHODS + ABLATION_METHODS))
+# Methods whose eta ratio (Fig. 3) is computed in the main part; every run of
+# the pairs part computes it.
+ETA_METHODS = ("jt", "crmt_step1", "crmt", "mmat", "crmt_at", "gb")
+# The pairs part: JT, CRMT and the two most robust baselines of mmsafe's
+# 3-seed reproductions on both datasets (GB, MMAT).
+PAIR_METHODS = ("jt", "crmt", "gb", "mmat")
+TRANSFORMER_METHODS = ("jt", "crmt_step1")
+IMBALANCE_METHODS = ("jt", "crmt")
+NOISE_LEVELS = (1.0, 2.0, 4.0)
+PARTS = ("main", "transformer", "iterations", "pairs", "imbalance")
+MULTI = claims_lib.MULTI
+# Radii of the robust-accuracy curves (Figs. 1, 4, 5; areas); the paper's budgets
+# and the calibrated ones are added to them.
+MULTI_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+UNI_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+TARGETS = (0.75, 0.5, 0.25)  # JT's robust accuracy at the calibrated budgets
+BITE_TARGET = 0.5  # the calibrated budget the claims are judged at
+CALIBRATION_GRID = tuple(2.0 ** (k / 3) for k in range(-12, 19))  # 1/16 .. 64
 RESULTS_FILE = "reproduce.json"
+BUDGETS_FILE = "budgets.json"
 
-def evaluation_settings(protocol: str, multi_eps: Sequence[float], uni_eps: Sequence[float],
-                        max_examples: int) -> dict[str, Any]:
+
+# ---------------------------------------------------------------------------
+# Budgets where attacks bite.
+
+
+def crossing(eps: Sequence[float], accuracy: Sequence[float], target: float) -> float:
+  """The radius at which a falling robust-accuracy curve reaches `target`, linear
+  in log eps between the grid points around it, to 2 significant digits (the
+  grid's ends when the curve starts below or never reaches the target)."""
+  eps, accuracy = np.asarray(eps, float), np.asarray(accuracy, float)
+  below = np.flatnonzero(accuracy <= target)
+  if not below.size:
+    value = eps[-1]
+  elif below[0] == 0:
+    value = eps[0]
+  else:
+    i = below[0]
+    t = (accuracy[i - 1] - target) / max(accuracy[i - 1] - accuracy[i], 1e-12)
+    value = math.exp(math.log(eps[i - 1]) + t * (math.log(eps[i]) - math.log(eps[i - 1])))
+  return float(f"{value:.2g}")
+
+
+def _suite(settings: Mapping[str, Any], split: str, **changes) -> dict[str, Any]:
+  suite = evals_config.get_config("robustness").to_dict()["robustness"]
+  suite.update(split=split, protocol=settings["protocol"], decoupling_fractions=(),
+               max_examples=settings["max_examples"], **changes)
+  return suite
+
+
+def calibrate(run_dir: str, protocol: str, max_examples: int = 0) -> dict[str, Any]:
+  """Budgets at which the model of `run_dir` (JT) keeps robust accuracy
+  `TARGETS` on the validation split, per scope ("multi" and each modality).
+
+  Returns:
+    {scope: {"budgets": [eps per target], "eps": grid, "accuracy": curve}}.
+  """
+  _, model, variables, splits = loop.restore_run(run_dir)
+  settings = {"protocol": protocol, "max_examples": max_examples}
+  suite = _suite(settings, "validation", multi_eps=CALIBRATION_GRID, uni_eps=CALIBRATION_GRID,
+                 attacks=("pgd",), missing_fills=())
+  built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
+  curves = built["robustness"].run(variables)["curves"]["pgd"]
+  return {scope: {"budgets": [crossing(c["eps"], c["accuracy"], t) for t in TARGETS],
+                  "eps": c["eps"], "accuracy": c["accuracy"]} for scope, c in curves.items()}
+
+
+def budgets_of(calibration: Mapping[str, Any], modalities: Sequence[str]
+               ) -> dict[str, claims_lib.Budgets]:
+  """The paper's budgets and the calibrated bite budgets (`BITE_TARGET`)."""
+  index = TARGETS.index(BITE_TARGET)
+  return {claims_lib.PAPER: claims_lib.paper_budgets(modalities),
+          claims_lib.BITE: claims_lib.Budgets(
+              claims_lib.BITE, calibration[MULTI]["budgets"][index],
+              {m: calibration[m]["budgets"][index] for m in modalities})}
+
+
+# ---------------------------------------------------------------------------
+# One run: train, evaluate on the test split, cache.
+
+
+def evaluation_settings(protocol: str, calibration: Mapping[str, Any], max_examples: int, *,
+                        with_eta: bool, attacks: Sequence[str] = ("fgm", "pgd")
+                        ) -> dict[str, Any]:
   """What one run's evaluation depends on (a cached evaluation is reused only
-  when these are equal)."""
-  return {"protocol": protocol, "multi_eps": [float(e) for e in multi_eps],
-          "uni_eps": [float(e) for e in uni_eps], "max_examples": int(max_examples)}
+  when these are equal): the curve grids with the paper's and the calibrated
+  budgets, the attacks, and whether the eta ratio is computed."""
+  modalities = sorted(scope for scope in calibration if scope != MULTI)
+  return {"protocol": protocol,
+          "multi_eps": sorted({*MULTI_GRID, 0.5, *calibration[MULTI]["budgets"]}),
+          "uni_eps": sorted({*UNI_GRID, 1.0}),
+          "uni_extra_eps": {m: sorted(calibration[m]["budgets"]) for m in modalities},
+          "attacks": list(attacks), "max_examples": int(max_examples),
+          "with_eta": bool(with_eta)}
 
 
-def evaluator_configs(settings: Mapping[str, Any], *, with_eta: bool
-                      ) -> dict[str, dict[str, Any]]:
-  """The evaluators of one run: the robustness suite on the settings' grids (no
-  decoupling attack) and, `with_eta`, certification with empirical constants
-  (its eta ratio; no attack check)."""
-  evals = evals_config.get_config("robustness").to_dict()
-  evals["robustness"].update(
-      protocol=settings["protocol"], multi_eps=tuple(settings["multi_eps"]),
-      uni_eps=tuple(settings["uni_eps"]), decoupling_fractions=(),
-      max_examples=settings["max_examples"])
-  if with_eta:
+def evaluator_configs(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """The evaluators of one run: the robustness suite with per-example results
+  (no decoupling attack) and, `with_eta`, certification with empirical
+  constants (its eta ratio; no attack check)."""
+  evals = {"robustness": _suite(
+      settings, "test", multi_eps=tuple(settings["multi_eps"]),
+      uni_eps=tuple(settings["uni_eps"]), uni_extra_eps=dict(settings["uni_extra_eps"]),
+      attacks=tuple(settings["attacks"]), per_example=True)}
+  if settings["with_eta"]:
     evals.update(evals_config.get_config("certify").to_dict())
     evals["certify"].update(kinds=("empirical",), attack_steps=0,
                             max_examples=settings["max_examples"])
   return evals
 
 
-def evaluate_run(run_dir: str, settings: Mapping[str, Any], *, with_eta: bool
-                 ) -> dict[str, Any]:
-  """Test-split numbers of the model selected on validation in `run_dir`: the
-  robustness headline and curves, and the eta ratio (`with_eta`)."""
+def evaluate_run(run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+  """Test-split numbers of the model selected on validation in `run_dir`."""
   _, model, variables, splits = loop.restore_run(run_dir)
-  built = evaluators.build_evaluators(evaluator_configs(settings, with_eta=with_eta),
-                                      model=model, splits=splits)
+  built = evaluators.build_evaluators(evaluator_configs(settings), model=model, splits=splits)
   start = time.time()
-  robustness = built["robustness"].run(variables)
+  suite = built["robustness"].run(variables)
   result = {"settings": dict(settings), "num_classes": int(splits["test"].num_classes),
-            "headline": robustness["headline"], "curves": robustness["curves"],
-            "num_examples": robustness["num_examples"]}
-  if with_eta:
+            **{key: suite[key] for key in ("headline", "curves", "per_example", "missing",
+                                           "num_examples")}}
+  if settings["with_eta"]:
     entry = built["certify"].run(variables)["kinds"]["empirical"]
     result["eta_ratio"] = entry["eta_ratio"]
-    result["mean_radius_empirical"] = entry["summary"]["mean_radius"]
   result["evaluation_seconds"] = time.time() - start
   return result
 
 
-def train_and_evaluate_run(base: ml_collections.ConfigDict, method: str, seed: int,
-                           run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-  """Trains (or resumes, or skips when finished) one method and seed, then
-  evaluates it unless `run_dir` already holds an evaluation with `settings`."""
+def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
+                           settings: Mapping[str, Any], *, label: str) -> dict[str, Any]:
+  """Trains (or resumes, or skips when finished) `config` in `run_dir`, then
+  evaluates it unless `run_dir` already holds an evaluation with `settings`.
+  `label` names the run's method in the results (e.g. "crmt_2iter")."""
   cached = os.path.join(run_dir, RESULTS_FILE)
   if os.path.exists(cached):
     with open(cached) as f:
       result = json.load(f)
-    if result.get("settings") == dict(settings):
+    if result.get("settings") == json.loads(json.dumps(dict(settings))):
       return result
-  config = base.copy_and_resolve_references()
-  with config.unlocked():
-    config.method, config.seed = method, seed
   start = time.time()
   trained = loop.train_and_evaluate(config, run_dir)
-  result = evaluate_run(run_dir, settings, with_eta=method in ETA_METHODS)
-  result.update(method=method, seed=seed, training_seconds=time.time() - start
-                - result["evaluation_seconds"],
+  result = evaluate_run(run_dir, settings)
+  result.update(method=label, seed=int(config.seed),
+                training_seconds=time.time() - start - result["evaluation_seconds"],
                 validation_accuracy=trained["validation_accuracy"])
   files.write_json_atomic(cached, result)
   return result
 
 
-def pgd_points(curves: Mapping[str, Any]) -> dict[str, float]:
-  """`{"pgd/<scope>@<eps>": accuracy}` for every point of a run's PGD curves."""
-  return {f"pgd/{scope}@{eps:g}": accuracy for scope, curve in curves["pgd"].items()
-          for eps, accuracy in zip(curve["eps"], curve["accuracy"])}
+# ---------------------------------------------------------------------------
+# The parts' runs.
 
 
-def protocol_check(run_dir: str, settings: Mapping[str, Any]) -> dict[str, float]:
-  """`pgd_points` of `run_dir` under the `default` protocol at the paper's budgets
-  and four times them (multi-modal 0.5 and 2, uni-modal 1 and 4), to set
-  against those under `settings["protocol"]` (evidence that a cheaper preset
-  agrees where attacks do not bite and where they do)."""
-  default = dict(settings, protocol="default", multi_eps=[0.5, 2.0], uni_eps=[1.0, 4.0])
-  _, model, variables, splits = loop.restore_run(run_dir)
-  built = evaluators.build_evaluators(evaluator_configs(default, with_eta=False),
-                                      model=model, splits=splits)
-  return pgd_points(built["robustness"].run(variables)["curves"])
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One training run of a part: its config, directory and evaluation."""
+
+  part: str
+  setting: str  # "default", a pair "m1+m2", or "noise<s>"
+  label: str  # the method's name in the results
+  seed: int
+  config: ml_collections.ConfigDict
+  run_dir: str
+  with_eta: bool
+  attacks: tuple[str, ...] = ("fgm", "pgd")
 
 
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-  """Mean and sample standard deviation (0 for one value) of `values`."""
-  values = np.asarray(values, float)
-  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-  return {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+def configured(base: ml_collections.ConfigDict, method: str, seed: int, **changes
+               ) -> ml_collections.ConfigDict:
+  """`base` with `method`, `seed` and `changes` (dotted field -> value)."""
+  config = base.copy_and_resolve_references()
+  with config.unlocked():
+    config.method, config.seed = method, seed
+    for field, value in changes.items():
+      *parents, leaf = field.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
 
 
-def aggregate(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-  """Per method: each headline entry and each curve point as mean +- std over seeds.
-
-  Args:
-    results: method -> the evaluation of each seed (`train_and_evaluate_run`).
-  Returns:
-    method -> {"seeds", "headline": {key: mean_std}, "curves": {kind: {scope:
-    {"eps", "accuracy": [mean], "std": [std]}}}, "eta_imbalance": mean_std of
-    the mean |log10 eta ratio| (when computed)}.
-  """
-  summary = {}
-  for method, runs in results.items():
-    keys = runs[0]["headline"].keys()
-    entry = {"seeds": [run["seed"] for run in runs],
-             "headline": {k: mean_std([run["headline"][k] for run in runs]) for k in keys},
-             "curves": {}}
-    for kind, scopes in runs[0]["curves"].items():
-      entry["curves"][kind] = {}
-      for scope, curve in scopes.items():
-        stacked = np.asarray([run["curves"][kind][scope]["accuracy"] for run in runs], float)
-        entry["curves"][kind][scope] = {
-            "eps": curve["eps"], "accuracy": stacked.mean(0).tolist(),
-            "std": (stacked.std(0, ddof=1) if len(runs) > 1 else 0 * stacked[0]).tolist()}
-    if all("eta_ratio" in run for run in runs):
-      entry["eta_imbalance"] = mean_std([claims_lib.eta_imbalance(run["eta_ratio"]["matrix"])
-                                         for run in runs])
-    summary[method] = entry
-  return summary
+def two_iterations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CRMT with its two steps run twice (App. 8.3): step 1, step 2, then step 1
+  again for a third of the epochs at the decayed learning rate (where the first
+  one ended), and step 2 again (its constants re-estimated)."""
+  optimizer = dict(config.optimizer)
+  step2_epochs = config.step2.num_epochs or config.num_epochs // 3
+  again = dict(optimizer, learning_rate=optimizer["learning_rate"] * optimizer["decay_factor"],
+               decay_epochs=())
+  with config.unlocked():
+    config.stages = (
+        {"name": "step1", "objective": "crmt", "num_epochs": config.num_epochs},
+        {"name": "step2", "objective": "crmt/step2", "num_epochs": step2_epochs},
+        {"name": "step1_iter2", "objective": "crmt", "optimizer": again,
+         "num_epochs": max(config.num_epochs // 3, 1), "restart_selection": True},
+        {"name": "step2_iter2", "objective": "crmt/step2", "num_epochs": step2_epochs})
+  return config
 
 
-def _cell(stat: Mapping[str, float]) -> str:
-  return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+def default_pair(base: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The modalities of `base`'s runs (its dataset's default pair unless set)."""
+  modalities = base.data.get("modalities")
+  if modalities:
+    return tuple(modalities)
+  return tuple(data_lib.load(base.dataset, "validation").inputs)
 
 
-def tables(summary: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, list[list[str]]]:
-  """Table 1 (clean, multi-modal FGM / PGD at 0.5, missing) and Table 2 (uni-modal
-  FGM / PGD at 1.0 per modality, missing) as rows of cells; the first row names
-  the columns (headline keys)."""
-  table1 = ["clean", "fgm/multi@0.5", "pgd/multi@0.5"] + [f"missing/{m}" for m in modalities]
-  table2 = (["clean"] + [f"fgm/{m}@1.0" for m in modalities]
-            + [f"pgd/{m}@1.0" for m in modalities] + [f"missing/{m}" for m in modalities])
+def all_modalities(dataset: str) -> tuple[str, ...]:
+  """Every modality of an embedded dataset."""
+  if dataset == "mfeat":
+    return tuple(mfeat.MFEAT_VIEWS)
+  return tuple(data_lib.load(dataset, "validation").inputs)
+
+
+def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+              *, methods: Sequence[str] = MAIN_METHODS, preferred: str | None = None,
+              pairs: Sequence[tuple[str, str]] | None = None,
+              pair_methods: Sequence[str] = PAIR_METHODS,
+              noise_levels: Sequence[float] = NOISE_LEVELS) -> list[Job]:
+  """The runs of `part` (see the module docstring), the calibrating JT seed
+  first within each setting. `methods`: those of the main part; `pairs`: the
+  modality pairs of the pairs part (None: every pair but the default one);
+  `preferred`: JT's preferred modality (the imbalance dial adds noise to the
+  other one)."""
+  root = os.path.join(workdir, "runs", part)
+  jobs = []
+
+  def add(setting, label, method, seed, config, with_eta, attacks=("fgm", "pgd")):
+    run_dir = os.path.join(root, *([setting] if setting != "default" else []), label,
+                           f"seed{seed}")
+    jobs.append(Job(part, setting, label, seed, config, run_dir, with_eta, tuple(attacks)))
+
+  if part == "main":
+    for method, seed in itertools.product(methods, seeds):
+      add("default", method, method, seed, configured(base, method, seed),
+          method in ETA_METHODS)
+  elif part == "transformer":
+    for method, seed in itertools.product(TRANSFORMER_METHODS, seeds):
+      config = mmt_config.get_config(f"{method},{base.dataset}")
+      for field in ("num_epochs", "optimizer.decay_epochs", "data.modalities"):
+        *parents, leaf = field.split(".")
+        source, target = base, config
+        for parent in parents:
+          source, target = source[parent], target[parent]
+        with config.unlocked():
+          target[leaf] = source[leaf]
+      add("default", method, method, seed, configured(config, method, seed), False)
+  elif part == "iterations":
+    for seed in seeds:
+      add("default", "crmt_2iter", "crmt", seed, two_iterations(configured(base, "crmt", seed)),
+          True)
+  elif part == "pairs":
+    if pairs is None:
+      pairs = [pair for pair in itertools.combinations(all_modalities(base.dataset), 2)
+               if set(pair) != set(default_pair(base))]  # the main part's runs
+    for pair in pairs:
+      for method, seed in itertools.product(pair_methods, seeds):
+        add("+".join(pair), method, method, seed,
+            configured(base, method, seed, **{"data.modalities": pair}), True, ("pgd",))
+  elif part == "imbalance":
+    if preferred is None:
+      raise ValueError("imbalance: expected the preferred modality (from the main part)")
+    noisy = next(m for m in default_pair(base) if m != preferred)
+    for level, method, seed in itertools.product(noise_levels, IMBALANCE_METHODS, seeds):
+      add(f"noise{level:g}", method, method, seed,
+          configured(base, method, seed, **{"data.noise": {noisy: level}}), False)
+  else:
+    raise ValueError(f"part: expected one of {list(PARTS)}, got {part!r}")
+  # JT seed 0 (or the first seed) of each setting first: it calibrates that setting.
+  first = seeds[0]
+  return sorted(jobs, key=lambda j: (j.setting, not (j.label == "jt" and j.seed == first)))
+
+
+def calibration_for(job: Job, workdir: str, protocol: str, max_examples: int,
+                    cache: dict[str, Any]) -> dict[str, Any]:
+  """The budgets of `job`'s setting: calibrated on that setting's JT run (the
+  transformer and the imbalance dial use the default pair's, so that their
+  numbers compare with the main part's), cached in `<workdir>/budgets.json`."""
+  key = job.setting if job.part == "pairs" else "default"
+  if key not in cache:
+    jt = job.run_dir if job.label == "jt" and job.part in ("main", "pairs") else None
+    if jt is None:
+      raise ValueError(f"budgets for {key!r} are calibrated on its JT run, which must come "
+                       f"first")
+    cache[key] = calibrate(jt, protocol, max_examples)
+    files.write_json_atomic(os.path.join(workdir, BUDGETS_FILE), cache)
+  return cache[key]
+
+
+def run_jobs(jobs: Sequence[Job], workdir: str, protocol: str, max_examples: int,
+             progress: Callable[[Job], None] | None = None) -> list[dict[str, Any]]:
+  """Trains and evaluates `jobs` in order; each setting's JT run is trained
+  first and calibrates that setting's budgets."""
+  path = os.path.join(workdir, BUDGETS_FILE)
+  cache: dict[str, Any] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      cache = json.load(f)
+  results = []
+  for job in jobs:
+    if job.label == "jt" and job.part in ("main", "pairs"):
+      loop.train_and_evaluate(job.config, job.run_dir)  # resumes, or returns when done
+    calibration = calibration_for(job, workdir, protocol, max_examples, cache)
+    settings = evaluation_settings(protocol, calibration, max_examples,
+                                   with_eta=job.with_eta, attacks=job.attacks)
+    result = train_and_evaluate_run(job.config, job.run_dir, settings, label=job.label)
+    results.append(dict(result, part=job.part, setting=job.setting))
+    if progress is not None:
+      progress(job)
+  return results
+
+
+def pgd_points(run: Mapping[str, Any], budgets: Mapping[str, claims_lib.Budgets]
+               ) -> dict[str, float]:
+  """`{"pgd/<scope>@<eps>": accuracy}` of a run's PGD curves at `budgets`."""
   out = {}
-  for name, columns in (("Table 1", table1), ("Table 2", table2)):
-    rows = [["method"] + columns]
-    for method in TABLE1_METHODS + ABLATION_METHODS:
-      if method in summary and [method] not in [row[:1] for row in rows]:
-        rows.append([method] + [_cell(summary[method]["headline"][c]) for c in columns])
-    out[name] = rows
+  for budget in budgets.values():
+    for scope, eps in [(MULTI, budget.multi), *budget.uni.items()]:
+      curve = run["curves"]["pgd"][scope]
+      out[f"pgd/{scope}@{eps:g}"] = curve["accuracy"][
+          [float(e) for e in curve["eps"]].index(float(eps))]
   return out
 
 
-def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-  lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-  lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-  return "\n".join(lines) + "\n"
+def protocol_check(run: Mapping[str, Any], run_dir: str,
+                   budgets: Mapping[str, claims_lib.Budgets], max_examples: int
+                   ) -> dict[str, list[float]]:
+  """The PGD accuracies of `run` (evaluated with a cheaper protocol) at
+  `budgets` against those of the `default` protocol (50 steps x 5 restarts,
+  both losses) on the same model: `{"pgd/<scope>@<eps>": [cheap, default]}`."""
+  multi = sorted({b.multi for b in budgets.values()})
+  modalities = sorted(next(iter(budgets.values())).uni)
+  uni = {m: sorted({b.uni[m] for b in budgets.values()}) for m in modalities}
+  suite = _suite({"protocol": "default", "max_examples": max_examples}, "test",
+                 multi_eps=tuple(multi), uni_eps=(), uni_extra_eps=uni, attacks=("pgd",),
+                 missing_fills=())
+  _, model, variables, splits = loop.restore_run(run_dir)
+  built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
+  default = pgd_points(built["robustness"].run(variables), budgets)
+  cheap = pgd_points(run, budgets)
+  return {key: [cheap[key], default[key]] for key in default}
 
 
-def _curve(summary, method: str, kind: str, scope: str) -> tuple[list, list]:
-  curve = summary[method]["curves"][kind][scope]
-  return curve["eps"], curve["accuracy"]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `reproduce` runs (see `part_jobs` for the fields shared with it)."""
+
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+  parts: tuple[str, ...] = PARTS
+  methods: tuple[str, ...] = MAIN_METHODS
+  protocol: str = "quick"
+  max_examples: int = 0
+  pairs: tuple[tuple[str, str], ...] | None = None
+  pair_methods: tuple[str, ...] = PAIR_METHODS
+  noise_levels: tuple[float, ...] = NOISE_LEVELS
 
 
-def figures(summary: Mapping[str, Any], results: Mapping[str, Sequence[Mapping[str, Any]]],
-            modalities: Sequence[str], outdir: str) -> dict[str, str]:
-  """The PNG figures (Fig. 1 per modality, Fig. 3 per method, Fig. 4, Fig. 5)."""
-  paths = {}
-  for m in modalities:
-    curves = {method: _curve(summary, method, "pgd", m) for method in summary}
-    paths[f"fig1_{m}"] = plots.plot_robust_accuracy(
-        curves, os.path.join(outdir, f"fig1_pgd_{m}.png"),
-        title=f"uni-modal l2-PGD on {m} (mean of {len(results['jt'])} seeds)"
-        if "jt" in results else f"uni-modal l2-PGD on {m}")
-  pair = [method for method in ("jt", "crmt") if method in summary]
-  if pair:
-    curves = {f"{method} (attack on {m})": _curve(summary, method, "pgd", m)
-              for method in pair for m in modalities}
-    paths["fig4"] = plots.plot_robust_accuracy(
-        curves, os.path.join(outdir, "fig4_uni_modal_jt_crmt.png"),
-        title="attacks on each modality: JT vs CRMT")
-  ablation = [method for method in ABLATION_METHODS if method in summary]
-  if ablation:
-    paths["fig5"] = plots.plot_robust_accuracy(
-        {method: _curve(summary, method, "pgd", MULTI) for method in ablation},
-        os.path.join(outdir, "fig5_ablation.png"), title="ablation: multi-modal l2-PGD")
-  for method, runs in results.items():
-    if "eta_ratio" in runs[0]:
-      eta = runs[0]["eta_ratio"]
-      paths[f"fig3_{method}"] = plots.plot_eta_ratio_heatmap(
-          np.asarray([[np.nan if v is None else v for v in row] for row in eta["matrix"]]),
-          os.path.join(outdir, f"fig3_eta_{method}.png"), numerator=eta["numerator"],
-          denominator=eta["denominator"], title=f"{method} (seed {runs[0]['seed']})")
-  return paths
+def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
+              progress: Callable[[Job], None] | None = None,
+              on_part: Callable[[str, int], None] | None = None
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Runs `plan`'s parts in order (main first: it calibrates the default
+  budgets and names JT's preferred modality), then the protocol check.
 
-
-def report_markdown(dataset: str, summary, table_rows, claim_rows, paths, meta) -> str:
-  """The report: settings, Tables 1-2, the claims and the figures."""
-  lines = [f"# CRMT experiments on {dataset}", "",
-           f"Seeds {meta['seeds']}; PGD protocol `{meta['protocol']}`; multi-modal radii "
-           f"{meta['multi_eps']}, uni-modal radii {meta['uni_eps']}; {meta['num_examples']} "
-           f"test examples; chance {meta['chance']:.3f}. Cells: mean ± sample std over "
-           f"seeds. On {meta['device']}: training {meta['training_seconds'] / 60:.1f} min and "
-           f"evaluation {meta['evaluation_seconds'] / 60:.1f} min summed over the runs "
-           f"(whenever each ran), this invocation {meta['wall_seconds'] / 60:.1f} min.", ""]
-  if meta.get("protocol_check"):
-    lines += [meta["protocol_check"], ""]
-    rows = [["method", "point", f"`{meta['protocol']}`", "`default`"]]
-    rows += [[method, point, f"{cheap:.3f}", f"{default:.3f}"]
-             for method, points in meta.get("protocol_check_points", {}).items()
-             for point, (cheap, default) in points.items()]
-    lines += [markdown_table(rows)] if len(rows) > 1 else []
-  for name, rows in table_rows.items():
-    lines += [f"## {name}", "", markdown_table(rows)]
-  lines += ["## The paper's claims", "", claims_lib.markdown(claim_rows), "## Figures", ""]
-  lines += [f"- {key}: `{os.path.basename(path)}`" for key, path in paths.items()]
-  return "\n".join(lines) + "\n"
-
-
-def write_report(results: Mapping[str, Sequence[Mapping[str, Any]]], modalities: Sequence[str],
-                 outdir: str, meta: Mapping[str, Any]) -> dict[str, Any]:
-  """Aggregates the runs and writes report.{md,json} and the figures into `outdir`."""
-  os.makedirs(outdir, exist_ok=True)
-  summary = aggregate(results)
-  table_rows = tables(summary, modalities)
-  claim_rows = claims_lib.evaluate_claims(results, modalities, chance=meta["chance"])
-  paths = figures(summary, results, modalities, outdir)
-  report = {"meta": dict(meta), "summary": summary, "claims": claim_rows,
-            "figures": {k: os.path.basename(v) for k, v in paths.items()}}
-  files.write_json_atomic(os.path.join(outdir, "report.json"), report)
-  files.write_text_atomic(os.path.join(outdir, "report.md"),
-                          report_markdown(meta["dataset"], summary, table_rows, claim_rows,
-                                          paths, meta))
-  return report
+  Returns:
+    (every run's results, the report's meta: budgets, protocol check, ...).
+  """
+  unknown = sorted(set(plan.parts) - set(PARTS))
+  if unknown or "main" not in plan.parts:
+    raise ValueError(f"parts: expected 'main' and others among {list(PARTS)}, got "
+                     f"{list(plan.parts)}")
+  if len(plan.seeds) < 2:
+    raise ValueError(f"seeds: expected >= 2 seeds for paired intervals, got {list(plan.seeds)}")
+  modalities = default_pair(base)
+  results: list[dict[str, Any]] = []
+  preferred = None
+  for part in plan.parts:
+    if part == "pairs" and len(all_modalities(base.dataset)) < 3:
+      continue
+    jobs = part_jobs(part, base, workdir, plan.seeds, methods=plan.methods, preferred=preferred,
+                     pairs=plan.pairs, pair_methods=plan.pair_methods,
+                     noise_levels=plan.noise_levels)
+    if on_part is not None:
+      on_part(part, len(jobs))
+    done = run_jobs(jobs, workdir, plan.protocol, plan.max_examples, progress)
+    results += done
+    if part == "main":
+      preferred = claims_lib.preferred_modality(
+          [r for r in done if r["method"] == "jt"], modalities)
+  with open(os.path.join(workdir, BUDGETS_FILE)) as f:
+    calibration = json.load(f)
+  first = results[0]
+  meta = {"dataset": base.dataset, "seeds": list(plan.seeds), "protocol": plan.protocol,
+          "parts": list(plan.parts), "num_examples": first["num_examples"],
+          "chance": 1.0 / first["num_classes"], "calibration": calibration,
+          "noisy_modality": next(m for m in modalities if m != preferred)}
+  if plan.protocol != "default":
+    budgets = budgets_of(calibration["default"], modalities)
+    points = {}
+    for job_result in results:
+      if (job_result["part"] == "main" and job_result["seed"] == plan.seeds[0]
+          and job_result["method"] in ("jt", "crmt")):
+        run_dir = os.path.join(workdir, "runs", "main", job_result["method"],
+                               f"seed{plan.seeds[0]}")
+        points[job_result["method"]] = protocol_check(job_result, run_dir, budgets,
+                                                      plan.max_examples)
+    if points:
+      meta["protocol_check"] = claims_lib.protocol_agreement(points, plan.protocol)
+      meta["protocol_check_points"] = points
+  return results, meta
 
 
 def device_description() -> str:
@@ -263,15 +466,3 @@ def device_description() -> str:
   if device.platform == "cpu":
     return f"CPU ({os.cpu_count()} cores, jax {jax.__version__})"
   return f"{jax.device_count()} x {device.device_kind} (jax {jax.__version__})"
-
-
-def parse_radii(values: Sequence[str], name: str, must_have: float) -> list[float]:
-  """Sorted distinct radii from strings; ValueError naming `name` unless all are
-  positive numbers and `must_have` (the paper's budget) is among them."""
-  try:
-    out = sorted({float(v) for v in values})
-  except ValueError as error:
-    raise ValueError(f"{name}: expected comma-separated numbers, got {values}") from error
-  if must_have not in out or out[0] <= 0:
-    raise ValueError(f"{name}: expected positive radii including {must_have}, got {out}")
-  return out

@@ -112,6 +112,36 @@ def test_mfeat_modality_selection(wheel):
   np.testing.assert_array_equal(ds.labels, default.labels)
 
 
+def test_noise_dial_keeps_unit_variance_and_lowers_the_signal_share(mfeat_all):
+  """`noise={m: sigma}`: model space x' = (x + sigma z) / sqrt(1 + sigma^2), so
+  the correlation with the clean features is 1 / sqrt(1 + sigma^2); the stats
+  map raw values with the noise back to x'; the draw is fixed; other
+  modalities are untouched."""
+  clean = mfeat_all["train"]
+  noisy = load_embedded("mfeat", "train", modalities=mfeat.MFEAT_VIEWS, noise={"fou": 2.0})
+  x, y = clean.inputs["fou"], noisy.inputs["fou"]
+  assert y.std() == pytest.approx(x.std(), rel=0.03)
+  correlation = np.corrcoef(x.ravel(), y.ravel())[0, 1]
+  assert correlation == pytest.approx(1 / np.sqrt(5), abs=0.01)
+  raw = clean.stats["fou"].denormalize(x)
+  noise = y * np.sqrt(5) - x  # sigma z
+  np.testing.assert_allclose(noisy.stats["fou"].normalize(raw + noise * clean.stats["fou"].std),
+                             y, atol=1e-4)
+  np.testing.assert_array_equal(noisy.inputs["pix"], clean.inputs["pix"])
+  again = load_embedded("mfeat", "train", modalities=mfeat.MFEAT_VIEWS, noise={"fou": 2.0})
+  np.testing.assert_array_equal(again.inputs["fou"], y)
+  test = load_embedded("mfeat", "test", modalities=mfeat.MFEAT_VIEWS, noise={"fou": 2.0})
+  assert not np.allclose(test.inputs["fou"], mfeat_all["test"].inputs["fou"])
+  np.testing.assert_array_equal(
+      load_embedded("mfeat", "test", noise={"fou": 0.0}).inputs["fou"],
+      load_embedded("mfeat", "test").inputs["fou"])
+  with pytest.raises(ValueError, match=r"noise: expected modalities among \['fou', 'pix'\], "
+                                       r"got \['zer'\]"):
+    load_embedded("mfeat", "test", noise={"zer": 1.0})
+  with pytest.raises(ValueError, match=r"noise\['fou'\]: expected a finite strength >= 0"):
+    load_embedded("mfeat", "test", noise={"fou": -1.0})
+
+
 def test_bad_names_raise_naming_the_value_and_the_choices(wheel):
   with pytest.raises(ValueError, match="'mnist'") as err:
     load_embedded("mnist", "train")

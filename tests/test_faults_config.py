@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from experiments.configs import clips, embedded, evals, mmt_av_digits
+from experiments.configs import clips, embedded, evals, mmt
 from mmsafe.data import av_digits, av_digits_audio, cache, mfeat
 from mmsafe.data.embedded import load_embedded
 from mmsafe.train import experiment
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = {
     "embedded": (embedded, "experiments/configs/embedded.py"),
     "clips": (clips, "experiments/configs/clips.py"),
-    "mmt_av_digits": (mmt_av_digits, "experiments/configs/mmt_av_digits.py"),
+    "mmt": (mmt, "experiments/configs/mmt.py"),
     "evals": (evals, "experiments/configs/evals.py:robustness,certify,sweep"),
 }
 # A command-line value for a field of each type.
@@ -60,7 +60,7 @@ def test_every_none_default_field_is_overridable(name):
   module, flag_file = CONFIG_FILES[name]
   config = module.get_config(flag_file.partition(":")[2] or None)
   paths = list(none_fields(config))
-  if name in ("embedded", "clips", "mmt_av_digits"):
+  if name in ("embedded", "clips", "mmt"):
     assert paths, "the training configs have None defaults to check"
   for path in paths:
     *parents, key = path.split(".")

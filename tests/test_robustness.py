@@ -47,19 +47,22 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
                          random_start=False)
   config = robustness.SuiteConfig(
       protocol=protocol, multi_eps=(0.25, 1.0, 2.0), uni_eps=(0.5, 2.0), uni_modalities=("a",),
+      uni_extra_eps={"a": (1.5,)},
       missing_fills=("zeros", "mean"), decoupling_fractions=(0.05, 0.2),
-      decoupling={"rounds": 2, "steps_per_round": 3, "max_change": 2.0}, batch_size=64)
+      decoupling={"rounds": 2, "steps_per_round": 3, "max_change": 2.0}, batch_size=64,
+      per_example=True)
   calls = []
   means = {m: x.mean(0) for m, x in inputs.items()}
   results = robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config,
                                            fill_means=means, progress=calls.append)
-  assert sum(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 21
+  assert sum(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 23
   clean = results["clean_accuracy"]
   assert results["num_examples"] == N and clean == pytest.approx(0.9)
   # The paper budgets are added to the grids; the headline reads them.
   curves = results["curves"]
   assert curves["pgd"]["multi"]["eps"] == [0.25, 0.5, 1.0, 2.0]
-  assert curves["pgd"]["a"]["eps"] == [0.5, 1.0, 2.0] and "b" not in curves["pgd"]
+  # uni_extra_eps adds 1.5 to the grid of "a" alone.
+  assert curves["pgd"]["a"]["eps"] == [0.5, 1.0, 1.5, 2.0] and "b" not in curves["pgd"]
   headline = results["headline"]
   assert set(headline) == {"clean", "fgm/multi@0.5", "pgd/multi@0.5", "fgm/a@1.0", "pgd/a@1.0",
                            "missing/a", "missing/b"}
@@ -81,6 +84,21 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   direct = np.mean(np.asarray(jnp.argmax(apply_fn(variables, dropped), -1)) == labels)
   assert results["missing"]["a"]["zeros"] == pytest.approx(direct)
   assert set(results["missing"]["b"]) == {"zeros", "mean"}
+  # Per-example flags: the same numbers, example by example.
+  flags = results["per_example"]
+  decode = lambda text: robustness.decode_flags(text, N)
+  correct = decode(flags["clean"])
+  np.testing.assert_array_equal(correct, np.asarray(jnp.argmax(apply_fn(variables, inputs), -1))
+                                == labels)
+  np.testing.assert_array_equal(decode(flags["missing"]["a"]["zeros"]), np.asarray(
+      jnp.argmax(apply_fn(variables, dropped), -1)) == labels)
+  for kind in ("fgm", "pgd"):
+    for scope, curve in curves[kind].items():
+      robust = np.stack([decode(text) for text in flags[kind][scope]])
+      assert robust.mean(1).tolist() == pytest.approx(curve["accuracy"])
+      assert not (robust & ~correct).any()  # robust implies clean-correct
+  with pytest.raises(ValueError, match="flags: expected 13 bytes for 100 examples, got 2"):
+    robustness.decode_flags("ffff", N)
   # Decoupling: ASR in [0, 1], non-decreasing in the budget, budgets respected.
   dec = results["decoupling"]["multi"]
   assert dec["num_entries"] == 18 and dec["count"] == [0, 3]
@@ -258,6 +276,8 @@ def test_suite_rejects_bad_configs():
       (robustness.SuiteConfig(decoupling_scopes=("all",)), r"decoupling_scopes: expected"),
       (robustness.SuiteConfig(multi_eps=(-1.0,)), r"multi_eps: expected finite values >= 0"),
       (robustness.SuiteConfig(protocol="strongest"), r"protocol: expected one of"),
+      (robustness.SuiteConfig(uni_extra_eps={"c": (1.0,)}),
+       r"uni_extra_eps: expected modalities among \['a', 'b'\], got \['c'\]"),
       (robustness.SuiteConfig(missing_fills=("mean",)), r"fill_means: expected a mean"),
   ]
   for config, message in cases:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import mmt_av_digits
+from experiments.configs import mmt
 from mmsafe import certify, methods, models
 from mmsafe.models import transformer
 from mmsafe.models.heads import is_stiefel_leaf
@@ -165,10 +165,10 @@ def test_crmt_step1_gradient_step_keeps_w_tilde_orthonormal():
 
 
 def test_config_builds_the_transformer_through_the_training_loop():
-  config = mmt_av_digits.get_config("crmt_step1,runlocal")
+  config = mmt.get_config("crmt_step1,runlocal")
   assert config.method == "crmt_step1" and config.dataset == "av_digits"
   assert config.model.architecture == "transformer"
-  assert mmt_av_digits.get_config("jt").method == "jt"
+  assert mmt.get_config("jt").method == "jt"
   shapes = {"audio": (100, 40, 1), "visual": (16, 15, 1)}
   train = types.SimpleNamespace(inputs=dict.fromkeys(shapes), num_classes=10,
                                 modality_shapes=shapes)
@@ -184,7 +184,7 @@ def test_config_builds_the_transformer_through_the_training_loop():
   out = jax.eval_shape(model.apply, variables, x)
   assert out.features["audio"].shape == (2, 64) and out.logits.shape == (2, 10)
   with pytest.raises(ValueError, match="config arg"):
-    mmt_av_digits.get_config("crmt")
+    mmt.get_config("crmt")
 
 
 @pytest.mark.parametrize("field, value, message", [

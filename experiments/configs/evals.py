@@ -38,7 +38,10 @@ _SUITE = dict(
     box=False, batch_size=256, max_examples=0, fill_examples=0, seed=0, defence="none",
     # PGD does not attack an example at an eps below its sound certified radius
     # (it cannot be broken there: same numbers, less work).
-    skip_certified=True)
+    skip_certified=True,
+    # Which examples each measurement finds correct / robust, for statistics over
+    # test examples (experiments.reproduce).
+    per_example=False)
 
 
 def _suite(**changes) -> dict:

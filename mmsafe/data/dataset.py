@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+import zlib
 
 import numpy as np
 
@@ -139,6 +140,39 @@ def standardized_dataset(name: str, split: str, raw: Mapping[str, np.ndarray],
                  labels=np.asarray(labels, np.int32), num_classes=NUM_CLASSES, stats=stats,
                  value_range={m: value_range[m] for m in raw if m in value_range},
                  meta=dict(meta))
+
+
+def with_noise(dataset: Dataset, noise: Mapping[str, float]) -> Dataset:
+  """`dataset` with modality m made less informative by noise of strength
+  `noise[m]` (a controlled modality imbalance).
+
+  In raw units, every feature gets independent Gaussian noise with
+  `noise[m]` times its train standard deviation; the result is standardised
+  again, so in model space `x' = (x + sigma z) / sqrt(1 + sigma^2)` with
+  `z ~ N(0, I)` (unit variance per feature as before; the signal's share of
+  it falls to `1 / (1 + sigma^2)`). The draw is fixed per (dataset, split,
+  modality, example position), so every method and seed sees the same data.
+  The modality's raw value range no longer holds and is dropped.
+  """
+  noise = dict(noise)
+  unknown = sorted(set(noise) - set(dataset.inputs))
+  if unknown:
+    raise ValueError(f"noise: expected modalities among {sorted(dataset.inputs)}, got "
+                     f"{unknown}")
+  inputs, stats = dict(dataset.inputs), dict(dataset.stats)
+  value_range = dict(dataset.value_range)
+  for m, sigma in sorted(noise.items()):
+    if not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma >= 0):
+      raise ValueError(f"noise[{m!r}]: expected a finite strength >= 0, got {sigma!r}")
+    if sigma == 0:
+      continue
+    rng = np.random.default_rng(zlib.crc32(f"{dataset.name}/{dataset.split}/{m}".encode()))
+    scale = float(np.sqrt(1.0 + sigma ** 2))
+    z = rng.standard_normal(inputs[m].shape).astype(np.float32)
+    inputs[m] = ((inputs[m] + sigma * z) / scale).astype(np.float32)
+    stats[m] = Standardization(stats[m].mean, (stats[m].std * scale).astype(np.float32))
+    value_range.pop(m, None)
+  return dataclasses.replace(dataset, inputs=inputs, stats=stats, value_range=value_range)
 
 
 def check_split(split: str) -> None:

@@ -14,11 +14,11 @@ Every split is standardised with train statistics; the caches live in
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mmsafe.data.av_digits import load_av_digits
-from mmsafe.data.dataset import Dataset, check_split
+from mmsafe.data.dataset import Dataset, check_split, with_noise
 from mmsafe.data.mfeat import load_mfeat
 
 EMBEDDED_DATASETS: tuple[str, ...] = ("mfeat", "av_digits", "av_digits_8x8")
@@ -27,7 +27,7 @@ _AV_OPTIONS = frozenset({"num_voices", "test_images_per_clip", "build", "sounds_
 
 def load_embedded(name: str, split: str, *, modalities: str | Sequence[str] | None = None,
                   data_dir: str | os.PathLike | None = None, seed: int = 0,
-                  **options: Any) -> Dataset:
+                  noise: Mapping[str, float] | None = None, **options: Any) -> Dataset:
   """Loads split `split` ("train", "validation", "test") of embedded dataset `name`.
 
   Args:
@@ -38,6 +38,8 @@ def load_embedded(name: str, split: str, *, modalities: str | Sequence[str] | No
       kar, zer, mor -- default ("pix", "fou"); av_digits: audio, visual).
     data_dir: cache directory (default `$MMSAFE_DATA_DIR` or ~/.cache/mmsafe).
     seed: seeds the split (mfeat) / image split and pairing (av_digits).
+    noise: optional modality -> noise strength (`dataset.with_noise`): a
+      controlled imbalance, the same draw for every run.
     **options: av_digits only: `num_voices`, `test_images_per_clip`, `build`,
       `sounds_dir` (see `load_av_digits`).
 
@@ -50,11 +52,13 @@ def load_embedded(name: str, split: str, *, modalities: str | Sequence[str] | No
   if name == "mfeat":
     if options:
       raise TypeError(f"load_embedded: mfeat takes no options, got {sorted(options)}")
-    return load_mfeat(split, modalities=modalities, data_dir=data_dir, seed=seed)
-  unknown = sorted(set(options) - _AV_OPTIONS)
-  if unknown:
-    raise TypeError(f"load_embedded: unknown {name} options {unknown}; valid: "
-                    f"{sorted(_AV_OPTIONS)}")
-  visual = "mfeat" if name == "av_digits" else "sklearn"
-  return load_av_digits(split, visual=visual, modalities=modalities, data_dir=data_dir,
-                        seed=seed, **options)
+    dataset = load_mfeat(split, modalities=modalities, data_dir=data_dir, seed=seed)
+  else:
+    unknown = sorted(set(options) - _AV_OPTIONS)
+    if unknown:
+      raise TypeError(f"load_embedded: unknown {name} options {unknown}; valid: "
+                      f"{sorted(_AV_OPTIONS)}")
+    visual = "mfeat" if name == "av_digits" else "sklearn"
+    dataset = load_av_digits(split, visual=visual, modalities=modalities, data_dir=data_dir,
+                             seed=seed, **options)
+  return with_noise(dataset, noise) if noise else dataset

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 import numpy as np
 
 Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+_TAB20 = colormaps["tab20"]
 
 
 def _save_figure(path: Any, draw: Callable[[Figure, Axes], None], *,
@@ -131,9 +133,22 @@ def plot_eta_ratio_heatmap(ratio, path, *, numerator, denominator, class_names=N
                       legend=None)
 
 
+def distinct_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """Matplotlib line styles that tell up to 20 curves apart: a colour of "tab20"
+  each, with the line style and marker cycling too (so that no two curves
+  share colour and style even when printed in grey)."""
+  colours = [f"C{i}" for i in range(10)] if len(names) <= 10 else [
+      _TAB20(i / 20) for i in range(20)]
+  dashes, markers = ("-", "--", "-.", ":"), ("o", "s", "^", "D", "v")
+  return {name: {"color": colours[i % len(colours)], "linestyle": dashes[i % len(dashes)],
+                 "marker": markers[i % len(markers)]} for i, name in enumerate(names)}
+
+
 def plot_robust_accuracy(curves: Curves, path, *, clean_accuracy=None, title=None,
                          xlabel="l2 attack size eps (normalised space)",
-                         ylabel="robust accuracy") -> Any:
+                         ylabel="robust accuracy",
+                         styles: Mapping[str, Mapping[str, Any]] | None = None,
+                         bands: Curves | None = None, log_x: bool = False) -> Any:
   """Robust accuracy versus attack size, one line per attacked scope (CRMT Fig. 1/4:
   e.g. "multi", and one line per modality for uni-modal attacks).
 
@@ -141,6 +156,10 @@ def plot_robust_accuracy(curves: Curves, path, *, clean_accuracy=None, title=Non
     curves: name -> (eps [T], accuracy [T]).
     path: the PNG file to write (a file name or a binary file).
     clean_accuracy: drawn as the eps = 0 point of every curve when given.
+    styles: optional name -> matplotlib line keyword arguments (`distinct_styles`).
+    bands: optional name -> (low [T], high [T]) shaded around that curve (e.g.
+      the spread over seeds), in the curve's colour.
+    log_x: a logarithmic eps axis (for grids that double).
   Returns:
     `path`.
   """
@@ -148,10 +167,87 @@ def plot_robust_accuracy(curves: Curves, path, *, clean_accuracy=None, title=Non
     if clean_accuracy is not None:
       eps = np.concatenate([[0.0], eps])
       accuracy = np.concatenate([[clean_accuracy], accuracy])
-    ax.plot(eps, accuracy, marker="o", markersize=3, label=name)
+    style = {"marker": "o", **dict((styles or {}).get(name, {}))}
+    (line,) = ax.plot(eps, accuracy, markersize=3, label=name, **style)
+    if bands and name in bands:
+      low, high = (np.asarray(v, float) for v in bands[name])
+      ax.fill_between(eps[-len(low):], low, high, color=line.get_color(), alpha=0.15,
+                      linewidth=0)
+    if log_x:
+      ax.set_xscale("log", base=2)
 
   return _line_figure(curves, path, "plot_robust_accuracy", ("eps", "accuracy"), draw_line,
-                      xlabel=xlabel, ylabel=ylabel, title=title, legend={})
+                      xlabel=xlabel, ylabel=ylabel, title=title, xmin=None if log_x else 0.0,
+                      legend={"fontsize": "small" if len(curves) > 5 else None})
+
+
+def plot_eta_ratio_heatmaps(ratios: Mapping[str, Any], path, *, numerator: str,
+                            denominator: str, limit: float | None = None,
+                            title: str | None = None) -> Any:
+  """CRMT Fig. 3 for several models side by side on ONE colour scale: log10 of
+  `eta^(numerator) / eta^(denominator)` over class pairs (row y, column k),
+  diverging around 0 (balanced), limits +-`limit` (default: the largest
+  |log10 ratio| of all panels), so that colours compare across models.
+
+  Args:
+    ratios: model name -> [K, K] ratio (NaN cells left blank).
+    path: the PNG file to write.
+  Returns:
+    `path`.
+  """
+  if not ratios:
+    raise ValueError("plot_eta_ratio_heatmaps: expected at least one model")
+  shown = {}
+  for name, ratio in ratios.items():
+    ratio = np.asarray(ratio, float)
+    if ratio.ndim != 2 or ratio.shape[0] != ratio.shape[1]:
+      raise ValueError(f"plot_eta_ratio_heatmaps: expected a [K, K] ratio for {name!r}, got "
+                       f"{ratio.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+      shown[name] = np.where(ratio > 0, np.log10(ratio), np.nan)
+  finite = np.concatenate([v[np.isfinite(v)] for v in shown.values()] + [np.zeros(1)])
+  limit = float(limit if limit is not None else max(np.abs(finite).max(), 1e-3))
+  fig = Figure(figsize=(3.2 * len(shown) + 1.2, 3.6))
+  axes = np.atleast_1d(fig.subplots(1, len(shown)))
+  for ax, (name, values) in zip(axes, shown.items()):
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_title(f"{name}: mean |log10| {np.nanmean(np.abs(values)):.2f}", fontsize="small")
+    ax.set_xlabel("other class k")
+  axes[0].set_ylabel("true class y")
+  fig.colorbar(image, ax=list(axes), label=f"log10 eta^({numerator}) / eta^({denominator})")
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=120, format="png")
+  return path
+
+
+def plot_points(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
+                xlabel: str, ylabel: str, title: str | None = None,
+                errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                lines: bool = False, zero_lines: bool = True) -> Any:
+  """Points (x, y) per series, e.g. a scatter of eta ratio against attack gap,
+  or a measured effect against a dialled setting (`lines`), with optional
+  vertical intervals `errors` (name -> (low [T], high [T]))."""
+  checked = list(_checked_curves(series, "plot_points", "x", "y"))
+  styles = distinct_styles([name for name, _, _ in checked])
+
+  def draw(fig, ax):
+    del fig
+    for name, x, y in checked:
+      style = dict(styles[name], linestyle=styles[name]["linestyle"] if lines else "none")
+      if errors and name in errors:
+        low, high = (np.asarray(v, float) for v in errors[name])
+        ax.errorbar(x, y, yerr=[y - low, high - y], capsize=3, label=name, markersize=4,
+                    **style)
+      else:
+        ax.plot(x, y, label=name, markersize=4, alpha=0.8, **style)
+    if zero_lines:
+      ax.axhline(0, color="grey", linewidth=0.8)
+      if not lines:
+        ax.axvline(0, color="grey", linewidth=0.8)
+
+  return _save_figure(path, draw, size=(5.4, 4.0), xlabel=xlabel, ylabel=ylabel, title=title,
+                      ylim=None, xmin=None, legend={"fontsize": "small"})
 
 
 def plot_decoupling_asr(curves: Curves, path, *, title=None,

@@ -79,6 +79,8 @@ class SuiteConfig:
       grids and reported as the headline numbers.
     multi_eps: eps grid of the multi-modal attacks (joint l2, normalised space).
     uni_eps: eps grid of the uni-modal attacks.
+    uni_extra_eps: optional modality -> radii added to that modality's grid
+      only (e.g. budgets calibrated per modality).
     attacks: subset of ("fgm", "pgd").
     uni_modalities: modalities attacked alone (None: each of them; () none).
     missing_fills: fills for the missing-modality evaluation ("zeros",
@@ -90,11 +92,14 @@ class SuiteConfig:
       steps_per_round, max_change, step_size, loss, random_start).
     batch_size: examples per compiled call.
     seed: base seed of the attacks' randomness.
+    per_example: also return which examples each measurement finds correct
+      or robust (`encode_flags`), for statistics over test examples.
   """
 
   protocol: str | PGDProtocol = "default"
   multi_eps: Sequence[float] = (0.125, 0.25, 0.5, 1.0)
   uni_eps: Sequence[float] = (0.25, 0.5, 1.0, 2.0)
+  uni_extra_eps: Mapping[str, Sequence[float]] | None = None
   attacks: Sequence[str] = ATTACK_KINDS
   uni_modalities: Sequence[str] | None = None
   missing_fills: Sequence[str] = ("zeros",)
@@ -103,6 +108,7 @@ class SuiteConfig:
   decoupling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   batch_size: int = 256
   seed: int = 0
+  per_example: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +127,20 @@ def eps_grid(values: Sequence[float], must_have: float, name: str) -> tuple[floa
     if not np.isfinite(v) or v < 0:
       raise ValueError(f"{name}: expected finite values >= 0, got {v}")
   return tuple(v for v in grid if v > 0)
+
+
+def encode_flags(flags: np.ndarray) -> str:
+  """bool [N] as a hex string of its packed bits (compact in JSON; `decode_flags`)."""
+  return np.packbits(np.asarray(flags, bool)).tobytes().hex()
+
+
+def decode_flags(text: str, num_examples: int) -> np.ndarray:
+  """The bool [num_examples] that `encode_flags` encoded."""
+  packed = np.frombuffer(bytes.fromhex(text), np.uint8)
+  if packed.size != -(-num_examples // 8):
+    raise ValueError(f"flags: expected {-(-num_examples // 8)} bytes for {num_examples} "
+                     f"examples, got {packed.size}")
+  return np.unpackbits(packed)[:num_examples].astype(bool)
 
 
 def balanced_batch_size(num_examples: int, batch_size: int) -> int:
@@ -305,10 +325,11 @@ class _AttackCurves(_Kind):
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
                correct: np.ndarray, progress: Progress = None, *,
                certified: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """{"curves": {kind: {scope: curve}}, "headline": {"<kind>/<scope>@<eps>": accuracy}}
-    for the clean-correct mask `correct` [N] (see `evaluate_robustness`);
-    `certified`: scope -> [N] sound certified radii (see `PGDCurves`)."""
-    curves, headline, index = {}, {}, 0
+    """{"curves": {kind: {scope: curve}}, "headline": {"<kind>/<scope>@<eps>": accuracy},
+    "per_example": {kind: {scope: [robust flags per eps]}}} for the clean-correct
+    mask `correct` [N] (see `evaluate_robustness`); `certified`: scope -> [N]
+    sound certified radii (see `PGDCurves`)."""
+    curves, headline, flags, index = {}, {}, {}, 0
     for scope, grid in self.grids.items():
       radius = None if certified is None else _checked_radius(certified, scope, len(labels))
       robust, extra = self._curve(variables, inputs, labels, correct, scope, grid, index,
@@ -317,10 +338,12 @@ class _AttackCurves(_Kind):
       curves[scope] = {"modalities": sorted(inputs) if scope == MULTI else [scope],
                        "eps": list(grid), "accuracy": [float(r.mean()) for r in robust],
                        **extra}
+      flags[scope] = [encode_flags(r) for r in robust]
       target = self.protocol.multi_eps if scope == MULTI else self.protocol.uni_eps
       if target in grid:
         headline[f"{self.kind}/{scope}@{target}"] = curves[scope]["accuracy"][grid.index(target)]
-    return {"curves": {self.kind: curves}, "headline": headline}
+    return {"curves": {self.kind: curves}, "headline": headline,
+            "per_example": {self.kind: flags}}
 
 
 class FGMCurves(_AttackCurves):
@@ -454,16 +477,18 @@ class MissingModality(_Kind):
 
   def __call__(self, variables: Any, inputs: Mapping[str, np.ndarray], labels: np.ndarray,
                correct: np.ndarray | None = None, progress: Progress = None) -> dict[str, Any]:
-    """{"missing": {modality: {fill: accuracy}}, "headline": {"missing/<m>": accuracy}}."""
+    """{"missing": {modality: {fill: accuracy}}, "headline": {"missing/<m>": accuracy},
+    "per_example": {"missing": {modality: {fill: correct flags}}}}."""
     del correct  # accuracy without a modality is not conditioned on the clean result
-    missing, headline = {}, {}
+    missing, headline, flags = {}, {}, {}
     for index, task in enumerate(self.tasks):
       fn = functools.partial(self._fn, modality=task.scope, fill=task.value)
       wrong, _ = self._run(fn, index, variables, inputs, labels, jnp.float32(0.0), progress)
       missing.setdefault(task.scope, {})[task.value] = float((~wrong).mean())
+      flags.setdefault(task.scope, {})[task.value] = encode_flags(~wrong)
       if task.value == self.fills[0]:
         headline[f"missing/{task.scope}"] = missing[task.scope][task.value]
-    return {"missing": missing, "headline": headline}
+    return {"missing": missing, "headline": headline, "per_example": {"missing": flags}}
 
 
 class DecouplingCurves(_Kind):
@@ -551,7 +576,12 @@ def suite(apply_fn: ApplyFn | None, config: SuiteConfig,
   if config.uni_modalities is None or tuple(config.uni_modalities):
     uni = checks.select_modalities(config.uni_modalities, modalities, field="uni_modalities")
   grids = {MULTI: eps_grid(config.multi_eps, protocol.multi_eps, "multi_eps")}
-  grids.update({m: eps_grid(config.uni_eps, protocol.uni_eps, "uni_eps") for m in uni})
+  extra = dict(config.uni_extra_eps or {})
+  unknown = sorted(set(extra) - set(modalities))
+  if unknown:
+    raise ValueError(f"uni_extra_eps: expected modalities among {modalities}, got {unknown}")
+  grids.update({m: eps_grid(tuple(config.uni_eps) + tuple(extra.get(m, ())), protocol.uni_eps,
+                            "uni_eps") for m in uni})
   shared = {"batch_size": config.batch_size, "seed": config.seed}
   parts: list[_Kind] = [CleanAccuracy(apply_fn, **shared)]
   parts += [ATTACK_CURVES[kind](apply_fn, grids, protocol=protocol, bounds=bounds, **shared)
@@ -595,6 +625,8 @@ def suite_settings(config: SuiteConfig, num_examples: int,
   protocol = get_protocol(config.protocol)
   return {"multi_eps": list(eps_grid(config.multi_eps, protocol.multi_eps, "multi_eps")),
           "uni_eps": list(eps_grid(config.uni_eps, protocol.uni_eps, "uni_eps")),
+          "uni_extra_eps": {m: sorted(float(e) for e in v)
+                            for m, v in dict(config.uni_extra_eps or {}).items()},
           "attacks": list(config.attacks), "missing_fills": list(config.missing_fills),
           "decoupling_fractions": sorted(float(f) for f in config.decoupling_fractions),
           "decoupling_scopes": list(config.decoupling_scopes),
@@ -644,6 +676,10 @@ def evaluate_robustness(apply_fn: ApplyFn, variables: Any, inputs: Mapping[str, 
       "accuracy", "mean_norm"; PGD also "num_certified"}}}), "missing" ({m: {fill:
       accuracy}}) and "decoupling" ({scope: {"fraction", "count",
       "num_entries", "asr", "asr_raw", "accuracy", "mean_fraction_changed"}}).
+      With `config.per_example`, also "per_example": which examples are correct
+      clean ("clean"), robust at each eps ({kind: {scope: [flags per eps]}}) and
+      correct without each modality ({"missing": {m: {fill: flags}}}), each a
+      bool [N] as `encode_flags` writes it.
   """
   labels = np.asarray(labels)
   _check_split(inputs, labels)
@@ -674,11 +710,14 @@ def run_suite(parts: Sequence[_Kind], config: SuiteConfig, variables: Any,
       "num_non_finite": int(non_finite.sum()),
       "protocol": get_protocol(config.protocol).to_dict(),
       "config": suite_settings(config, n, bounds), "curves": {}, "missing": {},
-      "decoupling": {}, "headline": {"clean": float(correct.mean())}}
+      "decoupling": {}, "headline": {"clean": float(correct.mean())},
+      "per_example": {"clean": encode_flags(correct)}}
   for part in others:
     skip = {"certified": certified} if isinstance(part, PGDCurves) else {}
     for key, section in part(variables, inputs, labels, correct, progress, **skip).items():
       results[key].update(section)
+  if not config.per_example:
+    del results["per_example"]
   return results
 
 

@@ -183,13 +183,15 @@ def prepare_step2(model, variables, dataset, config: Mapping | None = None, *,
 
 
 class PrepareStep2(Callback):
-  """Computes step 2's constants (`prepare_step2`) when the stage "step2" starts."""
+  """Computes step 2's constants (`prepare_step2`) when a step-2 stage starts:
+  "step2", or "step2_<suffix>" (a further iteration of the two steps listed in
+  `config.stages`, whose encoders moved since the last one)."""
 
   def __init__(self, default_lipschitz: str = "empirical"):
     self.default_lipschitz = default_lipschitz
 
   def on_stage_start(self, stage: str, context: CallbackContext) -> dict:
-    if stage != STEP2.name:
+    if stage != STEP2.name and not stage.startswith(f"{STEP2.name}_"):
       return {}
     return prepare_step2(context.model, context.variables, context.splits["train"],
                          context.config, batch_size=context.batch_size,
