@@ -318,8 +318,15 @@ def _missing_preferred(ev: Evidence, _: Budgets):
           for m in _non_crmt(ev)], ALL
 
 
+def _common_radius(ev: Evidence, b: Budgets) -> float:
+  """One radius for attacks on either modality: the paper's 1.0, or the curve
+  radius nearest (in log scale) the preferred modality's bite budget."""
+  target = b.uni[ev.preferred]
+  return min(ev.uni_grid, key=lambda eps: abs(np.log(eps / target)))
+
+
 def _uni_preferred(ev: Evidence, b: Budgets):
-  eps = b.uni[ev.preferred]
+  eps = _common_radius(ev, b)
   return [compare(ev.runs, m, m, robust(k, ev.other, eps),
                   f"{k.upper()}@{eps:g} on {ev.other} − on {ev.preferred}",
                   worse_outcome=robust(k, ev.preferred, eps))

@@ -68,6 +68,7 @@ BITE_TARGET = 0.5  # the calibrated budget the claims are judged at
 CALIBRATION_GRID = tuple(2.0 ** (k / 3) for k in range(-12, 19))  # 1/16 .. 64
 RESULTS_FILE = "reproduce.json"
 BUDGETS_FILE = "budgets.json"
+PROTOCOL_CHECK_FILE = "protocol_check.json"
 
 
 # ---------------------------------------------------------------------------
@@ -186,14 +187,24 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
       result = json.load(f)
     if result.get("settings") == json.loads(json.dumps(dict(settings))):
       return result
-  start = time.time()
-  trained = loop.train_and_evaluate(config, run_dir)
+  trained = train_run(config, run_dir)
   result = evaluate_run(run_dir, settings)
   result.update(method=label, seed=int(config.seed),
-                training_seconds=time.time() - start - result["evaluation_seconds"],
+                training_seconds=trained["train_seconds_this_run"],
                 validation_accuracy=trained["validation_accuracy"])
   files.write_json_atomic(cached, result)
   return result
+
+
+def train_run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
+  """The training results of `run_dir`: read when the run has finished, else
+  trained (or resumed) now. Their `train_seconds_this_run` is the time of the
+  training that finished the run (of its last segment, when it was resumed)."""
+  path = os.path.join(run_dir, "results.json")  # written when the run finishes
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return loop.train_and_evaluate(config, run_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +360,7 @@ def run_jobs(jobs: Sequence[Job], workdir: str, protocol: str, max_examples: int
   results = []
   for job in jobs:
     if job.label == "jt" and job.part in ("main", "pairs"):
-      loop.train_and_evaluate(job.config, job.run_dir)  # resumes, or returns when done
+      train_run(job.config, job.run_dir)  # the model that calibrates the budgets
     calibration = calibration_for(job, workdir, protocol, max_examples, cache)
     settings = evaluation_settings(protocol, calibration, max_examples,
                                    with_eta=job.with_eta, attacks=job.attacks)
@@ -377,7 +388,15 @@ def protocol_check(run: Mapping[str, Any], run_dir: str,
                    ) -> dict[str, list[float]]:
   """The PGD accuracies of `run` (evaluated with a cheaper protocol) at
   `budgets` against those of the `default` protocol (50 steps x 5 restarts,
-  both losses) on the same model: `{"pgd/<scope>@<eps>": [cheap, default]}`."""
+  both losses) on the same model: `{"pgd/<scope>@<eps>": [cheap, default]}`
+  (cached in `run_dir` for these budgets)."""
+  cached = os.path.join(run_dir, PROTOCOL_CHECK_FILE)
+  key = {name: dataclasses.asdict(b) for name, b in budgets.items()}
+  if os.path.exists(cached):
+    with open(cached) as f:
+      stored = json.load(f)
+    if stored["budgets"] == json.loads(json.dumps(key)):
+      return stored["points"]
   multi = sorted({b.multi for b in budgets.values()})
   modalities = sorted(next(iter(budgets.values())).uni)
   uni = {m: sorted({b.uni[m] for b in budgets.values()}) for m in modalities}
@@ -388,7 +407,9 @@ def protocol_check(run: Mapping[str, Any], run_dir: str,
   built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
   default = pgd_points(built["robustness"].run(variables), budgets)
   cheap = pgd_points(run, budgets)
-  return {key: [cheap[key], default[key]] for key in default}
+  points = {point: [cheap[point], default[point]] for point in default}
+  files.write_json_atomic(cached, {"budgets": key, "points": points})
+  return points
 
 
 @dataclasses.dataclass(frozen=True)
