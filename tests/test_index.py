@@ -33,7 +33,7 @@ def test_directories_expand_to_reports_figures_and_data_but_not_checkpoints(tmp_
   wanted = [_touch(run / name) for name in ("config.json", "metrics.jsonl", "certify/a.png",
                                             "robustness/robustness.md")]
   for name in ("checkpoints/42/progress.json", "checkpoints_damaged/7/x.json", ".lock",
-               "events.out.tfevents.1.host.2.mmsafe-train", "robustness/.r.md.tmp"):
+               "events.out.tfevents.1.host.2.mmsafe-training", "robustness/.r.md.tmp"):
     _touch(run / name)
   _touch(tmp_path / "index.md")
   assert sorted(report.artefact_files(str(run))) == sorted(wanted)
@@ -53,7 +53,8 @@ def test_index_links_every_artefact_and_a_rerun_replaces_its_entry(tmp_path):
   # Oldest first; every artefact linked relative to the directory; figures shown.
   assert text.index("## title of train") < text.index("## title of compare")
   assert sorted(set(_links(text))) == sorted(
-      ["comparison.md", "my run/results.json", "my run/certify/curve.png", "my run/robustness/r.md"])
+      ["comparison.md", "my run/results.json", "my run/certify/curve.png",
+       "my run/robustness/r.md"])
   assert "![my run/certify/curve.png](<my run/certify/curve.png>)" in text
   assert "- command: `python -m experiments.compare`" in text and "ran 1 min 15 s" in text
   assert '"eps": [\n      0.5,' in text  # the config, as JSON

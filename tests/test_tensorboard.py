@@ -91,7 +91,7 @@ def test_training_events_match_metrics_jsonl_and_a_resume_shows_each_step_once(t
   shutil.copytree(full, resumed)
   rewind(resumed, 7)
   loop.train_and_evaluate(config, resumed)
-  assert len(glob.glob(os.path.join(resumed, "events.*.mmsafe-train"))) == 2
+  assert len(glob.glob(os.path.join(resumed, "events.*.mmsafe-training"))) == 2
   resumed_scalars, resumed_images = assert_events_match_jsonl(resumed)
   assert resumed_scalars.keys() == scalars.keys()
   for tag, points in scalars.items():
@@ -158,7 +158,7 @@ def test_event_writer_numbers_only_and_files_per_writer(tmp_path):
   assert scalars == {"epoch": [(3, 1.0)], "train/loss": [(3, 0.5)],
                      "test/accuracy": [(9, pytest.approx(0.9))]}
   names = sorted(os.path.basename(p).rsplit(".", 1)[-1] for p in glob.glob(str(tmp_path / "ev*")))
-  assert names == ["mmsafe-test", "mmsafe-train"]
+  assert names == ["mmsafe-training", "mmsafe-training-test"]
   # A fresh run (no checkpoint to resume) starts new files, as it starts a new metrics.jsonl.
   metrics_lib.MetricsWriter(str(tmp_path / "metrics.jsonl"), None).close()
   assert not glob.glob(str(tmp_path / "events.*"))

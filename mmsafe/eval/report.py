@@ -240,7 +240,7 @@ def write_events(logdir: str, name: str, step: int, metrics: Mapping[str, Any],
   events in `logdir`, replacing an earlier one of that name: its scalar metrics
   (`evaluators.scalar_metrics`, tagged `<name>/...`) and the PNG figures among
   `paths` (tagged `<name>/<file stem>`)."""
-  writer = metrics_lib.EventWriter(logdir, name, replace=True)
+  writer = metrics_lib.EventWriter(logdir, f"evaluation-{name}", replace=True)
   writer.scalars(step, {f"{name}/{k}": v for k, v in scalar_metrics(metrics).items()})
   images = {}
   for path in paths:
@@ -354,9 +354,9 @@ def index_markdown(entries: Sequence[Mapping[str, Any]], directory: str) -> str:
     if by_directory:
       lines.append("- files: " + "; ".join(f"`{d or '.'}/` " + ", ".join(links)
                                             for d, links in by_directory.items()))
-    figures = [p for p in artefacts if p.endswith(".png")]
-    if figures:
-      lines += ["- figures:", ""] + [f"  {_link(p, p, image=True)}" for p in figures]
+    pngs = [p for p in artefacts if p.endswith(".png")]
+    if pngs:
+      lines += ["- figures:", ""] + [f"  {_link(p, p, image=True)}" for p in pngs]
     if entry["config"] is not None:
       lines += ["", "<details><summary>config</summary>", "", "```json",
                 files.to_json(entry["config"]).rstrip("\n"), "```", "", "</details>"]

@@ -46,7 +46,7 @@ class EventWriter:
   `SummaryWriter` writes from a thread that dies on a write error, after which
   its bounded queue blocks the caller, which would stop training.
 
-  A stream (`replace=False`, the training run's "train") appends a new file per
+  A stream (`replace=False`, the training run's "training") appends a new file per
   run; `purge_step` (a resumed run: its checkpoint's step + 1) marks the events
   of an earlier run at that step and later as orphaned, so TensorBoard hides
   them (tensorboardX's `purge_step`) and shows each step once. A one-shot writer
@@ -67,8 +67,8 @@ class EventWriter:
   @property
   def files(self) -> list[str]:
     """This writer's event files in `logdir` (of this and earlier runs), oldest first."""
-    return sorted(glob.glob(os.path.join(
-        glob.escape(self.logdir), f"{EVENTS_PREFIX}.out.tfevents.*.mmsafe-{self.name}")))
+    pattern = f"{EVENTS_PREFIX}.out.tfevents.*.mmsafe-{glob.escape(self.name)}"
+    return sorted(glob.glob(os.path.join(glob.escape(self.logdir), pattern)))
 
   def remove_files(self) -> None:
     """Deletes this writer's event files (a fresh run's stale ones)."""
@@ -151,17 +151,17 @@ class MetricsWriter:
   run (`resume_step` None) starts a new file.
 
   The numbers also go to TensorBoard event files in the same directory
-  (`EventWriter` "train", resumed at `resume_step`); a line of test-split
+  (`EventWriter` "training", resumed at `resume_step`); a line of test-split
   metrics only (keys "test/...", written once at the end) to the one-shot
-  writer "test", so that a rerun of a finished run shows them once.
+  writer "training-test", so that a rerun of a finished run shows them once.
   """
 
   def __init__(self, path: str, resume_step: int | None):
     self._path = path
     logdir = os.path.dirname(os.path.abspath(path))
-    self._events = EventWriter(logdir, "train", purge_step=(
+    self._events = EventWriter(logdir, "training", purge_step=(
         None if resume_step is None else resume_step + 1))
-    self._test_events = EventWriter(logdir, "test", replace=True)
+    self._test_events = EventWriter(logdir, "training-test", replace=True)
     if resume_step is None:
       self._events.remove_files()
       self._test_events.remove_files()
