@@ -88,6 +88,10 @@ def test_wheel_installs_and_runs_the_readme_snippet_and_the_commands(tmp_path):
   for command in ("train", "evaluate"):  # (absl's --help exits with 1)
     helped = _run([python, "-m", f"experiments.{command}", "--help"], returncode=1, cwd=away)
     assert "--workdir" in helped.stdout and not helped.stderr, command
+  # The default evals config loads (it is found beside the module), then the run is missing.
+  missing = _run([python, "-m", "experiments.evaluate", f"--workdir={away}"], returncode=1,
+                 cwd=away)
+  assert missing.stderr.startswith("error: workdir: expected a training run with config.json")
 
   # `pip install mmsafe[notebook]`: the extra and the core cover the notebook's imports.
   extras = re.findall(r'^Requires-Dist: ([\w-]+).*extra == "notebook"', metadata, re.M)
