@@ -10,9 +10,8 @@ eps = 1.0 and missing-modality accuracy per modality (the columns of the
 CRMT paper's Tables 1-2), and the mean certified radius with `empirical`
 (an estimate) and `sound` (a certificate) Lipschitz constants. The table is
 printed and written to `<workdir>/comparison.{md,json}`; each method's reports
-and figures to `<workdir>/<method>/compare_robustness/` and `.../compare_certify/`,
-and its
-numbers and figures to TensorBoard (`tensorboard --logdir <workdir>`).
+and figures to `<workdir>/<method>/compare_robustness/` and `compare_certify/`,
+and its numbers and figures to TensorBoard (`tensorboard --logdir <workdir>`).
 `<workdir>/index.md` links them all (its path is printed last).
 """
 
@@ -43,7 +42,8 @@ def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
   """Headline robustness numbers and mean certified radii of one trained run
   (the `paper` evaluators of experiments/configs/evals.py, and `certify`
   without its attack check), each evaluator's report written into
-  `<workdir>/<name>/` and its numbers and figures into TensorBoard events."""
+  `<workdir>/compare_<name>/` and its numbers and figures into TensorBoard
+  events."""
   config, model, variables, splits, step = loop.restore_run_and_step(workdir)
   evals = evals_config.get_config("paper").to_dict()
   evals["robustness"]["protocol"] = protocol
