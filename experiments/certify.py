@@ -25,11 +25,12 @@ a `sound` radius would be a bug; for `local`/`empirical` (estimates) the
 report gives how often the radius is broken.
 """
 
-
+import os
 
 from experiments import cli
 
-DEFAULT_EVALS = "experiments/configs/evals.py:certify"
+DEFAULT_EVALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                             "evals.py") + ":certify"
 # Named before experiments.evaluate defines its flag (with its own default).
 if __name__ == "__main__":
   cli.name_config_on_command_line("evals", DEFAULT_EVALS)

@@ -9,6 +9,10 @@ exit status 1.
     if __name__ == "__main__":
       cli.run(main)
 
+`record_in_index` adds the command's entry (its command line, config, start,
+duration and the files it wrote) to a run directory's `index.md`
+(`mmsafe.eval.report.update_index`).
+
 An override of a field the config does not have (`--config.xxx=1`,
 `--config.method_kwargs.rhoo=1`) names that field and the closest valid ones.
 Importing this module lets a tuple field be given as comma-separated names
@@ -18,12 +22,14 @@ Importing this module lets a tuple field be given as comma-separated names
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import difflib
 import functools
 import os
 import re
+import shlex
 import sys
+import time
 from typing import Any, NoReturn
 
 from absl import app
@@ -34,6 +40,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
 from mmsafe.data.cache import default_data_dir
+from mmsafe.eval import report
 from mmsafe.train.checkpoint import DamagedCheckpoint
 from mmsafe.train.workdir import WorkdirInUse
 
@@ -83,6 +90,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
 def _program(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   @functools.wraps(main)
   def program(argv: list[str]) -> Any:
+    global _started
+    _started = time.time()
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
@@ -90,6 +99,32 @@ def _program(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     use_compilation_cache()
     return main(argv)
   return program
+
+
+# When `run` started the program's `main` (for `record_in_index`).
+_started = time.time()
+
+
+def command_line(argv: Sequence[str] = sys.argv) -> str:
+  """This program's command line: `python -m <module> <args>` when run as a
+  module (as the experiments are), else the arguments as given."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  program = ["python", "-m", spec.name] if spec is not None else ["python", argv[0]]
+  return shlex.join(program + list(argv[1:]))
+
+
+def record_in_index(directory: str, title: str, artefacts: Iterable[str], *,
+                    config: Mapping[str, Any] | None = None, key: str | None = None) -> str:
+  """Adds this command's entry to `<directory>/index.md` (`report.update_index`):
+  `title`, its command line, `config` (a ConfigDict or dict), when it started
+  and how long it has run, and links to `artefacts` (the files it wrote); an
+  entry with the same `key` (default: `title`) is replaced. Returns the path
+  of index.md."""
+  if config is not None and hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return report.update_index(directory, {
+      "key": key or title, "title": title, "command": command_line(), "config": config,
+      "started": _started, "seconds": time.time() - _started, "artefacts": list(artefacts)})
 
 
 def use_compilation_cache() -> None:

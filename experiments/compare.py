@@ -9,7 +9,10 @@ multi-modal FGM and l2-PGD at the paper's eps = 0.5, uni-modal FGM / l2-PGD at
 eps = 1.0 and missing-modality accuracy per modality (the columns of the
 CRMT paper's Tables 1-2), and the mean certified radius with `empirical`
 (an estimate) and `sound` (a certificate) Lipschitz constants. The table is
-printed and written to `<workdir>/comparison.{md,json}`.
+printed and written to `<workdir>/comparison.{md,json}`; each method's reports
+and figures to `<workdir>/<method>/compare_robustness/` and `compare_certify/`,
+and its numbers and figures to TensorBoard (`tensorboard --logdir <workdir>`).
+`<workdir>/index.md` links them all (its path is printed last).
 """
 
 import os
@@ -22,6 +25,7 @@ from experiments.configs import evals as evals_config
 from mmsafe import files
 from mmsafe import methods
 from mmsafe.eval import evaluators
+from mmsafe.eval import report
 from mmsafe.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
@@ -37,18 +41,27 @@ flags.mark_flags_as_required(["config", "workdir"])
 def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
   """Headline robustness numbers and mean certified radii of one trained run
   (the `paper` evaluators of experiments/configs/evals.py, and `certify`
-  without its attack check)."""
-  config, model, variables, splits = loop.restore_run(workdir)
+  without its attack check), each evaluator's report written into
+  `<workdir>/compare_<name>/` and its numbers and figures into TensorBoard
+  events."""
+  config, model, variables, splits, step = loop.restore_run_and_step(workdir)
   evals = evals_config.get_config("paper").to_dict()
   evals["robustness"]["protocol"] = protocol
   if certify_kinds:
     evals.update(evals_config.get_config("certify").to_dict())
     evals["certify"].update(kinds=tuple(certify_kinds), attack_steps=0)
   built = evaluators.build_evaluators(evals, model=model, splits=splits)
-  row = {"method": config["method"], **built["robustness"].run(variables)["headline"]}
-  if certify_kinds:
-    for kind, entry in built["certify"].run(variables)["kinds"].items():
-      row[f"radius/{kind}"] = entry["summary"]["mean_radius"]
+  measured = {name: evaluator.run(variables) for name, evaluator in built.items()}
+  for name, metrics in measured.items():
+    # Named apart from experiments.evaluate's reports of the same run.
+    paths = report.write_evaluation(built[name].type, metrics,
+                                    os.path.join(workdir, f"compare_{name}"),
+                                    title=f"Robustness of {config['method']} on "
+                                    f"{config['dataset']} ({built[name].split})")
+    report.write_events(workdir, f"compare_{name}", step, metrics, paths)
+  row = {"method": config["method"], **measured["robustness"]["headline"]}
+  for kind, entry in measured.get("certify", {"kinds": {}})["kinds"].items():
+    row[f"radius/{kind}"] = entry["summary"]["mean_radius"]
   return row
 
 
@@ -78,8 +91,13 @@ def main(argv):
   print(f"\n{_CONFIG.value.dataset}, test split, models selected on validation "
         f"(PGD protocol {_PROTOCOL.value!r}; radius/sound is a certificate, "
         f"radius/empirical an estimate):\n\n{table}")
-  files.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)
-  files.write_text_atomic(os.path.join(_WORKDIR.value, "comparison.md"), table)
+  written = [files.write_text_atomic(os.path.join(_WORKDIR.value, "comparison.md"), table),
+             files.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)]
+  index = cli.record_in_index(
+      _WORKDIR.value, f"compare {', '.join(_METHODS.value)} on {_CONFIG.value.dataset}",
+      written + [os.path.join(_WORKDIR.value, name) for name in _METHODS.value],
+      config=_CONFIG.value, key="compare")
+  print(f"index of the reports and figures: {index}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Writes `<workdir>/certified.{md,json}`: per (encoders, method), clean accuracy
 and sound certified accuracy at `--radii` as mean +- std over seeds, the mean
 sound radius, the encoders' bounds and broken/attacked counts; and
 `<workdir>/certified_accuracy.png`: seed-mean certified accuracy against the
-radius, one line per model.
+radius, one line per model. Each run's certification report goes to its
+`certify_sound/` (and to TensorBoard), and `<workdir>/index.md` links them all.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mmsafe import certify as certify_lib
 from mmsafe import files
 from mmsafe import methods
 from mmsafe.eval import plots
+from mmsafe.eval import report
 from mmsafe.eval.certification import run_certification
 from mmsafe.train import loop
 
@@ -59,6 +61,7 @@ _ATTACK_RESTARTS = flags.DEFINE_integer("attack_restarts", 5, "PGD restarts of t
 flags.mark_flags_as_required(["config", "workdir"])
 
 ENCODER_SETS = {"free": "encoders", "lipschitz": "lipschitz_encoders"}
+CERTIFY_DIR = "certify_sound"  # Each run's certification report (and TensorBoard tag).
 # Methods whose training step computes the encoders' stated bounds (cheap for
 # Lipschitz encoders, an operator norm per convolution and step otherwise):
 # trained with Lipschitz encoders only.
@@ -94,10 +97,12 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, max_exampl
       cached = json.load(f)
     if cached["settings"] == settings:
       return cached["result"]
-  _, model, variables, splits = loop.restore_run(workdir)
+  _, model, variables, splits, step = loop.restore_run_and_step(workdir)
   results, certificates, _ = run_certification(
       model, variables, splits, kinds=["sound"], max_examples=max_examples,
       attack_steps=attack_steps, attack_restarts=attack_restarts)
+  paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
+  report.write_events(workdir, CERTIFY_DIR, step, results, paths)
   cert = certificates["sound"]
   entry = results["kinds"]["sound"]
   accuracy = lambda thresholds: np.asarray(certify_lib.certified_accuracy(
@@ -183,6 +188,11 @@ def main(argv):
                          curves, f, title=f"{_CONFIG.value.dataset}: sound certified accuracy "
                          f"(mean of {len(seeds)} seeds)",
                          linestyles={n: "-" if "(lipschitz)" in n else "--" for n in curves}))
+  index = cli.record_in_index(
+      _WORKDIR.value, f"compare_certified {', '.join(_METHODS.value)} on "
+      f"{_CONFIG.value.dataset}", [_WORKDIR.value], config=_CONFIG.value,
+      key="compare_certified")
+  print(f"index of the reports and figures: {index}")
 
 
 if __name__ == "__main__":

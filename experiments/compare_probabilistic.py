@@ -26,7 +26,8 @@ and each modality missing (zeros).
 
 Writes `<workdir>/probabilistic.{md,json}` and two PNGs: certified accuracy
 against the l2 radius (CRMT and smoothing) and against the number of changed
-entries (ablation: any split over the modalities, and each modality alone).
+entries (ablation: any split over the modalities, and each modality alone);
+`<workdir>/index.md` links them and each run's files.
 """
 
 from __future__ import annotations
@@ -246,6 +247,10 @@ def main(argv):
                          {k: (np.asarray(a, np.float32), np.asarray(b))
                           for k, (a, b) in l0_curves.items()}, f,
                          xlabel="changed entries", title=f"{dataset}: ablation certificate"))
+  index = cli.record_in_index(
+      _WORKDIR.value, f"compare_probabilistic on {dataset}", [_WORKDIR.value],
+      config=base, key="compare_probabilistic")
+  print(f"index of the reports and figures: {index}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ workdir; `mmsafe.eval.report.write_evaluation`): type "robustness" (the
 default config's `robustness`) robustness.json, robustness.md and PNG plots;
 "certify" results.json and figures; "sweep" pgd_strength.{json,md}, the
 evidence that a protocol's attack has converged; any other type metrics.json.
+Its numbers and figures also go to TensorBoard event files in `<out>` (at the
+evaluated model's training step; an evaluation run again replaces them), and
+the command's entry to `<out>/index.md`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.eval import report
 from mmsafe.train import loop
 
-DEFAULT_EVALS = "experiments/configs/evals.py:robustness"
+# The evals config beside this file (found wherever mmsafe is installed).
+DEFAULT_EVALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                             "evals.py") + ":robustness"
 if __name__ == "__main__":
   cli.name_config_on_command_line("evals", DEFAULT_EVALS)
 _EVALS = config_flags.DEFINE_config_file(
@@ -65,14 +70,17 @@ def summary(evaluator_type: str, metrics: Mapping[str, Any]) -> Any:
 
 def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which: str = "best",
                  out: str | None = None) -> dict[str, dict[str, Any]]:
-  """Runs the evaluators `evals` on the run in `workdir` and writes their reports.
+  """Runs the evaluators `evals` on the run in `workdir` and writes their reports
+  (`<out>/<name>/`) and TensorBoard events (`<out>`, at the evaluated model's
+  training step; `report.write_events`).
 
   Returns:
     name -> {"summary": printed numbers, "files": paths written}.
   """
-  config, model, variables, splits = loop.restore_run(workdir, which=which)
+  config, model, variables, splits, step = loop.restore_run_and_step(workdir, which=which)
   evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)
+  out = out or workdir
   done = {}
   for name, evaluator in evaluators.items():
     where = f"{config['method']} on {config['dataset']} ({evaluator.split})"
@@ -81,9 +89,10 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
     metrics["meta"] = {"workdir": os.path.abspath(workdir), "method": config["method"],
                        "dataset": config["dataset"], "split": evaluator.split,
                        "defence": evaluator.settings["defence"],
-                       "checkpoint": which, "device": str(jax.devices()[0])}
-    files = report.write_evaluation(evaluator.type, metrics, os.path.join(out or workdir, name),
+                       "checkpoint": which, "step": step, "device": str(jax.devices()[0])}
+    files = report.write_evaluation(evaluator.type, metrics, os.path.join(out, name),
                                     title=f"Robustness of {where}")
+    report.write_events(out, name, step, metrics, files)
     done[name] = {"summary": summary(evaluator.type, metrics), "files": files}
   return done
 
@@ -91,8 +100,13 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
 def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir: expected a training run's directory, got none")
-  done = evaluate_run(_WORKDIR.value, _EVALS.value.to_dict(), which=_WHICH.value,
-                      out=_OUT.value)
+  evals = _EVALS.value.to_dict()
+  done = evaluate_run(_WORKDIR.value, evals, which=_WHICH.value, out=_OUT.value)
+  names = ", ".join(evals)
+  cli.record_in_index(_OUT.value or _WORKDIR.value,
+                      f"evaluation ({names}) of the {_WHICH.value} checkpoint",
+                      [path for entry in done.values() for path in entry["files"]],
+                      config=evals, key=f"evaluate:{names}:{_WHICH.value}")
   print(json.dumps(done, indent=2))
 
 

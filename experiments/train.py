@@ -18,16 +18,22 @@ environment shows a multi-process job (SLURM, Open MPI, Cloud TPU, or
 `JAX_COORDINATOR_ADDRESS`) or --coordinator_address is given; `on` always, `off`
 never.
 
+The run's numbers also go to TensorBoard event files in --workdir
+(`tensorboard --logdir <workdir>`), and the command's entry to
+`<workdir>/index.md`.
+
 Preemption: on SIGTERM the run saves a checkpoint at the next step boundary and
 exits with status 143 (`preemption.PREEMPTED_EXIT_CODE`); rerun the same command to
 resume. Any other failure exits with status 1, a finished run with 0.
 """
 
 import json
+import os
 import sys
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from experiments import cli
@@ -63,6 +69,12 @@ def main(argv):
     print(json.dumps({"preempted": True, "step": e.step}), flush=True)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
   logging.info("results: %s", results)
+  if jax.process_index() == 0:
+    cli.record_in_index(
+        _WORKDIR.value, f"train {results['method']} on {results['dataset']}",
+        [os.path.join(_WORKDIR.value, name) for name in ("results.json", "metrics.jsonl",
+                                                        "config.json")],
+        config=_CONFIG.value, key="train")
   print(json.dumps(results, indent=2, sort_keys=True), flush=True)
 
 

@@ -31,4 +31,6 @@ else
 fi
 
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".${extras:+[$extras]}"
+# setuptools reports every editable install ("Editable installation.", whichever
+# editable mode) as a warning a user can do nothing about: filtered in pip's process.
+python -W "ignore:Editable installation" -m pip install -q -e ".${extras:+[$extras]}"

@@ -15,6 +15,7 @@ from mmsafe import attacks
 from mmsafe.attacks import PGDProtocol
 from mmsafe.eval import report
 from mmsafe.eval import robustness
+from tests.test_tensorboard import read_events
 
 SHAPES = {"a": (4, 3), "b": (6,)}
 N = 100  # two batches of 50 (balanced: one size, one compilation)
@@ -302,9 +303,22 @@ def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path, monk
     evaluate.main(argv[:1])
   finally:
     flags.FLAGS.unparse_flags()
+  # The numbers and figures in TensorBoard at the evaluated model's step, the
+  # command's entry in <out>/index.md linking the report and its figures.
+  with open(os.path.join(workdir, "results.json")) as f:
+    best_step = json.load(f)["best_step"]
+  scalars, images = read_events(out)
+  assert scalars["robustness/headline/pgd/multi@0.5"][0][0] == best_step
+  assert set(images) == {"robustness/pgd_accuracy", "robustness/missing_modality"}
+  with open(os.path.join(out, "index.md")) as f:
+    index = f.read()
+  assert "## evaluation (robustness) of the best checkpoint" in index
+  for name in ("robustness.md", "robustness.json", "pgd_accuracy.png", "missing_modality.png"):
+    assert f"](robustness/{name})" in index, name
   out = os.path.join(out, "robustness")  # evaluator <name> writes into <out>/<name>
   with open(os.path.join(out, "robustness.json")) as f:
     results = json.load(f)
+  assert results["meta"]["step"] == best_step
   assert results["meta"]["dataset"] == "mfeat" and results["num_examples"] == 96
   assert results["meta"]["split"] == "test"
   assert results["config"]["box_constraints"] == ["pix"]

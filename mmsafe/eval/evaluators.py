@@ -405,6 +405,17 @@ class Robustness(Evaluator):
                                 certified=self.sound_radii(variables), progress=progress)
 
 
+def _reporting(progress: Progress) -> certification.Track:
+  """A `Certification` track that reports each batch of its loops to `progress`."""
+  def track(iterable, total, description):
+    del total, description
+    for item in iterable:
+      yield item
+      if progress is not None:
+        progress(1)
+  return track
+
+
 class Certify(Evaluator):
   """Certified radii per Lipschitz kind, checked by attacks. The last run's
   certificates are kept as `certificates` ({kind: Certificate})."""
@@ -435,7 +446,7 @@ class Certify(Evaluator):
     self.certificates: dict[str, certify_lib.Certificate] = {}
 
   def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
-    del progress
+    self._certification.track = _reporting(progress)
     empirical = self.splits[self.empirical_split] if self.empirical_split else None
     results, self.certificates, _ = self._certification(
         variables, self.data, empirical, split=self.split,

@@ -15,12 +15,22 @@ atomically (`mmsafe.files`).
     decoupling_asr.png       decoupling ASR vs fraction of input changed (MUROAN)
 
 `write_certification_report` (type "certify"), `write_sweep` (type "sweep")
-and `write_metrics` (any other type: `metrics.json`) write the others.
+and `write_metrics` (any other type: `metrics.json`) write the others;
+`figures` draws an evaluation's PNGs and `write_events` puts its numbers and
+figures into TensorBoard event files.
+
+`update_index(directory, entry)` keeps `<directory>/index.md`, the one page of
+a run directory: every command that ran there (what, with which config, when,
+for how long), each linking its reports and figures (the entries are kept in
+`index.json`; a command run again replaces its entry).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+import datetime
+import io
+import json
 import os
 from typing import Any
 
@@ -28,11 +38,20 @@ import numpy as np
 
 from mmsafe import files
 from mmsafe.eval import plots
+from mmsafe.eval.evaluators import scalar_metrics
+from mmsafe.train import metrics as metrics_lib
 
 
-def _plot(plot_fn: Callable[..., Any], path: str, *args, **kwargs) -> str:
-  """Draws `plot_fn(*args, file, **kwargs)` into `path` atomically; returns `path`."""
-  return files.write_atomic(path, lambda f: plot_fn(*args, f, **kwargs))
+def _png(plot_fn: Callable[..., Any], *args, **kwargs) -> bytes:
+  """The PNG that `plot_fn(*args, file, **kwargs)` draws."""
+  buffer = io.BytesIO()
+  plot_fn(*args, buffer, **kwargs)
+  return buffer.getvalue()
+
+
+def _write_png(path: str, png: bytes) -> str:
+  """Writes `png` to `path` atomically; returns `path`."""
+  return files.write_atomic(path, lambda f: f.write(png))
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -98,6 +117,29 @@ def markdown(results: Mapping[str, Any], title: str = "Robustness report") -> st
   return "\n".join(lines) + "\n"
 
 
+def robustness_figures(results: Mapping[str, Any]) -> dict[str, bytes]:
+  """The PNG figures of a robustness results dict, by file stem: robust accuracy
+  vs eps per attack kind (`pgd_accuracy`, `fgm_accuracy`), `missing_modality`,
+  `decoupling_asr`."""
+  figures = {}
+  clean = results.get("clean_accuracy")
+  for kind, scopes in results.get("curves", {}).items():
+    figures[f"{kind}_accuracy"] = _png(
+        plots.plot_robust_accuracy,
+        {scope: (c["eps"], c["accuracy"]) for scope, c in scopes.items()},
+        clean_accuracy=clean, title=f"l2-{kind.upper()} ({results['protocol']['name']})"
+        if kind == "pgd" else "l2-FGM")
+  if results.get("missing"):
+    figures["missing_modality"] = _png(plots.plot_missing_modality, results["missing"],
+                                       clean_accuracy=clean, title="missing modality")
+  if results.get("decoupling"):
+    figures["decoupling_asr"] = _png(
+        plots.plot_decoupling_asr,
+        {scope: (c["fraction"], c["asr"]) for scope, c in results["decoupling"].items()},
+        title="decoupling attack")
+  return figures
+
+
 def write_report(results: Mapping[str, Any], directory: str, *, title: str = "Robustness report"
                  ) -> dict[str, str]:
   """Writes JSON, markdown and PNG plots of `results` into `directory` (created).
@@ -109,23 +151,8 @@ def write_report(results: Mapping[str, Any], directory: str, *, title: str = "Ro
            "markdown": os.path.join(directory, "robustness.md")}
   files.write_json_atomic(paths["json"], results)
   files.write_text_atomic(paths["markdown"], markdown(results, title))
-  clean = results.get("clean_accuracy")
-  for kind, scopes in results.get("curves", {}).items():
-    path = os.path.join(directory, f"{kind}_accuracy.png")
-    paths[f"{kind}_plot"] = _plot(
-        plots.plot_robust_accuracy, path,
-        {scope: (c["eps"], c["accuracy"]) for scope, c in scopes.items()},
-        clean_accuracy=clean, title=f"l2-{kind.upper()} ({results['protocol']['name']})"
-        if kind == "pgd" else "l2-FGM")
-  if results.get("missing"):
-    paths["missing_plot"] = _plot(
-        plots.plot_missing_modality, os.path.join(directory, "missing_modality.png"),
-        results["missing"], clean_accuracy=clean, title="missing modality")
-  if results.get("decoupling"):
-    paths["decoupling_plot"] = _plot(
-        plots.plot_decoupling_asr, os.path.join(directory, "decoupling_asr.png"),
-        {scope: (c["fraction"], c["asr"]) for scope, c in results["decoupling"].items()},
-        title="decoupling attack")
+  for stem, png in robustness_figures(results).items():
+    paths[stem.split("_")[0] + "_plot"] = _write_png(os.path.join(directory, f"{stem}.png"), png)
   return paths
 
 
@@ -159,37 +186,69 @@ def write_sweep(sweep: Mapping[str, Any], directory: str) -> dict[str, str]:
   return paths
 
 
-def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[str]:
-  """Writes `run_certification`'s results.json and its PNG figures (certified
-  accuracy per kind, uni-modal curves, eta ratio heat maps); returns the paths."""
-  paths = [os.path.join(outdir, "results.json")]
-  files.write_json_atomic(paths[0], results)
+def certification_figures(results: Mapping[str, Any]) -> dict[str, bytes]:
+  """The PNG figures of `run_certification`'s results, by file stem: certified
+  accuracy per kind (`certified_accuracy`), uni-modal curves (`unimodal_<kind>`),
+  eta ratio heat maps (`eta_ratio_<kind>`, CRMT Fig. 3)."""
   curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
             for kind, entry in results["kinds"].items()}
-  paths.append(_plot(
-      plots.plot_certified_accuracy, os.path.join(outdir, "certified_accuracy.png"), curves,
-      title=f"certified accuracy ({results['split']}, {results['head']} head)"))
+  figures = {"certified_accuracy": _png(
+      plots.plot_certified_accuracy, curves,
+      title=f"certified accuracy ({results['split']}, {results['head']} head)")}
   for kind, entry in results["kinds"].items():
     summary = entry["summary"]
     uni = {f"{m} only": (summary["thresholds"], acc)
            for m, acc in summary["unimodal_certified_accuracy"].items()}
     uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
-    paths.append(_plot(
-        plots.plot_certified_accuracy, os.path.join(outdir, f"unimodal_{kind}.png"), uni,
-        title=f"uni-modal certified accuracy ({kind})"))
+    figures[f"unimodal_{kind}"] = _png(plots.plot_certified_accuracy, uni,
+                                       title=f"uni-modal certified accuracy ({kind})")
     if "eta_ratio" in entry:
       eta = entry["eta_ratio"]
       matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
-      paths.append(_plot(
-          plots.plot_eta_ratio_heatmap, os.path.join(outdir, f"eta_ratio_{kind}.png"), matrix,
-          numerator=eta["numerator"],
-          denominator=eta["denominator"], title=f"vulnerability ratio ({kind})"))
+      figures[f"eta_ratio_{kind}"] = _png(
+          plots.plot_eta_ratio_heatmap, matrix, numerator=eta["numerator"],
+          denominator=eta["denominator"], title=f"vulnerability ratio ({kind})")
+  return figures
+
+
+def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[str]:
+  """Writes `run_certification`'s results.json and its PNG figures
+  (`certification_figures`); returns the paths."""
+  paths = [files.write_json_atomic(os.path.join(outdir, "results.json"), results)]
+  for stem, png in certification_figures(results).items():
+    paths.append(_write_png(os.path.join(outdir, f"{stem}.png"), png))
   return paths
 
 
 def write_metrics(metrics: Mapping[str, Any], directory: str) -> list[str]:
   """Writes any evaluator's metrics as `metrics.json` into `directory`."""
   return [files.write_json_atomic(os.path.join(directory, "metrics.json"), metrics)]
+
+
+def figures(evaluator_type: str, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, bytes]:
+  """The PNG figures of an evaluator's metrics by type ("robustness":
+  `robustness_figures`, "certify": `certification_figures`, else none), keyed
+  `<prefix>/<file stem>` (or the stem without a prefix)."""
+  make = {"robustness": robustness_figures, "certify": certification_figures}.get(evaluator_type)
+  drawn = make(metrics) if make else {}
+  return {f"{prefix}/{stem}" if prefix else stem: png for stem, png in drawn.items()}
+
+
+def write_events(logdir: str, name: str, step: int, metrics: Mapping[str, Any],
+                 paths: Sequence[str] = ()) -> None:
+  """The evaluation `name` of the model of training step `step` as TensorBoard
+  events in `logdir`, replacing an earlier one of that name: its scalar metrics
+  (`evaluators.scalar_metrics`, tagged `<name>/...`) and the PNG figures among
+  `paths` (tagged `<name>/<file stem>`)."""
+  writer = metrics_lib.EventWriter(logdir, f"evaluation-{name}", replace=True)
+  writer.scalars(step, {f"{name}/{k}": v for k, v in scalar_metrics(metrics).items()})
+  images = {}
+  for path in paths:
+    if path.endswith(".png"):
+      with open(path, "rb") as f:
+        images[f"{name}/{os.path.splitext(os.path.basename(path))[0]}"] = f.read()
+  writer.images(step, images)
+  writer.close()
 
 
 def write_evaluation(evaluator_type: str, metrics: Mapping[str, Any], directory: str, *,
@@ -204,3 +263,102 @@ def write_evaluation(evaluator_type: str, metrics: Mapping[str, Any], directory:
   if evaluator_type == "sweep":
     return list(write_sweep(metrics, directory).values())
   return write_metrics(metrics, directory)
+
+
+INDEX_MD, INDEX_JSON = "index.md", "index.json"
+_ENTRY_FIELDS = ("key", "title", "command", "config", "started", "seconds", "artefacts")
+# What an index links (reports, figures, data) and what it skips inside a directory.
+ARTEFACT_SUFFIXES = (".md", ".json", ".jsonl", ".png")
+_SKIPPED_DIRS = ("checkpoints", "checkpoints_damaged")
+
+
+def artefact_files(path: str) -> list[str]:
+  """`path` itself, or for a directory the report, figure and data files under
+  it (`ARTEFACT_SUFFIXES`; not checkpoints, hidden files or its own index)."""
+  if not os.path.isdir(path):
+    return [path]
+  found = []
+  for root, dirs, names in os.walk(path):
+    dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("."))
+    found += [os.path.join(root, name) for name in sorted(names)
+              if name.endswith(ARTEFACT_SUFFIXES) and not name.startswith(".")
+              and not (root == path and name in (INDEX_MD, INDEX_JSON))]
+  return found
+
+
+def update_index(directory: str, entry: Mapping[str, Any]) -> str:
+  """Adds `entry` to `<directory>/index.md` (and `index.json`), replacing the
+  entry with the same key; returns the path of index.md.
+
+  `entry`: `key` (what identifies a command's entry, e.g. its name and
+  evaluators), `title`, `command` (the command line), `config` (a JSON-able
+  mapping or None), `started` (seconds since the epoch), `seconds` (how long it
+  ran) and `artefacts` (the files it wrote, or directories: `artefact_files`),
+  stored relative to `directory`.
+  """
+  missing = [f for f in _ENTRY_FIELDS if f not in entry]
+  if missing:
+    raise ValueError(f"index entry: expected the fields {list(_ENTRY_FIELDS)}, missing {missing}")
+  directory = os.path.abspath(directory)
+  artefacts = [os.path.relpath(os.path.abspath(f), directory)
+               for path in entry["artefacts"] for f in artefact_files(path)]
+  entry = {**{f: entry[f] for f in _ENTRY_FIELDS}, "artefacts": list(dict.fromkeys(artefacts))}
+  entries = [e for e in _read_index(directory) if e["key"] != entry["key"]] + [entry]
+  entries.sort(key=lambda e: e["started"])
+  files.write_json_atomic(os.path.join(directory, INDEX_JSON), entries)
+  return files.write_text_atomic(os.path.join(directory, INDEX_MD),
+                                 index_markdown(entries, directory))
+
+
+def _read_index(directory: str) -> list[dict[str, Any]]:
+  """The entries of `<directory>/index.json` (none when it is absent)."""
+  path = os.path.join(directory, INDEX_JSON)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def _link(text: str, path: str, image: bool = False) -> str:
+  target = f"<{path}>" if " " in path else path
+  return f"{'!' if image else ''}[{text}]({target})"
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(round(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return (f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes
+          else f"{seconds} s")
+
+
+def index_markdown(entries: Sequence[Mapping[str, Any]], directory: str) -> str:
+  """The index page of `entries` (see `update_index`), oldest first: per entry
+  its reports, its figures (shown), and its other files by directory."""
+  lines = [f"# Runs in {directory}", "",
+           "Every command that ran here, oldest first: what ran, with which config, when and "
+           "for how long, and what it wrote. Training curves and the evaluators' numbers and "
+           f"figures: `tensorboard --logdir {directory}`.", ""]
+  for entry in entries:
+    started = datetime.datetime.fromtimestamp(entry["started"]).astimezone()
+    lines += [f"## {entry['title']}", "", f"- command: `{entry['command']}`",
+              f"- started {started.isoformat(sep=' ', timespec='seconds')}, "
+              f"ran {_duration(entry['seconds'])}"]
+    artefacts = entry["artefacts"]
+    reports = [_link(p, p) for p in artefacts if p.endswith(".md")]
+    if reports:
+      lines.append("- reports: " + ", ".join(reports))
+    by_directory: dict[str, list[str]] = {}
+    for p in artefacts:
+      if not p.endswith((".md", ".png")):
+        by_directory.setdefault(os.path.dirname(p), []).append(_link(os.path.basename(p), p))
+    if by_directory:
+      lines.append("- files: " + "; ".join(f"`{d or '.'}/` " + ", ".join(links)
+                                            for d, links in by_directory.items()))
+    pngs = [p for p in artefacts if p.endswith(".png")]
+    if pngs:
+      lines += ["- figures:", ""] + [f"  {_link(p, p, image=True)}" for p in pngs]
+    if entry["config"] is not None:
+      lines += ["", "<details><summary>config</summary>", "", "```json",
+                files.to_json(entry["config"]).rstrip("\n"), "```", "", "</details>"]
+    lines.append("")
+  return "\n".join(lines)

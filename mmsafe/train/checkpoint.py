@@ -72,14 +72,18 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False):
     """`read_only`: for readers of a run (evaluation), which neither create the
-    directory nor remove a writer's half-written temporary checkpoints."""
+    directory nor remove a writer's half-written temporary checkpoints, and
+    refuse to save. (Orbax's own `read_only` option is not used: it warns on
+    every reader, and a manager that never saves, creates nor cleans up
+    writes nothing.)"""
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             save_interval_steps=0 if read_only else 1, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only),
+            cleanup_tmp_directories=not read_only),
         item_handlers={"train_state": ocp.StandardCheckpointHandler(),
                        "best": ocp.StandardCheckpointHandler(),
                        "progress": ocp.JsonCheckpointHandler()})
@@ -98,6 +102,8 @@ class Checkpointer:
   def save(self, step: int, train_state: TrainState, best: Any, progress: dict) -> None:
     """Starts saving checkpoint `step` (after sealing the previous one); returns
     once the arrays are copied off the devices."""
+    if self.read_only:
+      raise ValueError(f"checkpoint {self.path(step)}: this checkpointer only reads")
     self._seal()
     digests = {"algorithm": "crc32", "train_state": tree_digest(train_state),
                "best": tree_digest(best), "progress": json_digest(progress)}

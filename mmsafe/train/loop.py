@@ -6,6 +6,8 @@ Layout of a workdir:
 
     config.json          the run's config (written once the config is valid)
     metrics.jsonl        one JSON line per log/eval event ({"step": ..., ...})
+    events.out.tfevents.*  the same numbers for TensorBoard (`metrics.EventWriter`;
+                         training, evaluators and the test metrics), evaluators' figures
     checkpoints/<step>/  orbax checkpoints: train state, best model, progress
     results.json         final metrics of the model selected on validation
 
@@ -56,6 +58,7 @@ from tqdm.auto import tqdm
 from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe.eval import evaluators as evaluators_lib
+from mmsafe.eval import report
 from mmsafe.files import write_json_atomic
 from mmsafe.train import distributed
 from mmsafe.train import metrics as metrics_lib
@@ -146,6 +149,7 @@ def _run(context: _Context, workdir: str) -> dict[str, Any]:
           "best_validation_accuracy"], "test_accuracy": test["accuracy"],
       "test_loss": test["loss"], "train_seconds_this_run": time.time() - start_time}
   context.writer.write(experiment.total_steps, **{f"test/{k}": v for k, v in test.items()})
+  context.writer.close()
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "results.json"), results)
   return results
@@ -360,15 +364,19 @@ def _copy(tree):
 
 
 def _run_evaluators(context: _Context, done: int, state) -> None:
-  """Runs the evaluators due at step `done` and logs their scalar metrics."""
+  """Runs the evaluators due at step `done` and logs their scalar metrics (and
+  their figures, to TensorBoard)."""
   due = {name: ev for name, ev in context.evaluators.items()
          if ev.every_steps and done % ev.every_steps == 0}
   if not due:
     return
   variables = context.parallel.get(state.variables)
   for name, evaluator in due.items():
-    scalars = evaluators_lib.scalar_metrics(evaluator.run(variables))
+    metrics = evaluator.run(variables)
+    scalars = evaluators_lib.scalar_metrics(metrics)
     context.writer.write(done, **{f"{name}/{k}": v for k, v in scalars.items()})
+    if jax.process_index() == 0:
+      context.writer.write_images(done, report.figures(evaluator.type, metrics, prefix=name))
 
 
 def is_better(validation: Mapping[str, float], progress: Mapping[str, Any]) -> bool:
@@ -436,6 +444,13 @@ def restore_run(workdir: str, which: str = "best"):
       (its path is named; nothing falls back silently).
     CheckpointMismatch: the checkpoint's structure differs from config.json's model.
   """
+  return restore_run_and_step(workdir, which)[:4]
+
+
+def restore_run_and_step(workdir: str, which: str = "best"):
+  """`restore_run`'s (config, model, variables, splits) and the training step of
+  the variables: the step the best model was selected at, or the latest
+  checkpoint's step."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"workdir: expected a training run with config.json, found none "
@@ -453,7 +468,9 @@ def restore_run(workdir: str, which: str = "best"):
     step = checkpointer.latest_step()
     if step is None:
       raise FileNotFoundError(f"workdir: no checkpoint under {workdir!r}/checkpoints")
-    train_state, best, _ = checkpointer.restore(step, template,
-                                                {"variables": template.variables})
-  variables = best["variables"] if which == "best" else train_state.variables
-  return config, experiment.model, variables, experiment.splits
+    train_state, best, progress = checkpointer.restore(step, template,
+                                                       {"variables": template.variables})
+  if which == "best":
+    return config, experiment.model, best["variables"], experiment.splits, int(
+        progress["best_step"])
+  return config, experiment.model, train_state.variables, experiment.splits, step
