@@ -72,6 +72,11 @@ def main(argv):
                                             outdir, meta)
   print(claims_lib.markdown(report["claims"]))
   print(f"report: {os.path.join(outdir, 'report.md')}")
+  index = cli.record_in_index(
+      _WORKDIR.value, f"reproduce on {_CONFIG.value.dataset}",
+      [outdir, os.path.join(_WORKDIR.value, reproduction.BUDGETS_FILE)], config=_CONFIG.value,
+      key="reproduce")
+  print(f"index of the reports and figures: {index}")
 
 
 if __name__ == "__main__":
