@@ -239,12 +239,13 @@ def test_operational_fields_may_change_on_a_rerun(finished_run, run_copy):
 
 
 def test_fresh_replaces_the_run_and_results_describe_the_new_model(run_copy):
-  (run_copy / "old_report.txt").write_text("stale")
+  (run_copy / "robustness").mkdir()
+  (run_copy / "robustness" / "old_report.md").write_text("stale")
   results = loop.train_and_evaluate(_config("ojt"), str(run_copy), fresh=True)
   stored = json.loads((run_copy / "results.json").read_text())
   assert stored["method"] == results["method"] == "ojt"
   assert json.loads((run_copy / "config.json").read_text())["method"] == "ojt"
-  assert not (run_copy / "old_report.txt").exists()
+  assert not (run_copy / "robustness").exists()
   assert "w_tilde" in loop.restore_run(str(run_copy))[2]["params"]["head"]
 
 
