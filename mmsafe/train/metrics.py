@@ -14,18 +14,27 @@ import numpy as np
 from mmsafe.files import to_builtin
 
 
+# Metrics the loop writes once training is over ("test/accuracy", ...): a resumed
+# run writes them again, so resuming drops them whatever their step.
+FINAL_PREFIX = "test/"
+
+
 def _line_step(line: str) -> int | None:
-  """The step of a metrics line; None for a line torn by a killed process."""
+  """The step of a metrics line; None for a line torn by a killed process or a
+  line of final metrics (`FINAL_PREFIX`)."""
   try:
-    return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+    record = json.loads(line) if line.endswith("\n") else None
   except ValueError:
     return None
+  if record is None or any(key.startswith(FINAL_PREFIX) for key in record):
+    return None
+  return int(record.get("step", 0))
 
 
 class MetricsWriter:
   """Appends JSON lines `{"step": ..., **metrics}` to `path`; on resume drops the
-  lines past `resume_step` (and a last line torn by a killed process); a fresh
-  run (`resume_step` None) starts a new file."""
+  lines past `resume_step`, the final metrics and a last line torn by a killed
+  process; a fresh run (`resume_step` None) starts a new file."""
 
   def __init__(self, path: str, resume_step: int | None):
     self._path = path
