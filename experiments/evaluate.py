@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from experiments import cli
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.eval import report
+from mmsafe.files import check_writable
 from mmsafe.train import loop
 
 DEFAULT_EVALS = "experiments/configs/evals.py:robustness"
@@ -69,7 +70,13 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
 
   Returns:
     name -> {"summary": printed numbers, "files": paths written}.
+
+  Raises:
+    OSError: a report directory cannot be written (checked before anything is
+      computed).
   """
+  for name in evals:
+    check_writable(os.path.join(out or workdir, name), "--out" if out else "--workdir")
   config, model, variables, splits = loop.restore_run(workdir, which=which)
   evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)
