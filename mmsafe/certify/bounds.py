@@ -220,6 +220,10 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
+
+  Raises:
+    ValueError for scores that are not one floating [B, K] shape with B >= 1,
+    labels out of range, NaN/Inf scores or negative/NaN constants (when concrete).
   """
   modalities = sorted(scores)
   if not modalities or sorted(eta) != modalities:
@@ -227,6 +231,12 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
   shapes = {m: tuple(jnp.shape(scores[m])) for m in modalities}
   if len(set(shapes.values())) != 1 or len(shapes[modalities[0]]) != 2:
     raise ValueError(f"scores: expected one [B, K] shape for every modality, got {shapes}")
+  for m in modalities:
+    dtype = jnp.asarray(scores[m]).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"scores[{m!r}]: expected a floating dtype (scores, not labels), got "
+                       f"{dtype}")
+  checks.check_nonempty(shapes[modalities[0]][0], "scores")
   logits = sum(jnp.asarray(scores[m], jnp.float32) for m in modalities)
   batch, num_classes = logits.shape
   if bias is not None:
