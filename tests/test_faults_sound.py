@@ -63,3 +63,154 @@ def test_conv_options_without_a_bound_are_refused_by_name(options, named):
                                                 rf"{named}"):
     layer.apply(variables, example, BoundOptions(), method="lipschitz_bound",
                 mutable=[LIPSCHITZ_COLLECTION])
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 models are certified in float32.
+
+from mmsafe import attacks, certify, models  # noqa: E402
+
+K = 4
+SHAPES = {"u": (12,), "v": (7,)}
+
+
+def _tiny_models(head: str):
+  """(bfloat16 model, the same model in float32, variables, inputs [32], labels)."""
+  config = {"head": head, "encoders": {"u": {"name": "mlp", "widths": (32, 16)},
+                                       "v": {"name": "mlp", "widths": (16,)}}}
+  build = lambda dtype: models.build({**config, "dtype": dtype}, num_classes=K,
+                                     input_shapes=SHAPES)
+  half, full = build("bfloat16"), build("float32")
+  rng = np.random.default_rng(0)
+  inputs = {m: jnp.asarray(rng.normal(size=(32, *s)), jnp.float32) for m, s in SHAPES.items()}
+  variables = full.init(jax.random.PRNGKey(1), inputs)
+  labels = jnp.argmax(full.apply(variables, inputs).logits, -1).astype(jnp.int32)
+  return half, full, variables, inputs, labels
+
+
+@pytest.mark.parametrize("head", ["concat", "orthogonal"])
+def test_sound_certificates_of_bfloat16_models_are_float32_certificates(head):
+  half, full, variables, inputs, labels = _tiny_models(head)
+  half_logits = half.apply(variables, inputs).logits
+  full_logits = full.apply(variables, inputs).logits
+  assert half_logits.dtype == jnp.float32  # (the head casts; the encoders ran in bfloat16)
+  assert float(jnp.max(jnp.abs(half_logits - full_logits))) > 1e-4  # Two functions.
+  cert = certify.certify(half, variables, inputs, labels, kind="sound")
+  reference = certify.certify(full, variables, inputs, labels, kind="sound")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, cert, reference)
+  margin = jnp.take_along_axis(full_logits, labels[:, None], axis=1) - full_logits
+  np.testing.assert_allclose(cert.margin, margin, rtol=1e-6, atol=1e-6)
+  assert models.as_float32(half) is models.as_float32(half)  # Compiled programs are reused.
+  assert models.as_float32(full) is full
+
+  # The certified function, attacked inside every radius, joint and per modality.
+  logits_fn = lambda x: full.apply(variables, x).logits
+  attacked = np.asarray(cert.correct) & (np.asarray(cert.radius) > 0)
+  assert attacked.sum() >= 16
+  budgets = {None: cert.radius, **{m: cert.per_modality[m] for m in SHAPES}}
+  for modality, radius in budgets.items():
+    adversarial = attacks.pgd(logits_fn, inputs, labels, jax.random.PRNGKey(2),
+                              eps=0.999 * radius, steps=100, restarts=3, loss="margin",
+                              modalities=modality)
+    broken = np.asarray(jnp.argmax(logits_fn(adversarial), -1) != labels) & attacked
+    assert not broken.any(), (modality, np.flatnonzero(broken))
+
+
+# ---------------------------------------------------------------------------
+# Radii in raw input units.
+
+
+class _Stats:
+  def __init__(self, std):
+    self.std = np.asarray(std, np.float32)
+    self.mean = np.zeros_like(self.std)
+
+
+def test_raw_input_scales_are_the_smallest_std_of_each_modality():
+  scales = certify.raw_input_scales({"a": _Stats([[[0.5, 2.0, 0.25]]]), "b": _Stats(3.0)})
+  assert scales == {"a": 0.25, "b": 3.0}
+  for bad in ([0.5, 0.0], [np.nan], [-1.0], None):
+    with pytest.raises(ValueError, match=r"raw_stats\['a'\].std: expected finite positive stds"):
+      certify.raw_input_scales({"a": _Stats(bad) if bad is not None else object()})
+
+
+def test_raw_radii_of_a_linear_model_on_the_smallest_std_feature_are_exact():
+  # The margins move only along each modality's smallest-std feature, where the
+  # raw-space rule is an equality: the raw radius is the distance, in raw input
+  # space, to the nearest decision boundary (computed here from raw-space
+  # gradients of the raw-input model, not from the rule), a step of 1.01 r
+  # towards it flips every example, and PGD inside 0.999 r flips none.
+  rng = np.random.default_rng(4)
+  stds = {"a": rng.uniform(0.2, 3.0, 6).astype(np.float32),
+          "b": rng.uniform(0.05, 1.0, 5).astype(np.float32)}
+  means = {m: rng.normal(size=s.shape).astype(np.float32) for m, s in stds.items()}
+  weights = {}
+  for m, std in stds.items():
+    w = np.zeros((std.size, K), np.float32)
+    w[np.argmin(std)] = rng.normal(size=K)
+    weights[m] = jnp.asarray(w)
+  scores_fn = lambda x: {m: x[m] @ weights[m] for m in x}
+  raw = {m: jnp.asarray(means[m] + stds[m] * rng.normal(size=(40, stds[m].size)), jnp.float32)
+         for m in stds}
+  normalise = lambda r: {m: (r[m] - means[m]) / stds[m] for m in r}
+  raw_logits = lambda r: sum(scores_fn(normalise(r)).values())
+  labels = jnp.argmax(raw_logits(raw), -1).astype(jnp.int32)
+  eta = {m: certify.integration_factors(weights[m])[labels] for m in stds}  # Exact, normalised.
+  scales = certify.raw_input_scales({m: _Stats(std) for m, std in stds.items()})
+  cert = certify.radius_from_scores(scores_fn(normalise(raw)), labels, eta, kind="sound",
+                                    input_scale=scales)
+  normalised = certify.radius_from_scores(scores_fn(normalise(raw)), labels, eta, kind="sound")
+  assert cert.units == "raw" and normalised.units == "normalised"
+  for m in stds:
+    np.testing.assert_allclose(cert.per_modality[m], scales[m] * normalised.per_modality[m],
+                               rtol=1e-5)
+  assert np.all(np.asarray(cert.radius) >= min(scales.values()) * np.asarray(
+      normalised.radius) * (1 - 1e-6))
+
+  # The nearest boundary in raw space, from the raw-space Jacobian (constant).
+  logits = np.asarray(raw_logits(raw))
+  jacobian = jax.jacobian(lambda r: raw_logits(r)[0])({m: x[:1] for m, x in raw.items()})
+  gradients = np.concatenate([np.asarray(jacobian[m]).reshape(K, -1) for m in sorted(raw)], 1)
+  y = np.asarray(labels)
+  difference = gradients[y][:, None, :] - gradients[None, :, :]  # [B, K, D]: grad(h_y - h_k)
+  distance = (logits[np.arange(40), y][:, None] - logits) / np.maximum(
+      np.linalg.norm(difference, axis=-1), 1e-30)
+  distance[np.arange(40), y] = np.inf
+  nearest = np.argmin(distance, axis=1)
+  np.testing.assert_allclose(cert.radius, distance[np.arange(40), nearest], rtol=1e-5)
+  direction = -difference[np.arange(40), nearest]
+  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+  sizes = np.cumsum([0] + [raw[m].shape[1] for m in sorted(raw)])
+  for factor, flipped in ((0.999, False), (1.01, True)):
+    step = factor * np.asarray(cert.radius)[:, None] * direction
+    moved = {m: raw[m] + step[:, sizes[i]:sizes[i + 1]] for i, m in enumerate(sorted(raw))}
+    assert np.all((np.argmax(raw_logits(moved), -1) != y) == flipped), factor
+  adversarial = attacks.pgd(raw_logits, raw, labels, jax.random.PRNGKey(5),
+                            eps=0.999 * cert.radius, steps=100, restarts=2, loss="margin")
+  assert np.all(np.argmax(raw_logits(adversarial), -1) == y)
+
+
+def test_certify_in_raw_units_holds_against_attacks_in_raw_space(trained_mfeat):
+  model, variables, splits, _ = trained_mfeat["jt"]
+  test = splits["test"]
+  inputs = {m: jnp.asarray(x[:64]) for m, x in test.inputs.items()}
+  labels = jnp.asarray(test.labels[:64])
+  mean = {m: jnp.asarray(s.mean) for m, s in test.stats.items()}
+  std = {m: jnp.asarray(s.std) for m, s in test.stats.items()}
+  raw = {m: inputs[m] * std[m] + mean[m] for m in inputs}
+  raw_logits = lambda r: model.apply(variables, {m: (r[m] - mean[m]) / std[m] for m in r}).logits
+  scales = certify.raw_input_scales(test.stats)
+  for kind, factor, breaks in (("sound", 0.999, False), ("local", 3.0, True)):
+    cert = certify.certify(model, variables, inputs, labels, kind, raw_stats=test.stats)
+    normalised = certify.certify(model, variables, inputs, labels, kind)
+    assert cert.units == "raw"
+    for m in inputs:
+      np.testing.assert_allclose(cert.per_modality[m], scales[m] * normalised.per_modality[m],
+                                 rtol=1e-5)
+    attacked = np.asarray(cert.correct) & (np.asarray(cert.radius) > 0)
+    adversarial = attacks.pgd(raw_logits, raw, labels, jax.random.PRNGKey(6),
+                              eps=factor * cert.radius, steps=100, restarts=3, loss="margin")
+    broken = np.asarray(jnp.argmax(raw_logits(adversarial), -1) != labels) & attacked
+    assert broken.any() == breaks, (kind, factor, int(broken.sum()), int(attacked.sum()))
+  with pytest.raises(ValueError, match=r"raw_stats: expected modalities \['fou', 'pix'\]"):
+    certify.certify(model, variables, inputs, labels, "sound", raw_stats={"pix": test.stats["pix"]})

@@ -166,9 +166,10 @@ def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[
   files.write_json_atomic(paths[0], results)
   curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
             for kind, entry in results["kinds"].items()}
+  xlabel = f"l2 radius ({results.get('units', 'normalised input space')})"
   paths.append(_plot(
       plots.plot_certified_accuracy, os.path.join(outdir, "certified_accuracy.png"), curves,
-      title=f"certified accuracy ({results['split']}, {results['head']} head)"))
+      title=f"certified accuracy ({results['split']}, {results['head']} head)", xlabel=xlabel))
   for kind, entry in results["kinds"].items():
     summary = entry["summary"]
     uni = {f"{m} only": (summary["thresholds"], acc)
@@ -176,7 +177,7 @@ def write_certification_report(results: Mapping[str, Any], outdir: str) -> list[
     uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
     paths.append(_plot(
         plots.plot_certified_accuracy, os.path.join(outdir, f"unimodal_{kind}.png"), uni,
-        title=f"uni-modal certified accuracy ({kind})"))
+        title=f"uni-modal certified accuracy ({kind})", xlabel=xlabel))
     if "eta_ratio" in entry:
       eta = entry["eta_ratio"]
       matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])
