@@ -214,3 +214,16 @@ def test_certify_in_raw_units_holds_against_attacks_in_raw_space(trained_mfeat):
     assert broken.any() == breaks, (kind, factor, int(broken.sum()), int(attacked.sum()))
   with pytest.raises(ValueError, match=r"raw_stats: expected modalities \['fou', 'pix'\]"):
     certify.certify(model, variables, inputs, labels, "sound", raw_stats={"pix": test.stats["pix"]})
+
+
+def test_pgd_skips_no_example_of_a_bfloat16_model_as_certified():
+  # Its certificates are of its float32 evaluation, not of the function attacked.
+  from mmsafe import data as data_lib
+  from mmsafe.eval import evaluators
+  half, full, variables, inputs, labels = _tiny_models("concat")
+  dataset = data_lib.Dataset(name="toy", split="test", inputs=jax.device_get(inputs),
+                             labels=np.asarray(labels), num_classes=K, stats={})
+  evals = {"pgd": {"type": "pgd", "split": "test", "eps": [0.01], "protocol": "fast"}}
+  radii = {dtype: evaluators.build_evaluators(evals, model=model, splits={"test": dataset})[
+      "pgd"].sound_radii(variables) for dtype, model in (("bfloat16", half), ("float32", full))}
+  assert radii["bfloat16"] is None and radii["float32"]["multi"].shape == (32,)

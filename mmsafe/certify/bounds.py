@@ -255,8 +255,8 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
     bias: optional [K] bias `b` of the fused logits.
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
     input_scale: optional modality -> smallest std of its standardisation: radii
-      in raw input units (see `certified_radius`; `eta` stays per unit of
-      normalised input).
+      in raw input units (see `certified_radius`; `eta` is given per unit of
+      normalised input either way).
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).

@@ -213,8 +213,9 @@ class Checkpointer:
     """Raises CheckpointMismatch unless the checkpoint's arrays have the
     templates' paths and shapes (DamagedCheckpoint when its metadata is missing
     or unreadable)."""
-    for name in _ARRAY_ITEMS:
-      if not os.path.isfile(os.path.join(self.path(step), name, _ITEM_METADATA)):
+    for name in _ARRAY_ITEMS:  # (orbax would describe the rest of the tree as missing)
+      if "://" not in self.directory and not os.path.isfile(
+          os.path.join(self.path(step), name, _ITEM_METADATA)):
         raise DamagedCheckpoint(self.path(step), f"file {name}/{_ITEM_METADATA} is missing")
     try:
       metadata = self._manager.item_metadata(step)

@@ -14,10 +14,10 @@ from mmsafe.manifold import stiefel_transform
 from mmsafe.models.heads import is_modality_weight, is_stiefel_leaf
 
 
-# Larger learning rates overflow float32 within a few steps: every rate from 1 to
-# 1e10 ended mfeat JT and OJT training with a NaN loss within 42 steps
-# (BUILD_NOTES, "Faults and bad input"); 1e3 leaves room for losses with tiny
-# gradients.
+# Above it training only diverges (a learning rate of 1e30 overflows float32 at
+# the first steps): every rate from 1 to 1e10 ended mfeat JT and OJT training
+# with a NaN loss within 42 steps (BUILD_NOTES, "Faults and bad input"); 1e3
+# leaves room for losses with tiny gradients.
 MAX_LEARNING_RATE = 1e3
 
 
