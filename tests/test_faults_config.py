@@ -267,13 +267,6 @@ def test_evaluate_checks_its_report_directory_before_computing(tmp_path, monkeyp
   assert sorted(os.listdir(tmp_path)) == ["file"]  # The probe left nothing behind.
 
 
-def test_the_evaluate_cli_refuses_an_unwritable_out_in_one_line(tmp_path):
-  process = _run_program("experiments.evaluate", f"--workdir={tmp_path}", f"--out={UNWRITABLE}")
-  assert process.returncode == 1, process.stderr
-  assert re.fullmatch(rf"error: PermissionError: \[Errno \d+\] --out: cannot write to "
-                      rf"'{UNWRITABLE}/robustness' \([\w ]+\)\n", process.stderr), process.stderr
-
-
 # ---------------------------------------------------------------------------
 # Damaged cache files
 

@@ -152,17 +152,6 @@ def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
   assert target.read_text() == "keep"
 
 
-def test_the_cli_reports_a_bad_lock_in_one_line(tmp_path):
-  workdir = tmp_path / "run"
-  _write_lock(workdir, _record(0))
-  process = subprocess.run(
-      [sys.executable, "-m", "experiments.train",
-       "--config=experiments/configs/embedded.py:runlocal", f"--workdir={workdir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert process.returncode == 1, process.stderr
-  assert process.stderr.count("\n") == 1 and "holds pid 0" in process.stderr, process.stderr
-
-
 # ---------------------------------------------------------------------------
 # Stale locks
 

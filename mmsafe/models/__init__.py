@@ -4,7 +4,8 @@ they are built from (each stating its Lipschitz bound), heads, `build`,
 
 from mmsafe.checks import check_inputs
 from mmsafe.models import layers, lipschitz_layers, operator_norms
-from mmsafe.models.build import MultiModalModel, as_float32, build, float32_variables
+from mmsafe.models.build import (MultiModalModel, as_float32, build,
+                                 float32_variables)
 from mmsafe.models.encoders import (ENCODERS, LIPSCHITZ_ENCODERS, LipschitzCNN, LipschitzMLP,
                                     LipschitzResNet, MLPEncoder, ResNet18, SmallCNN)
 from mmsafe.models.heads import (HEADS, STIEFEL_PARAM, ConcatHead, OrthogonalHead,
