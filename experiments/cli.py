@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
 from mmsafe.data.cache import default_data_dir
-from mmsafe.train.checkpoint import DamagedCheckpoint
+from mmsafe.train.checkpoint import CheckpointNotWritten, DamagedCheckpoint
 from mmsafe.train.workdir import WorkdirInUse
 
 USAGE_EXIT_CODE = 2
@@ -121,9 +121,10 @@ def _reporting_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]],
       message = (f"{type(e).__name__}: {' '.join(str(e).split())}"
                  if isinstance(e, _TYPED_ERRORS) else str(e))
       sys.stderr.write(f"error: {message}\n")
-      if isinstance(e, DamagedCheckpoint):
-        # Orbax's abandoned reads of the damaged files would each print a
-        # traceback at interpreter shutdown; nothing is left to write.
+      if isinstance(e, (DamagedCheckpoint, CheckpointNotWritten)):
+        # Orbax's abandoned reads of the damaged files, or writes of the failed
+        # save, would each print a traceback at interpreter shutdown; nothing
+        # is left to write.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

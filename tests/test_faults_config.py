@@ -253,6 +253,27 @@ def test_an_unwritable_workdir_ends_in_one_line():
                       process.stderr), process.stderr
 
 
+def test_a_full_disk_ends_in_one_line(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                         capture_output=True)
+  if mount.returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    process = _run_program("experiments.train",
+                           "--config=experiments/configs/embedded.py:runlocal",
+                           f"--workdir={disk / 'run'}")
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert process.returncode == 1, process.stderr
+  errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "checkpoint" in errors[0], process.stderr
+  assert errors[0].endswith("No space left on device [os_error_code='28'])"), errors[0]
+  assert "Traceback" not in process.stderr, process.stderr
+  assert not re.search(r"^[EF]\d{4} ", process.stderr, re.M), process.stderr  # absl errors
+
+
 def test_evaluate_checks_its_report_directory_before_computing(tmp_path, monkeypatch):
   from experiments import evaluate
   from mmsafe.train import loop

@@ -66,6 +66,10 @@ class CheckpointMismatch(ValueError):
   """A checkpoint whose structure or shapes differ from the run's config."""
 
 
+class CheckpointNotWritten(OSError):
+  """A save that failed (e.g. a full disk); the previous checkpoints are intact."""
+
+
 class Checkpointer:
   """Keeps the latest `max_to_keep` checkpoints of a run under `directory`.
 
@@ -89,6 +93,7 @@ class Checkpointer:
                        "best": ocp.StandardCheckpointHandler(),
                        "progress": ocp.JsonCheckpointHandler()})
     self._unsealed: int | None = None
+    self._save_errors = _BackgroundSaveErrors()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -106,6 +111,7 @@ class Checkpointer:
     self._seal()
     digests = {"algorithm": "crc32", "step": step, "train_state": tree_digest(train_state),
                "best": tree_digest(best), "progress": json_digest(progress)}
+    self._save_errors.hold()
     self._manager.save(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardSave(train_state),
         best=ocp.args.StandardSave(best),
@@ -123,9 +129,19 @@ class Checkpointer:
   def _seal(self) -> None:
     """Waits for the pending save, then records its step and the size and CRC-32
     of each of its files (`FILES_MANIFEST`; process 0, local directories), so
-    that a restore finds damaged files before orbax reads them."""
-    self._manager.wait_until_finished()
+    that a restore finds damaged files before orbax reads them. A save that
+    failed (e.g. a full disk) raises `CheckpointNotWritten` naming the
+    checkpoint and the cause; orbax removes its temporary directory at the
+    next open."""
     step, self._unsealed = self._unsealed, None
+    try:
+      self._manager.wait_until_finished()  # Raises a failure of the background save.
+    except Exception as e:
+      self._save_errors.keep()  # The failed save's threads may log until the process ends.
+      where = self.path(step) if step is not None else self.directory
+      raise CheckpointNotWritten(f"checkpoint {where}: not written ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())})") from e
+    self._save_errors.release()
     if (step is None or jax.process_index() != 0 or "://" in self.directory
         or not os.path.isdir(self.path(step))):
       return
@@ -250,8 +266,56 @@ class Checkpointer:
     self._seal()
 
   def close(self) -> None:
-    self._seal()
-    self._manager.close()
+    """Waits for the pending save and closes the manager (not after a failed
+    save, whose abandoned threads would each print a traceback as its event
+    loops close)."""
+    try:
+      self._seal()
+    finally:
+      if not self._save_errors.failed:
+        self._manager.close()
+        self._save_errors.release()
+
+
+class _BackgroundSaveErrors(logging.Filter):
+  """Silences a failed background save while a save is pending (`hold` ...
+  `release`), and for good once one failed (`keep`): orbax logs a traceback
+  from each of its threads, and each write still in flight reports "Event
+  loop is closed" (as an unraisable exception) once orbax closed its event
+  loop, now or while the process shuts down; `wait_until_finished` raises the
+  failure itself, which the caller reports once (`experiments.cli`: one line)."""
+
+  _logger = logging.getLogger("absl")  # Orbax logs through absl.
+
+  def __init__(self):
+    super().__init__()
+    self._kept = False
+    self._hook = None
+
+  @property
+  def failed(self) -> bool:
+    return self._kept
+
+  def hold(self) -> None:
+    if self._hook is None:
+      self._logger.addFilter(self)
+      self._hook = sys.unraisablehook
+      sys.unraisablehook = self._unraisable
+
+  def keep(self) -> None:
+    self._kept = True
+
+  def release(self) -> None:
+    if self._hook is not None and not self._kept:
+      self._logger.removeFilter(self)
+      sys.unraisablehook, self._hook = self._hook, None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+  def _unraisable(self, report) -> None:
+    if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+      self._hook(report)
 
 
 @contextlib.contextmanager
