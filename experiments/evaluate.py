@@ -76,7 +76,8 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
       computed).
   """
   for name in evals:
-    check_writable(os.path.join(out or workdir, name), "--out" if out else "--workdir")
+    check_writable(os.path.join(out or workdir, name),
+                   "--out" if out else "--workdir (--out writes the reports elsewhere)")
   config, model, variables, splits = loop.restore_run(workdir, which=which)
   evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)
