@@ -7,8 +7,10 @@ The file holds the owner's record (pid, host, start time), written while the
 lock is held, and a background thread refreshes its modification time every
 `heartbeat_seconds` (the heartbeat). The record and the heartbeat decide for
 what the kernel lock cannot see: an owner on another host sharing the mount,
-or a mount without working `flock`. With the kernel lock taken, a record left
-in the file is stale, and the lock is taken over, when
+or a mount without working `flock`. A process that holds the kernel lock is
+alive and is never overtaken, whatever its heartbeat (a stopped writer that
+resumed would write beside its successor). With the kernel lock taken, a
+record left in the file is stale, and the lock is taken over, when
 
 * its heartbeat is older than `stale_seconds` (whatever its pid: a live pid
   may be another process's after pid reuse or a container restart), or
