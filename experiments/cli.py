@@ -41,14 +41,19 @@ from ml_collections.config_flags import tuple_parser
 
 from mmsafe.data.cache import default_data_dir
 from mmsafe.eval import report
-from mmsafe.train.checkpoint import DamagedCheckpoint
+from mmsafe.train.checkpoint import CheckpointNotWritten, DamagedCheckpoint
 from mmsafe.train.workdir import WorkdirInUse
 
 USAGE_EXIT_CODE = 2
 # What a run reports in its message alone: a bad config value or a workdir
 # holding another run (ValueError, CheckpointMismatch), a workdir in use, a
-# damaged checkpoint, a missing run.
-REPORTED_ERRORS = (ValueError, WorkdirInUse, DamagedCheckpoint, FileNotFoundError)
+# damaged checkpoint, a missing run or another failure of the filesystem (a
+# read-only or full disk: OSError), a diverged run (FloatingPointError), a
+# number too large (OverflowError).
+REPORTED_ERRORS = (ValueError, WorkdirInUse, DamagedCheckpoint, OSError, FloatingPointError,
+                   OverflowError)
+# Of those, the ones reported on one line with their type, which names the cause.
+_TYPED_ERRORS = (OSError, FloatingPointError, OverflowError)
 # Names separated by commas, e.g. "pix,fou" (ast.literal_eval cannot read them).
 _NAME_LIST = re.compile(r"[A-Za-z_][\w-]*(,[A-Za-z_][\w-]*)+")
 # What parsing a config flag and its overrides raises on a bad command line.
@@ -148,10 +153,13 @@ def _reporting_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]],
       return main(argv)
     except REPORTED_ERRORS as e:
       logging.debug("%s", e, exc_info=True)
-      sys.stderr.write(f"error: {e}\n")
-      if isinstance(e, DamagedCheckpoint):
-        # Orbax's abandoned reads of the damaged files would each print a
-        # traceback at interpreter shutdown; nothing is left to write.
+      message = (f"{type(e).__name__}: {' '.join(str(e).split())}"
+                 if isinstance(e, _TYPED_ERRORS) else str(e))
+      sys.stderr.write(f"error: {message}\n")
+      if isinstance(e, (DamagedCheckpoint, CheckpointNotWritten)):
+        # Orbax's abandoned reads of the damaged files, or writes of the failed
+        # save, would each print a traceback at interpreter shutdown; nothing
+        # is left to write.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
@@ -161,11 +169,33 @@ def _reporting_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]],
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """Parses `argv` into `flag_values` and returns the remaining arguments; a bad
-  flag or config override exits with `USAGE_EXIT_CODE` and one line on stderr."""
+  flag or config override, or a config file that does not load, exits with
+  `USAGE_EXIT_CODE` and one line on stderr."""
   try:
-    return flag_values(list(argv))
+    remaining = flag_values(list(argv))
   except _PARSE_ERRORS as e:
     exit_usage(unknown_field_message(argv, flag_values) or " ".join(str(e).split()))
+  except (ImportError, SyntaxError) as e:
+    exit_usage(f"cannot load a config file: {_load_failure(e)}")
+  for name in flag_values:
+    flag = flag_values[name]
+    if flag.flag_type() == "config object" and name == flag.name:
+      try:  # ml_collections defers a config file's loading error to the first access.
+        hasattr(flag.value, "keys")
+      except OSError as e:
+        exit_usage(f"--{name}: cannot load the config file: {_load_failure(e)}")
+  return remaining
+
+
+def _load_failure(error: BaseException) -> str:
+  """The innermost cause of a config file's loading failure, on one line (e.g.
+  "[Errno 2] No such file or directory: 'configs/nope.py'")."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, SyntaxError):
+    return f"SyntaxError: {error.msg} ({error.filename}, line {error.lineno})"
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def exit_usage(message: str) -> NoReturn:

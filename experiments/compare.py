@@ -90,7 +90,8 @@ def main(argv):
   table = markdown_table(rows)
   print(f"\n{_CONFIG.value.dataset}, test split, models selected on validation "
         f"(PGD protocol {_PROTOCOL.value!r}; radius/sound is a certificate, "
-        f"radius/empirical an estimate):\n\n{table}")
+        f"radius/empirical an estimate; radii and eps are l2 in normalised input "
+        f"space):\n\n{table}")
   written = [files.write_text_atomic(os.path.join(_WORKDIR.value, "comparison.md"), table),
              files.write_json_atomic(os.path.join(_WORKDIR.value, "comparison.json"), rows)]
   index = cli.record_in_index(

@@ -144,6 +144,7 @@ def markdown_table(rows: list[dict], radii: np.ndarray) -> str:
              + [pm(row["certified"][f"{r:g}"]) for r in radii]
              + [pm(row["mean_radius"]), bounds, f"{row['broken']} / {row['attacked']}"])
     lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Radii r are l2 norms in normalised (standardised) input space."]
   return "\n".join(lines) + "\n"
 
 

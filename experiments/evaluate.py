@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from experiments import cli
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.eval import report
+from mmsafe.files import check_writable
 from mmsafe.train import loop
 
 # The evals config beside this file (found wherever mmsafe is installed).
@@ -76,7 +77,14 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
 
   Returns:
     name -> {"summary": printed numbers, "files": paths written}.
+
+  Raises:
+    OSError: a report directory cannot be written (checked before anything is
+      computed).
   """
+  for name in evals:
+    check_writable(os.path.join(out or workdir, name),
+                   "--out" if out else "--workdir (--out writes the reports elsewhere)")
   config, model, variables, splits, step = loop.restore_run_and_step(workdir, which=which)
   evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)

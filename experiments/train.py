@@ -8,7 +8,8 @@ verifies (a damaged one is set aside, with a warning). A workdir has one
 writer: a second process exits at once ("workdir: in use by pid N on host H").
 A rerun whose config differs from the workdir's in a field that defines the
 model or the run stops before writing and lists the fields; `--fresh` deletes
-the workdir's run and starts over.
+the workdir's run and starts over (it refuses a directory that holds anything
+but a run, naming what is there).
 
 Data parallelism: `--config.parallel=jit` (or `pmap`) trains on all devices of
 all processes with `--config.batch_size` the global batch. Several processes
@@ -45,7 +46,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Delete the run in --workdir (checkpoints, "
-                            "metrics, results, reports) and start over.")
+                            "metrics, results, reports) and start over; a directory that "
+                            "holds anything else is refused.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Start jax.distributed: auto-detected multi-process jobs (auto), always (on), never (off).")

@@ -7,6 +7,7 @@ truncated one. Used for every JSON, markdown, PNG and cache file mmsafe writes.
 from __future__ import annotations
 
 from collections.abc import Callable
+import errno
 import json
 import os
 import tempfile
@@ -36,6 +37,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
       os.remove(tmp)
     raise
   return path
+
+
+def check_writable(directory: str | os.PathLike, field: str) -> None:
+  """Checks that files can be created in `directory` (or, when it does not exist
+  yet, in its nearest existing ancestor, where it would be created) by creating
+  and removing a temporary file; creates nothing else. A full disk may still
+  fail a larger write later.
+
+  Raises:
+    OSError naming `field`, the directory and the cause (e.g. a read-only file
+    system, no permission, a file where a directory is expected).
+  """
+  probe = os.path.abspath(os.fspath(directory))
+  try:
+    while not os.path.isdir(probe):
+      if os.path.lexists(probe):
+        raise NotADirectoryError(errno.ENOTDIR, f"{probe} is not a directory")
+      probe = os.path.dirname(probe)
+    fd, tmp = tempfile.mkstemp(prefix=".write_probe.", suffix=".tmp", dir=probe)
+    os.close(fd)
+    os.remove(tmp)
+  except OSError as e:
+    raise type(e)(e.errno, f"{field}: cannot write to {os.fspath(directory)!r} "
+                           f"({e.strerror})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:

@@ -58,6 +58,18 @@ def _jitted(fn: Callable[..., Any], subject: _ByIdentity, options: tuple[Hashabl
   return jax.jit(functools.partial(fn, subject.value, *options))
 
 
+def derived(fn: Callable[[Any], Any], subject: Any) -> Any:
+  """`fn(subject)`, computed once per `(fn, subject)` (`subject` by identity), so
+  that a model derived from a model (e.g. its float32 form) keeps the programs
+  compiled for it."""
+  return _derived(fn, _ByIdentity(subject))
+
+
+@functools.lru_cache(maxsize=MAX_PROGRAMS)
+def _derived(fn: Callable[[Any], Any], subject: _ByIdentity) -> Any:
+  return fn(subject.value)
+
+
 def is_traced(*trees: Any) -> bool:
   """Whether any leaf of `trees` is a tracer (the caller runs under a transformation)."""
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))

@@ -84,6 +84,9 @@ DAMAGE = {
     "deleted data file": lambda c: _largest_file(c / "train_state").unlink(),
     "emptied manifest.ocdbt": lambda c: (c / "train_state" / "manifest.ocdbt").write_bytes(b""),
     "emptied _METADATA": lambda c: (c / "train_state" / "_METADATA").write_bytes(b""),
+    "deleted _METADATA": lambda c: (c / "train_state" / "_METADATA").unlink(),
+    "deleted _METADATA of an unsealed checkpoint": lambda c: (
+        (c / FILES_MANIFEST).unlink(), (c / "train_state" / "_METADATA").unlink()),
     "truncated progress JSON": lambda c: _truncate(c / "progress" / "metadata"),
     "flipped byte in the best model": lambda c: _flip_byte(_largest_file(c / "best")),
     "flipped byte in the train state": lambda c: _flip_byte(_largest_file(c / "train_state")),
@@ -113,13 +116,54 @@ def test_training_falls_back_from_a_damaged_checkpoint_bit_identically(
 
 
 @pytest.mark.parametrize("damage", ["flipped byte in the best model", "emptied _METADATA",
-                                    "deleted file checksums and digests"])
+                                    "deleted _METADATA", "deleted file checksums and digests"])
 def test_evaluation_refuses_a_damaged_checkpoint_naming_it(run_copy, damage):
   DAMAGE[damage](run_copy / "checkpoints" / str(LAST))
   before = _snapshot(run_copy)
   with pytest.raises(DamagedCheckpoint, match=f"checkpoint {run_copy}/checkpoints/{LAST}: "):
     loop.restore_run(str(run_copy))
   assert _snapshot(run_copy) == before
+
+
+def _replace_by_copy_of(checkpoints: Path, step: int, source: int) -> None:
+  shutil.rmtree(checkpoints / str(step))
+  shutil.copytree(checkpoints / str(source), checkpoints / str(step))
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_checkpoint_replaced_by_a_copy_of_another_step_is_damaged(run_copy, sealed):
+  checkpoints = run_copy / "checkpoints"
+  _replace_by_copy_of(checkpoints, LAST, EARLIER)
+  if not sealed:
+    (checkpoints / str(LAST) / FILES_MANIFEST).unlink()
+  before = _snapshot(run_copy)
+  with pytest.raises(DamagedCheckpoint, match=rf"checkpoint {checkpoints}/{LAST}: holds step "
+                                              rf"{EARLIER}, not {LAST}"):
+    loop.restore_run(str(run_copy))
+  assert _snapshot(run_copy) == before
+
+
+def test_training_falls_back_from_a_copied_checkpoint_and_finishes_identically(
+    finished_run, run_copy, caplog):
+  _, results, latest = finished_run
+  _replace_by_copy_of(run_copy / "checkpoints", LAST, EARLIER)
+  (run_copy / "results.json").unlink()
+  with caplog.at_level(logging.WARNING):
+    rerun = loop.train_and_evaluate(_config(), str(run_copy))
+  assert f"holds step {EARLIER}, not {LAST}" in caplog.text
+  assert rerun["test_accuracy"] == results["test_accuracy"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         loop.restore_run(str(run_copy), which="latest")[2], latest)
+
+
+def test_a_rerun_after_a_kill_past_the_test_metrics_logs_them_once(finished_run, run_copy):
+  # Killed after the test metrics were logged, before results.json was written.
+  (run_copy / "results.json").unlink()
+  lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+  loop.train_and_evaluate(_config(), str(run_copy))
+  rerun_lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+  assert rerun_lines == lines
+  assert sum('"test/accuracy"' in line for line in rerun_lines) == 1
 
 
 def test_an_unsealed_checkpoint_restores_and_its_array_digest_is_checked(finished_run, run_copy):
@@ -239,12 +283,13 @@ def test_operational_fields_may_change_on_a_rerun(finished_run, run_copy):
 
 
 def test_fresh_replaces_the_run_and_results_describe_the_new_model(run_copy):
-  (run_copy / "old_report.txt").write_text("stale")
+  (run_copy / "robustness").mkdir()
+  (run_copy / "robustness" / "old_report.md").write_text("stale")
   results = loop.train_and_evaluate(_config("ojt"), str(run_copy), fresh=True)
   stored = json.loads((run_copy / "results.json").read_text())
   assert stored["method"] == results["method"] == "ojt"
   assert json.loads((run_copy / "config.json").read_text())["method"] == "ojt"
-  assert not (run_copy / "old_report.txt").exists()
+  assert not (run_copy / "robustness").exists()
   assert "w_tilde" in loop.restore_run(str(run_copy))[2]["params"]["head"]
 
 

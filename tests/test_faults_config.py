@@ -3,6 +3,7 @@ overridable, unknown fields are refused with one clear line, bad values fail
 before anything is written, and damaged cache files are rebuilt."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,15 +135,34 @@ def test_train_cli_refuses_an_unknown_field_before_the_workdir(tmp_path):
     ("seed", 1.5, r"seed: expected an integer >= 0, got 1.5"),
     ("num_epochs", 0, r"num_epochs: expected an integer >= 1, got 0"),
     ("optimizer.learning_rate", -0.05,
-     r"optimizer.learning_rate: expected a finite number >= 0, got -0.05"),
+     r"optimizer.learning_rate: expected a finite number >= 0 and <= 1000, got -0.05"),
     ("optimizer.learning_rate", float("nan"),
-     r"optimizer.learning_rate: expected a finite number >= 0, got nan"),
+     r"optimizer.learning_rate: expected a finite number >= 0 and <= 1000, got nan"),
     ("optimizer.weight_decay", float("inf"),
      r"optimizer.weight_decay: expected a finite number >= 0, got inf"),
     ("method_kwargs.attack_eps", -0.1,
      r"method_kwargs.attack_eps: expected a finite number >= 0, got -0.1"),
     ("method_kwargs.attack_steps", 0, r"method_kwargs.attack_steps: expected an integer >= 1"),
     ("data.modalities", ("pix", "xyz"), r"data.modalities: unknown mfeat view 'xyz'"),
+    # Issue 34: checked before anything is written (they used to fail, or lose the
+    # model, after config.json).
+    ("checkpoint_max_to_keep", 0, r"checkpoint_max_to_keep: expected an integer >= 1, got 0"),
+    ("checkpoint_every_steps", -1, r"checkpoint_every_steps: expected an integer >= 0, got -1"),
+    ("checkpoint_every_seconds", float("inf"),
+     r"checkpoint_every_seconds: expected a finite number > 0, got inf"),
+    ("checkpoint_every_seconds", 0.0,
+     r"checkpoint_every_seconds: expected a finite number > 0, got 0.0"),
+    ("log_every_steps", -2, r"log_every_steps: expected an integer >= 0, got -2"),
+    ("optimizer.decay_epochs", (-1,),
+     r"optimizer.decay_epochs\[0\]: expected a finite number >= 0, got -1"),
+    ("optimizer.decay_epochs", (1, float("nan")),
+     r"optimizer.decay_epochs\[1\]: expected a finite number >= 0, got nan"),
+    ("optimizer.learning_rate", 1e30,
+     r"optimizer.learning_rate: expected a finite number >= 0 and <= 1000, got 1e\+30"),
+    ("method_kwargs.cert_eps", float("nan"),
+     r"method_kwargs.cert_eps: expected a finite number > 0, got nan"),
+    ("method_kwargs.cert_eps", 0.0, r"method_kwargs.cert_eps: expected a finite number > 0"),
+    ("method_kwargs.cert_eps", float("inf"), r"method_kwargs.cert_eps: expected a finite number"),
 ])
 def test_bad_values_fail_in_build_experiment(tmp_path, field, value, message):
   config = mfeat_config("jt", num_epochs=1).to_dict()
@@ -176,6 +196,96 @@ def test_bad_evaluator_eps_fail_before_the_workdir(tmp_path, settings, message):
                                            tmp_path / "run")
   with pytest.raises(ValueError, match=message):
     experiment.build_experiment(config)
+
+
+def test_a_missing_config_file_exits_with_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    parse("experiments/configs/no_such_config.py")
+  assert exit_info.value.code == cli.USAGE_EXIT_CODE
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert ("--config: cannot load the config file: [Errno 2] No such file or directory: "
+          "'experiments/configs/no_such_config.py'") in err, err
+
+
+@pytest.mark.parametrize("error, line", [
+    (FloatingPointError("non-finite training loss nan at step 21"),
+     "error: FloatingPointError: non-finite training loss nan at step 21\n"),
+    (OSError(30, "Read-only file system"), "error: OSError: [Errno 30] Read-only file system\n"),
+    (OSError(28, "No space left on device"),
+     "error: OSError: [Errno 28] No space left on device\n"),
+    (OverflowError("Python int too large\nto convert to C long"),
+     "error: OverflowError: Python int too large to convert to C long\n"),
+])
+def test_run_failures_end_in_one_line_naming_the_cause(capsys, error, line):
+  def main(argv):
+    raise error
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli._reporting_errors(main)(["prog"])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == line
+
+
+def _run_program(module: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_a_diverging_run_ends_in_one_line(tmp_path):
+  process = _run_program("experiments.train", "--config=experiments/configs/embedded.py:runlocal",
+                         "--config.optimizer.learning_rate=10.0", f"--workdir={tmp_path / 'run'}")
+  assert process.returncode == 1, process.stderr
+  assert process.stderr.splitlines()[-1].startswith(
+      "error: FloatingPointError: non-finite training loss nan at step "), process.stderr
+  assert "Traceback" not in process.stderr, process.stderr
+
+
+UNWRITABLE = "/sys/fs/mmsafe_unwritable"  # sysfs: no one may create files there.
+
+
+def test_an_unwritable_workdir_ends_in_one_line():
+  process = _run_program("experiments.train", "--config=experiments/configs/embedded.py:runlocal",
+                         f"--workdir={UNWRITABLE}/run")
+  assert process.returncode == 1, process.stderr
+  assert process.stderr.count("\n") == 1, process.stderr
+  assert re.fullmatch(rf"error: PermissionError: \[Errno \d+\] [\w ]+: '{UNWRITABLE}'\n",
+                      process.stderr), process.stderr
+
+
+def test_a_full_disk_ends_in_one_line(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                         capture_output=True)
+  if mount.returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    process = _run_program("experiments.train",
+                           "--config=experiments/configs/embedded.py:runlocal",
+                           f"--workdir={disk / 'run'}")
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert process.returncode == 1, process.stderr
+  errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "checkpoint" in errors[0], process.stderr
+  assert errors[0].endswith("No space left on device [os_error_code='28'])"), errors[0]
+  assert "Traceback" not in process.stderr, process.stderr
+  assert not re.search(r"^[EF]\d{4} ", process.stderr, re.M), process.stderr  # absl errors
+
+
+def test_evaluate_checks_its_report_directory_before_computing(tmp_path, monkeypatch):
+  from experiments import evaluate
+  from mmsafe.train import loop
+  monkeypatch.setattr(loop, "restore_run", lambda *a, **k: pytest.fail("restored the run"))
+  evals_config = evals.get_config("robustness").to_dict()
+  with pytest.raises(OSError, match=rf"--out: cannot write to '{UNWRITABLE}/robustness'"):
+    evaluate.evaluate_run(str(tmp_path), evals_config, out=UNWRITABLE)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(NotADirectoryError, match=r"--out: cannot write to .*file/robustness.* is "
+                                               r"not a directory"):
+    evaluate.evaluate_run(str(tmp_path), evals_config, out=str(tmp_path / "file"))
+  assert sorted(os.listdir(tmp_path)) == ["file"]  # The probe left nothing behind.
 
 
 # ---------------------------------------------------------------------------

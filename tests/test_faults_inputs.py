@@ -163,3 +163,45 @@ def test_robustness_suite_counts_non_finite_logits_as_failures():
   with pytest.raises(ValueError, match=r"inputs\['a'\]: expected finite values"):
     bad = {**inputs, "a": np.where(np.arange(8)[:, None, None] == 5, np.nan, inputs["a"])}
     robustness.evaluate_robustness(nan_apply, variables, bad, labels, config)
+
+
+# ---------------------------------------------------------------------------
+# Issue 34, item 6: NaN box bounds, empty or integer scores.
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ({"a": (np.nan, 1.0)}, r"bounds\['a'\].low: expected numbers \(\+-inf for no bound\), got 1 "
+                           r"NaN entries"),
+    ({"a": (-1.0, np.full((3, 2), np.nan))}, r"bounds\['a'\].high: expected numbers .*got 6 NaN"),
+    ({"a": (-np.inf, np.inf)}, None),  # unbounded: fine
+    ({"a": (1.0, -np.inf)}, r"bounds\['a'\]: expected low <= high everywhere, got low > high "
+                            r"in 1 entries"),
+])
+def test_attacks_reject_nan_box_bounds(bounds, message):
+  x = _inputs(7, batch=4)
+  labels = jnp.zeros(4, jnp.int32)
+  for attack in (lambda: attacks.pgd(_nonlinear(K), x, labels, KEY, eps=0.5, steps=2,
+                                     bounds=bounds),
+                 lambda: attacks.fgm(_nonlinear(K), x, labels, eps=0.5, bounds=bounds)):
+    if message is None:
+      attack()
+    else:
+      with pytest.raises(ValueError, match=message):
+        attack()
+
+
+def test_radius_from_scores_rejects_an_empty_batch():
+  scores = {"a": jnp.zeros((0, K)), "b": jnp.zeros((0, K))}
+  eta = {"a": jnp.ones((1, K)), "b": jnp.ones((1, K))}
+  with pytest.raises(ValueError, match=r"scores: expected a non-empty batch \(batch size >= 1\), "
+                                       r"got batch size 0"):
+    certify.radius_from_scores(scores, jnp.zeros(0, jnp.int32), eta)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.bool_])
+def test_radius_from_scores_rejects_integer_scores(dtype):
+  scores = {"a": jnp.ones((3, K), dtype), "b": jnp.ones((3, K), jnp.float32)}
+  eta = {"a": jnp.ones((1, K)), "b": jnp.ones((1, K))}
+  with pytest.raises(ValueError, match=rf"scores\['a'\]: expected a floating dtype \(scores, not "
+                                       rf"labels\), got {jnp.dtype(dtype).name}"):
+    certify.radius_from_scores(scores, jnp.zeros(3, jnp.int32), eta)

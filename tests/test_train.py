@@ -13,6 +13,7 @@ import pytest
 from mmsafe import data as data_lib
 from mmsafe.manifold import orthogonality_error
 from mmsafe.train import Checkpointer, TrainState, loop, make_optimizer
+from mmsafe.train.optimizer import MAX_LEARNING_RATE
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config, rewind
 
 
@@ -104,7 +105,7 @@ def test_bad_configs_fail_before_touching_the_workdir(tmp_path, field, value, me
 def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = mfeat_config("jt", num_epochs=3)
-  config.optimizer.learning_rate = 1e30
+  config.optimizer.learning_rate = MAX_LEARNING_RATE  # The largest allowed: it diverges.
   config.optimizer.decay_epochs = ()
   config.log_every_steps = 1
   config.checkpoint_every_steps = 1

@@ -255,7 +255,7 @@ def check_bounds(bounds: Bounds | None, inputs: Inputs, modalities: Sequence[str
 
   Raises:
     ValueError naming the modality and the expected/actual shape, or when an
-    entry has low > high.
+    entry is NaN or has low > high.
   """
   if bounds is None:
     return {}
@@ -284,12 +284,18 @@ def check_bounds(bounds: Bounds | None, inputs: Inputs, modalities: Sequence[str
       if len(value.shape) > len(example_shape):
         raise ValueError(f"bounds[{m!r}].{name}: expected at most {len(example_shape)} axes "
                          f"(one example), got shape {list(value.shape)}")
+      concrete = numerics.concrete(value)
+      if concrete is not None and np.any(np.isnan(concrete)):
+        raise ValueError(f"bounds[{m!r}].{name}: expected numbers (+-inf for no bound), got "
+                         f"{int(np.sum(np.isnan(concrete)))} NaN entries")
       arrays.append(value)
     low, high = arrays
-    concrete = numerics.concrete(high - low)
-    if concrete is not None and np.any(concrete < 0):
-      raise ValueError(f"bounds[{m!r}]: expected low <= high everywhere, got low > high "
-                       f"in {int(np.sum(concrete < 0))} entries")
+    concrete_low, concrete_high = numerics.concrete(low), numerics.concrete(high)
+    if concrete_low is not None and concrete_high is not None:
+      inverted = np.greater(concrete_low, concrete_high)
+      if np.any(inverted):
+        raise ValueError(f"bounds[{m!r}]: expected low <= high everywhere, got low > high "
+                         f"in {int(np.sum(inverted))} entries")
     out[m] = (low, high)
   return out
 

@@ -12,6 +12,9 @@
 * `bounds`: `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4, vulnerability
   indicators), `pair_lipschitz`, and `certify` (model + kind -> `Certificate`).
 * `curves`: certified accuracy versus radius, mean radius, eta ratios.
+* `units`: radii are in normalised (standardised) input space;
+  `raw_input_scales` (`certify(..., raw_stats=dataset.stats)`) gives them in
+  raw input units.
 
 Probabilistic certificates (beyond the paper), on any `logits_fn`:
 
@@ -25,7 +28,7 @@ Probabilistic certificates (beyond the paper), on any `logits_fn`:
   and binomial bounds.
 """
 
-from mmsafe.certify import ablation, smoothing, votes
+from mmsafe.certify import ablation, smoothing, units, votes
 from mmsafe.certify.ablation import AblationCertificate
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
                                    lipschitz_constants, pair_lipschitz, radius_from_scores)
@@ -36,17 +39,19 @@ from mmsafe.certify.local import (empirical_constants, jacobian_norms, local_con
                                   local_lipschitz, model_score_fn)
 from mmsafe.certify.smoothing import SmoothedCertificate
 from mmsafe.certify.sound import encoder_lipschitz, sound_constants
+from mmsafe.certify.units import raw_input_scales
 from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_pool_operator_norm,
                                           conv_operator_norm, max_pool_lipschitz, operator_norm,
                                           power_iteration_factor)
 
 __all__ = [
-    "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "votes",
+    "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "units", "votes",
     "KINDS", "ROUNDING_MARGIN", "BoundOptions", "Certificate", "LipschitzConstants",
     "avg_pool_operator_norm", "certified_accuracy", "certified_radius", "certify", "concatenate",
     "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",
     "integration_factors", "jacobian_norms", "lipschitz_constants", "local_constants",
     "local_lipschitz", "max_pool_lipschitz", "mean_radius", "model_score_fn", "operator_norm",
     "pair_lipschitz", "power_iteration_factor", "radius_from_scores", "radius_grid",
+    "raw_input_scales",
     "sound_constants", "summarize", "unimodal_certified_accuracy",
 ]

@@ -41,6 +41,12 @@ misclassified. Perturbing modality `m` alone (Prop. 3.4, eq. 7) gives
 Whether a radius is a certificate depends on the Lipschitz constants: only
 kind "sound" (`mmsafe.certify.sound`) gives one; "local" and "empirical"
 give estimates. `Certificate.kind` records which was used.
+
+Units: radii are l2 norms in the model's input space, i.e. *normalised*
+(standardised) inputs, unless raw units are asked for (`input_scale`, or
+`certify(..., raw_stats=dataset.stats)`: `mmsafe.certify.units`), which
+divides every `eta^(m)` by the smallest std of modality m's standardisation.
+`Certificate.units` records which.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ from mmsafe.certify.constants import (KINDS, TARGETS, LipschitzConstants, head_p
 from mmsafe.certify.local import (JacobianOptions, empirical_constants, host_chunk_size,
                                   host_chunks, local_constants)
 from mmsafe.certify.sound import sound_constants
+from mmsafe.certify.units import UNITS, raw_input_scales
+from mmsafe.models import as_float32, float32_variables
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -78,7 +86,8 @@ class Certificate:
     per_class: [B, K] `r_k` for every class; `+inf` at `k = y`. Not clipped at
       0: a negative entry marks a class that already beats `y`.
     eta: modality -> [B, K] vulnerability indicators `eta^(m)_k` for the pair
-      `(y, k)`; 0 at `k = y`.
+      `(y, k)`; 0 at `k = y` (in the certificate's `units`: per unit of
+      normalised or raw input).
     correct: [B] bool, `argmax h(x) == y` and `finite` (a non-finite example
       is never correct, so its radii are 0).
     margin: [B, K] fused logit margins `h_y(x) - h_k(x)` (0 at `k = y`).
@@ -86,6 +95,8 @@ class Certificate:
     finite: [B] bool, the logits of the example are finite and none of its
       vulnerability indicators is NaN (False e.g. for NaN inputs under jit,
       where values go unchecked); None for a certificate built without it.
+    units: "normalised" (radii are l2 norms of perturbations of the model's
+      standardised inputs) or "raw" (of raw inputs; `mmsafe.certify.units`).
   """
 
   radius: Array
@@ -96,6 +107,7 @@ class Certificate:
   margin: Array
   kind: str = flax.struct.field(pytree_node=False, default="custom")
   finite: Array | None = None
+  units: str = flax.struct.field(pytree_node=False, default="normalised")
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -130,7 +142,8 @@ def _check_head(output: ModelOutput) -> None:
 
 def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array], *,
                      feature_lipschitz: Mapping[str, Array] | None = None,
-                     kind: str = "custom") -> Certificate:
+                     kind: str = "custom", input_scale: Mapping[str, float] | None = None
+                     ) -> Certificate:
   """Certified radii, uni-modal radii and vulnerability indicators (Thm 3.3/3.5, Prop 3.4).
 
   Args:
@@ -149,14 +162,17 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
       `||a_y W~_y - a_k W~_k|| L^(m)` (orthogonal head, the tight Thm 3.5)
       or `||W_y - W_k|| L^(m)` (concat head).
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
+    input_scale: optional modality -> `s^(m) > 0`, the smallest std of the
+      modality's standardisation (`units.raw_input_scales`): radii and
+      indicators in raw input units. None: in normalised input space.
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
 
   Raises:
     ValueError for a head whose kernels are not `[d, K]` (or `d < K` for the
-    orthogonal head), missing/extra modalities in `tau` or
-    `feature_lipschitz`, wrong shapes, labels out of range, or NaN/Inf/negative
+    orthogonal head), missing/extra modalities in `tau`, `feature_lipschitz`
+    or `input_scale`, wrong shapes, labels out of range, or NaN/Inf/negative
     logits or constants (when concrete).
   """
   _check_head(output)
@@ -172,7 +188,27 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
   taus = {m: _checked_constants(f"tau[{m!r}]", tau[m], batch, num_classes) for m in modalities}
   if feature_lipschitz is not None:
     feature_lipschitz = _checked_feature_constants(feature_lipschitz, modalities)
-  return _radii(output, labels, taus, feature_lipschitz, kind)
+  return _radii(output, labels, taus, feature_lipschitz, _checked_scales(input_scale, modalities),
+                kind)
+
+
+def _checked_scales(input_scale: Mapping[str, Any] | None, modalities: list[str]
+                    ) -> dict[str, Array] | None:
+  """float32 scalar finite positive `s^(m)` for exactly `modalities` (or None)."""
+  if input_scale is None:
+    return None
+  if sorted(input_scale) != modalities:
+    raise ValueError(f"input_scale: expected modalities {modalities}, got {sorted(input_scale)}")
+  out = {}
+  for m in modalities:
+    value = jnp.asarray(input_scale[m], jnp.float32)
+    concrete = numerics.concrete(value)
+    if value.shape != () or (concrete is not None and not (np.isfinite(concrete)
+                                                           and concrete > 0)):
+      raise ValueError(f"input_scale[{m!r}]: expected a finite positive scalar, got "
+                       f"{input_scale[m]!r}")
+    out[m] = value
+  return out
 
 
 def _checked_feature_constants(constants: Mapping[str, Array], modalities: list[str]
@@ -197,7 +233,8 @@ def _checked_feature_constants(constants: Mapping[str, Array], modalities: list[
 
 
 def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[str, Array], *,
-                       bias: Array | None = None, kind: str = "custom") -> Certificate:
+                       bias: Array | None = None, kind: str = "custom",
+                       input_scale: Mapping[str, float] | None = None) -> Certificate:
   """Thm 3.3 (CRMT eq. 5) for any model whose fused logits are a sum of
   per-modality scores: `h(x) = sum_m s^(m)(x^(m)) + b`.
 
@@ -217,9 +254,16 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
       (entry `k = y` ignored), non-negative.
     bias: optional [K] bias `b` of the fused logits.
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
+    input_scale: optional modality -> smallest std of its standardisation: radii
+      in raw input units (see `certified_radius`; `eta` is given per unit of
+      normalised input either way).
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
+
+  Raises:
+    ValueError for scores that are not one floating [B, K] shape with B >= 1,
+    labels out of range, NaN/Inf scores or negative/NaN constants (when concrete).
   """
   modalities = sorted(scores)
   if not modalities or sorted(eta) != modalities:
@@ -227,6 +271,12 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
   shapes = {m: tuple(jnp.shape(scores[m])) for m in modalities}
   if len(set(shapes.values())) != 1 or len(shapes[modalities[0]]) != 2:
     raise ValueError(f"scores: expected one [B, K] shape for every modality, got {shapes}")
+  for m in modalities:
+    dtype = jnp.asarray(scores[m]).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"scores[{m!r}]: expected a floating dtype (scores, not labels), got "
+                       f"{dtype}")
+  checks.check_nonempty(shapes[modalities[0]][0], "scores")
   logits = sum(jnp.asarray(scores[m], jnp.float32) for m in modalities)
   batch, num_classes = logits.shape
   if bias is not None:
@@ -237,7 +287,7 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
   checks.check_labels(labels, num_classes, batch_size=batch)
   checks.check_finite(logits, "scores")
   eta = {m: _checked_constants(f"eta[{m!r}]", eta[m], batch, num_classes) for m in modalities}
-  return _radii_from_eta(logits, labels, eta, kind)
+  return _radii_from_eta(logits, labels, eta, _checked_scales(input_scale, modalities), kind)
 
 
 def _checked_constants(name: str, value: Array, batch: int, num_classes: int) -> Array:
@@ -300,19 +350,24 @@ def vulnerability_indicators(head, labels: Array, taus: Mapping[str, Array],
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array],
-           feature_lipschitz: dict[str, Array] | None, kind: str) -> Certificate:
+           feature_lipschitz: dict[str, Array] | None, input_scale: dict[str, Array] | None,
+           kind: str) -> Certificate:
   """The computation of `certified_radius` (arguments already checked): the
   vulnerability indicators of the head, then `_radii_from_eta`."""
   eta = vulnerability_indicators(output.head, labels, taus, feature_lipschitz)
-  return _radii_from_eta(output.logits.astype(jnp.float32), labels, eta, kind)
+  return _radii_from_eta(output.logits.astype(jnp.float32), labels, eta, input_scale, kind)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
-def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: str
-                    ) -> Certificate:
-  """Radii from fused logits [B, K] and vulnerability indicators modality -> [B|1, K]."""
+def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array],
+                    input_scale: dict[str, Array] | None, kind: str) -> Certificate:
+  """Radii from fused logits [B, K] and vulnerability indicators modality -> [B|1, K]
+  (per unit of normalised input; with `input_scale`, divided by it: raw units,
+  `mmsafe.certify.units`)."""
   batch, num_classes = logits.shape
   modalities = sorted(eta)
+  if input_scale is not None:
+    eta = {m: e / input_scale[m] for m, e in eta.items()}
   is_label = numerics.label_mask(labels, num_classes)
   logit_y = jnp.take_along_axis(logits, labels[:, None], axis=1)
   margin = jnp.where(is_label, 0.0, logit_y - logits)  # h_y - h_k
@@ -338,7 +393,7 @@ def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array], kind: s
   per_modality = {m: certified(radius_from(eta[m])) for m in modalities}
   return Certificate(radius=certified(per_class), per_modality=per_modality,
                      per_class=per_class, eta=eta, correct=correct, margin=margin, kind=kind,
-                     finite=finite)
+                     finite=finite, units=UNITS[input_scale is not None])
 
 
 def lipschitz_constants(model, variables: Mapping[str, Any], inputs: Mapping[str, Array],
@@ -371,16 +426,24 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
             kind: str = "local", *, constants: LipschitzConstants | None = None,
             batches: Iterable[Any] | None = None, mode: str = "auto",
             chunk_size: int | None = None, precision: str | None = "highest",
-            **sound_options) -> Certificate:
+            raw_stats: Mapping[str, Any] | None = None, **sound_options) -> Certificate:
   """Certified radii of `model` on a batch, with Lipschitz constants of `kind`.
 
   The radii of Thm 3.3 (eq. 5, concat head) or Thm 3.5 (eq. 10, orthogonal
   head) and the uni-modal radii of Prop. 3.4 (eq. 7), via `certified_radius`.
 
+  What is certified: the model evaluated in float32 (`models.as_float32`: a
+  bfloat16 model's parameters evaluated in float32, its margins taken from
+  float32 logits), the function every Lipschitz bound here is computed for;
+  a bfloat16 evaluation of the same parameters is another function, which
+  no radius covers. Radii are l2 norms in normalised (standardised) input
+  space unless `raw_stats` is given (`Certificate.units`).
+
   Args:
     model, variables: a model from `mmsafe.models.build` and its variables
-      (evaluated in eval mode: batch-norm statistics are fixed).
-    inputs: modality -> [B, ...]; labels: int [B].
+      (evaluated in eval mode: batch-norm statistics are fixed; in float32).
+    inputs: modality -> [B, ...] (normalised, as the model reads them);
+      labels: int [B].
     kind: "local" (per-sample gradient norms: an estimate), "empirical"
       (maximum of local over `batches`: an estimate) or "sound" (global upper
       bound: a certificate).
@@ -390,6 +453,10 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
     mode, chunk_size: Jacobian mode and chunking (see `local_lipschitz`).
     precision: matmul/conv precision of the model inside the Jacobians and
       the forward pass ("highest" by default; None: the ambient setting).
+    raw_stats: modality -> the standardisation of its inputs (an object with
+      `std`, e.g. `dataset.stats` of any mmsafe dataset): radii in raw input
+      units (`mmsafe.certify.units`: each modality's `eta` divided by its
+      smallest std). None: radii in normalised input space.
     **sound_options: for kind "sound" without `constants`.
 
   Returns:
@@ -408,14 +475,20 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
 
   Raises:
     ValueError for NaN/Inf inputs (when concrete), an empty batch, a kind
-    mismatch with `constants`, or any error of `certified_radius`. Under jit
-    (values unchecked) an example with NaN/Inf logits or NaN indicators gets
-    `correct=False`, radius 0 and `finite=False`.
+    mismatch with `constants`, `raw_stats` without finite positive stds for
+    exactly the model's modalities, or any error of `certified_radius`. Under
+    jit (values unchecked) an example with NaN/Inf logits or NaN indicators
+    gets `correct=False`, radius 0 and `finite=False`.
   """
   if kind not in KINDS:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
   checks.check_finite_inputs(inputs)
+  model, variables = as_float32(model), float32_variables(variables)
   head = head_params(model, variables)
+  input_scale = None if raw_stats is None else raw_input_scales(raw_stats)
+  if input_scale is not None and sorted(input_scale) != sorted(head.kernels):
+    raise ValueError(f"raw_stats: expected modalities {sorted(head.kernels)}, got "
+                     f"{sorted(input_scale)}")
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
   if inputs:
     checks.check_nonempty(batch, "inputs")
@@ -434,8 +507,8 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   size = None if constants is not None or programs.is_traced(variables, inputs) else (
       host_chunk_size(batch, head.num_classes, chunk_size))
   if size is None:
-    return program(variables, inputs, labels, constants)
-  return concatenate(program(variables, chunk, chunk_labels, None)
+    return program(variables, inputs, labels, constants, input_scale)
+  return concatenate(program(variables, chunk, chunk_labels, None, input_scale)
                      for chunk, chunk_labels in host_chunks((inputs, labels), size))
 
 
@@ -453,8 +526,8 @@ def _check_precomputed(constants: LipschitzConstants, kind: str, head_kind: str)
 
 
 def _certify(model, kind: str, options: JacobianOptions, variables: Mapping[str, Any],
-             inputs: Mapping[str, Array], labels: Array, constants: LipschitzConstants | None
-             ) -> Certificate:
+             inputs: Mapping[str, Array], labels: Array, constants: LipschitzConstants | None,
+             input_scale: dict[str, float] | None) -> Certificate:
   """The computation of `certify` (traced; arguments already checked), with
   local constants computed at `inputs` when `constants` is None."""
   with numerics.matmul_precision(options.precision):
@@ -462,7 +535,8 @@ def _certify(model, kind: str, options: JacobianOptions, variables: Mapping[str,
   if constants is None:
     constants = local_constants(model, variables, inputs, head=output.head, **options._asdict())
   return certified_radius(output, labels, constants.tau(labels),
-                          feature_lipschitz=constants.encoder or None, kind=kind)
+                          feature_lipschitz=constants.encoder or None, kind=kind,
+                          input_scale=input_scale)
 
 
 def concatenate(certificates: Iterable[Certificate]) -> Certificate:
@@ -470,7 +544,8 @@ def concatenate(certificates: Iterable[Certificate]) -> Certificate:
   certificates = list(certificates)
   if not certificates:
     raise ValueError("concatenate: expected at least one certificate")
-  kinds = {c.kind for c in certificates}
-  if len(kinds) > 1:
-    raise ValueError(f"concatenate: certificates of different kinds {sorted(kinds)}")
+  for field in ("kind", "units"):
+    values = {getattr(c, field) for c in certificates}
+    if len(values) > 1:
+      raise ValueError(f"concatenate: certificates of different {field}s {sorted(values)}")
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *certificates)

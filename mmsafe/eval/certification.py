@@ -12,6 +12,12 @@ A success inside a `sound` radius would be a bug; for `local`/`empirical`
 certified by one compiled program, compiled once per model, kind and shapes
 (`mmsafe.certify.programs`: shared by every instance); the attack compiles
 once per instance; `run_certification` runs one once.
+
+What is certified, and attacked, is the model evaluated in float32
+(`mmsafe.models.as_float32`: a bfloat16 model's parameters in float32), and
+radii are l2 norms in normalised input space (the model's standardised
+inputs; `RESULT_UNITS`): `mmsafe.certify.certify(..., raw_stats=...)` gives
+raw input units.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
+from mmsafe import models
 from mmsafe import programs
 from mmsafe.attacks.common import misclassified
 
@@ -35,6 +42,9 @@ Track = Callable[[Iterable, int, str], Iterable]
 
 # Attacks search the open ball of radius (1 - _INSIDE) r(x).
 _INSIDE = 1e-4
+# What the results say about the radii and the function they certify.
+RESULT_UNITS = "normalised input space"
+CERTIFIED_FUNCTION = "the model's parameters evaluated in float32"
 
 
 def make_radius_attack(logits_apply, *, steps: int, restarts: int):
@@ -176,6 +186,7 @@ class Certification:
     for kind in kinds:
       if kind not in certify_lib.KINDS:
         raise ValueError(f"kinds: expected a subset of {certify_lib.KINDS}, got {kind!r}")
+    model = models.as_float32(model)  # What `certify` certifies, so what is attacked.
     self.model, self.kinds, self.batch_size = model, tuple(kinds), int(batch_size)
     self.mode, self.chunk_size = mode, chunk_size
     self.attack_steps, self.attack_restarts = int(attack_steps), int(attack_restarts)
@@ -201,7 +212,8 @@ class Certification:
     if self._head_kind is None:  # the head's kind does not change with the variables
       self._head_kind = certify_lib.head_params(self.model, variables).kind
     results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
-                               "head": self._head_kind, "kinds": {}}
+                               "head": self._head_kind, "units": RESULT_UNITS,
+                               "certified_function": CERTIFIED_FUNCTION, "kinds": {}}
     certificates = {}
     for kind in self.kinds:
       start = time.time()

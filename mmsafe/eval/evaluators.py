@@ -62,6 +62,7 @@ import numpy as np
 from mmsafe import certify as certify_lib
 from mmsafe import checks
 from mmsafe import data as data_lib
+from mmsafe import models
 from mmsafe.attacks.pgd import get_protocol
 from mmsafe.eval import certification
 from mmsafe.eval import robustness
@@ -222,8 +223,11 @@ class Evaluator:
     """Scope -> [N] sound certified radii of the evaluated split ("multi": Thm
     3.3 / 3.5; each modality alone: Prop. 3.4), for PGD to skip what it cannot
     break; None without `skip_certified`, behind a defence (the certificates
-    are of the undefended model) or for a model that states no Lipschitz bound."""
-    if not self.settings.get("skip_certified", False) or self.defence:
+    are of the undefended model), for a model that does not compute in float32
+    (they are of its float32 evaluation, not of the function attacked) or for
+    a model that states no Lipschitz bound."""
+    if (not self.settings.get("skip_certified", False) or self.defence
+        or models.as_float32(self.model) is not self.model):
       return None
     try:
       constants = certify_lib.sound_constants(self.model, variables)

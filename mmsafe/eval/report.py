@@ -192,16 +192,18 @@ def certification_figures(results: Mapping[str, Any]) -> dict[str, bytes]:
   eta ratio heat maps (`eta_ratio_<kind>`, CRMT Fig. 3)."""
   curves = {kind: (entry["summary"]["thresholds"], entry["summary"]["certified_accuracy"])
             for kind, entry in results["kinds"].items()}
+  xlabel = f"l2 radius ({results.get('units', 'normalised input space')})"
   figures = {"certified_accuracy": _png(
       plots.plot_certified_accuracy, curves,
-      title=f"certified accuracy ({results['split']}, {results['head']} head)")}
+      title=f"certified accuracy ({results['split']}, {results['head']} head)", xlabel=xlabel)}
   for kind, entry in results["kinds"].items():
     summary = entry["summary"]
     uni = {f"{m} only": (summary["thresholds"], acc)
            for m, acc in summary["unimodal_certified_accuracy"].items()}
     uni["all modalities"] = (summary["thresholds"], summary["certified_accuracy"])
     figures[f"unimodal_{kind}"] = _png(plots.plot_certified_accuracy, uni,
-                                       title=f"uni-modal certified accuracy ({kind})")
+                                       title=f"uni-modal certified accuracy ({kind})",
+                                       xlabel=xlabel)
     if "eta_ratio" in entry:
       eta = entry["eta_ratio"]
       matrix = np.array([[np.nan if v is None else v for v in row] for row in eta["matrix"]])

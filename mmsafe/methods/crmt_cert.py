@@ -120,9 +120,9 @@ def _step1(model, config):
   temperature = float(required(config, "cert_temperature", "crmt_cert"))
   rho = float(required(config, "cert_rho", "crmt_cert"))
   floor = float(required(config, "l1_floor", "crmt_cert"))
-  if eps < 0:
-    raise ValueError(f"method_kwargs.cert_eps: expected >= 0, got {eps}")
-  if temperature <= 0:
+  if not eps > 0:
+    raise ValueError(f"method_kwargs.cert_eps: expected > 0, got {eps}")
+  if not temperature > 0:
     raise ValueError(f"method_kwargs.cert_temperature: expected > 0, got {temperature}")
 
   def loss_fn(params, state, batch, rng):

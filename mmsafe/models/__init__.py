@@ -4,7 +4,8 @@ they are built from (each stating its Lipschitz bound), heads, `build`,
 
 from mmsafe.checks import check_inputs
 from mmsafe.models import layers, lipschitz_layers, operator_norms
-from mmsafe.models.build import MultiModalModel, build
+from mmsafe.models.build import (MultiModalModel, as_float32, build,
+                                 float32_variables)
 from mmsafe.models.encoders import (ENCODERS, LIPSCHITZ_ENCODERS, LipschitzCNN, LipschitzMLP,
                                     LipschitzResNet, MLPEncoder, ResNet18, SmallCNN)
 from mmsafe.models.heads import (HEADS, STIEFEL_PARAM, ConcatHead, OrthogonalHead,
@@ -17,6 +18,6 @@ __all__ = [
     "BoundOptions", "ENCODERS", "HEADS", "LIPSCHITZ_ENCODERS", "ConcatHead", "HeadParams",
     "LipschitzCNN", "LipschitzMLP", "LipschitzResNet", "MLPEncoder", "ModelOutput",
     "MultiModalModel", "MultiModalTransformer", "OrthogonalHead", "ResNet18", "STIEFEL_PARAM",
-    "SmallCNN", "build", "check_inputs", "is_modality_weight", "is_stiefel_leaf", "layers",
+    "SmallCNN", "as_float32", "build", "check_inputs", "float32_variables", "is_modality_weight", "is_stiefel_leaf", "layers",
     "lipschitz_layers", "operator_norms",
 ]

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmsafe import programs
 from mmsafe.checks import check_inputs
 from mmsafe.models import transformer
 from mmsafe.models.encoders import ENCODERS
@@ -66,6 +67,40 @@ class MultiModalModel(nn.Module):
       with jax.default_matmul_precision("highest"):
         bounds[m] = encoder.lipschitz_bound(example, options)
     return bounds
+
+
+def as_float32(model: nn.Module) -> nn.Module:
+  """`model` computing in float32 throughout: the same module when it does
+  already, else a copy whose encoders (or transformer) have `dtype` float32,
+  built once per model (`programs.derived`). Its parameters are the same
+  (they are float32 in every model `build` makes), so `as_float32(model).apply(
+  variables, ...)` evaluates the same parameters in float32: the function the
+  float32 Lipschitz bounds of `mmsafe.certify` hold for."""
+  if _is_float32(model):
+    return model
+  return programs.derived(_float32_copy, model)
+
+
+def _is_float32(module: nn.Module) -> bool:
+  modules = [module, *getattr(module, "encoders", {}).values()]
+  return all(jnp.dtype(getattr(m, "dtype", jnp.float32)) == jnp.float32 for m in modules)
+
+
+def _float32_copy(model: nn.Module) -> nn.Module:
+  if isinstance(model, MultiModalModel):
+    return model.clone(encoders={
+        m: encoder.clone(dtype=jnp.float32) if hasattr(encoder, "dtype") else encoder
+        for m, encoder in model.encoders.items()})
+  return model.clone(dtype=jnp.float32)
+
+
+def float32_variables(variables: Mapping[str, Any]) -> Any:
+  """`variables` with every floating leaf that is not float32 cast to float32."""
+  def cast(leaf):
+    dtype = jnp.result_type(leaf)
+    return (leaf.astype(jnp.float32) if jnp.issubdtype(dtype, jnp.floating)
+            and dtype != jnp.float32 else leaf)
+  return jax.tree_util.tree_map(cast, variables)
 
 
 def build(config: Mapping[str, Any], *, num_classes: int | None = None,

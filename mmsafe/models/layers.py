@@ -133,17 +133,28 @@ class Dense(nn.Dense):
 
 class Conv(nn.Conv):
   """`nn.Conv`; bound: the exact (or power-iterated) norm of its linear map on
-  this input's spatial shape, borders and strides included (`conv_operator_norm`)."""
+  this input's spatial shape, borders, strides, dilations and feature groups
+  included (`conv_operator_norm`). Circular, reflecting and causal padding and
+  kernel masks state no bound (refused by name)."""
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     del train
     return super().__call__(x)
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
+    unbounded = ([f"padding={self.padding!r}"] if isinstance(self.padding, str)
+                 and self.padding.upper() not in ("SAME", "VALID") else [])
+    unbounded += ["mask"] if self.mask is not None else []
+    if unbounded:
+      where = "/".join(self.path) or self.name
+      raise NotImplementedError(f"sound Lipschitz bound: layer {where} (Conv) states no bound "
+                                f"with {', '.join(unbounded)}")
     kernel = self.variables["params"]["kernel"]
     return record(self, conv_operator_norm(
         kernel, None, in_shape=tuple(x.shape[1:]), strides=_pairs(self.strides),
-        padding=_static(self.padding), **options.for_layer(self.path)))
+        padding=_static(self.padding), kernel_dilation=_pairs(self.kernel_dilation or 1),
+        input_dilation=_pairs(self.input_dilation or 1),
+        feature_group_count=self.feature_group_count, **options.for_layer(self.path)))
 
 
 class ConvBatchNorm(nn.Module):

@@ -144,17 +144,21 @@ def operator_norm(linear_fn: Callable[[Array], Array], in_shape: tuple[int, ...]
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "in_shape", "strides", "padding", "method", "iterations", "failure_probability",
+    "in_shape", "strides", "padding", "kernel_dilation", "input_dilation",
+    "feature_group_count", "method", "iterations", "failure_probability",
     "exact_max_entries"))
 def conv_operator_norm(kernel: Array, scale: Array | None, key: Array, *,
                        in_shape: tuple[int, int, int], strides: tuple[int, int],
-                       padding: Any, method: str = "auto", iterations: int = 300,
+                       padding: Any, kernel_dilation: tuple[int, int] = (1, 1),
+                       input_dilation: tuple[int, int] = (1, 1), feature_group_count: int = 1,
+                       method: str = "auto", iterations: int = 300,
                        failure_probability: float = 1e-6,
                        exact_max_entries: int = 1 << 21) -> Array:
   """Operator norm bound of `x -> scale * conv(x, kernel)` on inputs `[H, W, C]`.
 
   The convolution is that of Flax's `nn.Conv` (cross-correlation, `padding`
-  "SAME"/"VALID"/explicit pairs, `strides`), no bias; `scale` ([C_out] or
+  "SAME"/"VALID"/explicit pairs, `strides`, `kernel_dilation` (atrous),
+  `input_dilation` and `feature_group_count`), no bias; `scale` ([C_out] or
   None) is a folded eval-mode batch-norm `gamma / sqrt(var + eps)`. The norm
   depends on the input's spatial size (border effects of the padding), hence
   `in_shape`. See `operator_norm` for the soundness of each method.
@@ -165,6 +169,9 @@ def conv_operator_norm(kernel: Array, scale: Array | None, key: Array, *,
 
   def linear_fn(x):
     y = jax.lax.conv_general_dilated(x[None], kernel, tuple(strides), padding,
+                                     lhs_dilation=tuple(input_dilation),
+                                     rhs_dilation=tuple(kernel_dilation),
+                                     feature_group_count=feature_group_count,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      precision=HIGHEST)[0]
     return y if scale is None else y * scale.astype(jnp.float32)

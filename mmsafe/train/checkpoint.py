@@ -13,16 +13,20 @@ replicated global arrays, which restore with the same sharding.
 Integrity, checked by `restore` (any failure raises `DamagedCheckpoint`,
 naming the checkpoint's path and what failed):
 1. its files: once a save is written (`seal_if_written`, the next save, or
-   `wait`), `FILES_MANIFEST` records the size and CRC-32 of each of its files,
-   so that damaged files are found before orbax reads them (a checkpoint whose
-   writer died before recording them is verified by 2 alone);
-2. its contents: the progress JSON holds, under `DIGESTS`, a CRC-32 of every
-   array (path, dtype, shape and bytes) of the train state and of the best
-   model, and of the rest of the progress (`tree_digest`, `json_digest`),
-   recomputed after reading.
-A checkpoint that fails and whose structure or shapes differ from the
-templates raises `CheckpointMismatch` instead, naming the first differing
-parameter path and both shapes.
+   `wait`), `FILES_MANIFEST` records the checkpoint's step and the size and
+   CRC-32 of each of its files, so that damaged files are found before orbax
+   reads them (a checkpoint whose writer died before recording them is
+   verified by 2 alone);
+2. its contents: the progress JSON holds, under `DIGESTS`, the step and a
+   CRC-32 of every array (path, dtype, shape and bytes) of the train state and
+   of the best model, and of the rest of the progress (`tree_digest`,
+   `json_digest`), recomputed after reading.
+Both recorded steps must be the directory's name: a checkpoint directory
+replaced by a copy of another step is damaged, not restored as the wrong step.
+A checkpoint whose files verify (or that has no manifest), that fails to
+restore, and whose structure or shapes differ from the templates raises
+`CheckpointMismatch` instead, naming the first differing parameter path and
+both shapes.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from mmsafe.train.state import TrainState
 
 _ARRAY_ITEMS = ("train_state", "best")
 FILES_MANIFEST = "files.crc32.json"
+_ITEM_METADATA = "_METADATA"  # Orbax's tree metadata of an array item.
 DIGESTS = "digests"  # The progress entry holding the checkpoint's digests.
 
 
@@ -59,6 +64,10 @@ class DamagedCheckpoint(Exception):
 
 class CheckpointMismatch(ValueError):
   """A checkpoint whose structure or shapes differ from the run's config."""
+
+
+class CheckpointNotWritten(OSError):
+  """A save that failed (e.g. a full disk); the previous checkpoints are intact."""
 
 
 class Checkpointer:
@@ -88,6 +97,7 @@ class Checkpointer:
                        "best": ocp.StandardCheckpointHandler(),
                        "progress": ocp.JsonCheckpointHandler()})
     self._unsealed: int | None = None
+    self._save_errors = _BackgroundSaveErrors()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -105,8 +115,9 @@ class Checkpointer:
     if self.read_only:
       raise ValueError(f"checkpoint {self.path(step)}: this checkpointer only reads")
     self._seal()
-    digests = {"algorithm": "crc32", "train_state": tree_digest(train_state),
+    digests = {"algorithm": "crc32", "step": step, "train_state": tree_digest(train_state),
                "best": tree_digest(best), "progress": json_digest(progress)}
+    self._save_errors.hold()
     self._manager.save(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardSave(train_state),
         best=ocp.args.StandardSave(best),
@@ -122,16 +133,26 @@ class Checkpointer:
       self._seal()
 
   def _seal(self) -> None:
-    """Waits for the pending save, then records the size and CRC-32 of each of
-    its files (`FILES_MANIFEST`; process 0, local directories), so that a
-    restore finds damaged files before orbax reads them."""
-    self._manager.wait_until_finished()
+    """Waits for the pending save, then records its step and the size and CRC-32
+    of each of its files (`FILES_MANIFEST`; process 0, local directories), so
+    that a restore finds damaged files before orbax reads them. A save that
+    failed (e.g. a full disk) raises `CheckpointNotWritten` naming the
+    checkpoint and the cause; orbax removes its temporary directory at the
+    next open."""
     step, self._unsealed = self._unsealed, None
+    try:
+      self._manager.wait_until_finished()  # Raises a failure of the background save.
+    except Exception as e:
+      self._save_errors.keep()  # The failed save's threads may log until the process ends.
+      where = self.path(step) if step is not None else self.directory
+      raise CheckpointNotWritten(f"checkpoint {where}: not written ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())})") from e
+    self._save_errors.release()
     if (step is None or jax.process_index() != 0 or "://" in self.directory
         or not os.path.isdir(self.path(step))):
       return
     write_json_atomic(os.path.join(self.path(step), FILES_MANIFEST),
-                      _file_checksums(self.path(step)))
+                      {"step": step, "files": _file_checksums(self.path(step))})
 
   def restore(self, step: int, train_state: TrainState, best: Any
               ) -> tuple[TrainState, Any, dict]:
@@ -143,10 +164,14 @@ class Checkpointer:
       DamagedCheckpoint: it cannot be read, or it fails its digest.
     """
     templates = {"train_state": train_state, "best": best}
-    failure = None
+    failure, files_damaged = None, False
     with _abandoned_reads_dropped():
       try:
-        self._verify_files(step)
+        try:
+          self._verify_files(step)
+        except DamagedCheckpoint:
+          files_damaged = True
+          raise
         abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(abstract(tree))
@@ -162,14 +187,15 @@ class Checkpointer:
       if failure is not None:
         gc.collect()  # Orbax's abandoned reads, while their reports are dropped.
     if failure is not None:
-      self._check_structure(step, templates)  # A changed model reads as damage too.
+      if not files_damaged:  # A changed model reads as damage too.
+        self._check_structure(step, templates)
       raise DamagedCheckpoint(self.path(step), failure)
     return restored["train_state"], restored["best"], progress
 
   def _verify_files(self, step: int) -> None:
     """Raises DamagedCheckpoint for a checkpoint whose files differ from its
-    `FILES_MANIFEST` (a checkpoint whose writer died before sealing it has
-    none: its array digests still verify it)."""
+    `FILES_MANIFEST`, or whose recorded step is not `step` (a checkpoint whose
+    writer died before sealing it has no manifest: its digests still verify it)."""
     path = self.path(step)
     manifest = os.path.join(path, FILES_MANIFEST)
     if not os.path.exists(manifest):
@@ -177,11 +203,13 @@ class Checkpointer:
     try:
       with open(manifest) as f:
         recorded = json.load(f)
-    except (OSError, ValueError) as e:
+      recorded_step, files = recorded["step"], dict(recorded["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
       raise DamagedCheckpoint(path, f"{FILES_MANIFEST} cannot be read ({_first_line(e)})"
                               ) from None
+    _check_step(path, step, recorded_step)
     actual = _file_checksums(path)
-    for name, (size, crc) in sorted(recorded.items()):
+    for name, (size, crc) in sorted(files.items()):
       if name not in actual:
         raise DamagedCheckpoint(path, f"file {name} is missing")
       if actual[name][0] != size:
@@ -195,6 +223,7 @@ class Checkpointer:
     if not isinstance(digests, dict):
       raise DamagedCheckpoint(self.path(step), "records no digests (written without "
                               "integrity checks, or its progress was replaced)")
+    _check_step(self.path(step), step, digests.get("step"))
     actual = {"train_state": tree_digest(restored["train_state"]),
               "best": tree_digest(restored["best"]), "progress": json_digest(progress)}
     for name, digest in actual.items():
@@ -204,7 +233,12 @@ class Checkpointer:
 
   def _check_structure(self, step: int, templates: dict[str, Any]) -> None:
     """Raises CheckpointMismatch unless the checkpoint's arrays have the
-    templates' paths and shapes (DamagedCheckpoint when its metadata is unreadable)."""
+    templates' paths and shapes (DamagedCheckpoint when its metadata is missing
+    or unreadable)."""
+    for name in _ARRAY_ITEMS:  # (orbax would describe the rest of the tree as missing)
+      if "://" not in self.directory and not os.path.isfile(
+          os.path.join(self.path(step), name, _ITEM_METADATA)):
+        raise DamagedCheckpoint(self.path(step), f"file {name}/{_ITEM_METADATA} is missing")
     try:
       metadata = self._manager.item_metadata(step)
       stored = {name: _shapes(metadata[name]) for name in _ARRAY_ITEMS}
@@ -238,8 +272,56 @@ class Checkpointer:
     self._seal()
 
   def close(self) -> None:
-    self._seal()
-    self._manager.close()
+    """Waits for the pending save and closes the manager (not after a failed
+    save, whose abandoned threads would each print a traceback as its event
+    loops close)."""
+    try:
+      self._seal()
+    finally:
+      if not self._save_errors.failed:
+        self._manager.close()
+        self._save_errors.release()
+
+
+class _BackgroundSaveErrors(logging.Filter):
+  """Silences a failed background save while a save is pending (`hold` ...
+  `release`), and for good once one failed (`keep`): orbax logs a traceback
+  from each of its threads, and each write still in flight reports "Event
+  loop is closed" (as an unraisable exception) once orbax closed its event
+  loop, now or while the process shuts down; `wait_until_finished` raises the
+  failure itself, which the caller reports once (`experiments.cli`: one line)."""
+
+  _logger = logging.getLogger("absl")  # Orbax logs through absl.
+
+  def __init__(self):
+    super().__init__()
+    self._kept = False
+    self._hook = None
+
+  @property
+  def failed(self) -> bool:
+    return self._kept
+
+  def hold(self) -> None:
+    if self._hook is None:
+      self._logger.addFilter(self)
+      self._hook = sys.unraisablehook
+      sys.unraisablehook = self._unraisable
+
+  def keep(self) -> None:
+    self._kept = True
+
+  def release(self) -> None:
+    if self._hook is not None and not self._kept:
+      self._logger.removeFilter(self)
+      sys.unraisablehook, self._hook = self._hook, None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+  def _unraisable(self, report) -> None:
+    if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+      self._hook(report)
 
 
 @contextlib.contextmanager
@@ -259,6 +341,14 @@ def _abandoned_reads_dropped():
   finally:
     sys.unraisablehook = hook
     logger.removeFilter(drop)
+
+
+def _check_step(path: str, step: int, recorded: Any) -> None:
+  """DamagedCheckpoint unless the step recorded in checkpoint `path` is `step`,
+  its directory's name."""
+  if recorded != step:
+    raise DamagedCheckpoint(path, f"holds step {recorded}, not {step} (its directory's name): "
+                                  f"a copy of another checkpoint?")
 
 
 def _file_checksums(directory: str) -> dict[str, list]:

@@ -26,7 +26,12 @@ METHOD_KWARG_RANGES = {
     "attack_eps": (False, 0.0, True), "attack_step_size": (False, 0.0, True),
     "attack_steps": (True, 1, True), "rho": (False, 0.0, True),
     "mixup_alpha": (False, 0.0, False), "noise_sigma": (False, 0.0, False),
-    "ablation_keep_fraction": (False, 0.0, False)}
+    "ablation_keep_fraction": (False, 0.0, False), "cert_eps": (False, 0.0, False),
+    "cert_temperature": (False, 0.0, False), "cert_rho": (False, 0.0, True)}
+# The run's integer fields checked before training: name -> (default, minimum).
+RUN_INTEGERS = {"seed": (0, 0), "eval_batch_size": (256, 1), "log_every_steps": (0, 0),
+                "checkpoint_every_steps": (0, 0), "checkpoint_max_to_keep": (2, 1),
+                "preemption_sync_steps": (10, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +113,8 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   if config.get("parallel", "none") not in parallel_lib.MODES:
     raise ValueError(f"parallel: expected one of {list(parallel_lib.MODES)}, got "
                      f"{config.get('parallel')!r}")
-  seed = check_integer(config.get("seed", 0), "seed", 0)
+  seed = check_run_fields(config)
   batch_size = check_integer(config.get("batch_size"), "batch_size", 1)
-  check_integer(config.get("eval_batch_size", 256), "eval_batch_size", 1)
   check_method_kwargs(config.get("method_kwargs") or {})
   splits = hold_out(load_splits(config), method, config)
   train = splits["train"]
@@ -128,6 +132,17 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   return Experiment(config=config, splits=splits, model=model, method=method, stages=stages,
                     optimizers=optimizers, steps_per_epoch=steps_per_epoch,
                     evaluators=evaluators)
+
+
+def check_run_fields(config: Mapping[str, Any]) -> int:
+  """Checks the run's integer fields (`RUN_INTEGERS`: at least one checkpoint
+  kept, cadences >= 0, ...) and `checkpoint_every_seconds` (finite, > 0);
+  returns the seed."""
+  for name, (default, minimum) in RUN_INTEGERS.items():
+    check_integer(config.get(name, default), name, minimum)
+  check_number(config.get("checkpoint_every_seconds", 60.0), "checkpoint_every_seconds", 0.0,
+               inclusive=False)
+  return int(config.get("seed", 0))
 
 
 def check_method_kwargs(kwargs: Mapping[str, Any]) -> None:

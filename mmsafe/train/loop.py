@@ -97,18 +97,22 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str, *, fresh: bool =
 
   The workdir has one writer (`workdir.WorkdirLock`, held by process 0). A
   workdir that holds a run with a different config is refused
-  (`workdir.check_same_run`) unless `fresh`, which deletes that run first.
+  (`workdir.check_same_run`) unless `fresh`, which deletes that run first (and
+  refuses a directory that holds anything but a run: `workdir.check_fresh`).
 
   Returns the final results (also written to `workdir/results.json`).
 
   Raises:
     Preempted: on SIGTERM, after saving a checkpoint (see the module docstring).
     WorkdirInUse: another live process writes `workdir`.
-    ValueError: a bad config, or a workdir holding another run (nothing written).
+    ValueError: a bad config, a workdir holding another run, or `fresh` on a
+      directory holding more than a run (nothing written).
     DamagedCheckpoint: no checkpoint of the workdir verifies.
   """
   experiment = build_experiment(config)
   context = _make_context(experiment)
+  if fresh:
+    workdir_lib.check_fresh(workdir)  # Before the lock writes into it.
   lock = (workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:

@@ -31,12 +31,21 @@ from mmsafe.files import to_builtin
 EVENTS_PREFIX = "events"  # tensorboardX names a file events.out.tfevents.<time>.<host><suffix>
 
 
+# Metrics the loop writes once training is over ("test/accuracy", ...): a resumed
+# run writes them again, so resuming drops them whatever their step.
+FINAL_PREFIX = "test/"
+
+
 def _line_step(line: str) -> int | None:
-  """The step of a metrics line; None for a line torn by a killed process."""
+  """The step of a metrics line; None for a line torn by a killed process or a
+  line of final metrics (`FINAL_PREFIX`)."""
   try:
-    return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+    record = json.loads(line) if line.endswith("\n") else None
   except ValueError:
     return None
+  if record is None or any(key.startswith(FINAL_PREFIX) for key in record):
+    return None
+  return int(record.get("step", 0))
 
 
 class EventWriter:
@@ -147,8 +156,8 @@ def _numbers(metrics: Mapping[str, object]) -> dict[str, float]:
 
 class MetricsWriter:
   """Appends JSON lines `{"step": ..., **metrics}` to `path`; on resume drops the
-  lines past `resume_step` (and a last line torn by a killed process); a fresh
-  run (`resume_step` None) starts a new file.
+  lines past `resume_step`, the final metrics and a last line torn by a killed
+  process; a fresh run (`resume_step` None) starts a new file.
 
   The numbers also go to TensorBoard event files in the same directory
   (`EventWriter` "training", resumed at `resume_step`); a line of test-split

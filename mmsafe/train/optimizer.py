@@ -14,6 +14,13 @@ from mmsafe.manifold import stiefel_transform
 from mmsafe.models.heads import is_modality_weight, is_stiefel_leaf
 
 
+# Above it training only diverges (a learning rate of 1e30 overflows float32 at
+# the first steps): every rate from 1 to 1e10 ended mfeat JT and OJT training
+# with a NaN loss within 42 steps (BUILD_NOTES, "Faults and bad input"); 1e3
+# leaves room for losses with tiny gradients.
+MAX_LEARNING_RATE = 1e3
+
+
 def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> optax.Schedule:
   """Constant `learning_rate` multiplied by `decay_factor` at each epoch in
   `decay_epochs` (the paper: x0.1 at epoch 60)."""
@@ -24,9 +31,17 @@ def learning_rate_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> o
 
 def check_hyperparameters(config: Mapping[str, Any], field: str) -> None:
   """Checks the optimizer `config`'s numbers (section `field`), all finite:
-  `decay_factor` > 0; `learning_rate` (0: a stage that trains nothing),
-  `momentum` and `weight_decay` >= 0."""
-  checks.check_number(config.get("learning_rate"), f"{field}.learning_rate", 0.0)
+  `learning_rate` in [0, `MAX_LEARNING_RATE`] (0: a stage that trains
+  nothing), `decay_factor` > 0, `momentum`, `weight_decay` and each of
+  `decay_epochs` >= 0."""
+  checks.check_number(config.get("learning_rate"), f"{field}.learning_rate", 0.0,
+                      maximum=MAX_LEARNING_RATE)
+  decay_epochs = config.get("decay_epochs", ())
+  if not isinstance(decay_epochs, (list, tuple)):
+    raise ValueError(f"{field}.decay_epochs: expected a sequence of epochs, got "
+                     f"{decay_epochs!r}")
+  for i, epoch in enumerate(decay_epochs):
+    checks.check_number(epoch, f"{field}.decay_epochs[{i}]", 0.0)
   checks.check_number(config.get("decay_factor", 0.1), f"{field}.decay_factor", 0.0,
                       inclusive=False)
   for key in ("momentum", "weight_decay"):
