@@ -292,7 +292,8 @@ def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: S
     jobs.append(Job(part, setting, label, seed, config, run_dir, with_eta, tuple(attacks)))
 
   if part == "main":
-    for method, seed in itertools.product(methods, seeds):
+    # Seed by seed, so that a partial reproduction holds every method.
+    for seed, method in itertools.product(seeds, methods):
       add("default", method, method, seed, configured(base, method, seed),
           method in ETA_METHODS)
   elif part == "transformer":
