@@ -1,7 +1,7 @@
 r"""The CRMT paper's claims checked on one dataset, in one command:
 
   python -m experiments.reproduce --config=experiments/configs/embedded.py:mfeat \
-      --workdir=/tmp/mmsafe/reproduce/mfeat --report_dir=experiments/results/mfeat
+      --workdir=/tmp/mmsafe/reproduce/mfeat
 
 Trains (resumably; a rerun skips finished runs and cached evaluations) and
 evaluates on the test split, with seeds 0-4 by default, the parts of
@@ -12,7 +12,8 @@ iterations (App. 8.3), JT / CRMT / GB / MMAT on every other modality pair
 and budgets calibrated so that JT keeps about 0.75 / 0.5 / 0.25 robust
 accuracy (validation split, JT seed 0), fixed before the other runs.
 
-The report (`--report_dir`, default `<workdir>/report`): report.md with the
+The report (`--report_dir`, default `experiments/results/<dataset>` in the
+repository): report.md with the
 claims table first (each claim with its verdict from a 95% interval, at the
 paper's and the calibrated budgets, or why it is not checked), report.json,
 and the figures. With a protocol other than `default`, the seed-0 JT and CRMT
@@ -36,8 +37,8 @@ from mmsafe import methods as methods_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs.")
-_REPORT_DIR = flags.DEFINE_string("report_dir", None,
-                                  "Where the report goes (default: <workdir>/report).")
+_REPORT_DIR = flags.DEFINE_string(
+    "report_dir", None, "Where the report goes (default: experiments/results/<dataset>).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (>= 2).")
 _PARTS = flags.DEFINE_list("parts", list(reproduction.PARTS),
                            "Parts to run ('main' first; 'pairs' needs >= 3 modalities).")
@@ -67,7 +68,8 @@ def main(argv):
                                          progress=lambda job: bar.update(1), on_part=on_part)
   bar.close()
   meta.update(wall_seconds=time.time() - start, device=reproduction.device_description())
-  outdir = _REPORT_DIR.value or os.path.join(_WORKDIR.value, "report")
+  outdir = _REPORT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             "results", _CONFIG.value.dataset)
   report = reproduction_report.write_report(results, reproduction.default_pair(_CONFIG.value),
                                             outdir, meta)
   print(claims_lib.markdown(report["claims"]))
