@@ -53,13 +53,13 @@ OPERATIONAL_FIELDS = frozenset({
     "checkpoint_every_seconds", "checkpoint_max_to_keep", "check_batches",
     "preemption_sync_steps", "parallel", "eval_batch_size", "data.data_dir"})
 # What a run's workdir holds at its top level (`mmsafe.train.loop`), besides
-# TensorBoard event files (`EVENTS_PREFIX`), reports written beside them and in
+# TensorBoard event files (`EVENT_FILE_PREFIX`), reports written beside them and in
 # evaluators' report directories (`REPORT_SUFFIXES`: results, index.md) and the
 # temporary files of atomic writes (".<name>.<random>.tmp", `mmsafe.files`).
 RUN_ENTRIES = frozenset({"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "results.json",
                          "checkpoints", "checkpoints_damaged", LOCK_NAME})
 REPORT_SUFFIXES = (".json", ".md", ".png")
-EVENTS_PREFIX = "events.out.tfevents."
+EVENT_FILE_PREFIX = "events.out.tfevents."  # (as `metrics.EventWriter` names them)
 # errnos of a filesystem without working flock (some FUSE and network mounts).
 _NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
@@ -318,7 +318,7 @@ def _is_run_entry(workdir: str, name: str) -> bool:
   if name in RUN_ENTRIES:
     return True
   if os.path.isfile(path):
-    return name.startswith(EVENTS_PREFIX) or _is_report_file(workdir, name)
+    return name.startswith(EVENT_FILE_PREFIX) or _is_report_file(workdir, name)
   if not os.path.isdir(path):
     return False
   return all(_is_report_file(root, name) for root, _, files in os.walk(path) for name in files)
