@@ -69,6 +69,7 @@ CALIBRATION_GRID = tuple(2.0 ** (k / 3) for k in range(-12, 19))  # 1/16 .. 64
 RESULTS_FILE = "reproduce.json"
 BUDGETS_FILE = "budgets.json"
 PROTOCOL_CHECK_FILE = "protocol_check.json"
+DIVERGED_FILE = "diverged.json"
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +181,8 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
                            settings: Mapping[str, Any], *, label: str) -> dict[str, Any]:
   """Trains (or resumes, or skips when finished) `config` in `run_dir`, then
   evaluates it unless `run_dir` already holds an evaluation with `settings`.
-  `label` names the run's method in the results (e.g. "crmt_2iter")."""
+  `label` names the run's method in the results (e.g. "crmt_2iter"). A run
+  that diverged (`train_run`) has no evaluation: its result says "diverged"."""
   cached = os.path.join(run_dir, RESULTS_FILE)
   if os.path.exists(cached):
     with open(cached) as f:
@@ -188,10 +190,14 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
     if result.get("settings") == json.loads(json.dumps(dict(settings))):
       return result
   trained = train_run(config, run_dir)
-  result = evaluate_run(run_dir, settings)
-  result.update(method=label, seed=int(config.seed),
-                training_seconds=trained["train_seconds_this_run"],
-                validation_accuracy=trained["validation_accuracy"])
+  identity = {"method": label, "seed": int(config.seed),
+              "training_seconds": trained["train_seconds_this_run"]}
+  if "diverged" in trained:  # nothing to evaluate: reported, not counted (`DIVERGED_FILE`)
+    result = {"settings": dict(settings), "diverged": trained["diverged"],
+              "evaluation_seconds": 0.0, **identity}
+  else:
+    result = dict(evaluate_run(run_dir, settings), **identity,
+                  validation_accuracy=trained["validation_accuracy"])
   files.write_json_atomic(cached, result)
   return result
 
@@ -199,12 +205,23 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
 def train_run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
   """The training results of `run_dir`: read when the run has finished, else
   trained (or resumed) now. Their `train_seconds_this_run` is the time of the
-  training that finished the run (of its last segment, when it was resumed)."""
-  path = os.path.join(run_dir, "results.json")  # written when the run finishes
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return loop.train_and_evaluate(config, run_dir)
+  training that finished the run (of its last segment, when it was resumed).
+
+  A run whose training loss turns non-finite has diverged: that is recorded
+  (`DIVERGED_FILE`, with the step, so that a rerun does not train it again)
+  and returned as {"diverged": message, "train_seconds_this_run"}."""
+  for name in ("results.json", DIVERGED_FILE):  # (results.json: the run finished)
+    path = os.path.join(run_dir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+  start = time.time()
+  try:
+    return loop.train_and_evaluate(config, run_dir)
+  except FloatingPointError as error:
+    diverged = {"diverged": str(error), "train_seconds_this_run": time.time() - start}
+    files.write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), diverged)
+    return diverged
 
 
 # ---------------------------------------------------------------------------
@@ -458,10 +475,10 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
     results += done
     if part == "main":
       preferred = claims_lib.preferred_modality(
-          [r for r in done if r["method"] == "jt"], modalities)
+          [r for r in done if r["method"] == "jt" and not r.get("diverged")], modalities)
   with open(os.path.join(workdir, BUDGETS_FILE)) as f:
     calibration = json.load(f)
-  first = results[0]
+  first = next(r for r in results if not r.get("diverged"))
   meta = {"dataset": base.dataset, "seeds": list(plan.seeds), "protocol": plan.protocol,
           "parts": list(plan.parts), "num_examples": first["num_examples"],
           "chance": 1.0 / first["num_classes"], "calibration": calibration,
@@ -471,7 +488,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
     points = {}
     for job_result in results:
       if (job_result["part"] == "main" and job_result["seed"] == plan.seeds[0]
-          and job_result["method"] in ("jt", "crmt")):
+          and job_result["method"] in ("jt", "crmt") and not job_result.get("diverged")):
         run_dir = os.path.join(workdir, "runs", "main", job_result["method"],
                                f"seed{plan.seeds[0]}")
         points[job_result["method"]] = protocol_check(job_result, run_dir, budgets,

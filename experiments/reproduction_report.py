@@ -22,9 +22,12 @@ Runs = dict[str, list[dict[str, Any]]]
 
 
 def grouped(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Runs]]:
-  """part -> setting -> method -> runs (sorted by seed)."""
+  """part -> setting -> method -> runs (sorted by seed); runs that diverged
+  (nothing to evaluate) are left out: the report lists them."""
   out: dict[str, dict[str, Runs]] = {}
   for result in results:
+    if result.get("diverged"):
+      continue
     out.setdefault(result["part"], {}).setdefault(result["setting"], {}).setdefault(
         result["method"], []).append(dict(result))
   for settings in out.values():
@@ -356,6 +359,14 @@ def report_markdown(meta: Mapping[str, Any], evidence: claims_lib.Evidence,
               f" (the modality JT prefers less; model-space x' = (x + s z) / sqrt(1 + s^2)); "
               f"areas are multi-modal PGD accuracy averaged over the radii "
               f"{list(evidence.multi_grid)}.", "", markdown_table(rows)]
+  diverged = [r for r in results if r.get("diverged")]
+  if diverged:
+    lines += ["## Runs that diverged", "",
+              "Their training loss turned non-finite. Such a run has no model to evaluate: "
+              "its method's tables and claims use its other seeds (comparisons pair the "
+              "seeds both methods have).", ""]
+    lines += [f"- {r['part']} {r['setting']} {r['method']} seed {r['seed']}: {r['diverged']}"
+              for r in diverged] + [""]
   lines += ["## Compute", ""] + _compute_lines(results, meta)
   lines += ["## Figures", ""] + [f"- {key}: `{os.path.basename(path)}`"
                                  for key, path in paths.items()]

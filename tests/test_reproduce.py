@@ -47,6 +47,21 @@ def test_step2_constants_are_estimated_again_at_a_second_step2(monkeypatch):
   assert callback.on_stage_start("step2_iter2", Context()) == {"x": 1} and len(calls) == 2
 
 
+def test_a_diverged_run_is_recorded_once_and_not_evaluated(tmp_path):
+  config = reproduction.configured(embedded.get_config("mfeat,runlocal"), "jt", 0,
+                                   **{"optimizer.learning_rate": 1000.0})
+  run_dir = str(tmp_path / "run")
+  settings = {"protocol": "fast"}
+  result = reproduction.train_and_evaluate_run(config, run_dir, settings, label="jt")
+  assert "non-finite training loss" in result["diverged"] and "headline" not in result
+  assert result["training_seconds"] > 0
+  stamp = os.stat(os.path.join(run_dir, reproduction.DIVERGED_FILE)).st_mtime_ns
+  assert reproduction.train_run(config, run_dir)["diverged"] == result["diverged"]
+  assert os.stat(os.path.join(run_dir, reproduction.DIVERGED_FILE)).st_mtime_ns == stamp
+  groups = reproduction_report.grouped([dict(result, part="main", setting="default")])
+  assert groups == {}
+
+
 def test_part_jobs_order_and_layout(tmp_path):
   base = embedded.get_config("mfeat")
   jobs = reproduction.part_jobs("pairs", base, str(tmp_path), (0, 1), pair_methods=("crmt", "jt"))
