@@ -91,7 +91,8 @@ def test_wheel_installs_and_runs_the_readme_snippet_and_the_commands(tmp_path):
   # The default evals config loads (it is found beside the module), then the run is missing.
   missing = _run([python, "-m", "experiments.evaluate", f"--workdir={away}"], returncode=1,
                  cwd=away)
-  assert missing.stderr.startswith("error: workdir: expected a training run with config.json")
+  assert missing.stderr.startswith(
+      "error: FileNotFoundError: workdir: expected a training run with config.json"), missing.stderr
 
   # `pip install mmsafe[notebook]`: the extra and the core cover the notebook's imports.
   extras = re.findall(r'^Requires-Dist: ([\w-]+).*extra == "notebook"', metadata, re.M)
