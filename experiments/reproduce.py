@@ -44,6 +44,11 @@ _PARTS = flags.DEFINE_list("parts", list(reproduction.PARTS),
                            "Parts to run ('main' first; 'pairs' needs >= 3 modalities).")
 _METHODS = flags.DEFINE_list("methods", list(reproduction.MAIN_METHODS),
                              "Methods of the main part (default: Table 1 and the ablation).")
+_PAIRS = flags.DEFINE_list(
+    "pairs", None, "Modality pairs of the pairs part, e.g. 'fac+kar,fou+zer' (default: every "
+    "pair but the default one).")
+_PAIR_METHODS = flags.DEFINE_list("pair_methods", list(reproduction.PAIR_METHODS),
+                                  "Methods of the pairs part.")
 _PROTOCOL = flags.DEFINE_string("protocol", "quick", "PGD protocol preset of the curves.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0,
                                      "Test examples evaluated (0: the whole split).")
@@ -52,10 +57,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  for name in _METHODS.value:
+  for name in (*_METHODS.value, *_PAIR_METHODS.value):
     methods_lib.get(name)  # Unknown names fail before any training starts.
+  pairs = None if _PAIRS.value is None else tuple(
+      reproduction.parse_pair(pair, _CONFIG.value.dataset) for pair in _PAIRS.value)
   plan = reproduction.Plan(seeds=tuple(int(s) for s in _SEEDS.value),
                            parts=tuple(_PARTS.value), methods=tuple(_METHODS.value),
+                           pairs=pairs, pair_methods=tuple(_PAIR_METHODS.value),
                            protocol=_PROTOCOL.value, max_examples=_MAX_EXAMPLES.value)
   start = time.time()
   bar = tqdm(desc="reproduce", unit="run", dynamic_ncols=True)

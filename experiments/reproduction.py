@@ -290,6 +290,16 @@ def all_modalities(dataset: str) -> tuple[str, ...]:
   return tuple(data_lib.load(dataset, "validation").inputs)
 
 
+def parse_pair(text: str, dataset: str) -> tuple[str, str]:
+  """"m1+m2" as a pair of two different modalities of `dataset`."""
+  names = tuple(text.split("+"))
+  known = all_modalities(dataset)
+  if len(names) != 2 or names[0] == names[1] or not set(names) <= set(known):
+    raise ValueError(f"pairs: expected two different modalities of {dataset} joined by '+' "
+                     f"(of {list(known)}), got {text!r}")
+  return names
+
+
 def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
               *, methods: Sequence[str] = MAIN_METHODS, preferred: str | None = None,
               pairs: Sequence[tuple[str, str]] | None = None,

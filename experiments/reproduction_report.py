@@ -264,7 +264,8 @@ def build_evidence(groups: Mapping[str, Mapping[str, Runs]], modalities: Sequenc
   preferred = claims_lib.preferred_modality(main["jt"], modalities)
   pairs = dict(groups.get("pairs", {}))
   if pairs:
-    pairs["+".join(modalities)] = {m: main[m] for m in reproduction.PAIR_METHODS if m in main}
+    studied = {method for runs in pairs.values() for method in runs}  # (the plan's pair_methods)
+    pairs["+".join(modalities)] = {m: main[m] for m in sorted(studied) if m in main}
   imbalance = {float(setting[len("noise"):]): runs
                for setting, runs in groups.get("imbalance", {}).items()}
   if imbalance:

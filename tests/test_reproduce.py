@@ -134,3 +134,10 @@ def test_tiny_reproduction_end_to_end(tmp_path):
   assert {"fig1_pix", "fig1_fou", "fig3", "fig4", "fig5", "pairs", "imbalance"} <= set(
       report["figures"])
   assert np.isfinite(report["dial"][-1]["gain"]["mean"])
+
+
+def test_parse_pair_names_the_field_and_the_modalities():
+  assert reproduction.parse_pair("fac+kar", "mfeat") == ("fac", "kar")
+  for bad in ("fac", "fac+fac", "fac+xyz", "fac+kar+pix"):
+    with pytest.raises(ValueError, match=r"pairs: expected two different modalities of mfeat"):
+      reproduction.parse_pair(bad, "mfeat")
