@@ -52,6 +52,9 @@ _PAIR_METHODS = flags.DEFINE_list("pair_methods", list(reproduction.PAIR_METHODS
 _PROTOCOL = flags.DEFINE_string("protocol", "quick", "PGD protocol preset of the curves.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0,
                                      "Test examples evaluated (0: the whole split).")
+_CACHED_ONLY = flags.DEFINE_bool(
+    "cached_only", False, "Write the report from the runs that have finished, training "
+    "nothing (the protocol check still runs); the report lists the runs still missing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,6 +67,7 @@ def main(argv):
   plan = reproduction.Plan(seeds=tuple(int(s) for s in _SEEDS.value),
                            parts=tuple(_PARTS.value), methods=tuple(_METHODS.value),
                            pairs=pairs, pair_methods=tuple(_PAIR_METHODS.value),
+                           cached_only=_CACHED_ONLY.value,
                            protocol=_PROTOCOL.value, max_examples=_MAX_EXAMPLES.value)
   start = time.time()
   bar = tqdm(desc="reproduce", unit="run", dynamic_ncols=True)

@@ -183,12 +183,9 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
   evaluates it unless `run_dir` already holds an evaluation with `settings`.
   `label` names the run's method in the results (e.g. "crmt_2iter"). A run
   that diverged (`train_run`) has no evaluation: its result says "diverged"."""
-  cached = os.path.join(run_dir, RESULTS_FILE)
-  if os.path.exists(cached):
-    with open(cached) as f:
-      result = json.load(f)
-    if result.get("settings") == json.loads(json.dumps(dict(settings))):
-      return result
+  result = cached_result(run_dir, settings)
+  if result is not None:
+    return result
   trained = train_run(config, run_dir)
   identity = {"method": label, "seed": int(config.seed),
               "training_seconds": trained["train_seconds_this_run"]}
@@ -198,8 +195,18 @@ def train_and_evaluate_run(config: ml_collections.ConfigDict, run_dir: str,
   else:
     result = dict(evaluate_run(run_dir, settings), **identity,
                   validation_accuracy=trained["validation_accuracy"])
-  files.write_json_atomic(cached, result)
+  files.write_json_atomic(os.path.join(run_dir, RESULTS_FILE), result)
   return result
+
+
+def cached_result(run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+  """`run_dir`'s cached evaluation when it was made with `settings`, else None."""
+  path = os.path.join(run_dir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  return result if result.get("settings") == json.loads(json.dumps(dict(settings))) else None
 
 
 def train_run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]:
@@ -377,9 +384,12 @@ def calibration_for(job: Job, workdir: str, protocol: str, max_examples: int,
 
 
 def run_jobs(jobs: Sequence[Job], workdir: str, protocol: str, max_examples: int,
-             progress: Callable[[Job], None] | None = None) -> list[dict[str, Any]]:
+             progress: Callable[[Job], None] | None = None, *, cached_only: bool = False,
+             missing: list[str] | None = None) -> list[dict[str, Any]]:
   """Trains and evaluates `jobs` in order; each setting's JT run is trained
-  first and calibrates that setting's budgets."""
+  first and calibrates that setting's budgets. `cached_only`: nothing is
+  trained or evaluated; a job without a cached evaluation (or whose setting
+  has no budgets yet) is named in `missing` instead."""
   path = os.path.join(workdir, BUDGETS_FILE)
   cache: dict[str, Any] = {}
   if os.path.exists(path):
@@ -387,6 +397,15 @@ def run_jobs(jobs: Sequence[Job], workdir: str, protocol: str, max_examples: int
       cache = json.load(f)
   results = []
   for job in jobs:
+    if cached_only:
+      key = job.setting if job.part == "pairs" else "default"
+      result = key in cache and cached_result(job.run_dir, evaluation_settings(
+          protocol, cache[key], max_examples, with_eta=job.with_eta, attacks=job.attacks))
+      if result:
+        results.append(dict(result, part=job.part, setting=job.setting))
+      elif missing is not None:
+        missing.append(f"{job.part} {job.setting} {job.label} seed {job.seed}")
+      continue
     if job.label == "jt" and job.part in ("main", "pairs"):
       train_run(job.config, job.run_dir)  # the model that calibrates the budgets
     calibration = calibration_for(job, workdir, protocol, max_examples, cache)
@@ -452,6 +471,7 @@ class Plan:
   pairs: tuple[tuple[str, str], ...] | None = None
   pair_methods: tuple[str, ...] = PAIR_METHODS
   noise_levels: tuple[float, ...] = NOISE_LEVELS
+  cached_only: bool = False  # report what has finished; run nothing (see `run_jobs`)
 
 
 def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
@@ -472,6 +492,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
     raise ValueError(f"seeds: expected >= 2 seeds for paired intervals, got {list(plan.seeds)}")
   modalities = default_pair(base)
   results: list[dict[str, Any]] = []
+  missing: list[str] = []
   preferred = None
   for part in plan.parts:
     if part == "pairs" and len(all_modalities(base.dataset)) < 3:
@@ -481,9 +502,13 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
                      noise_levels=plan.noise_levels)
     if on_part is not None:
       on_part(part, len(jobs))
-    done = run_jobs(jobs, workdir, plan.protocol, plan.max_examples, progress)
+    done = run_jobs(jobs, workdir, plan.protocol, plan.max_examples, progress,
+                    cached_only=plan.cached_only, missing=missing)
     results += done
     if part == "main":
+      if not done:
+        raise ValueError(f"cached_only: expected finished runs of the main part in {workdir}, "
+                         f"found none")
       preferred = claims_lib.preferred_modality(
           [r for r in done if r["method"] == "jt" and not r.get("diverged")], modalities)
   with open(os.path.join(workdir, BUDGETS_FILE)) as f:
@@ -492,7 +517,7 @@ def reproduce(base: ml_collections.ConfigDict, workdir: str, plan: Plan, *,
   meta = {"dataset": base.dataset, "seeds": list(plan.seeds), "protocol": plan.protocol,
           "parts": list(plan.parts), "num_examples": first["num_examples"],
           "chance": 1.0 / first["num_classes"], "calibration": calibration,
-          "noisy_modality": next(m for m in modalities if m != preferred)}
+          "noisy_modality": next(m for m in modalities if m != preferred), "missing": missing}
   if plan.protocol != "default":
     budgets = budgets_of(calibration["default"], modalities)
     points = {}

@@ -368,6 +368,16 @@ def report_markdown(meta: Mapping[str, Any], evidence: claims_lib.Evidence,
               "seeds both methods have).", ""]
     lines += [f"- {r['part']} {r['setting']} {r['method']} seed {r['seed']}: {r['diverged']}"
               for r in diverged] + [""]
+  if meta.get("missing"):
+    counts: dict[str, int] = {}
+    for name in meta["missing"]:
+      part, setting, label = name.split()[:3]
+      counts[f"{part} {setting} {label}"] = counts.get(f"{part} {setting} {label}", 0) + 1
+    lines += ["## Runs not done", "",
+              f"This report was written from the finished runs (`--cached_only`); "
+              f"{len(meta['missing'])} planned runs had not finished (part, setting, method: "
+              f"seeds missing):", ""]
+    lines += [f"- {key}: {count}" for key, count in sorted(counts.items())] + [""]
   lines += ["## Compute", ""] + _compute_lines(results, meta)
   lines += ["## Figures", ""] + [f"- {key}: `{os.path.basename(path)}`"
                                  for key, path in paths.items()]

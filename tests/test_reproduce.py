@@ -1,6 +1,7 @@
 """experiments.reproduce: calibrated budgets, the parts' runs, a tiny reproduction
 end to end (every part, cached on a rerun), and the report."""
 
+import dataclasses
 import json
 import os
 
@@ -80,16 +81,20 @@ def test_part_jobs_order_and_layout(tmp_path):
   assert {job.config.model.architecture for job in transformer} == {"transformer"}
 
 
-def test_tiny_reproduction_end_to_end(tmp_path):
-  """The parts on mfeat at smoke size (1-2 epochs, 2 seeds, 24 test examples):
-  budgets calibrated on JT, runs cached, the report with every claim. The
+def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
+  """The parts on mfeat at smoke size (1-2 epochs, 2 seeds, 24 test examples,
+  short eps grids): budgets calibrated on JT, runs cached, the report with
+  every claim (OJT's, left out here, is judged in tests/test_claims.py). The
   transformer part is left out here (its compilation alone would double the
   test): its jobs are checked by `test_part_jobs_order_and_layout`, the model
   by tests/test_transformer.py and its claim by tests/test_claims.py."""
   base = embedded.get_config("mfeat,runlocal")
   with base.unlocked():
     base.num_epochs, base.optimizer.decay_epochs = 1, ()
-  plan = reproduction.Plan(seeds=(0, 1), methods=("jt", "ojt", "crmt"), protocol="fast",
+  monkeypatch.setattr(reproduction, "CALIBRATION_GRID", tuple(2.0 ** k for k in range(-3, 6)))
+  monkeypatch.setattr(reproduction, "MULTI_GRID", (0.25, 1.0, 4.0))
+  monkeypatch.setattr(reproduction, "UNI_GRID", (0.5, 2.0, 8.0))
+  plan = reproduction.Plan(seeds=(0, 1), methods=("jt", "crmt"), protocol="fast",
                            max_examples=24, parts=("main", "iterations", "pairs", "imbalance"),
                            pairs=(("fou", "kar"),), pair_methods=("jt",), noise_levels=(2.0,))
   workdir = str(tmp_path / "reproduce")
@@ -113,21 +118,29 @@ def test_tiny_reproduction_end_to_end(tmp_path):
   stamp = os.stat(cached).st_mtime_ns
   again, _ = reproduction.reproduce(base, workdir, plan)
   assert os.stat(cached).st_mtime_ns == stamp and len(again) == len(results)
+  # --cached_only with a seed more: nothing trains; the new seed's runs are listed as missing.
+  partial, partial_meta = reproduction.reproduce(
+      base, workdir, dataclasses.replace(plan, seeds=(0, 1, 2), cached_only=True))
+  assert len(partial) == len(results) and not os.path.exists(
+      os.path.join(workdir, "runs", "main", "jt", "seed2"))
+  assert len(partial_meta["missing"]) == len(results) // 2
+  assert "main default crmt seed 2" in partial_meta["missing"]
 
-  meta.update(wall_seconds=1.0, device=reproduction.device_description())
+  partial_meta.update(wall_seconds=1.0, device=reproduction.device_description())
   outdir = tmp_path / "report"
-  report = reproduction_report.write_report(results, ("pix", "fou"), str(outdir), meta)
+  report = reproduction_report.write_report(partial, ("pix", "fou"), str(outdir), partial_meta)
   keys = {row["key"] for row in report["claims"]}
   assert keys == {claim.key for claim in claims.CLAIMS}
   rows = {row["key"]: row for row in report["claims"]}
-  assert rows["ojt_no_help"]["verdicts"][claims.PAPER] in (
+  assert rows["crmt_jt_over_jt"]["verdicts"][claims.PAPER] in (
       "reproduced", "contradicted", "inconclusive")
+  assert rows["ojt_no_help"]["verdicts"][claims.PAPER] == claims.NOT_RUN
   assert rows["imbalance_clean"]["verdicts"] == {claims.PAPER: claims.NOT_RUN}
   assert rows["eta_predicts"]["verdicts"] == {claims.PAPER: claims.NOT_RUN}  # < 3 pairs
   text = (outdir / "report.md").read_text()
   assert text.index("## The paper's claims") < text.index("## Budgets")
   for section in ("## Table 1 (bite budgets)", "## Every modality pair",
-                  "## The imbalance dial", "## Compute"):
+                  "## The imbalance dial", "## Runs not done", "## Compute"):
     assert section in text, section
   for name in report["figures"].values():
     assert (outdir / name).read_bytes()[:4] == b"\x89PNG"
