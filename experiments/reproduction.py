@@ -298,13 +298,14 @@ def all_modalities(dataset: str) -> tuple[str, ...]:
 
 
 def parse_pair(text: str, dataset: str) -> tuple[str, str]:
-  """"m1+m2" as a pair of two different modalities of `dataset`."""
+  """"m1+m2" as a pair of two different modalities of `dataset`, in the
+  dataset's order of modalities (the pairs part's setting names)."""
   names = tuple(text.split("+"))
   known = all_modalities(dataset)
   if len(names) != 2 or names[0] == names[1] or not set(names) <= set(known):
     raise ValueError(f"pairs: expected two different modalities of {dataset} joined by '+' "
                      f"(of {list(known)}), got {text!r}")
-  return names
+  return tuple(sorted(names, key=known.index))
 
 
 def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],

@@ -124,7 +124,9 @@ def pair_table(pairs: Mapping[str, Runs], budgets: Mapping[str, Any]) -> list[li
   """Per pair: JT's clean and bite-budget PGD accuracy (multi-modal and on each
   modality), and CRMT's and each baseline's paired difference to JT at the
   multi-modal bite budget, with its 95% interval over seeds and examples."""
-  others = [m for m in reproduction.PAIR_METHODS if m != "jt"]
+  present = {method for runs in pairs.values() for method in runs}
+  others = [m for m in reproduction.PAIR_METHODS if m in present and m != "jt"]
+  others += sorted(present - {"jt", *others})
   rows = [["pair", "bite eps (multi / m1 / m2)", "JT clean", "JT PGD multi", "JT PGD m1",
            "JT PGD m2"] + [f"{m} − JT PGD multi" for m in others]]
   for pair, runs in sorted(pairs.items()):
