@@ -368,12 +368,17 @@ def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: S
   return sorted(jobs, key=lambda j: (j.setting, not (j.label == "jt" and j.seed == first)))
 
 
+def budget_key(job: Job) -> str:
+  """The setting whose budgets `job` uses (see `calibration_for`)."""
+  return job.setting if job.part == "pairs" else "default"
+
+
 def calibration_for(job: Job, workdir: str, protocol: str, max_examples: int,
                     cache: dict[str, Any]) -> dict[str, Any]:
   """The budgets of `job`'s setting: calibrated on that setting's JT run (the
   transformer and the imbalance dial use the default pair's, so that their
   numbers compare with the main part's), cached in `<workdir>/budgets.json`."""
-  key = job.setting if job.part == "pairs" else "default"
+  key = budget_key(job)
   if key not in cache:
     jt = job.run_dir if job.label == "jt" and job.part in ("main", "pairs") else None
     if jt is None:
@@ -399,7 +404,7 @@ def run_jobs(jobs: Sequence[Job], workdir: str, protocol: str, max_examples: int
   results = []
   for job in jobs:
     if cached_only:
-      key = job.setting if job.part == "pairs" else "default"
+      key = budget_key(job)
       result = key in cache and cached_result(job.run_dir, evaluation_settings(
           protocol, cache[key], max_examples, with_eta=job.with_eta, attacks=job.attacks))
       if result:

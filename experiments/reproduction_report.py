@@ -5,6 +5,7 @@ it took, and the figures (PNG). Flag-free."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 import os
 from typing import Any
@@ -371,10 +372,7 @@ def report_markdown(meta: Mapping[str, Any], evidence: claims_lib.Evidence,
     lines += [f"- {r['part']} {r['setting']} {r['method']} seed {r['seed']}: {r['diverged']}"
               for r in diverged] + [""]
   if meta.get("missing"):
-    counts: dict[str, int] = {}
-    for name in meta["missing"]:
-      part, setting, label = name.split()[:3]
-      counts[f"{part} {setting} {label}"] = counts.get(f"{part} {setting} {label}", 0) + 1
+    counts = collections.Counter(name.rsplit(" seed ", 1)[0] for name in meta["missing"])
     lines += ["## Runs not done", "",
               f"This report was written from the finished runs (`--cached_only`); "
               f"{len(meta['missing'])} planned runs had not finished (part, setting, method: "

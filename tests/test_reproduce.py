@@ -143,6 +143,8 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
                   "## The imbalance dial", "## Runs not done", "## Compute"):
     assert section in text, section
   assert "gb − JT" not in text  # the pair table has columns for the methods that ran only
+  # The default pair joins the pair study with the pair methods' runs only (not CRMT's).
+  assert {p["method"] for p in report["pair_points"]} == {"jt"}
   for name in report["figures"].values():
     assert (outdir / name).read_bytes()[:4] == b"\x89PNG"
   assert {"fig1_pix", "fig1_fou", "fig3", "fig4", "fig5", "pairs", "imbalance"} <= set(
