@@ -1,52 +1,82 @@
-r"""Sound certified accuracy of several methods, free vs Lipschitz encoders, over seeds.
+r"""Sound certified accuracy per threat: methods tuned on validation, over seeds, with intervals.
 
   python -m experiments.compare_certified --config=experiments/configs/embedded.py:mfeat \
-      --methods=jt,ojt,crmt,crmt_at,crmt_cert --encoders=free,lipschitz --seeds=0,1,2 \
-      --workdir=/tmp/mmsafe/certified_mfeat
+      --methods=jt,jt_cert,ojt_cert,crmt_cert --encoders=lipschitz --seeds=0,1,2,3,4 \
+      --grid=jt_cert:cert_eps=2,3,4:cert_temperature=2,4 \
+      --grid=ojt_cert:cert_eps=2,3,4:cert_temperature=2,4 \
+      --grid=crmt_cert:cert_eps=2,3,4:cert_temperature=2,4 \
+      --control=jt_cert --workdir=/tmp/mmsafe/certified_mfeat
 
-Every (encoders, method, seed) trains in `<workdir>/<encoders>/<method>/seed_<s>`
-(resumable): "free" uses `config.model.encoders`, "lipschitz" the 1-Lipschitz
-`config.model.lipschitz_encoders` (`crmt_cert` runs with these only: its
-training step computes the encoders' bounds). The model selected on validation is then
-certified on the test split with `sound` constants (certificates: each encoder's
-stated bound, the tight Thm 3.5 for orthogonal heads), and every certified
-radius is attacked: l2-PGD with margin loss, `--attack_steps` steps of
-2.5 r/steps and `--attack_restarts` random restarts inside `(1 - 1e-4) r(x)`
-(a success would be a bug and is reported as "broken"). Each run's result is
-kept in its workdir, so an interrupted comparison resumes where it stopped.
+Methods are registry names or labels of `--variant`s, a method with fixed
+`method_kwargs` (`--variant=crmt_cert_uni=crmt_cert:cert_uni_weight=1`).
+A `--grid` on a label tunes those `method_kwargs` on the *validation* split:
+every grid point trains with seed `--tune_seed` and is scored by its sound
+certified accuracy at `--radii`, averaged over the joint and the
+worst-modality threats; the best point then runs every seed. All grids must
+have the same number of points, so every tuned method gets the same budget.
 
-Writes `<workdir>/certified.{md,json}`: per (encoders, method), clean accuracy
-and sound certified accuracy at `--radii` as mean +- std over seeds, the mean
-sound radius, the encoders' bounds and broken/attacked counts; and
-`<workdir>/certified_accuracy.png`: seed-mean certified accuracy against the
-radius, one line per model. Each run's certification report goes to its
-`certify_sound/` (and to TensorBoard), and `<workdir>/index.md` links them all.
+Every (encoders, label, setting, seed) trains in
+`<workdir>/<encoders>/<label>/<setting>/seed_<s>` (resumable): "free" uses
+`config.model.encoders`, "lipschitz" the 1-Lipschitz
+`config.model.lipschitz_encoders` (the certificate-trained methods run with
+these only). The selected model is certified on the test split with `sound`
+constants (`mmsafe.certify.threats`): the joint radius (Thm 3.3 / Thm 3.5),
+each modality's uni-modal radius (Prop. 3.4), the worst modality's, and the
+certified missing-modality outcome (`r^(m)(x) > ||x_m - fill_m||`, fill the
+training mean: "zeros"), beside the measured accuracy with that modality
+zeroed. Every joint and uni-modal radius is attacked: l2-PGD with margin loss,
+`--attack_steps` steps of 2.5 r/steps and `--attack_restarts` random restarts
+inside `(1 - 1e-4) r(x)`, in all modalities or in the one modality (a success
+would be a bug and is reported as "broken"). Results are kept in each run's
+workdir, so an interrupted comparison resumes where it stopped.
+
+Writes `<results_dir>/certified_<dataset>.{md,json,png}` (default
+`results_dir`: the workdir): per method, clean and certified accuracy per
+threat as mean ± sample std (ddof = 1) over seeds, seed-paired differences to
+`--control` with 95% intervals over seeds and test examples
+(`mmsafe.eval.statistics`), the tuning table, and certified accuracy against
+the radius (joint: solid, worst modality: dashed).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import certified_report
 from experiments import cli
+from mmsafe import attacks
 from mmsafe import certify as certify_lib
+from mmsafe import data as data_lib
 from mmsafe import files
 from mmsafe import methods
+from mmsafe.certify import threats
 from mmsafe.eval import plots
 from mmsafe.eval import report
-from mmsafe.eval.certification import run_certification
+from mmsafe.eval.certification import Certification
 from mmsafe.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding every run.")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Where the md/json/png go "
+                                   "(default: --workdir).")
 _METHODS = flags.DEFINE_list("methods", ["jt", "ojt", "crmt", "crmt_at", "crmt_cert"],
-                             "Methods to train and certify.")
+                             "Methods (registry names or --variant labels) to train and "
+                             "certify.")
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "label=method:key=value[:key=value...]: a "
+                                      "method with fixed method_kwargs, usable in --methods.")
+_GRIDS = flags.DEFINE_multi_string("grid", [], "label:key=v1,v2[:key=v1,v2...]: method_kwargs "
+                                   "tuned on the validation split.")
+_TUNE_SEED = flags.DEFINE_integer("tune_seed", 0, "Training seed of the tuning runs.")
+_CONTROL = flags.DEFINE_string("control", None, "Label the paired differences are taken to.")
 _ENCODERS = flags.DEFINE_list("encoders", ["free", "lipschitz"],
                               "Encoder sets: free (model.encoders) and/or lipschitz "
                               "(model.lipschitz_encoders).")
@@ -65,11 +95,66 @@ CERTIFY_DIR = "certify_sound"  # Each run's certification report (and TensorBoar
 # Methods whose training step computes the encoders' stated bounds (cheap for
 # Lipschitz encoders, an operator norm per convolution and step otherwise):
 # trained with Lipschitz encoders only.
-LIPSCHITZ_ONLY = ("crmt_cert",)
+LIPSCHITZ_ONLY = ("crmt_cert", "jt_cert", "ojt_cert")
 
 
-def run_config(base, method: str, encoders: str, seed: int):
-  """The training config of one (method, encoders, seed) run."""
+def parse_settings(text: str, field: str, *, lists: bool) -> dict:
+  """`key=value[:key=value...]` -> {key: value} (`lists`: comma-separated
+  values -> a list); numbers become floats."""
+  out = {}
+  for item in [part for part in text.split(":") if part]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+      raise app.UsageError(f"{field}: expected key=value, got {item!r} in {text!r}")
+    values = [_number(v) for v in value.split(",")]
+    out[key] = values if lists else values[0] if len(values) == 1 else values
+  return out
+
+
+def _number(text: str):
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
+  """`--variant` specs -> label -> (method, fixed method_kwargs)."""
+  out = {}
+  for spec in specs:
+    label, sep, rest = spec.partition("=")
+    method, _, settings = rest.partition(":")
+    if not sep or not label or not method:
+      raise app.UsageError(f"--variant: expected label=method:key=value, got {spec!r}")
+    methods.get(method)
+    out[label] = (method, parse_settings(settings, "--variant", lists=False))
+  return out
+
+
+def parse_grids(specs: list[str]) -> dict[str, list[dict]]:
+  """`--grid` specs -> label -> its grid points (dicts of method_kwargs)."""
+  out = {}
+  for spec in specs:
+    label, sep, settings = spec.partition(":")
+    if not sep or not label:
+      raise app.UsageError(f"--grid: expected label:key=v1,v2, got {spec!r}")
+    axes = parse_settings(settings, "--grid", lists=True)
+    out[label] = [dict(zip(axes, point)) for point in itertools.product(*axes.values())]
+  sizes = {label: len(points) for label, points in out.items()}
+  if len(set(sizes.values())) > 1:
+    raise app.UsageError(f"--grid: every tuned method gets the same number of grid points, "
+                         f"got {sizes}")
+  return out
+
+
+def setting_key(kwargs: dict) -> str:
+  """The directory name of a grid point (`default` for none)."""
+  return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in sorted(kwargs.items())) or "default"
+
+
+def run_config(base, method: str, encoders: str, seed: int, kwargs: dict | None = None):
+  """The training config of one (method, encoders, seed, method_kwargs) run."""
   config = base.copy_and_resolve_references()
   with config.unlocked():
     config.method = method
@@ -78,121 +163,192 @@ def run_config(base, method: str, encoders: str, seed: int):
     if field not in config.model:
       raise ValueError(f"--encoders={encoders}: the config has no model.{field}")
     config.model.encoders = config.model[field]
+    for key, value in (kwargs or {}).items():
+      if key not in config.method_kwargs:
+        raise ValueError(f"method_kwargs.{key}: not a field of the config; expected one of "
+                         f"{sorted(config.method_kwargs)}")
+      config.method_kwargs[key] = value
   return config
 
 
-def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, max_examples: int,
-                attack_steps: int, attack_restarts: int) -> dict:
-  """Sound certified accuracy of a trained run at `radii` and on `grid`, with
-  the attack check of every certified radius.
+def _missing_accuracy(model, variables, inputs, labels: np.ndarray, batch_size: int = 200
+                      ) -> dict[str, float]:
+  """modality -> measured accuracy with that modality replaced by zeros."""
+  out = {}
+  for m in sorted(inputs):
+    correct = []
+    for start in range(0, len(labels), batch_size):
+      batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
+      logits = model.apply(variables, attacks.drop_modality(batch, m, "zeros")).logits
+      correct.append(np.argmax(np.asarray(logits), -1) == labels[start:start + batch_size])
+    out[m] = float(np.mean(np.concatenate(correct)))
+  return out
 
-  The result is kept in `<workdir>/certified_sound.json` with the settings it
-  was computed under, and reused while they are unchanged.
+
+def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str = "test",
+                max_examples: int, attack_steps: int, attack_restarts: int) -> dict:
+  """Sound certified accuracy of a trained run per threat, at `radii` and on
+  `grid`, the certified and measured missing-modality accuracy, per-example
+  radii for paired intervals, and the attack check of every joint and
+  uni-modal radius (none with `attack_steps` 0).
+
+  The result is kept in `<workdir>/certified_sound[_<split>].json` with the
+  settings it was computed under, and reused while they are unchanged.
   """
   settings = {"radii": radii.tolist(), "grid": grid.tolist(), "max_examples": max_examples,
-              "attack_steps": attack_steps, "attack_restarts": attack_restarts}
-  cache = os.path.join(workdir, "certified_sound.json")
+              "attack_steps": attack_steps, "attack_restarts": attack_restarts, "version": 2}
+  suffix = "" if split == "test" else f"_{split}"
+  cache = os.path.join(workdir, f"certified_sound{suffix}.json")
   if os.path.exists(cache):
     with open(cache) as f:
       cached = json.load(f)
     if cached["settings"] == settings:
       return cached["result"]
   _, model, variables, splits, step = loop.restore_run_and_step(workdir)
-  results, certificates, _ = run_certification(
-      model, variables, splits, kinds=["sound"], max_examples=max_examples,
-      attack_steps=attack_steps, attack_restarts=attack_restarts)
-  paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
-  report.write_events(workdir, CERTIFY_DIR, step, results, paths)
+  certification = Certification(model, kinds=["sound"], attack_steps=attack_steps,
+                                attack_restarts=attack_restarts)
+  dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
+  start = time.time()
+  results, certificates, labels = certification(variables, dataset, split=split)
   cert = certificates["sound"]
-  entry = results["kinds"]["sound"]
-  accuracy = lambda thresholds: np.asarray(certify_lib.certified_accuracy(
-      cert.radius, cert.correct, thresholds)).tolist()
-  result = {"clean": float(np.mean(np.asarray(cert.correct))), "certified": accuracy(radii),
-            "curve": accuracy(grid), "mean_radius": entry["summary"]["mean_radius"],
-            "encoder_lipschitz": entry["lipschitz"]["encoder_lipschitz"],
-            "attacked": entry.get("attack", {}).get("attacked", 0),
-            "broken": entry.get("attack", {}).get("broken", 0)}
+  seconds = time.time() - start
+  inputs = {m: np.asarray(x) for m, x in dataset.inputs.items()}
+  radius_of = threats.threat_radii(cert)
+  correct = np.asarray(cert.correct)
+  accuracy = lambda radius, thresholds: np.asarray(certify_lib.certified_accuracy(
+      radius, correct, thresholds)).tolist()
+  attack = {}
+  if attack_steps > 0:
+    attack[threats.JOINT] = results["kinds"]["sound"]["attack"]
+    for m in cert.modalities:
+      attack[threats.modality_threat(m)] = certification.attack_check(
+          variables, inputs, labels, radius_of[threats.modality_threat(m)], "sound", modality=m)
+  if split == "test":
+    paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
+    report.write_events(workdir, CERTIFY_DIR, step, results, paths)
+  missing = threats.missing_certified(cert, inputs)
+  result = {
+      "clean": float(np.mean(correct)), "correct": correct.astype(int).tolist(),
+      "threats": {name: {"certified": accuracy(r, radii), "curve": accuracy(r, grid),
+                         "mean_radius": float(np.mean(np.where(np.isfinite(r), r, 0.0))),
+                         "radius": np.where(np.isfinite(r), r, 1e9).tolist()}
+                  for name, r in radius_of.items()},
+      "missing_certified": {m: float(np.mean(v)) for m, v in missing.items()},
+      "missing_outcomes": {m: v.astype(int).tolist() for m, v in missing.items()},
+      "missing_measured": _missing_accuracy(model, variables, inputs, np.asarray(labels)),
+      "encoder_lipschitz": results["kinds"]["sound"]["lipschitz"]["encoder_lipschitz"],
+      "attack": {name: {"attacked": a["attacked"], "broken": a["broken"]}
+                 for name, a in attack.items()},
+      "certify_seconds_per_example": seconds / max(len(labels), 1)}
   files.write_json_atomic(cache, {"settings": settings, "result": result})
   return result
 
 
-def aggregate(runs: list[dict], radii: np.ndarray) -> dict:
-  """Mean and std over seeds of one model's certification results."""
-  def stats(values):
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
-  return {"clean": stats([r["clean"] for r in runs]),
-          "certified": {f"{r:g}": stats([run["certified"][i] for run in runs])
-                        for i, r in enumerate(radii)},
-          "mean_radius": stats([r["mean_radius"] for r in runs]),
-          "curve": np.mean([r["curve"] for r in runs], axis=0).tolist(),
-          "attacked": int(sum(r["attacked"] for r in runs)),
-          "broken": int(sum(r["broken"] for r in runs)),
-          "encoder_lipschitz": {m: float(np.max([r["encoder_lipschitz"][m] for r in runs]))
-                                for m in runs[0]["encoder_lipschitz"]},
-          "seeds": len(runs)}
+def validation_score(result: dict) -> float:
+  """The tuning criterion: certified accuracy at the radii, averaged over the
+  joint and the worst-modality threats."""
+  return float(np.mean([result["threats"][t]["certified"]
+                        for t in (threats.JOINT, threats.WORST_MODALITY)]))
 
 
-def markdown_table(rows: list[dict], radii: np.ndarray) -> str:
-  """The comparison as a markdown table (accuracies as mean +- std over seeds)."""
-  pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
-  header = (["encoders", "method", "seeds", "clean"] + [f"sound cert. acc. r={r:g}" for r in radii]
-            + ["mean sound radius", "encoder bounds (max)", "broken / attacked"])
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in rows:
-    bounds = ", ".join(f"{m} {b:.4g}" for m, b in sorted(row["encoder_lipschitz"].items()))
-    cells = ([row["encoders"], row["method"], str(row["seeds"]), pm(row["clean"])]
-             + [pm(row["certified"][f"{r:g}"]) for r in radii]
-             + [pm(row["mean_radius"]), bounds, f"{row['broken']} / {row['attacked']}"])
-    lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "Radii r are l2 norms in normalised (standardised) input space."]
-  return "\n".join(lines) + "\n"
+class Study:
+  """Trains, tunes and certifies the runs of one encoder set (see the module docstring)."""
+
+  def __init__(self, base, encoders: str, variants: dict, grids: dict, *, radii, grid):
+    self.base, self.encoders, self.variants, self.grids = base, encoders, variants, grids
+    self.radii, self.grid = radii, grid
+
+  def method_of(self, label: str) -> tuple[str, dict]:
+    return self.variants.get(label, (label, {}))
+
+  def run(self, label: str, kwargs: dict, seed: int, *, split: str = "test") -> dict:
+    method, fixed = self.method_of(label)
+    workdir = os.path.join(_WORKDIR.value, self.encoders, label, setting_key(kwargs),
+                           f"seed_{seed}")
+    loop.train_and_evaluate(run_config(self.base, method, self.encoders, seed,
+                                       {**fixed, **kwargs}), workdir)
+    test = split == "test"
+    return certify_run(workdir, self.radii, self.grid, split=split,
+                       max_examples=_MAX_EXAMPLES.value if test else 0,
+                       attack_steps=_ATTACK_STEPS.value if test else 0,
+                       attack_restarts=_ATTACK_RESTARTS.value)
+
+  def tune(self, label: str) -> tuple[dict, list[dict]]:
+    """The best grid point of `label` on validation, and every point's score."""
+    points = self.grids.get(label, [{}])
+    if len(points) == 1:
+      return points[0], []
+    scored = [{"kwargs": p, "score": validation_score(
+        self.run(label, p, _TUNE_SEED.value, split="validation"))} for p in points]
+    best = max(range(len(scored)), key=lambda i: scored[i]["score"])
+    return points[best], scored
 
 
-def check_flags() -> None:
-  """Bad method or encoder-set names fail before any training starts."""
+def check_flags(variants: dict, grids: dict) -> None:
+  """Bad method, variant or encoder-set names fail before any training starts."""
   unknown = sorted(set(_ENCODERS.value) - set(ENCODER_SETS))
   if unknown:
     raise app.UsageError(f"--encoders: expected a subset of {sorted(ENCODER_SETS)}, got {unknown}")
-  for name in _METHODS.value:
-    methods.get(name)
+  for label in _METHODS.value:
+    if label not in variants:
+      methods.get(label)
+  for label in list(grids) + ([_CONTROL.value] if _CONTROL.value else []):
+    if label not in _METHODS.value:
+      raise app.UsageError(f"--grid/--control: {label!r} is not in --methods {_METHODS.value}")
 
 
 def main(argv):
   del argv  # (positional arguments are refused by cli.run)
-  check_flags()
+  variants, grids = parse_variants(_VARIANTS.value), parse_grids(_GRIDS.value)
+  check_flags(variants, grids)
   radii = np.asarray([float(r) for r in _RADII.value], np.float32)
   grid = certify_lib.radius_grid(_MAX_RADIUS.value, 121)
   seeds = [int(s) for s in _SEEDS.value]
   rows = []
   for encoders in _ENCODERS.value:
-    for method in _METHODS.value:
+    study = Study(_CONFIG.value, encoders, variants, grids, radii=radii, grid=grid)
+    for label in _METHODS.value:
+      method, fixed = study.method_of(label)
       if encoders != "lipschitz" and method in LIPSCHITZ_ONLY:
         continue
-      runs = []
-      for seed in seeds:
-        workdir = os.path.join(_WORKDIR.value, encoders, method, f"seed_{seed}")
-        loop.train_and_evaluate(run_config(_CONFIG.value, method, encoders, seed), workdir)
-        runs.append(certify_run(workdir, radii, grid, max_examples=_MAX_EXAMPLES.value,
-                                attack_steps=_ATTACK_STEPS.value,
-                                attack_restarts=_ATTACK_RESTARTS.value))
-      rows.append({"encoders": encoders, "method": method, **aggregate(runs, radii)})
-  table = markdown_table(rows, radii)
-  print(f"\n{_CONFIG.value.dataset}, test split, {len(seeds)} seed(s), sound certificates "
-        f"checked by l2-PGD ({_ATTACK_STEPS.value} steps x {_ATTACK_RESTARTS.value} "
-        f"restarts):\n\n{table}")
-  files.write_json_atomic(os.path.join(_WORKDIR.value, "certified.json"),
-                         {"radii": radii.tolist(), "grid": grid.tolist(), "rows": rows})
-  files.write_text_atomic(os.path.join(_WORKDIR.value, "certified.md"), table)
-  curves = {f"{row['method']} ({row['encoders']})": (grid, row["curve"]) for row in rows}
-  files.write_atomic(os.path.join(_WORKDIR.value, "certified_accuracy.png"),
+      kwargs, tuning = study.tune(label)
+      runs = [study.run(label, kwargs, seed) for seed in seeds]
+      rows.append({"encoders": encoders, "method": label, "base_method": method,
+                   "kwargs": {**fixed, **kwargs}, "tuning": tuning, "seed_list": seeds,
+                   **certified_report.aggregate(runs)})
+  write_results(rows, radii, grid, seeds)
+
+
+def write_results(rows: list[dict], radii: np.ndarray, grid: np.ndarray, seeds: list[int]):
+  """The md/json/png of the comparison, and the index entry."""
+  dataset = _CONFIG.value.dataset
+  out_dir = _RESULTS_DIR.value or _WORKDIR.value
+  differences = certified_report.paired_differences(rows, _CONTROL.value, radii)
+  header = (f"{dataset}, test split, {len(seeds)} seed(s), sound certificates checked by "
+            f"l2-PGD ({_ATTACK_STEPS.value} steps x {_ATTACK_RESTARTS.value} restarts, "
+            f"joint and one modality at a time)")
+  table = certified_report.markdown(rows, radii, differences, _CONTROL.value, header)
+  print(f"\n{table}")
+  name = f"certified_{dataset}"
+  files.write_json_atomic(os.path.join(out_dir, f"{name}.json"),
+                          {"dataset": dataset, "radii": radii.tolist(), "grid": grid.tolist(),
+                           "seeds": seeds, "control": _CONTROL.value,
+                           "rows": certified_report.json_rows(rows),
+                           "differences": differences})
+  files.write_text_atomic(os.path.join(out_dir, f"{name}.md"), table)
+  curves, styles = {}, {}
+  for row in rows:
+    for threat, style in ((threats.JOINT, "-"), (threats.WORST_MODALITY, "--")):
+      key = f"{row['method']} ({row['encoders']}, {threat.replace('_', ' ')})"
+      curves[key] = (grid, row["threats"][threat]["curve"])
+      styles[key] = style
+  files.write_atomic(os.path.join(out_dir, f"{name}.png"),
                      lambda f: plots.plot_certified_accuracy(
-                         curves, f, title=f"{_CONFIG.value.dataset}: sound certified accuracy "
-                         f"(mean of {len(seeds)} seeds)",
-                         linestyles={n: "-" if "(lipschitz)" in n else "--" for n in curves}))
+                         curves, f, title=f"{dataset}: sound certified accuracy (mean of "
+                         f"{len(seeds)} seeds; dashed: worst modality)", linestyles=styles))
   index = cli.record_in_index(
-      _WORKDIR.value, f"compare_certified {', '.join(_METHODS.value)} on "
-      f"{_CONFIG.value.dataset}", [_WORKDIR.value], config=_CONFIG.value,
-      key="compare_certified")
+      _WORKDIR.value, f"compare_certified {', '.join(_METHODS.value)} on {dataset}",
+      [out_dir], config=_CONFIG.value, key="compare_certified")
   print(f"index of the reports and figures: {index}")
 
 

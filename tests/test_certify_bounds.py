@@ -226,6 +226,29 @@ def test_tight_orthogonal_radius_is_exact_for_isometric_linear_encoders(negative
   assert np.all(np.asarray(triangle.radius) <= np.asarray(tight.radius) * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_sound_concat_radius_is_exact_for_isometric_linear_encoders(num_modalities):
+  """The concat head's sound radius `margin / sqrt(sum_m ||W_y - W_k||^2 L_m^2)`
+  (jt_cert's certificate) equals the exact minimal flipping perturbation of
+  a linear model whose encoders have orthonormal rows (`L_m = 1`)."""
+  A, x, _, _, bias = _isometric_orthogonal_problem(21 + num_modalities, False)
+  A = dict(list(A.items())[:num_modalities])
+  x = {m: x[m] for m in A}
+  rng = np.random.default_rng(num_modalities)
+  kernels = {m: rng.normal(size=(a.shape[0], K)) for m, a in A.items()}
+  labels = _labels_mostly_correct(A, x, kernels, {}, bias, "concat")
+  out = _linear_output(A, x, kernels, {}, bias, "concat")
+  # tau = 2 (looser than the one-constant form) so the radius comes from L_m.
+  tau = {m: jnp.full((1, K), 2.0) for m in A}
+  cert = certify.certified_radius(out, jnp.asarray(labels), tau,
+                                  feature_lipschitz={m: 1.0 for m in A}, kind="sound")
+  exact, exact_uni = _exact_radii(A, x, kernels, {}, bias, "concat", labels)
+  np.testing.assert_allclose(cert.radius, exact, rtol=1e-4, atol=1e-6)
+  for m in A:
+    np.testing.assert_allclose(cert.per_modality[m], exact_uni[m], rtol=1e-4, atol=1e-6)
+  assert np.asarray(cert.radius)[1:].min() > 0
+
+
 def test_tight_orthogonal_radius_never_exceeds_the_exact_radius():
   # General linear encoders (L^(m) = ||A_m||_2, not isometries): still sound,
   # and never looser than the triangle form; jit-able with traced constants.

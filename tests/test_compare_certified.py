@@ -1,54 +1,93 @@
-"""`experiments.compare_certified` end to end on a smoke budget: the
-certificate-aware CRMT with Lipschitz encoders, sound radii checked by PGD, and
-a rerun that resumes from each run's stored certification."""
+"""`experiments.compare_certified` end to end on a smoke budget: a control and a
+variant tuned on validation, every threat's sound radii checked by PGD, paired
+intervals over two seeds, and a rerun that resumes from each run's stored
+certification."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from experiments import compare_certified
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compare_certified(workdir, methods: str, encoders: str) -> subprocess.CompletedProcess:
+def run_compare(workdir, *extra) -> subprocess.CompletedProcess:
   command = [sys.executable, "-m", "experiments.compare_certified",
              "--config=experiments/configs/embedded.py:mfeat,runlocal",
-             f"--methods={methods}", f"--encoders={encoders}", "--seeds=0",
-             "--max_examples=48", "--attack_steps=20", "--attack_restarts=1",
-             f"--workdir={workdir}"]
-  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+             "--methods=jt_cert,uni", "--variant=uni=ojt_cert:cert_uni_weight=1:cert_uni_eps=2",
+             "--grid=jt_cert:cert_eps=1,2", "--grid=uni:cert_eps=1,2", "--control=jt_cert",
+             "--encoders=lipschitz", "--seeds=0,1", "--max_examples=32", "--attack_steps=5",
+             "--attack_restarts=1", f"--workdir={workdir}", *extra]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def test_compare_certified_writes_the_table_and_no_sound_radius_breaks(tmp_path):
-  proc = compare_certified(tmp_path, "crmt_cert", "free,lipschitz")
-  with open(tmp_path / "certified.json") as f:
-    report = json.load(f)
-  [row] = report["rows"]  # crmt_cert trains with Lipschitz encoders only
-  assert (row["encoders"], row["method"]) == ("lipschitz", "crmt_cert")
-  assert report["radii"] == [0.25, 0.5, 1.0, 2.0]
-  assert row["seeds"] == 1 and row["clean"]["std"] == 0.0
-  assert row["clean"]["mean"] > 0.5
-  assert row["attacked"] > 0 and row["broken"] == 0  # sound radii are never broken
-  assert row["certified"]["0.5"]["mean"] > 0
-  curve = row["curve"]
-  assert len(curve) == len(report["grid"]) and curve[0] <= row["clean"]["mean"] + 1e-6
-  assert all(a >= b for a, b in zip(curve, curve[1:]))  # certified accuracy falls with r
-  # 1-Lipschitz encoders own a bound of 1.
-  assert all(b <= 1.0 + 1e-5 for b in row["encoder_lipschitz"].values())
-  table = (tmp_path / "certified.md").read_text()
-  assert "| lipschitz | crmt_cert |" in table and "sound cert. acc. r=0.5" in table
-  assert (tmp_path / "certified_accuracy.png").stat().st_size > 10_000
+def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_path):
+  results = tmp_path / "results"
+  proc = run_compare(tmp_path, f"--results_dir={results}")
+  report = json.loads((results / "certified_mfeat.json").read_text())
+  assert report["radii"] == [0.25, 0.5, 1.0, 2.0] and report["control"] == "jt_cert"
+  rows = {row["method"]: row for row in report["rows"]}
+  assert sorted(rows) == ["jt_cert", "uni"]
+  uni = rows["uni"]
+  assert (uni["base_method"], uni["kwargs"]["cert_uni_weight"]) == ("ojt_cert", 1.0)
+  for row in rows.values():
+    # The tuned setting is the grid point with the best validation score.
+    best = max(row["tuning"], key=lambda p: p["score"])
+    assert row["kwargs"]["cert_eps"] == best["kwargs"]["cert_eps"] and len(row["tuning"]) == 2
+    assert row["seeds"] == 2 and len(row["clean"]["values"]) == 2
+    values = row["clean"]["values"]
+    assert row["clean"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # ddof 1
+    assert sorted(row["threats"]) == ["joint", "modality:fou", "modality:pix", "worst_modality"]
+    for threat in ("joint", "modality:fou", "modality:pix"):
+      attack = row["attack"][threat]
+      assert attack["attacked"] > 0 and attack["broken"] == 0  # sound radii are never broken
+    joint = [s["mean"] for s in row["threats"]["joint"]["certified"]]
+    worst = [s["mean"] for s in row["threats"]["worst_modality"]["certified"]]
+    assert all(w >= j - 1e-9 for w, j in zip(worst, joint))  # one modality is a joint move
+    curve = row["threats"]["joint"]["curve"]
+    assert all(a >= b for a, b in zip(curve, curve[1:])) and curve[0] > 0
+    assert set(row["missing_measured"]) == {"fou", "pix"}
+    assert set(row["missing_certified"]) == {"fou", "pix", "any"}
+    assert all(b <= 1.0 + 1e-5 for b in row["encoder_lipschitz"].values())
+  [difference] = report["differences"]
+  assert (difference["method"], difference["control"]) == ("uni", "jt_cert")
+  clean = difference["columns"]["clean"]
+  assert clean["mean"] == pytest.approx(uni["clean"]["mean"] - rows["jt_cert"]["clean"]["mean"])
+  assert clean["low"] <= clean["mean"] <= clean["high"] and clean["num_seeds"] == 2
+  table = (results / "certified_mfeat.md").read_text()
+  assert "| lipschitz | uni |" in table and "Seed-paired difference to jt_cert" in table
+  assert "worst modality r=0.5" in table and "Tuning on the validation split" in table
+  assert (results / "certified_mfeat.png").stat().st_size > 10_000
   assert "sound certificates checked by l2-PGD" in proc.stdout
 
   # A rerun resumes: each run's certification is read back from its workdir
   # while the settings are unchanged (the marker below would be recomputed).
-  cache = tmp_path / "lipschitz" / "crmt_cert" / "seed_0" / "certified_sound.json"
+  setting = compare_certified.setting_key({"cert_eps": rows["jt_cert"]["kwargs"]["cert_eps"]})
+  cache = tmp_path / "lipschitz" / "jt_cert" / setting / "seed_1" / "certified_sound.json"
   cached = json.loads(cache.read_text())
-  assert cached["settings"]["attack_steps"] == 20
-  cached["result"]["mean_radius"] = 123.0
+  assert cached["settings"]["attack_steps"] == 5
+  cached["result"]["clean"] = 0.123
   cache.write_text(json.dumps(cached))
-  compare_certified(tmp_path, "crmt_cert", "lipschitz")
-  rerun = json.loads((tmp_path / "certified.json").read_text())
-  assert rerun["rows"][0]["mean_radius"]["mean"] == 123.0
+  run_compare(tmp_path)
+  rerun = json.loads((tmp_path / "certified_mfeat.json").read_text())
+  assert [r for r in rerun["rows"] if r["method"] == "jt_cert"][0]["clean"]["values"][1] == 0.123
+
+
+def test_unequal_grids_and_unknown_labels_are_refused_before_training(tmp_path):
+  base = [sys.executable, "-m", "experiments.compare_certified",
+          "--config=experiments/configs/embedded.py:mfeat,runlocal", f"--workdir={tmp_path}",
+          "--encoders=lipschitz"]
+  proc = subprocess.run(base + ["--methods=jt_cert,ojt_cert", "--grid=jt_cert:cert_eps=1,2",
+                                "--grid=ojt_cert:cert_eps=1,2,3"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "the same number of grid points" in proc.stderr
+  proc = subprocess.run(base + ["--methods=jt_cert", "--control=ojt_cert"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "'ojt_cert' is not in --methods" in proc.stderr
+  assert not os.path.exists(tmp_path / "lipschitz")

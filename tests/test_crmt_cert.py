@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mmsafe import certify, methods, models
 from mmsafe.methods import crmt, crmt_cert
@@ -56,15 +57,16 @@ def test_radius_hinge_is_invariant_to_the_head_scale_and_differentiable():
   out, labels = _output(scale=1.0)
   small, _ = _output(scale=0.01)
   lipschitz = {"a": 1.0, "b": 1.0}
-  loss = lambda o: crmt_cert.step1_loss(o, labels, lipschitz, eps=0.5, temperature=4.0,
-                                        rho=0.0, floor=1e-5)[0]
+  loss = lambda o: crmt_cert.step1_loss(
+      o, labels, lipschitz, crmt_cert.CertifiedLoss(eps=0.5, temperature=4.0, floor=1e-5))[0]
   np.testing.assert_allclose(loss(out), loss(small), rtol=1e-4)
   grads = jax.grad(lambda head: loss(out.replace(head=head)))(out.head)
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
   assert float(jnp.abs(grads.weights["a"]).max()) > 0
   # The normalised L1 adds a finite, positive-gradient term when enabled.
-  value, parts = crmt_cert.step1_loss(out, labels, lipschitz, eps=0.5, temperature=4.0,
-                                      rho=0.5, floor=1e-5)
+  value, parts = crmt_cert.step1_loss(
+      out, labels, lipschitz, crmt_cert.CertifiedLoss(eps=0.5, temperature=4.0, rho=0.5,
+                                                      floor=1e-5))
   np.testing.assert_allclose(value, parts["radius_ce"] + 0.5 * parts["l1"], rtol=1e-6)
 
 
@@ -141,3 +143,82 @@ def test_modality_weights_match_exact_paths_even_for_a_modality_named_a():
   matched = [jax.tree_util.keystr(path) for path, leaf in
              jax.tree_util.tree_flatten_with_path(params)[0] if is_modality_weight(path, leaf)]
   assert matched == ["['head']['a']['a']", "['head']['a']['b']"]
+
+
+def _concat_output(seed=0, batch=64, scale=1.0):
+  """A concat-head output with random kernels (jt_cert's head)."""
+  rng = np.random.default_rng(seed)
+  kernels = {m: jnp.asarray(scale * rng.normal(size=(8, K)), jnp.float32) for m in "ab"}
+  bias = jnp.asarray(scale * 0.2 * rng.normal(size=K), jnp.float32)
+  features = {m: jnp.asarray(rng.normal(size=(batch, 8)), jnp.float32) for m in "ab"}
+  scores = {m: features[m] @ kernels[m] for m in "ab"}
+  logits = sum(scores.values()) + bias
+  head = HeadParams(kind="concat", bias=bias, kernels=kernels, weights={})
+  out = ModelOutput(features=features, scores=scores, logits=logits, head=head)
+  labels = jnp.asarray(np.argmax(np.asarray(logits), -1))
+  return out, labels.at[:4].set((labels[:4] + 1) % K)
+
+
+def test_concat_radius_logits_certify_the_sound_concat_radius_and_ignore_the_scale():
+  out, labels = _concat_output()
+  lipschitz = {"a": 0.8, "b": 1.1}
+  tau = {m: jnp.full((1, K), 10.0) for m in "ab"}  # looser: the radius comes from L^(m)
+  cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+  logits = crmt_cert.radius_logits(out, labels, lipschitz, eps=0.4, temperature=2.0)
+  is_label = np.asarray(jax.nn.one_hot(labels, K, dtype=bool))
+  np.testing.assert_allclose(np.asarray(logits)[~is_label],
+                             2.0 * (0.4 - np.asarray(cert.per_class)[~is_label]), rtol=1e-5,
+                             atol=1e-5)
+  certified = np.asarray(jnp.argmax(logits, -1) == labels)
+  np.testing.assert_array_equal(certified, np.asarray(cert.radius) > 0.4)
+  assert 0 < certified.sum() < len(labels)
+  small, _ = _concat_output(scale=0.01)
+  loss = lambda o: crmt_cert.step1_loss(o, labels, lipschitz, crmt_cert.CertifiedLoss(
+      eps=0.4, temperature=2.0))[0]
+  np.testing.assert_allclose(loss(out), loss(small), rtol=1e-4)
+
+
+def test_worst_modality_logits_certify_the_smallest_unimodal_radius():
+  for output in (_output, _concat_output):
+    out, labels = output(seed=2)
+    lipschitz = {"a": 1.3, "b": 0.6}
+    tau = {m: jnp.full((1, K), 10.0) for m in "ab"}
+    cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+    worst = np.minimum(*(np.asarray(cert.per_modality[m]) for m in "ab"))
+    assert np.all(worst >= np.asarray(cert.radius) - 1e-6)  # one modality is a joint move
+    for eps in (0.3, 1.0):
+      logits = crmt_cert.worst_modality_logits(out, labels, lipschitz, eps=eps, temperature=2.0)
+      np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1) == labels), worst > eps)
+    value, parts = crmt_cert.step1_loss(out, labels, lipschitz, crmt_cert.CertifiedLoss(
+        eps=0.3, temperature=2.0, uni_weight=0.5, uni_eps=1.0))
+    np.testing.assert_allclose(value, parts["radius_ce"] + 0.5 * parts["worst_modality_ce"],
+                               rtol=1e-6)
+
+
+def test_certified_controls_train_their_heads_and_refuse_bad_settings():
+  model_of = {"jt_cert": "concat", "ojt_cert": "orthogonal", "crmt_cert": "orthogonal"}
+  config = {"cert_eps": 0.5, "cert_temperature": 4.0, "cert_rho": 0.0, "l1_floor": 1e-5,
+            "cert_uni_weight": 0.5, "cert_uni_eps": 1.0}
+  for name, head in model_of.items():
+    method = methods.get(name)
+    assert method.head == head
+    model = models.build({"head": head, "encoders": {"a": {"name": "lip_mlp", "widths": (12,)}}},
+                         num_classes=K, input_shapes={"a": (6,)})
+    x = {"a": jax.random.normal(jax.random.PRNGKey(0), (16, 6))}
+    variables = model.init(jax.random.PRNGKey(1), x)
+    loss_fn = method(model, config)
+    batch = {"inputs": x, "label": jnp.arange(16) % K}
+    (value, (_, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"], {}, batch, None)
+    assert np.isfinite(float(value)) and "worst_modality_ce" in metrics
+    assert float(optax.tree.norm(grads)) > 0
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: method .jt_cert. needs it"):
+    methods.get("jt_cert")(model, {**config, "cert_uni_eps": None})
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_temperature: expected > 0"):
+    methods.get("jt_cert")(model, {**config, "cert_temperature": 0.0})
+  concat = models.build({"head": "concat", "encoders": {"a": {"name": "lip_mlp",
+                                                                "widths": (12,)}}},
+                        num_classes=K, input_shapes={"a": (6,)})
+  loss_fn = methods.get("jt_cert")(concat, {**config, "cert_rho": 0.5})
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_rho: the normalised L1 needs"):
+    loss_fn(concat.init(jax.random.PRNGKey(1), x)["params"], {}, batch, None)

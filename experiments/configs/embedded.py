@@ -81,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # choices, by validation certified accuracy (BUILD_NOTES): eps 3 on mfeat
       # (4 on av_digits, below), t 4, and no L1 (rho 0.5 cost 20+ points).
       "cert_eps": 3.0, "cert_temperature": 4.0, "cert_rho": 0.0,
+      # jt_cert / ojt_cert / crmt_cert: cert_uni_weight times the same hinge on
+      # the worst-modality radius (Prop. 3.4, the modality chosen by the
+      # attacker) at cert_uni_eps; weight 0 turns it off.
+      "cert_uni_weight": 0.0, "cert_uni_eps": config_dict.placeholder(float),
       # Probabilistic certificates (mmsafe/methods/randomized.py): Gaussian data
       # augmentation at noise_sigma (Cohen et al. 2019 train at the sigma they
       # certify with) and training on ablations keeping this fraction of the

@@ -12,6 +12,9 @@
 * `bounds`: `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4, vulnerability
   indicators), `pair_lipschitz`, and `certify` (model + kind -> `Certificate`).
 * `curves`: certified accuracy versus radius, mean radius, eta ratios.
+* `threats`: the radius per threat model from one certificate (joint,
+  one modality, the worst modality) and the certified missing-modality
+  outcome (`threat_radii`, `missing_certified`).
 * `units`: radii are in normalised (standardised) input space;
   `raw_input_scales` (`certify(..., raw_stats=dataset.stats)`) gives them in
   raw input units.
@@ -28,7 +31,7 @@ Probabilistic certificates (beyond the paper), on any `logits_fn`:
   and binomial bounds.
 """
 
-from mmsafe.certify import ablation, smoothing, units, votes
+from mmsafe.certify import ablation, smoothing, threats, units, votes
 from mmsafe.certify.ablation import AblationCertificate
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
                                    lipschitz_constants, pair_lipschitz, radius_from_scores)
@@ -45,7 +48,8 @@ from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_poo
                                           power_iteration_factor)
 
 __all__ = [
-    "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "units", "votes",
+    "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "threats", "units",
+    "votes",
     "KINDS", "ROUNDING_MARGIN", "BoundOptions", "Certificate", "LipschitzConstants",
     "avg_pool_operator_norm", "certified_accuracy", "certified_radius", "certify", "concatenate",
     "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",

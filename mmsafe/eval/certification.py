@@ -47,11 +47,12 @@ RESULT_UNITS = "normalised input space"
 CERTIFIED_FUNCTION = "the model's parameters evaluated in float32"
 
 
-def make_radius_attack(logits_apply, *, steps: int, restarts: int):
+def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str | None = None):
   """A jitted `attack(variables, inputs, labels, radius, key) -> (attacked [B],
   broken [B])` for `logits_apply(variables, inputs) -> [B, K]`.
 
-  Searches for a misclassified point strictly inside each sample's radius with
+  Searches for a misclassified point strictly inside each sample's radius
+  (joint, or of `modality` alone: a uni-modal radius) with
   `mmsafe.attacks.pgd`: per-example budgets `eps = (1 - 1e-4) r(x)`, margin
   loss, `steps` steps of `2.5 eps / steps`, `restarts` random restarts, the
   worst iterate kept. Samples that are misclassified, or whose radius is 0 or
@@ -67,7 +68,8 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int):
     attacked = correct & (radius > 0) & jnp.isfinite(radius)
     eps = jnp.where(attacked, radius * (1.0 - _INSIDE), 0.0)
     adversarial = attacks.pgd(logits_fn, inputs, labels, key, eps=eps, steps=steps,
-                              restarts=restarts, random_start=True, loss="margin")
+                              restarts=restarts, random_start=True, loss="margin",
+                              modalities=modality)
     delta = jnp.sqrt(sum(jnp.sum(jnp.square(adversarial[m] - inputs[m]).reshape(
         labels.shape[0], -1), axis=1) for m in inputs))
     flipped = misclassified(logits_fn(adversarial), labels)
@@ -196,9 +198,7 @@ class Certification:
     self._certify_batch = make_certifier(model, mode=mode, chunk_size=chunk_size)
     self._sound_options = {"iterations": power_iterations,
                            "failure_probability": failure_probability}
-    self._attack_batch = make_radius_attack(lambda v, x: model.apply(v, x).logits,
-                                            steps=max(self.attack_steps, 1),
-                                            restarts=self.attack_restarts)
+    self._attack_batches = {}  # modality (None: joint) -> its jitted radius attack
 
   def __call__(self, variables, dataset: data_lib.Dataset, empirical_source=None, *,
                split: str = "test", empirical_split: str = "train"):
@@ -266,21 +266,31 @@ class Certification:
       out["eta_ratio"] = {"numerator": num, "denominator": den, "matrix": _json_matrix(ratio)}
     return out
 
+  def _attack_batch(self, modality: str | None):
+    if modality not in self._attack_batches:
+      self._attack_batches[modality] = make_radius_attack(
+          lambda v, x: self.model.apply(v, x).logits, steps=max(self.attack_steps, 1),
+          restarts=self.attack_restarts, modality=modality)
+    return self._attack_batches[modality]
+
   def attack_check(self, variables, inputs, labels: np.ndarray, radius: np.ndarray,
-                   kind: str) -> dict[str, Any]:
-    """Attacks every certified radius (see `make_radius_attack`): how many of the
-    attacked samples had a misclassified point found inside their radius."""
+                   kind: str, modality: str | None = None) -> dict[str, Any]:
+    """Attacks every certified radius (see `make_radius_attack`; `modality`:
+    the uni-modal radius of that modality, attacked in it alone): how many of
+    the attacked samples had a misclassified point found inside their radius."""
     size = min(self.batch_size, len(labels))
     attacked_all, broken_all = [], []
+    attack_batch = self._attack_batch(modality)
+    scope = "" if modality is None else f", {modality} alone"
     batches = self.track(_batches(inputs, labels, self.batch_size),
-                         math.ceil(len(labels) / size), f"attack ({kind})")
+                         math.ceil(len(labels) / size), f"attack ({kind}{scope})")
     for i, batch in enumerate(batches):
       valid = np.asarray(batch["valid"])
       n = int(valid.sum())
       batch_radius = np.zeros(len(valid), np.float32)
       batch_radius[:n] = radius[i * size:i * size + n]
-      attacked, broken = self._attack_batch(variables, batch["inputs"], batch["label"],
-                                            batch_radius, jax.random.fold_in(self._key, 1000 + i))
+      attacked, broken = attack_batch(variables, batch["inputs"], batch["label"], batch_radius,
+                                      jax.random.fold_in(self._key, 1000 + i))
       attacked_all.append(attacked & valid)
       broken_all.append(broken & valid)
     attacked, broken = np.concatenate(attacked_all), np.concatenate(broken_all)

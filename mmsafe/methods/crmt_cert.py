@@ -1,31 +1,52 @@
-"""CRMT trained on its sound certificate (`crmt_cert`; mmsafe's design, not in the paper).
+"""Methods trained on their sound certificate: `jt_cert`, `ojt_cert`, `crmt_cert`.
 
-The paper's CRMT (`crmt.py`) raises every uni-modal score margin (L1, eq. 12)
-and then tunes `a` on an *estimated* bound. With encoders that state a sound
-bound `L^(m) >= Lip(phi^(m))` (e.g. the 1-Lipschitz encoders of
-`mmsafe.models`), the certified radius of the orthogonal head is the tight
-Thm 3.5:
+mmsafe's design, not in the paper. With encoders that state a sound bound
+`L^(m) >= Lip(phi^(m))` (e.g. the 1-Lipschitz encoders of `mmsafe.models`),
+every head has a sound certified radius `r_k(x) = (h_y(x) - h_k(x)) / K_k` for
+each wrong class `k`, with `K_k = sqrt(sum_m (eta^(m)_k)^2)` and the
+per-modality indicators `eta^(m)_k = ||v^(m)_y - v^(m)_k|| L^(m)`
+(`certify.pair_lipschitz`):
 
-    r_k(x) = (h~_y(x) - h~_k(x)) / K_k,
-    K_k^2 = sum_m (||a^(m)_y W~^(m)_y - a^(m)_k W~^(m)_k|| L^(m))^2.
+* concat head (`jt_cert`, the control), `v^(m) = W^(m)`. Proof: the margin
+  `(W_y - W_k) . [phi^(1)(x_1); ...; phi^(M)(x_M)] + b_y - b_k` is
+  `sum_m (W^(m)_y - W^(m)_k) . phi^(m)(x_m) + b_y - b_k`. A perturbation
+  `d = (d_1, ..., d_M)` moves term m by at most
+  `||W^(m)_y - W^(m)_k|| ||phi^(m)(x_m + d_m) - phi^(m)(x_m)|| <= eta^(m)_k ||d_m||`
+  (Cauchy-Schwarz, then the Lipschitz bound), so the margin moves by at most
+  `sum_m eta^(m)_k ||d_m|| <= sqrt(sum_m (eta^(m)_k)^2) ||d||` (Cauchy-Schwarz
+  over modalities): the joint Lipschitz constant of the margin is at most
+  `K_k`, and no class overtakes `y` while `||d|| < r_k`. Both inequalities
+  are equalities for linear encoders with orthonormal rows, where `r_k` is
+  the exact minimal flipping perturbation (tested).
+* orthogonal head (`ojt_cert`, `crmt_cert`), `v^(m)_k = a^(m)_k W~^(m)_k`: the
+  tight Thm 3.5 (CRMT eq. 10 without its triangle inequality;
+  `mmsafe.certify.bounds`).
 
-`crmt_cert` trains for that ratio directly:
+Perturbing modality m alone, `r^(m)_k = (h_y - h_k) / eta^(m)_k` (Prop. 3.4);
+an attacker who picks the modality has the worst-modality radius
+`min_m r^(m) = min_k (h_y - h_k) / max_m eta^(m)_k`.
 
-* Step 1: cross-entropy of the radius logits `t (eps - r_k(x))` for
-  `k != y` (0 for `y`): their argmax is `y` exactly when `r_k(x) > eps` for
-  every wrong `k`, i.e. when `x` is certified at radius `eps`. This is
-  Lipschitz-margin training (Tsuzuku, Sato & Sugiyama, NeurIPS 2018; GloRo
-  nets, Leino, Wang & Fredrikson, ICML 2021, do the same with their
-  constants) with the pairwise constants of Thm 3.5, each logit divided by
-  its constant so the loss cannot be lowered by shrinking the head's scale
-  (`radius_logits`). Plus `rho` times CRMT's
-  L1 (eq. 12) on the uni-modal margins *normalised by their Lipschitz
-  constants* `(u_y - u_k) / (||W~_y - W~_k|| L^(m))`, the uni-modal certified
-  radius of each representation margin (Prop. 3.4 for one modality), so the
-  regulariser rewards the quantity the certificate measures rather than raw
-  score scale.
-* Step 2: CRMT step 2 on the sound constants: `a` maximises the mean tight
-  Thm 3.5 radius at the closest wrong class.
+Step 1 of all three minimises the cross-entropy of the radius logits
+`t (eps - r_k(x))` for `k != y` (0 for `y`): their argmax is `y` exactly when
+`r_k(x) > eps` for every wrong `k`, i.e. when `x` is certified at radius
+`eps`. This is Lipschitz-margin training (Tsuzuku, Sato & Sugiyama, NeurIPS
+2018; GloRo nets, Leino, Wang & Fredrikson, ICML 2021) with the pairwise
+constants above, each logit divided by its constant so the loss cannot be
+lowered by shrinking the head's scale (`radius_logits`). Optional terms:
+
+* `uni_weight` times the same hinge on the worst-modality radius at
+  `uni_eps` (a multi-modal objective: it asks for a certified margin against
+  the attacker who spends the whole budget on one modality);
+* `rho` times CRMT's L1 (eq. 12) on the uni-modal margins *normalised by
+  their Lipschitz constants* `(u_y - u_k) / (||W~_y - W~_k|| L^(m))`, the
+  uni-modal certified radius of each representation margin (orthogonal head
+  only).
+
+`crmt_cert` adds CRMT's step 2 on the sound constants: only `a` moves, on the
+tight Thm 3.5 radius. `ojt_cert` is `crmt_cert` without step 2 and `jt_cert`
+the same hinge on the concat head: the controls that tell CRMT's structure
+(orthogonal head, modality weights, step 2) apart from training on a
+certificate at all.
 
 `L^(m)` comes from `model.feature_lipschitz()` inside the step (constant 1
 for AOL/Cayley/SLL encoders; an exact spectral norm for orthogonal or free
@@ -34,14 +55,17 @@ convolutional encoders every step would compute their operator norms: use
 Lipschitz encoders.
 
 Hyper-parameters (`config.method_kwargs`): `cert_eps` (the target radius
-`eps`), `cert_temperature` (`t`), `cert_rho` (weight of the normalised L1; 0
-turns it off), `l1_floor`, `step2_lipschitz` (None: "sound").
+`eps`), `cert_temperature` (`t`), `cert_uni_weight` and `cert_uni_eps` (the
+worst-modality hinge; weight 0 turns it off), `cert_rho` (weight of the
+normalised L1; 0 turns it off), `l1_floor`, `step2_lipschitz` (None:
+"sound").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,34 +80,65 @@ from mmsafe.numerics import label_mask
 Array = jax.Array
 
 
+def _pair_indicators(output, labels: Array, feature_lipschitz: Mapping[str, Array]
+                     ) -> tuple[dict[str, Array], Array]:
+  """modality -> [B, K] `eta^(m)_k` for the pairs `(labels[b], k)`, and the
+  [B, K] mask of `k = y`."""
+  eta = pair_lipschitz(output.head, labels, feature_lipschitz)
+  return eta, label_mask(labels, output.logits.shape[-1])
+
+
 def certificate_denominator(output, labels: Array, feature_lipschitz: Mapping[str, Array]
                             ) -> Array:
-  """`K_k = sqrt(sum_m (||a_y W~_y - a_k W~_k|| L^(m))^2)`, the tight Thm 3.5
-  denominator for the pairs `(labels[b], k)`, [B, K] (0 at `k = y`)."""
-  eta = pair_lipschitz(output.head, labels, feature_lipschitz)
-  is_label = label_mask(labels, output.logits.shape[-1])
+  """`K_k = sqrt(sum_m (eta^(m)_k)^2)`, the joint Lipschitz constant of the
+  margin `h_y - h_k` for the pairs `(labels[b], k)`, [B, K] (0 at `k = y`)."""
+  eta, is_label = _pair_indicators(output, labels, feature_lipschitz)
   squares = sum(jnp.square(e) for e in eta.values())
   return jnp.where(is_label, 0.0, jnp.sqrt(jnp.where(is_label, 1.0, squares) + 1e-12))
 
 
-def radius_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array], *,
-                  eps: float, temperature: float) -> Array:
-  """`t (eps - r_k(x))` for `k != y` and 0 for `y`, [B, K], with `r_k` the tight
-  Thm 3.5 radius: `y` is their argmax iff `x` is certified at radius `eps`.
+def worst_modality_denominator(output, labels: Array, feature_lipschitz: Mapping[str, Array]
+                               ) -> Array:
+  """`max_m eta^(m)_k`, [B, K] (0 at `k = y`): the margin divided by it is the
+  worst-modality radius `min_m r^(m)_k` (Prop. 3.4 for each modality)."""
+  eta, is_label = _pair_indicators(output, labels, feature_lipschitz)
+  worst = functools.reduce(jnp.maximum, eta.values())
+  return jnp.where(is_label, 0.0, worst + 1e-12)
 
-  Cross-entropy on them is `log(1 + sum_{k != y} exp(t (eps - r_k)))`, a soft
-  hinge on every pairwise radius. It is the Lipschitz-margin loss on
-  `h~_k + eps K_k` divided by `K_k`, which makes it invariant to a common
-  scale of `a` and `b~`: the plain margin loss can reach its floor `log K`
-  by shrinking `a` towards 0 while nothing is certified yet (it does, from
-  `a = 0.1`), so training would stall at chance.
-  """
+
+def _logits_of_radii(output, labels: Array, denominator: Array, *, eps: float,
+                     temperature: float) -> Array:
+  """`t (eps - margin_k / denominator_k)` for `k != y`, 0 at `y`, [B, K]."""
   logits = output.logits.astype(jnp.float32)
   is_label = label_mask(labels, logits.shape[-1])
   margin = jnp.take_along_axis(logits, labels[:, None], axis=1) - logits
-  denominator = certificate_denominator(output, labels, feature_lipschitz)
   radius = margin / jnp.where(is_label, 1.0, denominator)
   return jnp.where(is_label, 0.0, temperature * (eps - radius))
+
+
+def radius_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array], *,
+                  eps: float, temperature: float) -> Array:
+  """`t (eps - r_k(x))` for `k != y` and 0 for `y`, [B, K], with `r_k` the
+  sound joint radius (see the module docstring): `y` is their argmax iff `x`
+  is certified at radius `eps`.
+
+  Cross-entropy on them is `log(1 + sum_{k != y} exp(t (eps - r_k)))`, a soft
+  hinge on every pairwise radius. It is the Lipschitz-margin loss on
+  `h_k + eps K_k` divided by `K_k`, which makes it invariant to a common
+  scale of the head (`a` and `b~`, or `W` and `b`): the plain margin loss
+  can reach its floor `log K` by shrinking `a` towards 0 while nothing is
+  certified yet (it does, from `a = 0.1`), so training would stall at chance.
+  """
+  denominator = certificate_denominator(output, labels, feature_lipschitz)
+  return _logits_of_radii(output, labels, denominator, eps=eps, temperature=temperature)
+
+
+def worst_modality_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array], *,
+                          eps: float, temperature: float) -> Array:
+  """`radius_logits` for the worst-modality radius: `y` is their argmax iff
+  no single modality can be moved by `eps` to flip the prediction."""
+  denominator = worst_modality_denominator(output, labels, feature_lipschitz)
+  return _logits_of_radii(output, labels, denominator, eps=eps, temperature=temperature)
 
 
 def normalized_scores(output, labels: Array, feature_lipschitz: Mapping[str, Array]
@@ -101,49 +156,96 @@ def normalized_scores(output, labels: Array, feature_lipschitz: Mapping[str, Arr
   return out
 
 
-def step1_loss(output, labels: Array, feature_lipschitz: Mapping[str, Array], *, eps: float,
-               temperature: float, rho: float, floor: float) -> tuple[Array, dict]:
-  """`CE(radius logits) + rho * L1(normalised margins)` and its parts."""
-  logits = radius_logits(output, labels, feature_lipschitz, eps=eps, temperature=temperature)
+@dataclasses.dataclass(frozen=True)
+class CertifiedLoss:
+  """The step-1 loss's hyper-parameters (see the module docstring)."""
+
+  eps: float
+  temperature: float
+  rho: float = 0.0
+  floor: float = 0.0
+  uni_weight: float = 0.0
+  uni_eps: float = 0.0
+
+
+def step1_loss(output, labels: Array, feature_lipschitz: Mapping[str, Array],
+               loss: CertifiedLoss) -> tuple[Array, dict]:
+  """`CE(radius logits) + uni_weight * CE(worst-modality logits) + rho *
+  L1(normalised margins)` and its parts."""
+  logits = radius_logits(output, labels, feature_lipschitz, eps=loss.eps,
+                         temperature=loss.temperature)
   hinge = cross_entropy(logits, labels)
+  value = hinge
   metrics = {"radius_ce": hinge, "accuracy": accuracy(output.logits, labels),
              "certified_accuracy": accuracy(logits, labels)}
-  if not rho:
-    return hinge, metrics
-  l1 = crmt.margin_regularizer(normalized_scores(output, labels, feature_lipschitz), labels,
-                               floor).mean()
-  return hinge + rho * l1, {**metrics, "l1": l1}
+  if loss.uni_weight:
+    uni_logits = worst_modality_logits(output, labels, feature_lipschitz, eps=loss.uni_eps,
+                                       temperature=loss.temperature)
+    uni = cross_entropy(uni_logits, labels)
+    value = value + loss.uni_weight * uni
+    metrics.update(worst_modality_ce=uni, worst_modality_certified=accuracy(uni_logits, labels))
+  if loss.rho:
+    l1 = crmt.margin_regularizer(normalized_scores(output, labels, feature_lipschitz), labels,
+                                 loss.floor).mean()
+    value = value + loss.rho * l1
+    metrics["l1"] = l1
+  return value, metrics
 
 
-def _step1(model, config):
-  eps = float(required(config, "cert_eps", "crmt_cert"))
-  temperature = float(required(config, "cert_temperature", "crmt_cert"))
-  rho = float(required(config, "cert_rho", "crmt_cert"))
-  floor = float(required(config, "l1_floor", "crmt_cert"))
-  if not eps > 0:
-    raise ValueError(f"method_kwargs.cert_eps: expected > 0, got {eps}")
-  if not temperature > 0:
-    raise ValueError(f"method_kwargs.cert_temperature: expected > 0, got {temperature}")
+def certified_loss(config: Mapping, name: str) -> CertifiedLoss:
+  """`method_kwargs`' step-1 hyper-parameters, checked (errors name the field)."""
+  get = lambda key: float(required(config, key, name))
+  uni_weight = get("cert_uni_weight")
+  loss = CertifiedLoss(eps=get("cert_eps"), temperature=get("cert_temperature"),
+                       rho=get("cert_rho"), floor=get("l1_floor"), uni_weight=uni_weight,
+                       uni_eps=get("cert_uni_eps") if uni_weight else 0.0)
+  for field, value in (("cert_eps", loss.eps), ("cert_temperature", loss.temperature)):
+    if not value > 0:
+      raise ValueError(f"method_kwargs.{field}: expected > 0, got {value}")
+  if not loss.uni_weight >= 0:
+    raise ValueError(f"method_kwargs.cert_uni_weight: expected >= 0, got {loss.uni_weight}")
+  if loss.uni_weight and not loss.uni_eps > 0:
+    raise ValueError(f"method_kwargs.cert_uni_eps: expected > 0 with cert_uni_weight "
+                     f"{loss.uni_weight}, got {loss.uni_eps}")
+  return loss
 
-  def loss_fn(params, state, batch, rng):
-    del rng
-    out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
-    bounds = model.apply({"params": params, **state.get("model", {})},
-                         method="feature_lipschitz")
-    loss, metrics = step1_loss(out, batch["label"], bounds, eps=eps, temperature=temperature,
-                               rho=rho, floor=floor)
-    return loss, (new_state, metrics)
 
-  return loss_fn
+def step1_objective(name: str):
+  """`make_objective(model, config)` of the certified step 1 for method `name`."""
+
+  def make_objective(model, config):
+    loss = certified_loss(config, name)
+
+    def loss_fn(params, state, batch, rng):
+      del rng
+      out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
+      if loss.rho and out.head.kind != "orthogonal":
+        raise ValueError(f"method_kwargs.cert_rho: the normalised L1 needs the orthogonal "
+                         f"head; {name} has {out.head.kind!r}, got rho {loss.rho}")
+      bounds = model.apply({"params": params, **state.get("model", {})},
+                           method="feature_lipschitz")
+      value, metrics = step1_loss(out, batch["label"], bounds, loss)
+      return value, (new_state, metrics)
+
+    return loss_fn
+
+  return make_objective
 
 
 def _step2(model, config=None):
   return crmt.step2_objective(model, config, default_lipschitz="sound")
 
 
+register("jt_cert", head="concat",
+         description="control: the radius hinge on the concat head's sound certificate")(
+             step1_objective("jt_cert"))
+register("ojt_cert", head="orthogonal",
+         description="control: the radius hinge on the orthogonal head (crmt_cert without "
+                     "step 2)")(step1_objective("ojt_cert"))
 register("crmt_cert", head="orthogonal",
          description="CRMT on its sound certificate: radius hinge + normalised L1 "
                      "(step 1), modality weights on the tight sound bound (step 2)",
-         stages=(Stage("step1", _step1), dataclasses.replace(crmt.STEP2, make_objective=_step2)),
+         stages=(Stage("step1", step1_objective("crmt_cert")),
+                 dataclasses.replace(crmt.STEP2, make_objective=_step2)),
          init_state=crmt.init_state, callbacks=(crmt.PrepareStep2(default_lipschitz="sound"),))(
              None)

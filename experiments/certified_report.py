@@ -1,0 +1,157 @@
+"""The tables of `experiments.compare_certified`: seed statistics, paired intervals, markdown.
+
+A run's result (`compare_certified.certify_run`) holds per-example outcomes,
+so two methods trained with the same seeds and certified on the same test
+examples are compared by seed-paired differences with an interval over seeds
+and examples (`mmsafe.eval.statistics.paired_difference`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmsafe.certify import threats
+from mmsafe.eval import statistics
+
+OUTCOMES = "_outcomes"  # Per-example arrays of a row: used for intervals, not written.
+HEADLINE_THREATS = (threats.JOINT, threats.WORST_MODALITY)
+
+
+def seed_stats(values) -> dict:
+  """Mean and sample standard deviation (ddof = 1; 0 for one seed) over seeds."""
+  values = np.asarray(values, np.float64)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return {"mean": float(np.mean(values)), "std": std, "values": values.tolist()}
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """One method's results over seeds (runs in seed order)."""
+  names = list(runs[0]["threats"])
+  modalities = sorted(runs[0]["missing_measured"])
+  attack = {t: {"attacked": sum(r["attack"].get(t, {}).get("attacked", 0) for r in runs),
+                "broken": sum(r["attack"].get(t, {}).get("broken", 0) for r in runs)}
+            for t in names if any(t in r["attack"] for r in runs)}
+  return {
+      "seeds": len(runs),
+      "clean": seed_stats([r["clean"] for r in runs]),
+      "threats": {t: {"certified": [seed_stats([r["threats"][t]["certified"][i] for r in runs])
+                                    for i in range(len(runs[0]["threats"][t]["certified"]))],
+                      "curve": np.mean([r["threats"][t]["curve"] for r in runs], axis=0).tolist(),
+                      "mean_radius": seed_stats([r["threats"][t]["mean_radius"] for r in runs])}
+                  for t in names},
+      "missing_certified": {m: seed_stats([r["missing_certified"][m] for r in runs])
+                            for m in runs[0]["missing_certified"]},
+      "missing_measured": {m: seed_stats([r["missing_measured"][m] for r in runs])
+                           for m in modalities},
+      "attack": attack,
+      "encoder_lipschitz": {m: float(np.max([r["encoder_lipschitz"][m] for r in runs]))
+                            for m in runs[0]["encoder_lipschitz"]},
+      "certify_seconds_per_example": float(np.mean([r["certify_seconds_per_example"]
+                                                    for r in runs])),
+      OUTCOMES: {"correct": np.asarray([r["correct"] for r in runs], bool),
+                 "radius": {t: np.asarray([r["threats"][t]["radius"] for r in runs])
+                            for t in names},
+                 "missing": {m: np.asarray([r["missing_outcomes"][m] for r in runs], bool)
+                             for m in runs[0]["missing_outcomes"]}},
+  }
+
+
+def outcome_columns(row: dict, radii: np.ndarray) -> dict[str, np.ndarray]:
+  """column -> [S, N] 0/1 per-example outcomes: "clean", "<threat>@<r>" for the
+  headline threats, "missing any (certified)"."""
+  outcomes = row[OUTCOMES]
+  correct = outcomes["correct"]
+  out = {"clean": correct.astype(float)}
+  for threat in HEADLINE_THREATS:
+    for r in radii:
+      out[f"{threat}@{r:g}"] = (correct & (outcomes["radius"][threat] >= r)).astype(float)
+  out["missing any (certified)"] = outcomes["missing"]["any"].astype(float)
+  return out
+
+
+def paired_differences(rows: list[dict], control: str | None, radii: np.ndarray) -> list[dict]:
+  """Each row's seed-paired difference to the control row of its encoder set,
+  per column of `outcome_columns`, with a 95% interval over seeds and test
+  examples (none with fewer than two seeds)."""
+  if not control:
+    return []
+  controls = {row["encoders"]: row for row in rows if row["method"] == control}
+  out = []
+  for row in rows:
+    reference = controls.get(row["encoders"])
+    if reference is None or row is reference or row["seeds"] < 2:
+      continue
+    if row["seed_list"] != reference["seed_list"]:
+      raise ValueError(f"paired differences: {row['method']} and {control} ran different "
+                       f"seeds ({row['seed_list']} vs {reference['seed_list']})")
+    a, b = outcome_columns(row, radii), outcome_columns(reference, radii)
+    out.append({"encoders": row["encoders"], "method": row["method"], "control": control,
+                "columns": {c: statistics.paired_difference(a[c], b[c]).to_dict() for c in a}})
+  return out
+
+
+def _pm(stats: dict) -> str:
+  return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _setting(kwargs: dict) -> str:
+  return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in sorted(kwargs.items())) or "config"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(cells) + " |" for cells in lines])
+
+
+def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], control: str | None,
+             title: str) -> str:
+  """The comparison as markdown: headline threats, each modality, paired
+  differences to the control, the tuning runs."""
+  radius_columns = lambda name: [f"{name} r={r:g}" for r in radii]
+  modalities = sorted(rows[0]["missing_measured"])
+  header = (["encoders", "method", "setting", "seeds", "clean"] + radius_columns("joint")
+            + radius_columns("worst modality") + ["missing any: certified"]
+            + [f"missing {m}: measured" for m in modalities] + ["broken / attacked"])
+  lines = []
+  for row in rows:
+    attacked = sum(a["attacked"] for a in row["attack"].values())
+    broken = sum(a["broken"] for a in row["attack"].values())
+    lines.append([row["encoders"], row["method"], _setting(row["kwargs"]), str(row["seeds"]),
+                  _pm(row["clean"])]
+                 + [_pm(s) for t in HEADLINE_THREATS for s in row["threats"][t]["certified"]]
+                 + [_pm(row["missing_certified"]["any"])]
+                 + [_pm(row["missing_measured"][m]) for m in modalities]
+                 + [f"{broken} / {attacked}"])
+  parts = [f"# {title}", "", "Sound certified accuracy per threat (mean ± sample std over "
+           "seeds):", ""] + _table(header, lines)
+  per_modality = [t for t in rows[0]["threats"] if t.startswith("modality:")]
+  header = ["encoders", "method"] + [f"{t[len('modality:'):]} alone r={r:g}"
+                                     for t in per_modality for r in radii]
+  lines = [[row["encoders"], row["method"]] + [_pm(s) for t in per_modality
+                                               for s in row["threats"][t]["certified"]]
+           for row in rows]
+  parts += ["", "Uni-modal certified accuracy (Prop. 3.4, one modality perturbed):", ""]
+  parts += _table(header, lines)
+  if differences:
+    columns = list(differences[0]["columns"])
+    lines = [[d["encoders"], d["method"]] + [statistics.Interval(**d["columns"][c]).text()
+                                              for c in columns] for d in differences]
+    parts += ["", f"Seed-paired difference to {control}, mean [95% interval over seeds and "
+              f"test examples]:", ""] + _table(["encoders", "method"] + columns, lines)
+  tuning = [(row, point) for row in rows for point in row["tuning"]]
+  if tuning:
+    lines = [[row["encoders"], row["method"], _setting(p["kwargs"]), f"{p['score']:.4f}"]
+             for row, p in tuning]
+    parts += ["", "Tuning on the validation split (one seed; score: certified accuracy at "
+              "the radii, mean of the joint and worst-modality threats):", ""]
+    parts += _table(["encoders", "method", "setting", "validation score"], lines)
+  parts += ["", "Radii are l2 norms in normalised (standardised) input space. Missing "
+            "modality: replaced by zeros (the training mean); certified when its uni-modal "
+            "radius exceeds the distance to the fill, for every modality."]
+  return "\n".join(parts) + "\n"
+
+
+def json_rows(rows: list[dict]) -> list[dict]:
+  """The rows without their per-example outcomes."""
+  return [{k: v for k, v in row.items() if k != OUTCOMES} for row in rows]
