@@ -75,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # code) or "sound" constants; None: the method's own default (empirical
       # for the paper's variants, sound for crmt_cert).
       "step2_lipschitz": config_dict.placeholder(str),
+      # What CRMT step 2 optimises; None: the method's default. "mean_radius":
+      # the paper's L2 (mean radius at the closest class, can switch a class
+      # off); "radius_hinge": mmsafe's fix, the hinge below on every pairwise
+      # radius at cert_eps / cert_temperature (mmsafe/methods/crmt.py).
+      "step2_objective": config_dict.placeholder(str),
       # crmt_cert (mmsafe/methods/crmt_cert.py): a hinge on every pairwise
       # tight Thm 3.5 radius at cert_eps (temperature cert_temperature), plus
       # cert_rho times L1 on the Lipschitz-normalised uni-modal margins. mmsafe's

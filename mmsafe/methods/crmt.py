@@ -7,14 +7,20 @@ Orthogonal head `h~_k = sum_m a^(m)_k u^(m)_k + b~_k` (eq. 8), trained in two st
   relaxation of the smallest uni-modal score margin (eq. 11):
       L1 = mean_i logsumexp_{m, k != y_i} (u^(m)_k(x_i) - u^(m)_{y_i}(x_i)).
 * Step 2: encoders, `W~`, `b~` and batch-norm statistics frozen; only `a` is
-  updated to minimise `L2 = -mean_i r_j(x_i)`, the Thm 3.5 (eq. 10) bound at
-  the closest wrong class `j = argmax_{k != y} h~_k(x_i)`, with `tau~` the
-  Lipschitz constants of the uni-modal scores `u` (not of the fused logits,
-  so `a` is not counted twice) computed once when step 2 begins:
+  updated, on the Thm 3.5 (eq. 10) radii `r_k(x)`, with `tau~` the Lipschitz
+  constants of the uni-modal scores `u` (not of the fused logits, so `a` is
+  not counted twice) computed once when step 2 begins:
   `method_kwargs.step2_lipschitz = "empirical"` (the paper's code: the
   largest gradient norm over the training set, an estimate) or "sound" (the
-  encoders' stated bounds, with the tight Thm 3.5: step 2 then maximises the
+  encoders' stated bounds, with the tight Thm 3.5: step 2 then works on the
   certificate itself). None: "empirical" for the paper's variants here.
+  `method_kwargs.step2_objective` chooses what `a` optimises (None: the
+  method's default, "mean_radius" for the paper's variants):
+  "mean_radius", the paper's `L2 = -mean_i r_j(x_i)` at the closest wrong
+  class `j = argmax_{k != y} h~_k(x_i)`, not clipped at 0; or "radius_hinge"
+  (mmsafe's), the cross-entropy of the radius logits `t (eps - r_k(x))` on
+  every wrong class `k`. The paper's L2 can switch a class off, the hinge
+  bounds what the other examples gain from that (see `step2_loss`).
 
 Variants (declared in `mmsafe.methods.compose`): `crmt` (CRMT-JT: step 1
 then step 2), `crmt_at` (step 1 on l2-PGD adversarial inputs, then step 2),
@@ -25,7 +31,8 @@ pieces: L1, step 1's loss, step 2's objective and stage (`STEP2`), and the
 callback that computes step 2's constants when it starts (`PrepareStep2`).
 
 Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (see
-`margin_regularizer`) and `step2_lipschitz` (every two-step variant).
+`margin_regularizer`), `step2_lipschitz` and `step2_objective` (every
+two-step variant), and `cert_eps` and `cert_temperature` for "radius_hinge".
 `crmt_cert`, CRMT trained on its sound certificate, lives in `crmt_cert.py`.
 """
 
@@ -41,7 +48,7 @@ from mmsafe.data import host_pass
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import Callback, CallbackContext, Stage
 from mmsafe.models.heads import is_modality_weight
-from mmsafe.numerics import mask_labels
+from mmsafe.numerics import label_mask, mask_labels
 from mmsafe.train import distributed
 
 Array = jax.Array
@@ -89,11 +96,21 @@ def step1_loss(output, labels: Array, rho: float, floor: float) -> tuple[Array, 
   return ce + rho * l1, {"ce": ce, "l1": l1, "accuracy": accuracy(output.logits, labels)}
 
 
+STEP2_LIPSCHITZ = ("empirical", "sound")
+STEP2_OBJECTIVES = ("mean_radius", "radius_hinge")
+
+
+def _at_closest_class(per_class: Array, logits: Array, labels: Array) -> Array:
+  """[B] entry of `per_class` [B, K] at `j = argmax_{k != y} logits_k`."""
+  closest = jnp.argmax(mask_labels(logits, labels, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(per_class, closest[:, None], axis=1)[:, 0]
+
+
 def closest_class_bound(output, labels: Array, tau: Mapping[str, Array],
                         feature_lipschitz: Mapping[str, Array] | None = None) -> Array:
   """`r_j(x)` of Thm 3.5 (eq. 10) at `j = argmax_{k != y} h~_k(x)`, [B] (not clipped at 0).
 
-  The quantity CRMT step 2 maximises (`L2 = -mean_i r_j(x_i)`, Sec. 3.4).
+  The quantity the paper's CRMT step 2 maximises (`L2 = -mean_i r_j(x_i)`, Sec. 3.4).
 
   Args:
     output: the orthogonal-head model's `ModelOutput` (logits [B, K]).
@@ -109,32 +126,129 @@ def closest_class_bound(output, labels: Array, tau: Mapping[str, Array],
   """
   per_class = certify.certified_radius(output, labels, tau,
                                        feature_lipschitz=feature_lipschitz).per_class
-  closest = jnp.argmax(mask_labels(output.logits, labels, -jnp.inf), axis=-1)
-  return jnp.take_along_axis(per_class, closest[:, None], axis=1)[:, 0]
+  return _at_closest_class(per_class, output.logits, labels)
 
 
-STEP2_LIPSCHITZ = ("empirical", "sound")
+def radius_hinge_logits(per_class: Array, labels: Array, *, eps: float, temperature: float
+                        ) -> Array:
+  """`t (eps - r_k(x))` for `k != y` and 0 for `y`, [B, K], from the Thm 3.5 radii.
+
+  Their cross-entropy, `log(1 + sum_{k != y} exp(t (eps - r_k)))`, is a soft
+  hinge on every pairwise radius (`crmt_cert`'s loss, `crmt_cert.radius_logits`).
+
+  Args:
+    per_class: [B, K] radii `r_k(x)` (`Certificate.per_class`: not clipped,
+      `+inf` at `k = y`).
+    labels: int [B] true labels `y`.
+    eps: the target radius (> 0).
+    temperature: `t` (> 0).
+
+  Returns:
+    [B, K] logits. Pure and jit-able; the `+inf` at `y` gets no gradient.
+  """
+  is_label = label_mask(labels, per_class.shape[-1])
+  return jnp.where(is_label, 0.0, temperature * (eps - per_class))
+
+
+def step2_loss(output, labels: Array, tau: Mapping[str, Array],
+               feature_lipschitz: Mapping[str, Array] | None = None, *,
+               objective: str = "mean_radius", eps: float | None = None,
+               temperature: float | None = None) -> tuple[Array, dict]:
+  """CRMT step 2's loss of `a` on a batch, and its metrics.
+
+  * "mean_radius" (the paper's L2, Sec. 3.4): `-mean_i r_j(x_i)`, the Thm 3.5
+    radius at the closest wrong class, not clipped at 0. It can switch a
+    class off: with `a^(m)_c = 0` for every `m`, class `c`'s logit is the
+    constant `b~_c`, so in every other example's pair `(y, c)` the margin
+    `h~_y - b~_c` no longer carries `c`'s score and `|a_c| tau~_c` leaves the
+    denominator: their radii grow, while class `c`'s own examples become
+    misclassified with negative radii. The mean of unclipped radii has
+    unbounded gain on the others, so whenever that gain exceeds what class
+    `c`'s radii lose, L2 keeps rising while `c` is lost
+    (av_digits seed 0, CRMT-Mix: class 9's weights went to ~0 and clean
+    accuracy fell 0.983 -> 0.903; tests/test_crmt_step2.py builds a case).
+  * "radius_hinge" (mmsafe's): the cross-entropy of `radius_hinge_logits`
+    with `eps` and `t` (`temperature`), on every wrong class. The loss is
+    >= 0, so an example can gain at most its current loss, which vanishes
+    once all its radii exceed `eps`; a misclassified example (`r_k < 0` for
+    the class `k` that beats `y`) costs more than `t (eps - r_k) > t eps`,
+    growing linearly with `-r_k`. Switching off a class with `n_c` examples
+    therefore pays only while the loss summed over all examples exceeds
+    `n_c t eps`: the others, once certified at `eps`, have little left to
+    pay with.
+
+  Args:
+    output: the orthogonal-head model's `ModelOutput`.
+    labels: int [B] true labels `y`.
+    tau: modality -> [B, K] or [1, K] `tau~^(m)_k` (see `closest_class_bound`).
+    feature_lipschitz: optional modality -> `L^(m)` for the tight Thm 3.5.
+    objective: one of `STEP2_OBJECTIVES`.
+    eps: the hinge's target radius (> 0; "radius_hinge" only).
+    temperature: the hinge's `t` (> 0; "radius_hinge" only).
+
+  Returns:
+    `(loss, metrics)`: "bound" (the mean radius at the closest wrong class),
+    "accuracy", and for "radius_hinge" "radius_ce" (the loss). Pure and jit-able.
+  """
+  if objective not in STEP2_OBJECTIVES:
+    raise ValueError(f"objective: expected one of {list(STEP2_OBJECTIVES)}, got {objective!r}")
+  per_class = certify.certified_radius(output, labels, tau,
+                                       feature_lipschitz=feature_lipschitz).per_class
+  bound = jnp.mean(_at_closest_class(per_class, output.logits, labels))
+  metrics = {"bound": bound, "accuracy": accuracy(output.logits, labels)}
+  if objective == "mean_radius":
+    return -bound, metrics
+  hinge = cross_entropy(radius_hinge_logits(per_class, labels, eps=eps, temperature=temperature),
+                        labels)
+  return hinge, {**metrics, "radius_ce": hinge}
+
+
+def _choice(config: Mapping | None, field: str, choices: tuple[str, ...], default: str) -> str:
+  """`method_kwargs.<field>` (None: `default`), one of `choices`, else a ValueError."""
+  value = (config or {}).get(field) or default
+  if value not in choices:
+    raise ValueError(f"method_kwargs.{field}: expected one of {list(choices)} or None, got "
+                     f"{value!r}")
+  return value
 
 
 def step2_lipschitz(config: Mapping | None, default: str = "empirical") -> str:
   """The Lipschitz kind step 2 optimises (`method_kwargs.step2_lipschitz`)."""
-  kind = (config or {}).get("step2_lipschitz") or default
-  if kind not in STEP2_LIPSCHITZ:
-    raise ValueError(f"method_kwargs.step2_lipschitz: expected one of {list(STEP2_LIPSCHITZ)} "
-                     f"or None, got {kind!r}")
-  return kind
+  return _choice(config, "step2_lipschitz", STEP2_LIPSCHITZ, default)
 
 
-def step2_objective(model, config=None, *, default_lipschitz: str = "empirical"):
-  """CRMT step 2: `L2 = -mean_i r_j(x_i)` (Thm 3.5 at the closest wrong class).
+def step2_objective_name(config: Mapping | None, default: str = "mean_radius") -> str:
+  """The loss step 2 minimises (`method_kwargs.step2_objective`, see `step2_loss`)."""
+  return _choice(config, "step2_objective", STEP2_OBJECTIVES, default)
+
+
+def _hinge_constant(config: Mapping | None, field: str) -> float:
+  """`method_kwargs.<field>` as a float > 0, else a ValueError naming it."""
+  value = (config or {}).get(field)
+  if value is None or not float(value) > 0:
+    raise ValueError(f"method_kwargs.{field}: step2_objective 'radius_hinge' needs a value > 0, "
+                     f"got {value!r}")
+  return float(value)
+
+
+def step2_objective(model, config: Mapping | None = None, *, default_lipschitz: str = "empirical",
+                    default_objective: str = "mean_radius"):
+  """CRMT step 2: `step2_loss` of `a` (`method_kwargs.step2_objective`; None:
+  `default_objective`, "mean_radius" being the paper's L2).
 
   The model runs in inference mode (batch-norm statistics frozen) and every
   parameter but `a` is behind `stop_gradient`; the step-2 optimizer
   (`mmsafe.train.optimizer.make_step2_optimizer`) updates only `a`. `tau~`
   (and, for `step2_lipschitz = "sound"`, the encoders' bounds `L^(m)` of the
   tight Thm 3.5) are read from `state["crmt"]` (see `prepare_step2`).
+  "radius_hinge" reads `eps` and `t` from `cert_eps` and `cert_temperature`.
   """
   sound = step2_lipschitz(config, default_lipschitz) == "sound"
+  objective = step2_objective_name(config, default_objective)
+  eps = temperature = None
+  if objective == "radius_hinge":
+    eps = _hinge_constant(config, "cert_eps")
+    temperature = _hinge_constant(config, "cert_temperature")
 
   def loss_fn(params, state, batch, rng):
     del rng
@@ -143,10 +257,10 @@ def step2_objective(model, config=None, *, default_lipschitz: str = "empirical")
         params)
     out, _ = apply_model(model, frozen, state, batch["inputs"], train=False)
     constants = state[STATE_KEY]
-    bound = closest_class_bound(out, batch["label"], constants["tau"],
-                                constants["feature_lipschitz"] if sound else None)
-    loss = -jnp.mean(bound)
-    return loss, (dict(state), {"bound": -loss, "accuracy": accuracy(out.logits, batch["label"])})
+    loss, metrics = step2_loss(out, batch["label"], constants["tau"],
+                               constants["feature_lipschitz"] if sound else None,
+                               objective=objective, eps=eps, temperature=temperature)
+    return loss, (dict(state), metrics)
 
   return loss_fn
 
