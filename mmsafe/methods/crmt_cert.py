@@ -43,7 +43,9 @@ lowered by shrinking the head's scale (`radius_logits`). Optional terms:
   only).
 
 `crmt_cert` adds CRMT's step 2 on the sound constants: only `a` moves, on the
-tight Thm 3.5 radius. `ojt_cert` is `crmt_cert` without step 2 and `jt_cert`
+tight Thm 3.5 radius, with step 1's radius hinge at `eps` as its objective
+(`method_kwargs.step2_objective` None: "radius_hinge"; the paper's mean
+radius, "mean_radius", can switch a class off: `crmt.step2_loss`). `ojt_cert` is `crmt_cert` without step 2 and `jt_cert`
 the same hinge on the concat head: the controls that tell CRMT's structure
 (orthogonal head, modality weights, step 2) apart from training on a
 certificate at all.
@@ -58,7 +60,7 @@ Hyper-parameters (`config.method_kwargs`): `cert_eps` (the target radius
 `eps`), `cert_temperature` (`t`), `cert_uni_weight` and `cert_uni_eps` (the
 worst-modality hinge; weight 0 turns it off), `cert_rho` (weight of the
 normalised L1; 0 turns it off), `l1_floor`, `step2_lipschitz` (None:
-"sound").
+"sound"), `step2_objective` (None: "radius_hinge").
 """
 
 from __future__ import annotations
@@ -233,7 +235,8 @@ def step1_objective(name: str):
 
 
 def _step2(model, config=None):
-  return crmt.step2_objective(model, config, default_lipschitz="sound")
+  return crmt.step2_objective(model, config, default_lipschitz="sound",
+                              default_objective="radius_hinge")
 
 
 register("jt_cert", head="concat",
