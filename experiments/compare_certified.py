@@ -88,6 +88,8 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Certify the first N tes
                                      "(0: all).")
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 100, "PGD steps of the soundness check.")
 _ATTACK_RESTARTS = flags.DEFINE_integer("attack_restarts", 5, "PGD restarts of the check.")
+_ATTACK_EXAMPLES = flags.DEFINE_integer("attack_examples", 0, "Attack the radii of the first N "
+                                        "certified examples (0: all).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 ENCODER_SETS = {"free": "encoders", "lipschitz": "lipschitz_encoders"}
@@ -186,17 +188,20 @@ def _missing_accuracy(model, variables, inputs, labels: np.ndarray, batch_size: 
 
 
 def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str = "test",
-                max_examples: int, attack_steps: int, attack_restarts: int) -> dict:
+                max_examples: int, attack_steps: int, attack_restarts: int,
+                attack_examples: int = 0) -> dict:
   """Sound certified accuracy of a trained run per threat, at `radii` and on
   `grid`, the certified and measured missing-modality accuracy, per-example
   radii for paired intervals, and the attack check of every joint and
-  uni-modal radius (none with `attack_steps` 0).
+  uni-modal radius of the first `attack_examples` examples (0: all; none
+  with `attack_steps` 0).
 
   The result is kept in `<workdir>/certified_sound[_<split>].json` with the
   settings it was computed under, and reused while they are unchanged.
   """
   settings = {"radii": radii.tolist(), "grid": grid.tolist(), "max_examples": max_examples,
-              "attack_steps": attack_steps, "attack_restarts": attack_restarts, "version": 2}
+              "attack_steps": attack_steps, "attack_restarts": attack_restarts, "version": 2,
+              **({"attack_examples": attack_examples} if attack_examples else {})}
   suffix = "" if split == "test" else f"_{split}"
   cache = os.path.join(workdir, f"certified_sound{suffix}.json")
   if os.path.exists(cache):
@@ -209,7 +214,7 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
                                 attack_restarts=attack_restarts)
   dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
   start = time.time()
-  results, certificates, labels = certification(variables, dataset, split=split)
+  results, certificates, labels = certification(variables, dataset, split=split, attack=False)
   cert = certificates["sound"]
   seconds = time.time() - start
   inputs = {m: np.asarray(x) for m, x in dataset.inputs.items()}
@@ -219,10 +224,13 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
       radius, correct, thresholds)).tolist()
   attack = {}
   if attack_steps > 0:
-    attack[threats.JOINT] = results["kinds"]["sound"]["attack"]
-    for m in cert.modalities:
-      attack[threats.modality_threat(m)] = certification.attack_check(
-          variables, inputs, labels, radius_of[threats.modality_threat(m)], "sound", modality=m)
+    n = attack_examples or len(labels)
+    head = {m: x[:n] for m, x in inputs.items()}
+    for name, modality in [(threats.JOINT, None)] + [(threats.modality_threat(m), m)
+                                                     for m in cert.modalities]:
+      attack[name] = certification.attack_check(variables, head, labels[:n],
+                                                radius_of[name][:n], "sound", modality=modality)
+    results["kinds"]["sound"]["attack"] = attack[threats.JOINT]
   if split == "test":
     paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
     report.write_events(workdir, CERTIFY_DIR, step, results, paths)
@@ -271,7 +279,8 @@ class Study:
     return certify_run(workdir, self.radii, self.grid, split=split,
                        max_examples=_MAX_EXAMPLES.value if test else 0,
                        attack_steps=_ATTACK_STEPS.value if test else 0,
-                       attack_restarts=_ATTACK_RESTARTS.value)
+                       attack_restarts=_ATTACK_RESTARTS.value,
+                       attack_examples=_ATTACK_EXAMPLES.value)
 
   def tune(self, label: str) -> tuple[dict, list[dict]]:
     """The best grid point of `label` on validation, and every point's score."""

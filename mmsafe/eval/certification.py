@@ -201,9 +201,10 @@ class Certification:
     self._attack_batches = {}  # modality (None: joint) -> its jitted radius attack
 
   def __call__(self, variables, dataset: data_lib.Dataset, empirical_source=None, *,
-               split: str = "test", empirical_split: str = "train"):
+               split: str = "test", empirical_split: str = "train", attack: bool = True):
     """Certifies every example of the in-memory `dataset` (split `split`);
-    `empirical_source` is the dataset the empirical constants are the maximum over.
+    `empirical_source` is the dataset the empirical constants are the maximum over;
+    `attack`: run the attack check (`attack_check` can also be called alone).
 
     Returns:
       (results dict for JSON, {kind: Certificate}, labels [N]).
@@ -226,7 +227,7 @@ class Certification:
       entry = {"seconds": seconds, **self._summary(cert, labels, dataset.num_classes)}
       note = {"note": "local constants of the first batch"} if constants is None else {}
       entry["lipschitz"] = {**note, **_constants_summary(used)}
-      if self.attack_steps > 0:
+      if attack and self.attack_steps > 0:
         entry["attack"] = self.attack_check(variables, inputs, labels, np.asarray(cert.radius),
                                             kind)
       results["kinds"][kind] = entry
