@@ -41,7 +41,6 @@ the radius (joint: solid, worst modality: dashed).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 
@@ -204,11 +203,9 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
               **({"attack_examples": attack_examples} if attack_examples else {})}
   suffix = "" if split == "test" else f"_{split}"
   cache = os.path.join(workdir, f"certified_sound{suffix}.json")
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached["result"]
+  cached = files.read_result(cache, settings)
+  if cached is not None:
+    return cached
   _, model, variables, splits, step = loop.restore_run_and_step(workdir)
   certification = Certification(model, kinds=["sound"], attack_steps=attack_steps,
                                 attack_restarts=attack_restarts)
@@ -219,9 +216,6 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
   seconds = time.time() - start
   inputs = {m: np.asarray(x) for m, x in dataset.inputs.items()}
   radius_of = threats.threat_radii(cert)
-  correct = np.asarray(cert.correct)
-  accuracy = lambda radius, thresholds: np.asarray(certify_lib.certified_accuracy(
-      radius, correct, thresholds)).tolist()
   attack = {}
   if attack_steps > 0:
     n = attack_examples or len(labels)
@@ -234,22 +228,31 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
   if split == "test":
     paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
     report.write_events(workdir, CERTIFY_DIR, step, results, paths)
-  missing = threats.missing_certified(cert, inputs)
   result = {
+      **threat_results(cert, inputs, radius_of, radii, grid),
+      "missing_measured": _missing_accuracy(model, variables, inputs, np.asarray(labels)),
+      "encoder_lipschitz": results["kinds"]["sound"]["lipschitz"]["encoder_lipschitz"],
+      "attack": {name: {"attacked": a["attacked"], "broken": a["broken"]}
+                 for name, a in attack.items()},
+      "certify_seconds_per_example": seconds / max(len(labels), 1)}
+  return files.write_result(cache, settings, result)
+
+
+def threat_results(cert, inputs, radius_of: dict, radii: np.ndarray, grid: np.ndarray) -> dict:
+  """Clean and certified accuracy per threat (at `radii`, on `grid`), per-example
+  outcomes, and the certified missing-modality accuracy (fill: zeros)."""
+  correct = np.asarray(cert.correct)
+  accuracy = lambda radius, thresholds: np.asarray(certify_lib.certified_accuracy(
+      radius, correct, thresholds)).tolist()
+  missing = threats.missing_certified(cert, inputs)
+  return {
       "clean": float(np.mean(correct)), "correct": correct.astype(int).tolist(),
       "threats": {name: {"certified": accuracy(r, radii), "curve": accuracy(r, grid),
                          "mean_radius": float(np.mean(np.where(np.isfinite(r), r, 0.0))),
                          "radius": np.where(np.isfinite(r), r, 1e9).tolist()}
                   for name, r in radius_of.items()},
       "missing_certified": {m: float(np.mean(v)) for m, v in missing.items()},
-      "missing_outcomes": {m: v.astype(int).tolist() for m, v in missing.items()},
-      "missing_measured": _missing_accuracy(model, variables, inputs, np.asarray(labels)),
-      "encoder_lipschitz": results["kinds"]["sound"]["lipschitz"]["encoder_lipschitz"],
-      "attack": {name: {"attacked": a["attacked"], "broken": a["broken"]}
-                 for name, a in attack.items()},
-      "certify_seconds_per_example": seconds / max(len(labels), 1)}
-  files.write_json_atomic(cache, {"settings": settings, "result": result})
-  return result
+      "missing_outcomes": {m: v.astype(int).tolist() for m, v in missing.items()}}
 
 
 def validation_score(result: dict) -> float:

@@ -69,11 +69,9 @@ def smoothing_run(base, sigma: float, seed: int, radii: np.ndarray) -> dict:
   settings = {"num_samples": _NUM_SAMPLES.value, "alpha": _ALPHA.value,
               "max_examples": _MAX_EXAMPLES.value, "radii": radii.tolist()}
   cache = os.path.join(workdir, "smoothing.json")
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached["settings"] == settings:
-      return cached["result"]
+  cached = files.read_result(cache, settings)
+  if cached is not None:
+    return cached
   config = base.copy_and_resolve_references()
   with config.unlocked():
     config.method, config.seed = "gaussian_aug", seed
@@ -92,8 +90,7 @@ def smoothing_run(base, sigma: float, seed: int, radii: np.ndarray) -> dict:
   result = {"radius": np.where(np.asarray(cert.correct), np.asarray(cert.radius), 0.0).tolist(),
             "abstained": float(np.mean(np.asarray(cert.prediction) == smoothing.ABSTAIN)),
             "seconds_per_example": seconds}
-  files.write_json_atomic(cache, {"settings": settings, "result": result})
-  return result
+  return files.write_result(cache, settings, result)
 
 
 def deterministic_run(directory: str, seed: int, num_examples: int) -> dict:

@@ -85,3 +85,20 @@ def to_json(payload: Any) -> str:
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> str:
   """Writes `payload` as JSON (`to_json`) to `path` atomically; returns `path`."""
   return write_text_atomic(path, to_json(payload))
+
+
+def read_result(path: str | os.PathLike, settings: Any) -> Any | None:
+  """The "result" of a JSON cache written by `write_result` under exactly these
+  `settings` (compared as JSON values), else None (absent or stale)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    cached = json.load(f)
+  return cached["result"] if cached.get("settings") == json.loads(to_json(settings)) else None
+
+
+def write_result(path: str | os.PathLike, settings: Any, result: Any) -> Any:
+  """Keeps `result` with the `settings` it was computed under (atomically);
+  returns `result`."""
+  write_json_atomic(path, {"settings": settings, "result": result})
+  return result
