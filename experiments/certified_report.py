@@ -58,14 +58,15 @@ def aggregate(runs: list[dict]) -> dict:
 
 def outcome_columns(row: dict, radii: np.ndarray) -> dict[str, np.ndarray]:
   """column -> [S, N] 0/1 per-example outcomes: "clean", "<threat>@<r>" for the
-  headline threats, "missing any (certified)"."""
+  headline threats, "missing <m> (certified)" for each modality and "any"."""
   outcomes = row[OUTCOMES]
   correct = outcomes["correct"]
   out = {"clean": correct.astype(float)}
   for threat in HEADLINE_THREATS:
     for r in radii:
       out[f"{threat}@{r:g}"] = (correct & (outcomes["radius"][threat] >= r)).astype(float)
-  out["missing any (certified)"] = outcomes["missing"]["any"].astype(float)
+  for m, certified in outcomes["missing"].items():
+    out[f"missing {m} (certified)"] = certified.astype(float)
   return out
 
 
@@ -112,7 +113,8 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
   modalities = sorted(rows[0]["missing_measured"])
   header = (["encoders", "method", "setting", "seeds", "clean"] + radius_columns("joint")
             + radius_columns("worst modality") + ["missing any: certified"]
-            + [f"missing {m}: measured" for m in modalities] + ["broken / attacked"])
+            + [f"missing {m}: certified / measured" for m in modalities]
+            + ["broken / attacked"])
   lines = []
   for row in rows:
     attacked = sum(a["attacked"] for a in row["attack"].values())
@@ -121,7 +123,8 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
                   _pm(row["clean"])]
                  + [_pm(s) for t in HEADLINE_THREATS for s in row["threats"][t]["certified"]]
                  + [_pm(row["missing_certified"]["any"])]
-                 + [_pm(row["missing_measured"][m]) for m in modalities]
+                 + [f"{_pm(row['missing_certified'][m])} / {_pm(row['missing_measured'][m])}"
+                    for m in modalities]
                  + [f"{broken} / {attacked}"])
   parts = [f"# {title}", "", "Sound certified accuracy per threat (mean ± sample std over "
            "seeds):", ""] + _table(header, lines)

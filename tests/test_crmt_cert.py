@@ -200,7 +200,7 @@ def test_worst_modality_logits_certify_the_smallest_unimodal_radius():
 def test_certified_controls_train_their_heads_and_refuse_bad_settings():
   model_of = {"jt_cert": "concat", "ojt_cert": "orthogonal", "crmt_cert": "orthogonal"}
   config = {"cert_eps": 0.5, "cert_temperature": 4.0, "cert_rho": 0.0, "l1_floor": 1e-5,
-            "cert_uni_weight": 0.5, "cert_uni_eps": 1.0}
+            "cert_uni_weight": 0.5, "cert_uni_eps": 1.0, "cert_missing_weight": 0.5}
   for name, head in model_of.items():
     method = methods.get(name)
     assert method.head == head
@@ -212,7 +212,7 @@ def test_certified_controls_train_their_heads_and_refuse_bad_settings():
     batch = {"inputs": x, "label": jnp.arange(16) % K}
     (value, (_, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         variables["params"], {}, batch, None)
-    assert np.isfinite(float(value)) and "worst_modality_ce" in metrics
+    assert np.isfinite(float(value)) and {"worst_modality_ce", "missing_ce"} <= set(metrics)
     assert float(optax.tree.norm(grads)) > 0
   with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: method .jt_cert. needs it"):
     methods.get("jt_cert")(model, {**config, "cert_uni_eps": None})
@@ -224,3 +224,27 @@ def test_certified_controls_train_their_heads_and_refuse_bad_settings():
   loss_fn = methods.get("jt_cert")(concat, {**config, "cert_rho": 0.5})
   with pytest.raises(ValueError, match=r"method_kwargs.cert_rho: the normalised L1 needs"):
     loss_fn(concat.init(jax.random.PRNGKey(1), x)["params"], {}, batch, None)
+
+
+def test_missing_modality_logits_certify_exactly_the_missing_modality_certificate():
+  from mmsafe.certify import threats
+  for output in (_output, _concat_output):
+    out, labels = output(seed=5)
+    lipschitz = {"a": 0.9, "b": 0.4}
+    tau = {m: jnp.full((1, K), 10.0) for m in "ab"}
+    cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+    rng = np.random.default_rng(0)
+    distances = {m: jnp.asarray(rng.uniform(0.05, 2.0, size=labels.shape[0]), jnp.float32)
+                 for m in "ab"}
+    inputs = {m: np.pad(np.asarray(d)[:, None], ((0, 0), (0, 2))) for m, d in distances.items()}
+    np.testing.assert_allclose(crmt_cert.fill_distances(inputs)["a"], distances["a"], rtol=1e-6)
+    expected = threats.missing_certified(cert, inputs)
+    logits = crmt_cert.missing_modality_logits(out, labels, lipschitz, distances, eps=0.5,
+                                               temperature=2.0)
+    for m in "ab":
+      certified = np.asarray(jnp.argmax(logits[m], -1) == labels)
+      np.testing.assert_array_equal(certified, expected[m])
+      assert 0 < certified.sum() < len(certified)
+    value, parts = crmt_cert.step1_loss(out, labels, lipschitz, crmt_cert.CertifiedLoss(
+        eps=0.5, temperature=2.0, missing_weight=2.0), distances)
+    np.testing.assert_allclose(value, parts["radius_ce"] + 2.0 * parts["missing_ce"], rtol=1e-6)

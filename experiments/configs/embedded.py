@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # the worst-modality radius (Prop. 3.4, the modality chosen by the
       # attacker) at cert_uni_eps; weight 0 turns it off.
       "cert_uni_weight": 0.0, "cert_uni_eps": config_dict.placeholder(float),
+      # ... and cert_missing_weight times the hinge on each modality's
+      # missing-modality certificate (its uni-modal radius beyond the distance
+      # to the zeros fill); 0 turns it off.
+      "cert_missing_weight": 0.0,
       # Probabilistic certificates (mmsafe/methods/randomized.py): Gaussian data
       # augmentation at noise_sigma (Cohen et al. 2019 train at the sigma they
       # certify with) and training on ablations keeping this fraction of the

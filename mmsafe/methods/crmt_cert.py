@@ -37,6 +37,10 @@ lowered by shrinking the head's scale (`radius_logits`). Optional terms:
 * `uni_weight` times the same hinge on the worst-modality radius at
   `uni_eps` (a multi-modal objective: it asks for a certified margin against
   the attacker who spends the whole budget on one modality);
+* `missing_weight` times the mean over modalities of the same hinge on the
+  missing-modality certificate: losing modality m (replaced by its fill
+  `f_m`, zeros) is a perturbation of norm `d_m = ||x_m - f_m||` in m alone,
+  certified when `r^(m) > d_m` (logits `t eps (1 - r^(m)_k / d_m)`);
 * `rho` times CRMT's L1 (eq. 12) on the uni-modal margins *normalised by
   their Lipschitz constants* `(u_y - u_k) / (||W~_y - W~_k|| L^(m))`, the
   uni-modal certified radius of each representation margin (orthogonal head
@@ -58,7 +62,8 @@ Lipschitz encoders.
 
 Hyper-parameters (`config.method_kwargs`): `cert_eps` (the target radius
 `eps`), `cert_temperature` (`t`), `cert_uni_weight` and `cert_uni_eps` (the
-worst-modality hinge; weight 0 turns it off), `cert_rho` (weight of the
+worst-modality hinge; weight 0 turns it off), `cert_missing_weight` (the
+missing-modality hinge; 0 turns it off), `cert_rho` (weight of the
 normalised L1; 0 turns it off), `l1_floor`, `step2_lipschitz` (None:
 "sound"), `step2_objective` (None: "radius_hinge").
 """
@@ -143,6 +148,28 @@ def worst_modality_logits(output, labels: Array, feature_lipschitz: Mapping[str,
   return _logits_of_radii(output, labels, denominator, eps=eps, temperature=temperature)
 
 
+def missing_modality_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array],
+                            distances: Mapping[str, Array], *, eps: float, temperature: float
+                            ) -> dict[str, Array]:
+  """modality -> [B, K] `t eps (1 - r^(m)_k(x) / d_m(x))` for `k != y` (0 at
+  `y`), with `d_m = ||x_m - f_m||` the distance to the modality's fill: `y` is
+  their argmax iff losing modality m (replaced by its fill, a uni-modal
+  perturbation of norm `d_m`) provably keeps the prediction
+  (`mmsafe.certify.threats.missing_certified`). Scaled by `eps` so that a
+  unit relative shortfall weighs like the joint hinge's shortfall of `eps`."""
+  eta, _ = _pair_indicators(output, labels, feature_lipschitz)
+  return {m: _logits_of_radii(output, labels, eta[m] * distances[m][:, None] + 1e-12, eps=1.0,
+                              temperature=temperature * eps)
+          for m in sorted(eta)}
+
+
+def fill_distances(inputs: Mapping[str, Array]) -> dict[str, Array]:
+  """modality -> [B] `||x_m||`: the distance to the "zeros" fill (the training
+  mean of standardised inputs) that missing-modality evaluation uses."""
+  return {m: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1))
+          for m, x in inputs.items()}
+
+
 def normalized_scores(output, labels: Array, feature_lipschitz: Mapping[str, Array]
                       ) -> dict[str, Array]:
   """modality -> [B, K] scores `u'_k = (u_k - u_y) / (||W~_y - W~_k|| L^(m))`
@@ -168,12 +195,16 @@ class CertifiedLoss:
   floor: float = 0.0
   uni_weight: float = 0.0
   uni_eps: float = 0.0
+  missing_weight: float = 0.0
 
 
 def step1_loss(output, labels: Array, feature_lipschitz: Mapping[str, Array],
-               loss: CertifiedLoss) -> tuple[Array, dict]:
-  """`CE(radius logits) + uni_weight * CE(worst-modality logits) + rho *
-  L1(normalised margins)` and its parts."""
+               loss: CertifiedLoss, distances: Mapping[str, Array] | None = None
+               ) -> tuple[Array, dict]:
+  """`CE(radius logits) + uni_weight * CE(worst-modality logits) +
+  missing_weight * mean_m CE(missing-modality logits of m) + rho *
+  L1(normalised margins)` and its parts (`distances`: `fill_distances` of the
+  batch, needed with `missing_weight`)."""
   logits = radius_logits(output, labels, feature_lipschitz, eps=loss.eps,
                          temperature=loss.temperature)
   hinge = cross_entropy(logits, labels)
@@ -186,6 +217,13 @@ def step1_loss(output, labels: Array, feature_lipschitz: Mapping[str, Array],
     uni = cross_entropy(uni_logits, labels)
     value = value + loss.uni_weight * uni
     metrics.update(worst_modality_ce=uni, worst_modality_certified=accuracy(uni_logits, labels))
+  if loss.missing_weight:
+    missing = missing_modality_logits(output, labels, feature_lipschitz, distances,
+                                      eps=loss.eps, temperature=loss.temperature)
+    missing_ce = sum(cross_entropy(v, labels) for v in missing.values()) / len(missing)
+    value = value + loss.missing_weight * missing_ce
+    metrics.update(missing_ce=missing_ce, **{f"missing_{m}_certified": accuracy(v, labels)
+                                             for m, v in missing.items()})
   if loss.rho:
     l1 = crmt.margin_regularizer(normalized_scores(output, labels, feature_lipschitz), labels,
                                  loss.floor).mean()
@@ -200,12 +238,15 @@ def certified_loss(config: Mapping, name: str) -> CertifiedLoss:
   uni_weight = get("cert_uni_weight")
   loss = CertifiedLoss(eps=get("cert_eps"), temperature=get("cert_temperature"),
                        rho=get("cert_rho"), floor=get("l1_floor"), uni_weight=uni_weight,
-                       uni_eps=get("cert_uni_eps") if uni_weight else 0.0)
+                       uni_eps=get("cert_uni_eps") if uni_weight else 0.0,
+                       missing_weight=get("cert_missing_weight"))
   for field, value in (("cert_eps", loss.eps), ("cert_temperature", loss.temperature)):
     if not value > 0:
       raise ValueError(f"method_kwargs.{field}: expected > 0, got {value}")
-  if not loss.uni_weight >= 0:
-    raise ValueError(f"method_kwargs.cert_uni_weight: expected >= 0, got {loss.uni_weight}")
+  for field, value in (("cert_uni_weight", loss.uni_weight),
+                       ("cert_missing_weight", loss.missing_weight)):
+    if not value >= 0:
+      raise ValueError(f"method_kwargs.{field}: expected >= 0, got {value}")
   if loss.uni_weight and not loss.uni_eps > 0:
     raise ValueError(f"method_kwargs.cert_uni_eps: expected > 0 with cert_uni_weight "
                      f"{loss.uni_weight}, got {loss.uni_eps}")
@@ -226,7 +267,8 @@ def step1_objective(name: str):
                          f"head; {name} has {out.head.kind!r}, got rho {loss.rho}")
       bounds = model.apply({"params": params, **state.get("model", {})},
                            method="feature_lipschitz")
-      value, metrics = step1_loss(out, batch["label"], bounds, loss)
+      value, metrics = step1_loss(out, batch["label"], bounds, loss,
+                                  fill_distances(batch["inputs"]))
       return value, (new_state, metrics)
 
     return loss_fn
