@@ -30,8 +30,9 @@ inside `(1 - 1e-4) r(x)`, in all modalities or in the one modality (a success
 would be a bug and is reported as "broken"). Results are kept in each run's
 workdir, so an interrupted comparison resumes where it stopped.
 
-Writes `<results_dir>/certified_<dataset>.{md,json,png}` (default
-`results_dir`: the workdir): per method, clean and certified accuracy per
+Writes `<results_dir>/certified_<dataset>[_<modalities>].{md,json,png}`
+(default `results_dir`: the workdir; the modalities when
+`config.data.modalities` names them): per method, clean and certified accuracy per
 threat as mean ± sample std (ddof = 1) over seeds, seed-paired differences to
 `--control` with 95% intervals over seeds and test examples
 (`mmsafe.eval.statistics`), the tuning table, and certified accuracy against
@@ -334,6 +335,8 @@ def main(argv):
 def write_results(rows: list[dict], radii: np.ndarray, grid: np.ndarray, seeds: list[int]):
   """The md/json/png of the comparison, and the index entry."""
   dataset = _CONFIG.value.dataset
+  if _CONFIG.value.data.modalities:  # Not the dataset's default pair.
+    dataset = f"{dataset}_{'+'.join(_CONFIG.value.data.modalities)}"
   out_dir = _RESULTS_DIR.value or _WORKDIR.value
   differences = certified_report.paired_differences(rows, _CONTROL.value, radii)
   header = (f"{dataset}, test split, {len(seeds)} seed(s), sound certificates checked by "
