@@ -92,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "cert_uni_weight": 0.0, "cert_uni_eps": config_dict.placeholder(float),
       # ... and cert_missing_weight times the hinge on each modality's
       # missing-modality certificate (its uni-modal radius beyond the distance
-      # to the zeros fill); 0 turns it off.
-      "cert_missing_weight": 0.0,
+      # to the zeros fill); None or 0 turns it off.
+      "cert_missing_weight": config_dict.placeholder(float),
       # Probabilistic certificates (mmsafe/methods/randomized.py): Gaussian data
       # augmentation at noise_sigma (Cohen et al. 2019 train at the sigma they
       # certify with) and training on ablations keeping this fraction of the

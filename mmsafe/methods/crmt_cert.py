@@ -63,7 +63,7 @@ Lipschitz encoders.
 Hyper-parameters (`config.method_kwargs`): `cert_eps` (the target radius
 `eps`), `cert_temperature` (`t`), `cert_uni_weight` and `cert_uni_eps` (the
 worst-modality hinge; weight 0 turns it off), `cert_missing_weight` (the
-missing-modality hinge; 0 turns it off), `cert_rho` (weight of the
+missing-modality hinge; None or 0 turns it off), `cert_rho` (weight of the
 normalised L1; 0 turns it off), `l1_floor`, `step2_lipschitz` (None:
 "sound"), `step2_objective` (None: "radius_hinge").
 """
@@ -239,7 +239,7 @@ def certified_loss(config: Mapping, name: str) -> CertifiedLoss:
   loss = CertifiedLoss(eps=get("cert_eps"), temperature=get("cert_temperature"),
                        rho=get("cert_rho"), floor=get("l1_floor"), uni_weight=uni_weight,
                        uni_eps=get("cert_uni_eps") if uni_weight else 0.0,
-                       missing_weight=get("cert_missing_weight"))
+                       missing_weight=float(config.get("cert_missing_weight") or 0.0))
   for field, value in (("cert_eps", loss.eps), ("cert_temperature", loss.temperature)):
     if not value > 0:
       raise ValueError(f"method_kwargs.{field}: expected > 0, got {value}")
