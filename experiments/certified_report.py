@@ -111,7 +111,8 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
   differences to the control, the tuning runs."""
   radius_columns = lambda name: [f"{name} r={r:g}" for r in radii]
   modalities = sorted(rows[0]["missing_measured"])
-  header = (["encoders", "method", "setting", "seeds", "clean"] + radius_columns("joint")
+  header = (["encoders", "method", "setting", "grid points", "seeds", "clean"]
+            + radius_columns("joint")
             + radius_columns("worst modality") + ["missing any: certified"]
             + [f"missing {m}: certified / measured" for m in modalities]
             + ["broken / attacked"])
@@ -119,8 +120,8 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
   for row in rows:
     attacked = sum(a["attacked"] for a in row["attack"].values())
     broken = sum(a["broken"] for a in row["attack"].values())
-    lines.append([row["encoders"], row["method"], _setting(row["kwargs"]), str(row["seeds"]),
-                  _pm(row["clean"])]
+    lines.append([row["encoders"], row["method"], _setting(row["kwargs"]),
+                  str(max(len(row["tuning"]), 1)), str(row["seeds"]), _pm(row["clean"])]
                  + [_pm(s) for t in HEADLINE_THREATS for s in row["threats"][t]["certified"]]
                  + [_pm(row["missing_certified"]["any"])]
                  + [f"{_pm(row['missing_certified'][m])} / {_pm(row['missing_measured'][m])}"

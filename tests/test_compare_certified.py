@@ -63,7 +63,8 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   assert clean["mean"] == pytest.approx(uni["clean"]["mean"] - rows["jt_cert"]["clean"]["mean"])
   assert clean["low"] <= clean["mean"] <= clean["high"] and clean["num_seeds"] == 2
   table = (results / "certified_mfeat.md").read_text()
-  assert "| lipschitz | uni |" in table and "Seed-paired difference to jt_cert" in table
+  assert "| lipschitz | uni | cert_eps=" in table and "Seed-paired difference to jt_cert" in table
+  assert "| lipschitz | jt_cert | cert_eps=" in table and "| grid points |" in table
   assert "worst modality r=0.5" in table and "Tuning on the validation split" in table
   assert (results / "certified_mfeat.png").stat().st_size > 10_000
   assert "sound certificates checked by l2-PGD" in proc.stdout
@@ -81,15 +82,16 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   assert [r for r in rerun["rows"] if r["method"] == "jt_cert"][0]["clean"]["values"][1] == 0.123
 
 
-def test_unequal_grids_and_unknown_labels_are_refused_before_training(tmp_path):
+def test_unknown_labels_and_bad_settings_are_refused_before_training(tmp_path):
   base = [sys.executable, "-m", "experiments.compare_certified",
           "--config=experiments/configs/embedded.py:mfeat,runlocal", f"--workdir={tmp_path}",
           "--encoders=lipschitz"]
-  proc = subprocess.run(base + ["--methods=jt_cert,ojt_cert", "--grid=jt_cert:cert_eps=1,2",
-                                "--grid=ojt_cert:cert_eps=1,2,3"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "the same number of grid points" in proc.stderr
-  proc = subprocess.run(base + ["--methods=jt_cert", "--control=ojt_cert"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "'ojt_cert' is not in --methods" in proc.stderr
+  for flags, message in ((["--methods=jt_cert", "--control=ojt_cert"],
+                          "'ojt_cert' is not in --methods"),
+                         (["--methods=jt_cert", "--grid=jt_cert:cert_eps"],
+                          "--grid: expected key=value"),
+                         (["--methods=v", "--variant=v=nope:cert_eps=1"],
+                          "method: expected one of")):
+    proc = subprocess.run(base + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr[-2000:])
   assert not os.path.exists(tmp_path / "lipschitz")
