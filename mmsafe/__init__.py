@@ -34,7 +34,8 @@ docstring says otherwise):
              input transform x loss compositions; CRMT's `margin_regularizer`
              (L1, eq. 12) and `closest_class_bound` (step 2, eq. 10) in
              `mmsafe.methods.crmt`; `crmt_cert` (CRMT trained on its sound
-             certificate) in `mmsafe.methods.crmt_cert`.
+             certificate) and its controls `jt_cert` / `ojt_cert` in
+             `mmsafe.methods.crmt_cert`.
   train      `make_train_step(objective, optimizer)`, `make_eval_step(model)`,
              `TrainState`, optimizers; `train.loop.train_and_evaluate` runs a
              config through its stages (the only Python loop over steps).

@@ -1,12 +1,13 @@
 """Training methods selected by name (`get`): one file per method or family.
 
 `compose.py` declares the methods that are an input transform x a loss x a
-head (jt, ojt, mmat, mixup and the CRMT variants); `crmt_cert`, `gb`, `ogm`,
-`pmr` and `msefm` have objectives of their own.
+head (jt, ojt, mmat, mixup and the CRMT variants); the certificate-trained
+`crmt_cert`, `jt_cert` and `ojt_cert` (`crmt_cert.py`), `gb`, `ogm`, `pmr` and
+`msefm` have objectives of their own.
 """
 
 from mmsafe.methods import compose  # noqa: F401  (registers jt, ojt, mmat, mixup, crmt, ...)
-from mmsafe.methods import crmt_cert  # noqa: F401  (registers "crmt_cert")
+from mmsafe.methods import crmt_cert  # noqa: F401  (registers crmt_cert, jt_cert, ojt_cert)
 from mmsafe.methods import gb  # noqa: F401  (registers "gb")
 from mmsafe.methods import msefm  # noqa: F401  (registers "msefm")
 from mmsafe.methods import ogm  # noqa: F401  (registers "ogm")
