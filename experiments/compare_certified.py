@@ -348,16 +348,17 @@ def write_results(rows: list[dict], radii: np.ndarray, grid: np.ndarray, seeds: 
                            "rows": certified_report.json_rows(rows),
                            "differences": differences})
   files.write_text_atomic(os.path.join(out_dir, f"{name}.md"), table)
-  curves, styles = {}, {}
-  for row in rows:
+  curves, styles, colors = {}, {}, {}
+  for i, row in enumerate(rows):
     for threat, style in ((threats.JOINT, "-"), (threats.WORST_MODALITY, "--")):
       key = f"{row['method']} ({row['encoders']}, {threat.replace('_', ' ')})"
       curves[key] = (grid, row["threats"][threat]["curve"])
-      styles[key] = style
+      styles[key], colors[key] = style, f"C{i % 10}"
   files.write_atomic(os.path.join(out_dir, f"{name}.png"),
                      lambda f: plots.plot_certified_accuracy(
-                         curves, f, title=f"{dataset}: sound certified accuracy (mean of "
-                         f"{len(seeds)} seeds; dashed: worst modality)", linestyles=styles))
+                         curves, f, title=f"{dataset}: sound certified accuracy, mean of "
+                         f"{len(seeds)} seeds\n(solid: joint l2, dashed: worst modality)",
+                         linestyles=styles, colors=colors))
   index = cli.record_in_index(
       _WORKDIR.value, f"compare_certified {', '.join(_METHODS.value)} on {dataset}",
       [out_dir], config=_CONFIG.value, key="compare_certified")

@@ -77,23 +77,28 @@ def _line_figure(curves: Curves, path: Any, plot: str, names: tuple[str, str],
 
 
 def plot_certified_accuracy(curves: Curves, path, *, title=None, xlabel="l2 radius",
-                            ylabel="certified accuracy", linestyles=None) -> Any:
+                            ylabel="certified accuracy", linestyles=None, colors=None) -> Any:
   """Certified accuracy versus radius, one line per curve (e.g. per Lipschitz kind).
 
   Args:
     curves: name -> (radii [T], accuracy [T]) (e.g. {"sound": ..., "local": ...}).
     path: the PNG file to write (a file name or a binary file).
     linestyles: optional name -> matplotlib line style (e.g. "--").
+    colors: optional name -> matplotlib colour (e.g. one per method, shared by
+      its curves); default: the colour cycle.
   Returns:
-    `path`.
+    `path`. More than six curves get a wider figure with the legend beside the axes.
   """
   def draw_line(ax, name, radii, accuracy):
     ax.step(radii, accuracy, where="post", label=name,
-            linestyle=(linestyles or {}).get(name, "-"))
+            linestyle=(linestyles or {}).get(name, "-"), color=(colors or {}).get(name))
 
+  many = len(curves) > 6
+  legend = ({"fontsize": "small", "loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if many
+            else {"fontsize": "small" if len(curves) > 5 else None})
   return _line_figure(curves, path, "plot_certified_accuracy", ("radii", "accuracy"), draw_line,
-                      xlabel=xlabel, ylabel=ylabel, title=title,
-                      legend={"fontsize": "small" if len(curves) > 5 else None})
+                      xlabel=xlabel, ylabel=ylabel, title=title, legend=legend,
+                      size=(8.5, 4.2) if many else (5.0, 3.6))
 
 
 def plot_eta_ratio_heatmap(ratio, path, *, numerator, denominator, class_names=None,
