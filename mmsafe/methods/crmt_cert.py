@@ -120,7 +120,7 @@ def _logits_of_radii(output, labels: Array, denominator: Array, *, eps: float,
   is_label = label_mask(labels, logits.shape[-1])
   margin = jnp.take_along_axis(logits, labels[:, None], axis=1) - logits
   radius = margin / jnp.where(is_label, 1.0, denominator)
-  return jnp.where(is_label, 0.0, temperature * (eps - radius))
+  return crmt.radius_hinge_logits(radius, labels, eps=eps, temperature=temperature)
 
 
 def radius_logits(output, labels: Array, feature_lipschitz: Mapping[str, Array], *,
