@@ -1,4 +1,7 @@
-"""The tables of `experiments.compare_certified`: seed statistics, paired intervals, markdown.
+"""The tables of `experiments.compare_certified` and `compare_smoothing` (no flags).
+
+Seed statistics, paired intervals, markdown, run-directory names, and
+smoothing's best sigma per radius.
 
 A run's result (`compare_certified.certify_run`) holds per-example outcomes,
 so two methods trained with the same seeds and certified on the same test
@@ -89,6 +92,28 @@ def paired_differences(rows: list[dict], control: str | None, radii: np.ndarray)
     out.append({"encoders": row["encoders"], "method": row["method"], "control": control,
                 "columns": {c: statistics.paired_difference(a[c], b[c]).to_dict() for c in a}})
   return out
+
+
+def setting_key(kwargs: dict) -> str:
+  """The directory name of a grid point (`default` for none)."""
+  return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in sorted(kwargs.items())) or "default"
+
+
+def certified(radius: list[float], radii: np.ndarray) -> np.ndarray:
+  """[T, N] 0/1: the example is certified at each radius (`radius >= r`, > 0)."""
+  radius = np.asarray(radius)
+  return ((radius[None] >= radii[:, None]) & (radius[None] > 0)).astype(float)
+
+
+def best_sigma_envelope(outcomes: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:
+  """Smoothing at its best (Cohen et al.'s reporting): at each radius the sigma
+  with the highest mean certified accuracy (the first on ties), and the
+  [S, T, N] outcomes of that sigma at that radius."""
+  sigmas = list(outcomes)
+  num_radii = outcomes[sigmas[0]].shape[1]
+  best = [max(sigmas, key=lambda s: outcomes[s][:, t].mean()) for t in range(num_radii)]
+  return best, np.stack([outcomes[best[t]][:, t] for t in range(num_radii)], axis=1)
 
 
 def _pm(stats: dict) -> str:

@@ -146,12 +146,6 @@ def parse_grids(specs: list[str]) -> dict[str, list[dict]]:
   return out
 
 
-def setting_key(kwargs: dict) -> str:
-  """The directory name of a grid point (`default` for none)."""
-  return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in sorted(kwargs.items())) or "default"
-
-
 def run_config(base, method: str, encoders: str, seed: int, kwargs: dict | None = None):
   """The training config of one (method, encoders, seed, method_kwargs) run."""
   config = base.copy_and_resolve_references()
@@ -272,8 +266,8 @@ class Study:
 
   def run(self, label: str, kwargs: dict, seed: int, *, split: str = "test") -> dict:
     method, fixed = self.method_of(label)
-    workdir = os.path.join(_WORKDIR.value, self.encoders, label, setting_key(kwargs),
-                           f"seed_{seed}")
+    workdir = os.path.join(_WORKDIR.value, self.encoders, label,
+                           certified_report.setting_key(kwargs), f"seed_{seed}")
     loop.train_and_evaluate(run_config(self.base, method, self.encoders, seed,
                                        {**fixed, **kwargs}), workdir)
     test = split == "test"

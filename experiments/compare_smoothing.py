@@ -37,6 +37,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import certified_report
 from experiments import cli
 from mmsafe import data as data_lib
 from mmsafe import files
@@ -107,22 +108,6 @@ def deterministic_run(directory: str, seed: int, num_examples: int) -> dict:
           "seconds_per_example": result["certify_seconds_per_example"]}
 
 
-def certified(radius: list[float], radii: np.ndarray) -> np.ndarray:
-  """[T, N] 0/1: the example is certified at each radius (`radius >= r`, > 0)."""
-  radius = np.asarray(radius)
-  return ((radius[None] >= radii[:, None]) & (radius[None] > 0)).astype(float)
-
-
-def best_sigma_envelope(outcomes: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:
-  """Smoothing at its best (Cohen et al.'s reporting): at each radius the sigma
-  with the highest mean certified accuracy (the first on ties), and the
-  [S, T, N] outcomes of that sigma at that radius."""
-  sigmas = list(outcomes)
-  num_radii = outcomes[sigmas[0]].shape[1]
-  best = [max(sigmas, key=lambda s: outcomes[s][:, t].mean()) for t in range(num_radii)]
-  return best, np.stack([outcomes[best[t]][:, t] for t in range(num_radii)], axis=1)
-
-
 def parse_deterministic(specs: list[str]) -> dict[str, str]:
   out = {}
   for spec in specs:
@@ -145,16 +130,14 @@ def main(argv):
   exact = {label: [deterministic_run(d, seed, num_examples) for seed in seeds]
            for label, d in deterministic.items()}
   # outcomes[name]: [S, T, N]
-  outcomes = {f"smoothing σ={s:g}": np.stack([certified(r["radius"], radii) for r in runs])
-              for s, runs in smoothed.items()}
-  outcomes.update({label: np.stack([certified(r["radius"], radii) for r in runs])
-                   for label, runs in exact.items()})
+  runs_of = {**{f"smoothing σ={s:g}": runs for s, runs in smoothed.items()}, **exact}
+  outcomes = {name: np.stack([certified_report.certified(r["radius"], radii) for r in runs])
+              for name, runs in runs_of.items()}
   means = {name: o.mean(axis=(0, 2)) for name, o in outcomes.items()}
-  best, envelope = best_sigma_envelope({s: outcomes[f"smoothing σ={s:g}"] for s in sigmas})
-  seconds = {f"smoothing σ={s:g}": float(np.mean([r["seconds_per_example"] for r in runs]))
-             for s, runs in smoothed.items()}
-  seconds.update({label: float(np.mean([r["seconds_per_example"] for r in runs]))
-                  for label, runs in exact.items()})
+  best, envelope = certified_report.best_sigma_envelope(
+      {s: outcomes[f"smoothing σ={s:g}"] for s in sigmas})
+  seconds = {name: float(np.mean([r["seconds_per_example"] for r in runs]))
+             for name, runs in runs_of.items()}
   differences = {}
   if len(seeds) >= 2:
     differences = {label: [statistics.paired_difference(outcomes[label][:, t], envelope[:, t])

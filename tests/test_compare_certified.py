@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments import compare_certified
+from experiments import certified_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   assert clean["mean"] == pytest.approx(uni["clean"]["mean"] - rows["jt_cert"]["clean"]["mean"])
   assert clean["low"] <= clean["mean"] <= clean["high"] and clean["num_seeds"] == 2
   table = (results / "certified_mfeat.md").read_text()
-  assert "| lipschitz | uni | cert_eps=" in table and "Seed-paired difference to jt_cert" in table
+  assert "| lipschitz | uni | cert_uni_eps=2, cert_uni_weight=1 |" in table and "Seed-paired difference to jt_cert" in table
   assert "| lipschitz | jt_cert | cert_eps=" in table and "| grid points |" in table
   assert "worst modality r=0.5" in table and "Tuning on the validation split" in table
   assert (results / "certified_mfeat.png").stat().st_size > 10_000
@@ -71,7 +71,7 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
 
   # A rerun resumes: each run's certification is read back from its workdir
   # while the settings are unchanged (the marker below would be recomputed).
-  setting = compare_certified.setting_key({"cert_eps": rows["jt_cert"]["kwargs"]["cert_eps"]})
+  setting = certified_report.setting_key({"cert_eps": rows["jt_cert"]["kwargs"]["cert_eps"]})
   cache = tmp_path / "lipschitz" / "jt_cert" / setting / "seed_1" / "certified_sound.json"
   cached = json.loads(cache.read_text())
   assert cached["settings"]["attack_steps"] == 5

@@ -8,18 +8,18 @@ import sys
 
 import numpy as np
 
-from experiments import compare_smoothing
+from experiments import certified_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_certified_outcomes_and_the_best_sigma_envelope():
   radii = np.asarray([0.5, 1.0])
-  np.testing.assert_array_equal(compare_smoothing.certified([0.0, 0.7, 1.0], radii),
+  np.testing.assert_array_equal(certified_report.certified([0.0, 0.7, 1.0], radii),
                                 [[0, 1, 1], [0, 0, 1]])
   low = np.asarray([[[1, 1], [0, 0]]], float)  # sigma 0.25: good at 0.5, nothing at 1
   high = np.asarray([[[1, 0], [1, 0]]], float)  # sigma 1: worse at 0.5, better at 1
-  best, envelope = compare_smoothing.best_sigma_envelope({0.25: low, 1.0: high})
+  best, envelope = certified_report.best_sigma_envelope({0.25: low, 1.0: high})
   assert best == [0.25, 1.0]
   np.testing.assert_array_equal(envelope, [[[1, 1], [1, 0]]])
 

@@ -49,10 +49,10 @@ lowered by shrinking the head's scale (`radius_logits`). Optional terms:
 `crmt_cert` adds CRMT's step 2 on the sound constants: only `a` moves, on the
 tight Thm 3.5 radius, with step 1's radius hinge at `eps` as its objective
 (`method_kwargs.step2_objective` None: "radius_hinge"; the paper's mean
-radius, "mean_radius", can switch a class off: `crmt.step2_loss`). `ojt_cert` is `crmt_cert` without step 2 and `jt_cert`
-the same hinge on the concat head: the controls that tell CRMT's structure
-(orthogonal head, modality weights, step 2) apart from training on a
-certificate at all.
+radius, "mean_radius", can switch a class off: `crmt.step2_loss`).
+`ojt_cert` is `crmt_cert` without step 2 and `jt_cert` the same hinge on the
+concat head: the controls that tell CRMT's structure (orthogonal head,
+modality weights, step 2) apart from training on a certificate at all.
 
 `L^(m)` comes from `model.feature_lipschitz()` inside the step (constant 1
 for AOL/Cayley/SLL encoders; an exact spectral norm for orthogonal or free
