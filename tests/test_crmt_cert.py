@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from mmsafe import certify, methods, models
+from mmsafe.certify import threats
 from mmsafe.methods import crmt, crmt_cert
 from mmsafe.models import HeadParams, ModelOutput, is_modality_weight
 from mmsafe.train import TrainState, make_optimizer, make_train_step, per_stage
@@ -180,12 +181,18 @@ def test_concat_radius_logits_certify_the_sound_concat_radius_and_ignore_the_sca
   np.testing.assert_allclose(loss(out), loss(small), rtol=1e-4)
 
 
+def _sound_certificate(output, seed, lipschitz):
+  """An output of either head, its labels, and its certificate with one
+  constant `L^(m)` per modality (`tau` looser, so the radii come from `L`)."""
+  out, labels = output(seed=seed)
+  tau = {m: jnp.full((1, K), 10.0) for m in "ab"}
+  return out, labels, certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+
+
 def test_worst_modality_logits_certify_the_smallest_unimodal_radius():
   for output in (_output, _concat_output):
-    out, labels = output(seed=2)
     lipschitz = {"a": 1.3, "b": 0.6}
-    tau = {m: jnp.full((1, K), 10.0) for m in "ab"}
-    cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+    out, labels, cert = _sound_certificate(output, 2, lipschitz)
     worst = np.minimum(*(np.asarray(cert.per_modality[m]) for m in "ab"))
     assert np.all(worst >= np.asarray(cert.radius) - 1e-6)  # one modality is a joint move
     for eps in (0.3, 1.0):
@@ -227,12 +234,9 @@ def test_certified_controls_train_their_heads_and_refuse_bad_settings():
 
 
 def test_missing_modality_logits_certify_exactly_the_missing_modality_certificate():
-  from mmsafe.certify import threats
   for output in (_output, _concat_output):
-    out, labels = output(seed=5)
     lipschitz = {"a": 0.9, "b": 0.4}
-    tau = {m: jnp.full((1, K), 10.0) for m in "ab"}
-    cert = certify.certified_radius(out, labels, tau, feature_lipschitz=lipschitz)
+    out, labels, cert = _sound_certificate(output, 5, lipschitz)
     rng = np.random.default_rng(0)
     distances = {m: jnp.asarray(rng.uniform(0.05, 2.0, size=labels.shape[0]), jnp.float32)
                  for m in "ab"}
