@@ -251,6 +251,7 @@ def test_make_iterator_on_in_memory_and_record_sources():
 def test_dropped_iterator_stops_its_threads():
   import gc
   import threading
+  import time
 
   def drop_one_iterator():
     it = pipeline.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG,
@@ -264,7 +265,10 @@ def test_dropped_iterator_stops_its_threads():
   drop_one_iterator()
   before = threading.active_count()
   drop_one_iterator()
-  assert threading.active_count() <= before
+  deadline = time.monotonic() + 10.0  # stopping threads may take a moment to exit
+  while threading.active_count() > before and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
 
 
 def test_make_iterator_on_embedded_arrays_matches_train_batch_and_eval_batches():
