@@ -1,4 +1,5 @@
-"""The tables of `experiments.compare_certified` and `compare_smoothing` (no flags).
+"""The tables of `experiments.compare_certified`, `compare_smoothing` and
+`compare_probabilistic` (no flags).
 
 Seed statistics, paired intervals, markdown, run-directory names, and
 smoothing's best sigma per radius.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmsafe.certify import threats
+from mmsafe.certify import ablation, threats
 from mmsafe.eval import statistics
 
 OUTCOMES = "_outcomes"  # Per-example arrays of a row: used for intervals, not written.
@@ -125,7 +126,7 @@ def _setting(kwargs: dict) -> str:
                    for k, v in sorted(kwargs.items())) or "config"
 
 
-def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+def table(header: list[str], lines: list[list[str]]) -> list[str]:
   return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
           + ["| " + " | ".join(cells) + " |" for cells in lines])
 
@@ -153,7 +154,7 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
                     for m in modalities]
                  + [f"{broken} / {attacked}"])
   parts = [f"# {title}", "", "Sound certified accuracy per threat (mean ± sample std over "
-           "seeds):", ""] + _table(header, lines)
+           "seeds):", ""] + table(header, lines)
   per_modality = [t for t in rows[0]["threats"] if t.startswith("modality:")]
   header = ["encoders", "method"] + [f"{t[len('modality:'):]} alone r={r:g}"
                                      for t in per_modality for r in radii]
@@ -161,20 +162,20 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
                                                for s in row["threats"][t]["certified"]]
            for row in rows]
   parts += ["", "Uni-modal certified accuracy (Prop. 3.4, one modality perturbed):", ""]
-  parts += _table(header, lines)
+  parts += table(header, lines)
   if differences:
     columns = list(differences[0]["columns"])
     lines = [[d["encoders"], d["method"]] + [statistics.Interval(**d["columns"][c]).text()
                                               for c in columns] for d in differences]
     parts += ["", f"Seed-paired difference to {control}, mean [95% interval over seeds and "
-              f"test examples]:", ""] + _table(["encoders", "method"] + columns, lines)
+              f"test examples]:", ""] + table(["encoders", "method"] + columns, lines)
   tuning = [(row, point) for row in rows for point in row["tuning"]]
   if tuning:
     lines = [[row["encoders"], row["method"], _setting(p["kwargs"]), f"{p['score']:.4f}"]
              for row, p in tuning]
     parts += ["", "Tuning on the validation split (one seed; score: certified accuracy at "
               "the radii, mean of the joint and worst-modality threats):", ""]
-    parts += _table(["encoders", "method", "setting", "validation score"], lines)
+    parts += table(["encoders", "method", "setting", "validation score"], lines)
   parts += ["", "Radii are l2 norms in normalised (standardised) input space. Missing "
             "modality: replaced by zeros (the training mean); certified when its uni-modal "
             "radius exceeds the distance to the fill, for every modality."]
@@ -184,3 +185,60 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
 def json_rows(rows: list[dict]) -> list[dict]:
   """The rows without their per-example outcomes."""
   return [{k: v for k, v in row.items() if k != OUTCOMES} for row in rows]
+
+
+# compare_probabilistic: one row per certificate or defence, cells over seeds.
+SCALARS = ("clean (certifier)", "clean (as attacked)", "pgd", "decoupling")
+
+
+def probabilistic_rows(per_seed: list[list[dict]], modalities) -> list[dict]:
+  """Each row's cells as seed statistics (`seed_stats`)."""
+  out = []
+  for rows in zip(*per_seed):
+    first = rows[0]
+    cell = lambda get: (None if get(first) is None
+                        else seed_stats([get(r) for r in rows]))
+    row = {"model": first["model"], "certificate": first["certificate"],
+           **{name: cell(lambda r, name=name: r[name]) for name in SCALARS},
+           **{f"missing {m}": cell(lambda r, m=m: r[f"missing {m}"]) for m in modalities},
+           "missing certified": {m: cell(lambda r, m=m: (r["missing certified"] or {}).get(m))
+                                 for m in modalities},
+           "seconds": cell(lambda r: r["seconds"])}
+    for name in ("l2", "changed"):
+      row[name] = (None if first[name] is None else
+                   [seed_stats([r[name][i] for r in rows])
+                    for i in range(len(first[name]))])
+    out.append(row)
+  return out
+
+
+def probabilistic_markdown(rows, radii, budgets, modalities) -> str:
+  """The comparison table (—: the certificate does not cover that threat)."""
+  header = (["model", "certificate", "clean (certifier)", "clean (as attacked)"]
+            + [f"cert. l2 r={r:g}" for r in radii]
+            + [f"cert. {b} changed" for b in budgets]
+            + [f"cert. missing {m}" for m in modalities] + ["PGD", "decoupling"]
+            + [f"missing {m}" for m in modalities] + ["s / example"])
+  fmt = lambda s, digits=3: "—" if s is None else (
+      f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if len(s["values"]) > 1 else ""))
+  lines = []
+  for row in rows:
+    cells = ([row["model"], row["certificate"], fmt(row["clean (certifier)"]),
+              fmt(row["clean (as attacked)"])]
+             + [fmt(v) for v in (row["l2"] or [None] * len(radii))]
+             + [fmt(v) for v in (row["changed"] or [None] * len(budgets))]
+             + [fmt(row["missing certified"][m]) for m in modalities]
+             + [fmt(row["pgd"]), fmt(row["decoupling"])]
+             + [fmt(row[f"missing {m}"]) for m in modalities] + [fmt(row["seconds"], 4)])
+    lines.append(cells)
+  return "\n".join(table(header, lines)) + "\n"
+
+
+def keep_sweep_markdown(scores, chosen) -> str:
+  """The validation sweep of the ablation's entries kept, the chosen one marked."""
+  budgets = list(scores[0]["certified"])
+  header = ["keep", "voter accuracy (validation)"] + [f"cert. {b} changed" for b in budgets]
+  lines = [[ablation.keep_label(s["keep"]) + (" (chosen)" if s["keep"] == chosen else ""),
+            f"{s['voter accuracy']:.3f}"] + [f"{s['certified'][b]:.3f}" for b in budgets]
+           for s in scores]
+  return "\n".join(table(header, lines)) + "\n"

@@ -112,6 +112,8 @@ class Linear:
   """A model as the objectives call it (`apply(variables, inputs, train)` with
   `.logits`), linear on the concatenated modalities."""
 
+  input_shapes = {"a": (60,), "b": (40,)}
+
   def apply(self, variables, inputs, train=False):
     del train
     x = jnp.concatenate([inputs["a"], inputs["b"]], -1)
@@ -169,6 +171,13 @@ def test_bad_input_is_refused_naming_the_argument():
     ablation.certify(logits_fn, inputs, labels, KEEP, key, num_samples=6, alpha=0.01)
   with pytest.raises(ValueError, match=r"method_kwargs.ablation_keep_fraction"):
     methods.get("ablated")(Linear(), {"ablation_keep_fraction": 1.5})
+  for spec, message in (("a:0,b:2", r"keep\['a'\]: expected an integer >= 1, got 0"),
+                        ("a:61,b:2", r"keep\['a'\]: expected a subset size <= 60"),
+                        ("a:3", r"keep: expected a subset size per modality \['a', 'b'\]"),
+                        ("a3,b:2", r"keep: expected 'modality:count' items .* got 'a3'")):
+    with pytest.raises(ValueError, match=r"method_kwargs.ablation_keep_counts: " + message):
+      methods.get("ablated")(Linear(), {"ablation_keep_counts": spec,
+                                        "ablation_keep_fraction": 0.2})
   # The certificate covers numbers of changed entries: an l2 radius, a negative
   # count or more entries than the modality has are refused, not answered.
   cert = types.SimpleNamespace(prediction=np.array([0]), gap=np.array([0.5]), sizes=SIZES,
@@ -452,10 +461,14 @@ def test_ablated_objective_keeps_exactly_k_entries_per_modality():
   assert np.all(np.sum(np.asarray(kept["a"]) != 0, 1) == 3)
   assert np.all(np.sum(np.asarray(kept["b"]) != 0, 1) == 2)
   params = {"w": jax.random.normal(jax.random.PRNGKey(1), (100, 3))}
-  loss_fn = jax.jit(methods.get("ablated")(Linear(), {"ablation_keep_fraction": 0.05}))
   batch = {"inputs": inputs, "label": jnp.zeros(4, jnp.int32)}
-  loss, (_, metrics) = loss_fn(params, {}, batch, jax.random.PRNGKey(2))
   expected = methods.cross_entropy(Linear().apply({"params": params}, transform(
       jax.random.PRNGKey(2), inputs)).logits, batch["label"])
-  np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  assert "accuracy" in metrics
+  # The fraction (floor(0.05 n_m)) and the counts name the same ablation.
+  for kwargs in ({"ablation_keep_fraction": 0.05},
+                 {"ablation_keep_counts": "b:2,a:3", "ablation_keep_fraction": 0.5}):
+    loss_fn = jax.jit(methods.get("ablated")(Linear(), kwargs))
+    loss, (_, metrics) = loss_fn(params, {}, batch, jax.random.PRNGKey(2))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert "accuracy" in metrics
+  assert ablation.keep_label(ablation.parse_keep("b:2,a:3")) == "a:3,b:2"

@@ -14,7 +14,7 @@ import pytest
 
 from experiments import evaluate
 from mmsafe import data as data_lib
-from mmsafe import methods, models
+from mmsafe import attacks, methods, models
 from mmsafe.methods import common, compose, gb, msefm, ogm, pmr
 from mmsafe.train import experiment, loop
 from tests.conftest import mfeat_config
@@ -348,6 +348,33 @@ def test_mmat_trains_on_pgd_inputs_inside_the_joint_eps_ball(dominant):
   assert np.all(norms <= 0.5 * (1 + 1e-5)) and norms.mean() > 0.25, norms
   np.testing.assert_allclose(loss, adversarial_ce, rtol=1e-6)
   np.testing.assert_allclose(metrics["max_perturbation_norm"], norms.max(), rtol=1e-6)
+  assert float(loss) > float(dominant.ce) + 0.05  # harder than clean
+
+
+def test_decoupling_at_trains_on_decoupling_inputs_within_the_l0_budget(dominant):
+  model, params, batch = dominant.model, dominant.params, dominant.batch
+  config = {"decoupling_fraction": 0.2, "decoupling_max_change": 1.5, "decoupling_rounds": 2,
+            "decoupling_steps": 3}
+  objective = methods.get("decoupling_at")(model, config)
+  rng = jax.random.PRNGKey(4)
+  state = {"model": {}}
+
+  @jax.jit
+  def run(params):
+    logits_fn = lambda x: model.apply({"params": params}, x).logits
+    adversarial = attacks.decoupling(logits_fn, batch["inputs"], batch["label"], rng,
+                                     fraction=0.2, rounds=2, steps_per_round=3, max_change=1.5)
+    return objective(params, state, batch, rng), adversarial, _ce_on(model, params, adversarial,
+                                                                        batch["label"])
+
+  (loss, (_, metrics)), adversarial, adversarial_ce = run(params)
+  delta = np.concatenate([np.asarray(adversarial[m] - x).reshape(len(x), -1)
+                          for m, x in sorted(batch["inputs"].items())], axis=1)
+  changed = np.sum(delta != 0, axis=1)
+  # 20% of the 11 entries: at most 2 change, each by at most 1.5.
+  assert changed.max() <= 2 and changed.mean() > 1 and np.abs(delta).max() <= 1.5 + 1e-6
+  np.testing.assert_allclose(loss, adversarial_ce, rtol=1e-6)
+  np.testing.assert_allclose(metrics["changed_entries"], changed.mean(), rtol=1e-6)
   assert float(loss) > float(dominant.ce) + 0.05  # harder than clean
 
 

@@ -125,3 +125,24 @@ def test_bad_model_configs_fail_fast(config, message):
   with pytest.raises(ValueError, match=message):
     models.build({**base, **config}, num_classes=10,
                  input_shapes={m: SHAPES3[m] for m in ("image", "vector")})
+
+
+@pytest.mark.parametrize("encoder,shape", [("cnn", (6, 5, 1)), ("mlp", (7,))])
+def test_kept_indicator_tells_dropped_entries_from_kept_ones(encoder, shape):
+  """With `kept_indicator` the encoder sees `[x, 1{x != 0}]`: its first layer
+  has twice the input channels, and an entry moved from 0 (dropped) to a tiny
+  value changes the features by the indicator's weight, not by ~the value; it
+  states no Lipschitz bound (the indicator jumps)."""
+  config = {"encoders": {"v": {"name": encoder, "kept_indicator": True}, "w": {"name": "mlp"}},
+            "num_classes": 3, "input_shapes": {"v": shape, "w": (2,)}}
+  model = models.build(config)
+  x = {"v": jnp.zeros((1,) + shape), "w": jnp.ones((1, 2))}
+  variables = model.init(jax.random.PRNGKey(0), x)
+  first = variables["params"]["encoders_v"]["Conv_0" if encoder == "cnn" else "Dense_0"]
+  assert first["kernel"].shape[-2] == 2 * shape[-1]
+  tiny = {"v": x["v"].at[(0,) * (len(shape) + 1)].set(1e-6), "w": x["w"]}
+  features = lambda v: np.asarray(model.apply(variables, v).features["v"])
+  jump = np.abs(features(tiny) - features(x)).max()
+  assert jump > 1e-3, jump  # the indicator flipped; the value alone would move ~1e-6
+  with pytest.raises(NotImplementedError, match="KeptIndicator"):
+    model.apply(variables, method="feature_lipschitz")

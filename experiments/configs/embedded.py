@@ -100,6 +100,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # entries of every modality (MMCert); mmsafe's defaults (keep 0.2: the
       # ablated mfeat voter is 96% accurate; 0.05 kept too little: BUILD_NOTES).
       "noise_sigma": 0.5, "ablation_keep_fraction": 0.2,
+      # ... or the entries kept per modality, "audio:20,visual:1" (None: the
+      # fraction above).
+      "ablation_keep_counts": config_dict.placeholder(str),
+      # decoupling_at (mmsafe/methods/compose.py): training against the
+      # decoupling attack at the budget it is evaluated at (1% of the entries,
+      # each moved up to 2 normalised units); 2 rounds x 3 steps are mmsafe's
+      # choice for the cost (the evaluation attacks with 8 x 10).
+      "decoupling_fraction": 0.01, "decoupling_max_change": 2.0, "decoupling_rounds": 2,
+      "decoupling_steps": 3,
   })
 
   config.model = ml_collections.ConfigDict()

@@ -144,6 +144,26 @@ def keep_counts(sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
   return {m: max(1, math.floor(fraction * n)) for m, n in sorted(sizes.items())}
 
 
+def parse_keep(spec: str | Mapping[str, int]) -> dict[str, int]:
+  """modality -> `k_m` from `"audio:40,visual:2"` (or a mapping, returned as a
+  dict); ValueError naming the malformed item. Ranges: `check_keep`."""
+  if isinstance(spec, Mapping):
+    return dict(spec)
+  keep = {}
+  for item in str(spec).split(","):
+    name, sep, count = item.strip().partition(":")
+    if not sep or not name or not count.strip().lstrip("-").isdigit():
+      raise ValueError(f"keep: expected 'modality:count' items separated by commas (e.g. "
+                       f"'audio:40,visual:2'), got {item!r} in {spec!r}")
+    keep[name.strip()] = int(count)
+  return keep
+
+
+def keep_label(keep: Mapping[str, int]) -> str:
+  """`"audio:40,visual:2"`: the inverse of `parse_keep`, modalities sorted."""
+  return ",".join(f"{m}:{keep[m]}" for m in sorted(keep))
+
+
 def check_keep(keep: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, int]:
   """modality -> `k_m` checked: an integer in `[1, n_m]` for exactly the
   modalities of `sizes`; ValueError naming `keep[m]` otherwise."""

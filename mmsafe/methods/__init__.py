@@ -1,7 +1,7 @@
 """Training methods selected by name (`get`): one file per method or family.
 
 `compose.py` declares the methods that are an input transform x a loss x a
-head (jt, ojt, mmat, mixup and the CRMT variants); the certificate-trained
+head (jt, ojt, mmat, decoupling_at, mixup and the CRMT variants); the certificate-trained
 `crmt_cert`, `jt_cert` and `ojt_cert` (`crmt_cert.py`), `gb`, `ogm`, `pmr` and
 `msefm` have objectives of their own.
 """

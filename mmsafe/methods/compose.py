@@ -11,6 +11,14 @@ Input transforms (what the model is trained on):
   update on them. `method_kwargs`: `attack_eps`, `attack_steps`,
   `attack_step_size`, `attack_random_start` (the CRMT reference: eps 0.1,
   5 steps of eps/5, no random start).
+* `decoupling`: inputs of the decoupling attack (`mmsafe.attacks.decoupling`,
+  the l0 threat of MUROAN, Vishwamitra et al. 2021) against the current model
+  in inference mode, no gradient through the attack: at most
+  `floor(decoupling_fraction * n)` of the `n` entries of an example (all
+  modalities jointly, any split) change, each by at most
+  `decoupling_max_change` normalised units; `decoupling_rounds` x
+  `decoupling_steps` signed-gradient steps, margin loss. Adversarial training
+  against the attack itself, one of the defences MUROAN measured.
 * `mixup`: multi-modal mixup (Zhang et al., ICLR 2018): one
   `lam ~ Beta(alpha, alpha)` per batch and one permutation `perm`, shared by
   all modalities, mix the inputs `lam x + (1 - lam) x[perm]`; the loss (and
@@ -36,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from mmsafe.attacks.common import joint_norm
+from mmsafe.attacks.decoupling import decoupling
 from mmsafe.methods import crmt
 from mmsafe.methods.common import (accuracy, adversarial_inputs, apply_model, attack_kwargs,
                                    cross_entropy, mix_inputs, required, sample_mixup)
@@ -63,6 +72,26 @@ def pgd_inputs(config: Mapping, name: str) -> InputTransform:
     norms = joint_norm({m: adversarial[m] - x for m, x in batch["inputs"].items()})
     return adversarial, None, {"perturbation_norm": jnp.mean(norms),
                                "max_perturbation_norm": jnp.max(norms)}
+
+  return transform
+
+
+def decoupling_inputs(config: Mapping, name: str) -> InputTransform:
+  """Decoupling-attack inputs against the current model, with the entries changed."""
+  fraction = float(required(config, "decoupling_fraction", name))
+  rounds = int(required(config, "decoupling_rounds", name))
+  steps = int(required(config, "decoupling_steps", name))
+  max_change = float(required(config, "decoupling_max_change", name))
+
+  def transform(model, params, state, batch, rng):
+    variables = jax.lax.stop_gradient({"params": params, **state.get("model", {})})
+    logits_fn = jax.tree_util.Partial(
+        lambda v, x: model.apply(v, x, train=False).logits, variables)
+    adversarial, info = decoupling(logits_fn, batch["inputs"], batch["label"], rng,
+                                   fraction=fraction, rounds=rounds, steps_per_round=steps,
+                                   max_change=max_change, return_info=True)
+    return (jax.lax.stop_gradient(adversarial), None,
+            {"changed_entries": jnp.mean(info["changed"].astype(jnp.float32))})
 
   return transform
 
@@ -105,7 +134,8 @@ def mixed_loss(loss: Loss, output, labels: Array, lam: Array, permutation: Array
   return lam * loss_a + (1.0 - lam) * loss_b, metrics
 
 
-INPUT_TRANSFORMS = {"clean": clean_inputs, "pgd": pgd_inputs, "mixup": mixup_inputs}
+INPUT_TRANSFORMS = {"clean": clean_inputs, "pgd": pgd_inputs, "decoupling": decoupling_inputs,
+                    "mixup": mixup_inputs}
 LOSSES = {"ce": ce_loss, "ce_l1": ce_l1_loss}
 
 
@@ -137,6 +167,8 @@ COMPOSITIONS = {
     "ojt": ("orthogonal", "clean", "ce", False, "orthogonal head, CE (ablation OJT)"),
     "mmat": ("concat", "pgd", "ce", False,
              "multi-modal adversarial training: CE on joint-l2 PGD inputs"),
+    "decoupling_at": ("concat", "decoupling", "ce", False,
+                      "adversarial training against the decoupling attack (l0 budget)"),
     "mixup": ("concat", "mixup", "ce", False,
               "multi-modal mixup: one Beta(alpha, alpha) lambda shared by all modalities"),
     "crmt": ("orthogonal", "clean", "ce_l1", True,

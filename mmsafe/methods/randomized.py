@@ -8,10 +8,13 @@ the random inputs it will be smoothed over.
   `mmsafe.certify.smoothing`. `method_kwargs`: `noise_sigma` (> 0, one level
   for every modality).
 * `ablated`: CE on randomly ablated inputs (MMCert, Wang et al., CVPR 2024:
-  the base classifier is trained on ablated inputs), keeping `k_m =
-  max(1, floor(fraction n_m))` random entries of every modality, the
-  transform of `mmsafe.certify.ablation`. `method_kwargs`:
-  `ablation_keep_fraction` in (0, 1].
+  the base classifier is trained on ablated inputs), keeping `k_m` random
+  entries of every modality, the transform of `mmsafe.certify.ablation`, so
+  the voter is trained on exactly the distribution it votes on. `method_kwargs`:
+  `ablation_keep_counts` (`"audio:40,visual:2"`, each `k_m` in `[1, n_m]`) or,
+  when that is None, `ablation_keep_fraction` in (0, 1] (`k_m = max(1,
+  floor(fraction n_m))`). Give the encoders `kept_indicator=True` so the voter
+  sees which entries were kept.
 
 Both use the concat (JT) head; batch-norm statistics update on the random inputs.
 """
@@ -19,6 +22,7 @@ Both use the concat (JT) head; batch-norm statistics update on the random inputs
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import math
 
 import jax
 
@@ -61,13 +65,22 @@ def gaussian_aug(model, config: Mapping) -> Objective:
           description="CE on inputs keeping ablation_keep_fraction random entries per "
                       "modality (the ablation certificate's base classifier)")
 def ablated(model, config: Mapping) -> Objective:
-  """CE on random ablations keeping a fraction of every modality (MMCert)."""
+  """CE on random ablations keeping `k_m` entries of every modality (MMCert)."""
+  transform = ablation.ablation(tuple(sorted(ablation_keep(model, config).items())))
+  return random_input_objective(model, transform)
+
+
+def ablation_keep(model, config: Mapping) -> dict[str, int]:
+  """modality -> `k_m` of `method_kwargs` for `model`'s input shapes:
+  `ablation_keep_counts` when set, else from `ablation_keep_fraction`."""
+  sizes = {m: math.prod(shape) for m, shape in sorted(model.input_shapes.items())}
+  spec = config.get("ablation_keep_counts")
+  if spec is not None:
+    try:
+      return ablation.check_keep(ablation.parse_keep(spec), sizes)
+    except ValueError as error:
+      raise ValueError(f"method_kwargs.ablation_keep_counts: {error}") from None
   fraction = checks.check_number(required(config, "ablation_keep_fraction", "ablated"),
                                  "method_kwargs.ablation_keep_fraction", 0.0, inclusive=False,
                                  maximum=1.0)
-
-  def sample(rng, inputs):
-    keep = ablation.keep_counts(ablation.entry_counts(inputs), fraction)
-    return ablation.ablation(tuple(sorted(keep.items())))(rng, inputs)
-
-  return random_input_objective(model, sample)
+  return ablation.keep_counts(sizes, fraction)

@@ -9,6 +9,9 @@ Free encoders (batch norm folded into the convolutions for the bound):
 
 * `MLPEncoder` ("mlp"): `Dense -> ReLU` per width.
 * `SmallCNN` ("cnn"): `[Conv3x3 -> ReLU -> AvgPool2]` per width, `Dense -> ReLU`.
+
+Both take `kept_indicator=True` for ablated (sparse) inputs: a second channel
+marks the entries an ablation kept (`layers.KeptIndicator`; no Lipschitz bound).
 * `ResNet18` ("resnet18"): images, spectrograms, flow stacks or clips.
 
 Lipschitz encoders (1-Lipschitz by construction, `mmsafe.models.lipschitz_layers`;
@@ -31,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmsafe.models.layers import (AvgPool, Chain, Conv, ConvBatchNorm, Dense, Flatten,
-                                  GlobalMeanPool, MaxPool, ReLU, ResidualBlock)
+                                  GlobalMeanPool, KeptIndicator, MaxPool, ReLU, ResidualBlock)
 from mmsafe.models.lipschitz_layers import (AOLConv, AOLDense, CayleyConv, GlobalNormPool, MaxMin,
                                             OrthogonalDense, SLLConv, SLLDense, SpaceToDepth)
 
@@ -53,13 +56,15 @@ def _even(encoder: str, field: str, widths: Sequence[int]) -> None:
 
 
 class MLPEncoder(Chain):
-  """Flatten, then `Dense -> ReLU` for each width; the last activation is phi."""
+  """Flatten, then `Dense -> ReLU` for each width; the last activation is phi
+  (`kept_indicator`: the kept-entry indicator is appended first)."""
 
   widths: Sequence[int] = (256, 128)
+  kept_indicator: bool = False
   dtype: Any = jnp.float32
 
   def make_layers(self):
-    layers = [Flatten()]
+    layers = [Flatten()] + ([KeptIndicator()] if self.kept_indicator else [])
     for i, width in enumerate(self.widths):
       layers += [Dense(width, dtype=self.dtype, name=f"Dense_{i}"), ReLU()]
     return layers
@@ -70,14 +75,17 @@ class SmallCNN(Chain):
 
   For small images such as 16x15 digits or short spectrograms `[B, H, W, C]`.
   Average (not max) pooling keeps the network's Lipschitz constant easy to bound.
+  `kept_indicator`: each channel gets its kept-entry indicator channel first
+  (for ablated inputs).
   """
 
   channels: Sequence[int] = (32, 64)
   features: int = 128
+  kept_indicator: bool = False
   dtype: Any = jnp.float32
 
   def make_layers(self):
-    layers = []
+    layers = [KeptIndicator()] if self.kept_indicator else []
     for i, width in enumerate(self.channels):
       layers += [Conv(width, (3, 3), padding="SAME", dtype=self.dtype, name=f"Conv_{i}"),
                  ReLU(), AvgPool((2, 2), (2, 2), "SAME")]

@@ -205,6 +205,22 @@ class ReLU(nn.Module):
     return record(self, 1.0)
 
 
+class KeptIndicator(nn.Module):
+  """`x -> [x, 1{x != 0}]` along the last (channel) axis: tells a voter which
+  entries an ablation kept (`mmsafe.certify.ablation` sets the others to
+  exactly 0, the training mean), so "missing" and "small" are two inputs, not
+  one. A kept entry exactly at the mean reads as missing; both carry the value 0.
+
+  The indicator is discontinuous: the layer states no Lipschitz bound, so a
+  sound certificate of an encoder that uses it refuses (`Chain.lipschitz_bound`).
+  An ablation certificate needs none: it holds for any base classifier.
+  """
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    del train
+    return jnp.concatenate([x, (x != 0).astype(x.dtype)], axis=-1)
+
+
 class Flatten(nn.Module):
   """`[B, ...] -> [B, D]`: an isometry."""
 

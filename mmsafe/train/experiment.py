@@ -27,7 +27,9 @@ METHOD_KWARG_RANGES = {
     "attack_steps": (True, 1, True), "rho": (False, 0.0, True),
     "mixup_alpha": (False, 0.0, False), "noise_sigma": (False, 0.0, False),
     "ablation_keep_fraction": (False, 0.0, False), "cert_eps": (False, 0.0, False),
-    "cert_temperature": (False, 0.0, False), "cert_rho": (False, 0.0, True)}
+    "cert_temperature": (False, 0.0, False), "cert_rho": (False, 0.0, True),
+    "decoupling_fraction": (False, 0.0, True), "decoupling_max_change": (False, 0.0, False),
+    "decoupling_rounds": (True, 1, True), "decoupling_steps": (True, 1, True)}
 # The run's integer fields checked before training: name -> (default, minimum).
 RUN_INTEGERS = {"seed": (0, 0), "eval_batch_size": (256, 1), "log_every_steps": (0, 0),
                 "checkpoint_every_steps": (0, 0), "checkpoint_max_to_keep": (2, 1),
