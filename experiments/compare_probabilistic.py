@@ -421,7 +421,8 @@ def main(argv):
   examples = min(_MAX_EXAMPLES.value or len(splits["test"].labels), len(splits["test"].labels))
   note = (f"\n{dataset}, seeds {seeds}, {examples} test examples, alpha={_ALPHA.value:g}, "
           f"n={_NUM_SAMPLES.value} votes; keep {ablation.keep_label(keep)} certifies at most "
-          f"{int(ceiling[0])} changed entries (any split) even with unanimous votes.\n")
+          f"{int(ceiling[0])} changed entries (any split) even with unanimous votes. "
+          "Cells: mean ± sample std over the seeds.\n")
   print(note + "\n" + table)
   report = {"dataset": dataset, "seeds": seeds, "examples": examples, "radii": radii,
             "changed_entries": budgets, "sizes": sizes, "keep": keep,

@@ -16,7 +16,7 @@ from experiments import evaluate
 from mmsafe import data as data_lib
 from mmsafe import attacks, methods, models
 from mmsafe.methods import common, compose, gb, msefm, ogm, pmr
-from mmsafe.train import experiment, loop
+from mmsafe.train import distributed, experiment, loop
 from tests.conftest import mfeat_config
 
 SHAPES = {"a": (6,), "b": (5,)}
@@ -449,8 +449,9 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
   train, heldout = split("train", batch), split("heldout", _batch(seed=7, size=15))
   splits = {"train": train, "heldout": heldout}
   config = {"gb_super_epoch": 2}
-  hook = lambda p, s, epoch: gb.measure_and_blend(model, config, {"params": p}, s, splits,
-                                                  epoch=epoch, batch_size=10)
+  reduce_over_split = distributed.split_reducer(splits, batch_size=10)
+  hook = lambda p, s, epoch: gb.measure_and_blend(model, config, {"params": p}, s, tuple(splits),
+                                                  reduce_over_split, epoch=epoch)
 
   def measured(p):
     result = {}

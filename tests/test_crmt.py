@@ -13,7 +13,8 @@ from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe.methods import compose, crmt
 from mmsafe.models import HeadParams, ModelOutput
-from mmsafe.train import TrainState, loop, make_optimizer, make_train_step, per_stage
+from mmsafe.train import TrainState, distributed, loop, make_optimizer, make_train_step
+from mmsafe.train import per_stage
 from tests.conftest import mfeat_config, rewind
 
 
@@ -109,8 +110,9 @@ def step2_setup(trained_mfeat):
        "trainable": crmt.STEP2.trainable}, 20)})
   state = TrainState.create(variables, optimizers["step1"], jax.random.PRNGKey(0),
                             crmt.init_state(model, variables))
-  state = state.replace(state={**state.state, **crmt.prepare_step2(model, variables, train,
-                                                                   batch_size=700)})
+  reduce_over_split = distributed.split_reducer({"train": train}, batch_size=700)
+  state = state.replace(state={**state.state, **crmt.prepare_step2(
+      model, variables, reduce_over_split=reduce_over_split)})
   step = jax.jit(make_train_step(crmt.step2_objective(model), optimizers["step2"]))
   return model, state, step, train
 

@@ -103,8 +103,8 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
   method = methods.get("crmt_cert")
   (prepare,) = method.callbacks
   prepared = prepare.on_stage_start("step2", methods.CallbackContext(
-      model=model, variables=variables, state={}, splits={"train": None}, config={},
-      batch_size=32))
+      model=model, variables=variables, state={}, split_names=("train",), config={},
+      reduce_over_split=None))  # Sound constants read no data.
   sound = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
   for m in "ab":
     np.testing.assert_allclose(prepared["crmt"]["tau"][m], sound.values[m], rtol=1e-6)

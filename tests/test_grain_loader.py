@@ -106,6 +106,13 @@ def test_hosts_stream_disjoint_rows_that_cover_the_split_once():
   np.testing.assert_array_equal(distributed.reduce_over_processes(tree, "max")["a"], tree["a"])
   with pytest.raises(ValueError, match="op: expected one of"):
     distributed.reduce_over_processes(tree, "mean")
+  # A callback's pass over a split: every valid row once, reduced by `op`.
+  reduce_over_split = distributed.split_reducer({"train": data}, batch_size=2)
+  row_sums = lambda batches: sum(float(np.sum(b["inputs"]["x"][b["valid"]])) for b in batches)
+  np.testing.assert_allclose(reduce_over_split("train", row_sums, "sum"),
+                             np.sum(data.inputs["x"]), rtol=1e-6)
+  with pytest.raises(ValueError, match="split: expected one of \\['train'\\], got 'test'"):
+    reduce_over_split("test", row_sums, "sum")
 
 
 def test_evaluation_counts_every_example_once():

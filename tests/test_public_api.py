@@ -1,9 +1,13 @@
 """The public API: every exported name resolves and is documented; the core
 functions' docstrings state shapes, purity / jit-ability and their source."""
 
+import ast
 import importlib
 import inspect
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +62,31 @@ def test_top_level_shortcuts_are_the_subpackage_functions():
   assert mmsafe.pgd is mmsafe.attacks.pgd
   assert mmsafe.radius_from_scores is mmsafe.certify.radius_from_scores
   assert inspect.ismodule(mmsafe.certify)  # the subpackage, not the function of that name
+
+
+def _mmsafe_imports(path: pathlib.Path) -> set[str]:
+  """The `mmsafe` modules a file imports (`import a.b`, `from a import b`)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+  return {n for n in names if n.split(".")[0] == "mmsafe"}
+
+
+def test_methods_import_neither_the_data_pipeline_nor_the_training_loop():
+  # Callbacks read splits through `CallbackContext.reduce_over_split`.
+  package = pathlib.Path(mmsafe.__file__).parent / "methods"
+  for path in sorted(package.glob("*.py")):
+    forbidden = {n for n in _mmsafe_imports(path)
+                 if n.split(".")[:2] in (["mmsafe", "data"], ["mmsafe", "train"])}
+    assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
+
+
+def test_importing_mmsafe_loads_neither_orbax_nor_the_training_loop():
+  code = ("import sys, mmsafe; print(sorted(m for m in ('orbax.checkpoint', "
+          "'mmsafe.train.loop', 'mmsafe.train.checkpoint') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == "[]", result.stdout

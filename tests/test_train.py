@@ -12,7 +12,8 @@ import pytest
 
 from mmsafe import data as data_lib
 from mmsafe.manifold import orthogonality_error
-from mmsafe.train import Checkpointer, TrainState, loop, make_optimizer
+from mmsafe.train import TrainState, loop, make_optimizer
+from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.optimizer import MAX_LEARNING_RATE
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config, rewind
 

@@ -38,18 +38,16 @@ two-step variant), and `cert_eps` and `cert_temperature` for "radius_hinge".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from mmsafe import certify
-from mmsafe.data import host_pass
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import Callback, CallbackContext, Stage
 from mmsafe.models.heads import is_modality_weight
 from mmsafe.numerics import label_mask, mask_labels
-from mmsafe.train import distributed
 
 Array = jax.Array
 
@@ -274,22 +272,26 @@ def init_state(model, variables, config: Mapping | None = None) -> dict:
       "feature_lipschitz": {m: jnp.zeros((), jnp.float32) for m in weights}}}
 
 
-def prepare_step2(model, variables, dataset, config: Mapping | None = None, *,
-                  batch_size: int, default_lipschitz: str = "empirical") -> dict:
+def prepare_step2(model, variables, config: Mapping | None = None, *,
+                  reduce_over_split: Callable | None = None,
+                  default_lipschitz: str = "empirical") -> dict:
   """The method state for step 2, modality -> constants of the uni-modal scores:
   "empirical" (`step2_lipschitz`): `tau~` = the maximum per-sample gradient
-  norm over `dataset`, as in the paper's code (eq. 9; each process reads its
-  rows, `host_pass`, and the maxima are reduced over processes); "sound": the
-  encoders' stated bounds (`mmsafe.certify.sound_constants`; `dataset` is not
-  read), with `L^(m)` for the tight Thm 3.5."""
+  norm over the training split, as in the paper's code (eq. 9; each process
+  reads its rows and the maxima are reduced over processes, through
+  `reduce_over_split` of `CallbackContext`); "sound": the encoders' stated
+  bounds (`mmsafe.certify.sound_constants`; no data is read), with `L^(m)`
+  for the tight Thm 3.5."""
   if step2_lipschitz(config, default_lipschitz) == "sound":
     constants = certify.sound_constants(model, variables)  # One compiled program.
     features, values = constants.encoder, constants.values
   else:
-    # Each process streams its own rows; the maximum over processes is the split's.
-    with host_pass(dataset, batch_size=batch_size) as batches:
-      constants = certify.empirical_constants(model, variables, batches)
-    values = distributed.reduce_over_processes(dict(constants.values), "max")
+    if reduce_over_split is None:
+      raise ValueError("reduce_over_split: empirical step-2 constants read the training "
+                       "split; expected a callable, got None")
+    values = reduce_over_split(
+        "train", lambda batches: dict(
+            certify.empirical_constants(model, variables, batches).values), "max")
     features = {m: 0.0 for m in values}
   return {STATE_KEY: {
       "tau": {m: jnp.asarray(v, jnp.float32) for m, v in values.items()},
@@ -307,8 +309,8 @@ class PrepareStep2(Callback):
   def on_stage_start(self, stage: str, context: CallbackContext) -> dict:
     if stage != STEP2.name and not stage.startswith(f"{STEP2.name}_"):
       return {}
-    return prepare_step2(context.model, context.variables, context.splits["train"],
-                         context.config, batch_size=context.batch_size,
+    return prepare_step2(context.model, context.variables, context.config,
+                         reduce_over_split=context.reduce_over_split,
                          default_lipschitz=self.default_lipschitz)
 
 

@@ -40,10 +40,11 @@ Choices the paper leaves open:
   model selection only.
 
 Callback: re-estimation needs whole-split evaluations, which a pure train
-step cannot do. `measure_and_blend(model, config, variables, state, splits,
-*, epoch, batch_size) -> dict` returns the method-state entries to replace
-after epoch `epoch` (number of completed epochs; `epoch=0` before the first
-step takes the first measurement at initialisation). The callback
+step cannot do. `measure_and_blend(model, config, variables, state,
+split_names, reduce_over_split, *, epoch) -> dict` returns the method-state
+entries to replace after epoch `epoch` (number of completed epochs; `epoch=0`
+before the first step takes the first measurement at initialisation); the
+training loop streams the splits for it (`CallbackContext.reduce_over_split`). The callback
 `BlendingWeights` calls it when training starts and after every epoch.
 
 Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_fraction`.
@@ -51,7 +52,7 @@ Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_fractio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +60,9 @@ import numpy as np
 import optax
 
 from mmsafe import programs
-from mmsafe.data import host_pass
 from mmsafe.methods.common import accuracy, apply_model, required
 from mmsafe.methods.registry import Callback, CallbackContext, register
 from mmsafe.models.outputs import ModelOutput
-from mmsafe.train import distributed
 
 Array = jax.Array
 
@@ -132,39 +131,42 @@ def _head_loss_sums(model, variables, batch):
   return jnp.sum(head_losses(out, batch["label"]) * valid, axis=1), jnp.sum(valid)
 
 
-def mean_head_losses(model, variables, dataset, *, batch_size: int) -> np.ndarray:
-  """Every head's mean CE over a whole dataset split (evaluation mode), [M + 1]: the
-  `L^T` / `L^V` of the paper's OGR at one checkpoint. Each process streams
-  its own rows (`host_pass`); the sums and counts are added over processes."""
+def mean_head_losses(model, variables, split: str, reduce_over_split: Callable
+                     ) -> np.ndarray:
+  """Every head's mean CE over the whole split `split` (evaluation mode), [M + 1]:
+  the `L^T` / `L^V` of the paper's OGR at one checkpoint. Each process sums
+  over its own rows; the sums and counts are added over processes
+  (`reduce_over_split` of `CallbackContext`)."""
   sums = programs.compiled(_head_loss_sums, model)  # One compilation per model.
-  total, count = np.zeros(len(model.input_shapes) + 1, np.float64), 0.0
-  with host_pass(dataset, batch_size=batch_size) as batches:
+
+  def local_sums(batches):
+    total, count = np.zeros(len(model.input_shapes) + 1, np.float64), 0.0
     for batch in batches:
       s, c = sums(variables, batch)
       total, count = total + np.asarray(s, np.float64), count + float(c)
-  total, count = distributed.reduce_over_processes((total, np.float64(count)), "sum")
+    return total, np.float64(count)
+
+  total, count = reduce_over_split(split, local_sums, "sum")
   if count == 0:
-    raise ValueError("gb: the dataset split holds no example")
+    raise ValueError(f"gb: the {split!r} split holds no example")
   return (total / count).astype(np.float32)
 
 
-def measure_and_blend(model, config, variables, state, splits, *, epoch: int,
-                      batch_size: int) -> dict:
+def measure_and_blend(model, config, variables, state, split_names, reduce_over_split, *,
+                      epoch: int) -> dict:
   """Method-state entries after epoch `epoch`: every `gb_super_epoch` epochs,
   measure the heads' losses on the training and held-out splits and, given a
   previous measurement, re-estimate the blending weights. `{}` otherwise."""
   every = int(required(config, "gb_super_epoch", "gb"))
   if every < 1:
     raise ValueError(f"method_kwargs.gb_super_epoch: expected >= 1, got {every}")
-  if "heldout" not in splits:
+  if "heldout" not in split_names:
     raise ValueError(f"splits: gb expected a 'heldout' split (method_kwargs."
-                     f"gb_heldout_fraction of the training split), got {sorted(splits)}")
+                     f"gb_heldout_fraction of the training split), got {sorted(split_names)}")
   if epoch % every:
     return {}
-  current = {"train": jnp.asarray(mean_head_losses(model, variables, splits["train"],
-                                                   batch_size=batch_size)),
-             "heldout": jnp.asarray(mean_head_losses(model, variables, splits["heldout"],
-                                                     batch_size=batch_size))}
+  current = {split: jnp.asarray(mean_head_losses(model, variables, split, reduce_over_split))
+             for split in ("train", "heldout")}
   gb = state[STATE_KEY]
   weights = jnp.where(gb["has_reference"] > 0,
                       update_blending_weights(gb["weights"], gb["reference"], current),
@@ -184,7 +186,7 @@ class BlendingWeights(Callback):
   def on_epoch_end(self, stage: str, epoch: int, context: CallbackContext) -> dict:
     del stage
     return measure_and_blend(context.model, context.config, context.variables, context.state,
-                             context.splits, epoch=epoch, batch_size=context.batch_size)
+                             context.split_names, context.reduce_over_split, epoch=epoch)
 
 
 @register("gb", head="concat", init_state=init_state, callbacks=(BlendingWeights(),),

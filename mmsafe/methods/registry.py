@@ -15,7 +15,7 @@ calls the callbacks; it knows no method by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 from typing import Any
 
@@ -73,24 +73,31 @@ class Callback:
 
 @dataclasses.dataclass(frozen=True)
 class CallbackContext:
-  """What a callback may read.
+  """What a callback may read. A callback reads no dataset itself: the training
+  loop streams the splits for it (`reduce_over_split`), so methods stay free of
+  the data pipeline and of the processes a run spans.
 
   Attributes:
     model: the `MultiModalModel`.
     variables: the model variables (host values).
     state: the train state's non-parameter state (`state["model"]` and the
       methods' entries).
-    splits: "train" / "validation" / "test" datasets.
+    split_names: the run's splits ("train", "validation", "test", and
+      "heldout" for a method that holds out part of the training split).
     config: the method's hyper-parameters.
-    batch_size: the evaluation batch size for whole-split passes.
+    reduce_over_split: `reduce_over_split(split, fn, op)` calls
+      `fn(batches)` on this process's rows of split `split` (evaluation
+      batches in model space with a `"valid"` mask) and reduces its result,
+      numpy leaves of one structure on every process, over the processes by
+      `op` ("sum" or "max"); a collective, called alike on every process.
   """
 
   model: Any
   variables: Any
   state: Mapping[str, Any]
-  splits: Mapping[str, Any]
+  split_names: tuple[str, ...]
   config: Mapping[str, Any]
-  batch_size: int
+  reduce_over_split: Callable[[str, Callable[[Iterable[Mapping[str, Any]]], Any], str], Any]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,17 @@
-"""Starting `jax.distributed` when a run spans several processes."""
+"""Runs that span several processes: starting `jax.distributed`, barriers, and
+reductions over the processes (also of a pass over a data split)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import os
+from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from mmsafe.data import host_pass
 
 
 def distributed_cluster(env: Mapping[str, str], tpu_vm: bool = False) -> str | None:
@@ -40,7 +46,7 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
     mode: "off" (never), "on" (always: `jax.distributed.initialize` with the given
       arguments, auto-detected on TPU pods, SLURM, Open MPI, ... when omitted) or
       "auto" (when the arguments or the environment say the run has several
-      processes: `parallel.distributed_cluster`).
+      processes: `distributed_cluster`).
     coordinator_address, num_processes, process_id: `jax.distributed.initialize`'s.
 
   CPU processes exchange collectives through gloo. Returns whether it started.
@@ -61,7 +67,6 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
 def sync_processes(name: str) -> None:
   """Waits until every process reaches this point (a no-op with one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -69,13 +74,27 @@ def reduce_over_processes(tree, op: str):
   """`tree` (numpy or scalar leaves, the same structure and shapes on every process)
   reduced over the processes by `op`, "sum" or "max"; with one process, `tree` as
   numpy. Every process gets the result (a collective: every process must call it)."""
-  import numpy as np
   reducers = {"sum": np.sum, "max": np.max}
   if op not in reducers:
     raise ValueError(f"op: expected one of {sorted(reducers)}, got {op!r}")
   tree = jax.tree_util.tree_map(np.asarray, tree)
   if jax.process_count() == 1:
     return tree
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   gathered = multihost_utils.process_allgather(tree)  # leading axis: the process
   return jax.tree_util.tree_map(lambda x: reducers[op](np.asarray(x), axis=0), gathered)
+
+
+def split_reducer(splits: Mapping[str, Any], *, batch_size: int) -> Callable:
+  """`reduce_over_split(split, fn, op)` over `splits` (`methods.CallbackContext`):
+  `fn` of this process's evaluation batches of `splits[split]` (`data.host_pass`,
+  `batch_size` rows each), reduced over the processes by `op`
+  (`reduce_over_processes`)."""
+
+  def reduce_over_split(split: str, fn: Callable, op: str):
+    if split not in splits:
+      raise ValueError(f"split: expected one of {sorted(splits)}, got {split!r}")
+    with host_pass(splits[split], batch_size=batch_size) as batches:
+      local = fn(batches)
+    return reduce_over_processes(local, op)
+
+  return reduce_over_split

@@ -323,8 +323,9 @@ def _apply_callbacks(context: _Context, state, call):
     host_state = parallel.get(state.state)
     update = call(callback, methods.CallbackContext(
         model=experiment.model, variables=parallel.get(state.variables), state=host_state,
-        splits=experiment.splits, config=experiment.method_config,
-        batch_size=context.eval_batch_size))
+        split_names=tuple(experiment.splits), config=experiment.method_config,
+        reduce_over_split=distributed.split_reducer(experiment.splits,
+                                                    batch_size=context.eval_batch_size)))
     if update:
       state = state.replace(state=parallel.put({**host_state, **update}))
   return state
