@@ -84,6 +84,14 @@ def test_methods_import_neither_the_data_pipeline_nor_the_training_loop():
     assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
 
 
+def test_evaluation_reaches_methods_only_through_their_registry():
+  # A method's test-time defence is found by name (`methods.get(name).defence`).
+  package = pathlib.Path(mmsafe.__file__).parent / "eval"
+  for path in sorted(package.glob("*.py")):
+    method_files = {n for n in _mmsafe_imports(path) if n.startswith("mmsafe.methods.")}
+    assert not method_files, f"{path.name} imports {sorted(method_files)}"
+
+
 def test_importing_mmsafe_loads_neither_orbax_nor_the_training_loop():
   code = ("import sys, mmsafe; print(sorted(m for m in ('orbax.checkpoint', "
           "'mmsafe.train.loop', 'mmsafe.train.checkpoint') if m in sys.modules))")

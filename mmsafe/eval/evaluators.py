@@ -9,8 +9,9 @@ reports (`mmsafe.eval.report.write_evaluation`). An evaluator compiles once
 
 Keys every type takes: `type`, `split` ("validation"), `every_steps` (0),
 `max_examples` (0: the whole split), `batch_size` (256; certify: 100), `seed`
-(the `build_evaluators` seed) and `defence` ("none"): "msefm" evaluates an
-MSEFM model (`method` "msefm" in the run's config) behind its test-time
+(the `build_evaluators` seed) and `defence` ("none", or the name of a method
+that declares a test-time defence, `methods.Defence`, when the run's config
+trained that method): "msefm" evaluates an MSEFM model behind its test-time
 defence, ExFMem (`mmsafe.methods.msefm`): the fused logits come from the
 features reconstructed from a memory of `method_kwargs.msefm_memory_size`
 clean training features of the evaluated model, drawn with `seed`; clean
@@ -62,17 +63,16 @@ import numpy as np
 from mmsafe import certify as certify_lib
 from mmsafe import checks
 from mmsafe import data as data_lib
+from mmsafe import methods
 from mmsafe import models
 from mmsafe.attacks.pgd import get_protocol
 from mmsafe.eval import certification
 from mmsafe.eval import robustness
 from mmsafe.eval.robustness import MULTI
-from mmsafe.methods import msefm
 
 Progress = Callable[[int], None] | None
 COMMON = {"type": None, "split": "validation", "every_steps": 0, "max_examples": 0,
           "batch_size": 256, "seed": None, "defence": "none"}
-DEFENCES = ("none", "msefm")
 
 
 def _sequence(value: Any, field: str, kind: type, what: str) -> tuple:
@@ -115,38 +115,41 @@ def _count(value: Any, field: str, minimum: int = 0) -> int:
   return int(value)
 
 
-class MSEFMDefence:
-  """MSEFM's test-time defence (ExFMem) around a model: `apply_fn` takes
-  `prepare(variables)` (the variables and the memory built from them)."""
+class TestTimeDefence:
+  """The test-time defence of method `name` (`methods.Method.defence`) around a
+  model trained with it: `apply_fn` takes `prepare(variables)`."""
 
-  def __init__(self, model, run_config: Mapping[str, Any] | None, splits: Mapping[str, Any], *,
-               seed: int, batch_size: int):
+  def __init__(self, name: str, model, run_config: Mapping[str, Any] | None,
+               splits: Mapping[str, Any], *, seed: int, batch_size: int):
     method = (run_config or {}).get("method")
-    if method != "msefm":
-      raise ValueError(f"defence: 'msefm' applies to a model trained with method 'msefm', got "
-                       f"method {method!r}")
+    if method != name:
+      raise ValueError(f"defence: {name!r} applies to a model trained with method {name!r}, "
+                       f"got method {method!r}")
     if "train" not in splits:
-      raise ValueError(f"defence: 'msefm' builds its memory from a 'train' split, got splits "
+      raise ValueError(f"defence: {name!r} builds its state from a 'train' split, got splits "
                        f"{sorted(splits)}")
-    self.settings = msefm.hyperparameters(run_config.get("method_kwargs") or {})
+    self.defence = methods.get(name).defence
+    self.settings = self.defence.settings(run_config.get("method_kwargs") or {})
     self.model, self.splits, self.seed, self.batch_size = model, splits, seed, batch_size
-    self._features = jax.jit(lambda v, x: model.apply(v, x, train=False).features)
 
   def apply_fn(self, defended: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
     """Fused logits of the defended classifier."""
-    output = self.model.apply(defended["variables"], inputs, train=False)
-    return msefm.defended_logits(output, defended["memory"], self.settings)
+    return self.defence.logits(self.model, self.settings, defended, inputs)
 
   @functools.cached_property
   def train_inputs(self) -> Mapping[str, np.ndarray]:
     """The training split's inputs, loaded on first use."""
     return data_lib.in_memory(self.splits["train"], 0).inputs
 
-  def prepare(self, variables: Any) -> dict[str, Any]:
-    """`{"variables", "memory"}`: the memory of the evaluated model's training features."""
-    memory = msefm.evaluation_memory(self._features, variables, self.train_inputs, self.settings,
-                                    seed=self.seed, batch_size=self.batch_size)
-    return {"variables": variables, "memory": memory}
+  def prepare(self, variables: Any) -> Any:
+    """What `apply_fn` reads, built from the evaluated variables."""
+    return self.defence.prepare(self.model, variables, self.train_inputs, self.settings,
+                                seed=self.seed, batch_size=self.batch_size)
+
+
+def defences() -> tuple[str, ...]:
+  """The `defence` values: "none" and every method that declares a test-time defence."""
+  return ("none", *(name for name in methods.names() if methods.get(name).defence))
 
 
 class Evaluator:
@@ -181,10 +184,10 @@ class Evaluator:
     self.model, self.splits = model, splits
     self.split = self._split("split")
     defence = self.settings["defence"]
-    if defence not in DEFENCES:
-      raise ValueError(f"defence: expected one of {list(DEFENCES)}, got {defence!r}")
-    self.defence = (MSEFMDefence(model, run_config, splits, seed=self.seed,
-                                 batch_size=self.batch_size) if defence == "msefm" else None)
+    if defence not in defences():
+      raise ValueError(f"defence: expected one of {list(defences())}, got {defence!r}")
+    self.defence = (None if defence == "none" else TestTimeDefence(
+        defence, model, run_config, splits, seed=self.seed, batch_size=self.batch_size))
     self.apply_fn = self.defence.apply_fn if self.defence else robustness.logits_apply(model)
     self.input_shapes = dict(splits[self.split].modality_shapes)
     self.setup()
@@ -491,7 +494,7 @@ def build_evaluators(evals: Mapping[str, Mapping[str, Any]] | None, *, model,
                      run_config: Mapping[str, Any] | None = None) -> dict[str, Evaluator]:
   """The evaluators of `evals` (name -> settings with a `type`; None: none), all
   validated before any runs. `run_config`: the training run's config (its
-  `method` and `method_kwargs`), needed by `defence="msefm"`.
+  `method` and `method_kwargs`), needed by a `defence` other than "none".
 
   Raises:
     ValueError naming `evals.<name>.<key>`, the expected and the actual value.

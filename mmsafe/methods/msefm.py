@@ -65,8 +65,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmsafe import programs
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
-from mmsafe.methods.registry import register
+from mmsafe.methods.registry import Defence, register
 from mmsafe.models.outputs import HeadParams, ModelOutput
 from mmsafe.numerics import HIGHEST
 
@@ -208,7 +209,33 @@ def evaluation_memory(features_fn, variables, inputs: Mapping[str, np.ndarray],
   return {m: jnp.concatenate([c[m] for c in chunks]).astype(jnp.float32) for m in chunks[0]}
 
 
-@register("msefm", head="concat", init_state=init_state,
+def _inference_features(model, variables, inputs: Mapping[str, Array]) -> dict[str, Array]:
+  return model.apply(variables, inputs, train=False).features
+
+
+def prepare_defence(model, variables, train_inputs: Mapping[str, np.ndarray], settings: Mapping,
+                    *, seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
+  """`{"variables", "memory"}` of the test-time defence: the evaluated model's
+  variables and its memory of clean training features (`evaluation_memory`)."""
+  features_fn = programs.compiled(_inference_features, model)  # One program per model.
+  memory = evaluation_memory(features_fn, variables, train_inputs, settings, seed=seed,
+                             batch_size=batch_size)
+  return {"variables": variables, "memory": memory}
+
+
+def defence_logits(model, settings: Mapping, defended: Mapping[str, Any],
+                   inputs: Mapping[str, Array]) -> Array:
+  """Fused logits [B, K] of the defended classifier (`defended_logits` of the
+  evaluated model's output on `inputs`)."""
+  output = model.apply(defended["variables"], inputs, train=False)
+  return defended_logits(output, defended["memory"], settings)
+
+
+# ExFMem at test time (`defence="msefm"` of the evaluators).
+DEFENCE = Defence(settings=hyperparameters, prepare=prepare_defence, logits=defence_logits)
+
+
+@register("msefm", head="concat", init_state=init_state, defence=DEFENCE,
           description="MinSim + ExFMem: cross-modal dissimilarity + feature-memory reconstruction")
 def make_objective(model, config):
   settings = hyperparameters(config)

@@ -101,6 +101,27 @@ class CallbackContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class Defence:
+  """A method's test-time defence: evaluators put it around a model trained with
+  the method when asked for `defence=<method name>` (white box: attacks
+  differentiate through `logits`).
+
+  Attributes:
+    settings: `(method_kwargs) -> settings`, checked (a ValueError names the
+      field); called when the evaluator is built, before anything runs.
+    prepare: `(model, variables, train_inputs, settings, *, seed, batch_size)
+      -> defended`, the pytree `logits` reads (e.g. a memory of training
+      features); `train_inputs` are the training split's inputs in model space.
+    logits: `(model, settings, defended, inputs) -> [B, K]` fused logits of
+      the defended classifier (`settings` static, `defended` traced).
+  """
+
+  settings: Callable[[Mapping[str, Any]], Any]
+  prepare: Callable[..., Any]
+  logits: Callable[[Any, Any, Any, Mapping[str, Any]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A named training method.
 
@@ -116,6 +137,7 @@ class Method:
     heldout_fraction_kwarg: the `method_kwargs` entry naming the fraction of the
       training split the method holds out (split "heldout", not trained on),
       or None.
+    defence: the method's test-time `Defence`, or None.
   """
 
   name: str
@@ -125,6 +147,7 @@ class Method:
   init_state: Callable[[Any, Any, Mapping[str, Any]], dict] | None = None
   callbacks: tuple[Callback, ...] = ()
   heldout_fraction_kwarg: str | None = None
+  defence: Defence | None = None
 
   def stage(self, name: str) -> Stage:
     """The stage called `name`; a clear error for unknown names."""
@@ -144,7 +167,7 @@ def register(name: str, *, head: str, description: str = "",
   """Registers a method. As a decorator of `make_objective(model, config)`, the
   method has one stage "train" with that objective (or, with `stages`, those
   stages after it); `fields` are the optional `Method` attributes
-  (`init_state`, `callbacks`)."""
+  (`init_state`, `callbacks`, `heldout_fraction_kwarg`, `defence`)."""
 
   def wrap(make_objective: MakeObjective | None):
     if name in _REGISTRY:
