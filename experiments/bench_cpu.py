@@ -48,7 +48,7 @@ from mmsafe import attacks
 from mmsafe import data as data_lib
 from mmsafe.eval import evaluators
 from mmsafe.eval import robustness
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 from mmsafe.train import experiment as experiment_lib
 from mmsafe.train.step import make_train_step
 
@@ -116,7 +116,7 @@ def pgd(run_dir: str) -> None:
   """mmsafe's PGD against foolbox's L2PGD on the same model and batch."""
   import eagerpy  # pylint: disable=import-outside-toplevel
   import foolbox  # pylint: disable=import-outside-toplevel
-  _, model, variables, splits = loop.restore_run(run_dir)
+  _, model, variables, splits = restore.restore_run(run_dir)
   test = data_lib.in_memory(splits["test"])
   b = min(_BATCH.value, len(test))
   inputs = {m: jnp.asarray(x[:b]) for m, x in test.inputs.items()}
@@ -155,7 +155,7 @@ def pgd(run_dir: str) -> None:
 def skip_certified(run_dirs: dict[str, str]) -> None:
   """The paper's suite (`default` protocol) with and without `skip_certified`."""
   for name, run_dir in run_dirs.items():
-    _, model, variables, splits = loop.restore_run(run_dir)
+    _, model, variables, splits = restore.restore_run(run_dir)
     runs = {}
     for skip in (True, False):
       evals = evals_config.get_config("paper").to_dict()

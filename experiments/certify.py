@@ -5,7 +5,7 @@ r"""Certified radii of a trained run for each Lipschitz kind, checked by attacks
   python -m experiments.certify --workdir=/tmp/mmsafe/ojt \
       --evals.certify.kinds="('sound',)" --evals.certify.max_examples=500
 
-Reads the run with `mmsafe.train.loop.restore_run` (the model selected on
+Reads the run with `mmsafe.train.restore.restore_run` (the model selected on
 validation unless --which=latest) and writes to `<workdir>/certify/`
 (settings: `experiments/configs/evals.py`, `certify`):
 

@@ -26,7 +26,7 @@ from mmsafe import files
 from mmsafe import methods
 from mmsafe.eval import evaluators
 from mmsafe.eval import report
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
@@ -44,7 +44,7 @@ def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
   without its attack check), each evaluator's report written into
   `<workdir>/compare_<name>/` and its numbers and figures into TensorBoard
   events."""
-  config, model, variables, splits, step = loop.restore_run_and_step(workdir)
+  config, model, variables, splits, step = restore.restore_run_and_step(workdir)
   evals = evals_config.get_config("paper").to_dict()
   evals["robustness"]["protocol"] = protocol
   if certify_kinds:

@@ -64,7 +64,7 @@ from mmsafe.certify import threats
 from mmsafe.eval import plots
 from mmsafe.eval import report
 from mmsafe.eval.certification import Certification
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
@@ -202,7 +202,7 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
   cached = files.read_result(cache, settings)
   if cached is not None:
     return cached
-  _, model, variables, splits, step = loop.restore_run_and_step(workdir)
+  _, model, variables, splits, step = restore.restore_run_and_step(workdir)
   certification = Certification(model, kinds=["sound"], attack_steps=attack_steps,
                                 attack_restarts=attack_restarts)
   dataset = data_lib.in_memory(splits[split], max(max_examples, 0))

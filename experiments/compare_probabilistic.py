@@ -73,7 +73,7 @@ from mmsafe import attacks, files
 from mmsafe import certify as certify_lib
 from mmsafe.certify import ablation, smoothing, threats, votes
 from mmsafe.eval import plots
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
@@ -137,7 +137,7 @@ def trained(base, seed: int, run: str, method: str, **kwargs):
   workdir = os.path.join(_WORKDIR.value, f"seed{seed}", run)
   if not os.path.exists(os.path.join(workdir, "results.json")):
     loop.train_and_evaluate(run_config(base, seed, run, method, **kwargs), workdir)
-  _, model, variables, splits = loop.restore_run(workdir)
+  _, model, variables, splits = restore.restore_run(workdir)
   return model, variables, splits
 
 

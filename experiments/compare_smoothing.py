@@ -44,7 +44,7 @@ from mmsafe import files
 from mmsafe.certify import smoothing
 from mmsafe.eval import plots
 from mmsafe.eval import statistics
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
@@ -78,7 +78,7 @@ def smoothing_run(base, sigma: float, seed: int, radii: np.ndarray) -> dict:
     config.method, config.seed = "gaussian_aug", seed
     config.method_kwargs.noise_sigma = sigma
   loop.train_and_evaluate(config, workdir)
-  _, model, variables, splits = loop.restore_run(workdir)
+  _, model, variables, splits = restore.restore_run(workdir)
   test = data_lib.in_memory(splits["test"], max(_MAX_EXAMPLES.value, 0))
   inputs = {m: np.asarray(x) for m, x in test.inputs.items()}
   logits_fn = jax.jit(lambda x: model.apply(variables, x).logits)

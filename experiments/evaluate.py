@@ -38,7 +38,7 @@ from experiments import cli
 from mmsafe.eval import evaluators as evaluators_lib
 from mmsafe.eval import report
 from mmsafe.files import check_writable
-from mmsafe.train import loop
+from mmsafe.train import restore
 
 # The evals config beside this file (found wherever mmsafe is installed).
 DEFAULT_EVALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
@@ -85,7 +85,7 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
   for name in evals:
     check_writable(os.path.join(out or workdir, name),
                    "--out" if out else "--workdir (--out writes the reports elsewhere)")
-  config, model, variables, splits, step = loop.restore_run_and_step(workdir, which=which)
+  config, model, variables, splits, step = restore.restore_run_and_step(workdir, which=which)
   evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)
   out = out or workdir

@@ -42,7 +42,7 @@ from mmsafe import data as data_lib
 from mmsafe import files
 from mmsafe.data import mfeat
 from mmsafe.eval import evaluators
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 TABLE1_METHODS = claims_lib.TABLE1_METHODS
 # The paper's ablation (Sec. 4.3, Fig. 5).
@@ -107,7 +107,7 @@ def calibrate(run_dir: str, protocol: str, max_examples: int = 0) -> dict[str, A
   Returns:
     {scope: {"budgets": [eps per target], "eps": grid, "accuracy": curve}}.
   """
-  _, model, variables, splits = loop.restore_run(run_dir)
+  _, model, variables, splits = restore.restore_run(run_dir)
   settings = {"protocol": protocol, "max_examples": max_examples}
   suite = _suite(settings, "validation", multi_eps=CALIBRATION_GRID, uni_eps=CALIBRATION_GRID,
                  attacks=("pgd",), missing_fills=())
@@ -163,7 +163,7 @@ def evaluator_configs(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def evaluate_run(run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
   """Test-split numbers of the model selected on validation in `run_dir`."""
-  _, model, variables, splits = loop.restore_run(run_dir)
+  _, model, variables, splits = restore.restore_run(run_dir)
   built = evaluators.build_evaluators(evaluator_configs(settings), model=model, splits=splits)
   start = time.time()
   suite = built["robustness"].run(variables)
@@ -456,7 +456,7 @@ def protocol_check(run: Mapping[str, Any], run_dir: str,
   suite = _suite({"protocol": "default", "max_examples": max_examples}, "test",
                  multi_eps=tuple(multi), uni_eps=(), uni_extra_eps=uni, attacks=("pgd",),
                  missing_fills=())
-  _, model, variables, splits = loop.restore_run(run_dir)
+  _, model, variables, splits = restore.restore_run(run_dir)
   built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
   default = pgd_points(built["robustness"].run(variables), budgets)
   cheap = pgd_points(run, budgets)

@@ -38,7 +38,8 @@ docstring says otherwise):
              `mmsafe.methods.crmt_cert`.
   train      `make_train_step(objective, optimizer)`, `make_eval_step(model)`,
              `TrainState`, optimizers; `train.loop.train_and_evaluate` runs a
-             config through its stages (the only Python loop over steps).
+             config through its stages (the only Python loop over steps);
+             `train.restore.restore_run(workdir)` reads a run back.
   data       `load(name, split)` (embedded `mfeat` / `av_digits` in memory; TFDS
              clip datasets), `make_iterator`, `validate_batch`.
   eval       evaluators from `config.evals` (`eval.evaluators.build_evaluators`:

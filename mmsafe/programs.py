@@ -9,11 +9,14 @@ the options (kind, mode, chunk size, precision, ...) by value; the shapes and
 dtypes of its array arguments go to jit's own cache. A second direct call with
 the same model, options and shapes therefore neither traces nor compiles.
 
-Why a cache (the one compilation cache of `mmsafe`): building a new
-`jax.jit` on every call recompiles the whole program each time, 10-20x the run
-time of the compiled program at B = 100 on a CPU. The cache is bounded: beyond
-`MAX_PROGRAMS` the least recently used program is dropped, and with it jit's
-cache of its compilations. A program holds its model (a Flax module is a small
+Why a cache: building a new `jax.jit` on every call recompiles the whole
+program each time, 10-20x the run time of the compiled program at B = 100 on
+a CPU. The cache is bounded: beyond `MAX_PROGRAMS` the least recently used
+program is dropped, and with it jit's cache of its compilations. The other
+caches that key compiled programs use the same bound: the vote transforms of
+`certify.smoothing.gaussian_noise` / `certify.ablation.ablation` (a program
+built on a transform is cached on its identity) and the cross-process maximum
+of `train.parallel`. A program holds its model (a Flax module is a small
 description; the variables are always arguments, never constants).
 """
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from experiments.configs import embedded
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 
 # Many tests build the same small models and train steps afresh; a persistent
 # compilation cache (per test session) compiles each distinct program once.
@@ -61,6 +61,6 @@ def trained_mfeat(tmp_path_factory):
   for method in ("jt", "ojt"):
     workdir = str(tmp_path_factory.mktemp(f"mfeat_{method}"))
     loop.train_and_evaluate(mfeat_config(method), workdir)
-    _, model, variables, splits = loop.restore_run(workdir)
+    _, model, variables, splits = restore.restore_run(workdir)
     runs[method] = (model, variables, splits, workdir)
   return runs

@@ -14,7 +14,7 @@ from mmsafe import methods
 from mmsafe.methods import compose, crmt
 from mmsafe.models import HeadParams, ModelOutput
 from mmsafe.train import TrainState, distributed, loop, make_optimizer, make_train_step
-from mmsafe.train import per_stage
+from mmsafe.train import per_stage, restore
 from tests.conftest import mfeat_config, rewind
 
 
@@ -173,8 +173,8 @@ def test_two_step_run_resumes_in_step2(tmp_path):
   rewind(str(tmp_path / "resumed"), 2 * 21)  # Killed after one epoch of step 2.
   resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert resumed["steps"] == full["steps"] == 3 * 21
-  a = loop.restore_run(str(tmp_path / "full"), which="latest")[2]
-  b = loop.restore_run(str(tmp_path / "resumed"), which="latest")[2]
+  a = restore.restore_run(str(tmp_path / "full"), which="latest")[2]
+  b = restore.restore_run(str(tmp_path / "resumed"), which="latest")[2]
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   with open(tmp_path / "full" / "metrics.jsonl") as f:
     stages = [json.loads(line).get("stage") for line in f]

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmsafe.train import loop
+from mmsafe.train import loop, restore
 from mmsafe.train import workdir as workdir_lib
 from mmsafe.train.checkpoint import (DIGESTS, FILES_MANIFEST, CheckpointMismatch,
                                      DamagedCheckpoint)
@@ -40,7 +40,7 @@ def finished_run(tmp_path_factory):
   checkpoints at steps 21 and 42."""
   workdir = tmp_path_factory.mktemp("finished") / "run"
   results = loop.train_and_evaluate(_config(), str(workdir))
-  latest = loop.restore_run(str(workdir), which="latest")[2]
+  latest = restore.restore_run(str(workdir), which="latest")[2]
   return workdir, results, latest
 
 
@@ -112,7 +112,7 @@ def test_training_falls_back_from_a_damaged_checkpoint_bit_identically(
     if key != "train_seconds_this_run":
       assert rerun[key] == results[key], key
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         loop.restore_run(str(run_copy), which="latest")[2], latest)
+                         restore.restore_run(str(run_copy), which="latest")[2], latest)
 
 
 @pytest.mark.parametrize("damage", ["flipped byte in the best model", "emptied _METADATA",
@@ -121,7 +121,7 @@ def test_evaluation_refuses_a_damaged_checkpoint_naming_it(run_copy, damage):
   DAMAGE[damage](run_copy / "checkpoints" / str(LAST))
   before = _snapshot(run_copy)
   with pytest.raises(DamagedCheckpoint, match=f"checkpoint {run_copy}/checkpoints/{LAST}: "):
-    loop.restore_run(str(run_copy))
+    restore.restore_run(str(run_copy))
   assert _snapshot(run_copy) == before
 
 
@@ -139,7 +139,7 @@ def test_a_checkpoint_replaced_by_a_copy_of_another_step_is_damaged(run_copy, se
   before = _snapshot(run_copy)
   with pytest.raises(DamagedCheckpoint, match=rf"checkpoint {checkpoints}/{LAST}: holds step "
                                               rf"{EARLIER}, not {LAST}"):
-    loop.restore_run(str(run_copy))
+    restore.restore_run(str(run_copy))
   assert _snapshot(run_copy) == before
 
 
@@ -153,7 +153,7 @@ def test_training_falls_back_from_a_copied_checkpoint_and_finishes_identically(
   assert f"holds step {EARLIER}, not {LAST}" in caplog.text
   assert rerun["test_accuracy"] == results["test_accuracy"]
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         loop.restore_run(str(run_copy), which="latest")[2], latest)
+                         restore.restore_run(str(run_copy), which="latest")[2], latest)
 
 
 def test_a_rerun_after_a_kill_past_the_test_metrics_logs_them_once(finished_run, run_copy):
@@ -170,10 +170,10 @@ def test_an_unsealed_checkpoint_restores_and_its_array_digest_is_checked(finishe
   checkpoint = run_copy / "checkpoints" / str(LAST)
   (checkpoint / FILES_MANIFEST).unlink()
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         loop.restore_run(str(run_copy), which="latest")[2], finished_run[2])
+                         restore.restore_run(str(run_copy), which="latest")[2], finished_run[2])
   _edit_digests(checkpoint, lambda digests: {**digests, "best": "00000000"})
   with pytest.raises(DamagedCheckpoint, match=r"'best' fails its digest \(recorded 00000000"):
-    loop.restore_run(str(run_copy))
+    restore.restore_run(str(run_copy))
 
 
 def test_training_refuses_when_no_checkpoint_verifies(run_copy):
@@ -191,7 +191,7 @@ def test_a_checkpoint_of_another_model_names_the_first_differing_parameter(run_c
   config["model"]["encoders"]["fou"]["widths"] = [64, 128]
   path.write_text(json.dumps(config))
   with pytest.raises(CheckpointMismatch) as error:
-    loop.restore_run(str(run_copy))
+    restore.restore_run(str(run_copy))
   message = str(error.value)
   assert "encoders_fou/Dense_0/bias has shape (256,) in the checkpoint, (64,) from the config" in (
       message), message
@@ -290,7 +290,7 @@ def test_fresh_replaces_the_run_and_results_describe_the_new_model(run_copy):
   assert stored["method"] == results["method"] == "ojt"
   assert json.loads((run_copy / "config.json").read_text())["method"] == "ojt"
   assert not (run_copy / "robustness").exists()
-  assert "w_tilde" in loop.restore_run(str(run_copy))[2]["params"]["head"]
+  assert "w_tilde" in restore.restore_run(str(run_copy))[2]["params"]["head"]
 
 
 def test_the_cli_refuses_a_second_writer_in_one_line(run_copy):

@@ -276,8 +276,9 @@ def test_a_full_disk_ends_in_one_line(tmp_path):
 
 def test_evaluate_checks_its_report_directory_before_computing(tmp_path, monkeypatch):
   from experiments import evaluate
-  from mmsafe.train import loop
-  monkeypatch.setattr(loop, "restore_run", lambda *a, **k: pytest.fail("restored the run"))
+  from mmsafe.train import restore
+  monkeypatch.setattr(restore, "restore_run_and_step",
+                      lambda *a, **k: pytest.fail("restored the run"))
   evals_config = evals.get_config("robustness").to_dict()
   with pytest.raises(OSError, match=rf"--out: cannot write to '{UNWRITABLE}/robustness'"):
     evaluate.evaluate_run(str(tmp_path), evals_config, out=UNWRITABLE)

@@ -11,7 +11,7 @@ import pytest
 
 from mmsafe import methods
 from mmsafe.methods import compose, registry
-from mmsafe.train import loop, stages
+from mmsafe.train import loop, restore, stages
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config
 
 TUNE = {"learning_rate": 0.01, "momentum": 0.9, "num_epochs": 1}
@@ -68,8 +68,8 @@ def test_a_new_two_stage_method_needs_only_the_registry_and_a_config(two_stage_m
   assert [line["stage"] for line in lines if "train/loss" in line] == ["train", "tune"]
   reference = mfeat_config("ojt", num_epochs=1)
   loop.train_and_evaluate(reference, str(tmp_path / "one"))
-  tuned = _leaves(loop.restore_run(str(tmp_path / "two"), which="latest")[2])
-  first = _leaves(loop.restore_run(str(tmp_path / "one"), which="latest")[2])
+  tuned = _leaves(restore.restore_run(str(tmp_path / "two"), which="latest")[2])
+  first = _leaves(restore.restore_run(str(tmp_path / "one"), which="latest")[2])
   # Stage 1 is OJT exactly; stage 2 moved `a` only (batch norm frozen too: none here).
   for key, value in first.items():
     if "['a']" in key:
@@ -117,7 +117,7 @@ def test_listed_stages_equal_the_declared_ones(two_stage_method, tmp_path):
   a = loop.train_and_evaluate(declared, str(tmp_path / "declared"))
   b = loop.train_and_evaluate(listed, str(tmp_path / "listed"))
   assert a["test_accuracy"] == b["test_accuracy"]
-  for x, y in zip(*(jax.tree_util.tree_leaves(loop.restore_run(str(tmp_path / name))[2])
+  for x, y in zip(*(jax.tree_util.tree_leaves(restore.restore_run(str(tmp_path / name))[2])
                     for name in ("declared", "listed"))):
     np.testing.assert_array_equal(x, y)
 

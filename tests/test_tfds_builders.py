@@ -203,7 +203,7 @@ def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
   """The clip config's pipeline end to end (runlocal): TFDS batches through both CRMT
   steps (tau~ estimated over the ClipDataset), then the evaluation scripts' reader."""
   from experiments.configs import clips
-  from mmsafe.train import loop
+  from mmsafe.train import loop, restore
   _, data_dir, _ = ks_built
   config = clips.get_config("kinetics_sounds,runlocal")
   config.dataset = "kinetics_sounds/tiny"
@@ -219,7 +219,7 @@ def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
     lines = [json.loads(line) for line in f]
   step2 = [line for line in lines if line.get("stage") == "step2" and "train/bound" in line]
   assert step2 and all(np.isfinite(line["train/bound"]) for line in step2)  # tau~ > 0
-  _, model, _, splits = loop.restore_run(workdir)
+  _, model, _, splits = restore.restore_run(workdir)
   assert model.input_shapes == {"audio": (AUDIO_FRAMES, 128, 1), "visual": (3, 16, 16, 3)}
   test = data_lib.in_memory(splits["test"])
   assert test.inputs["visual"].shape == (2, 3, 16, 16, 3)

@@ -12,7 +12,7 @@ import pytest
 
 from mmsafe import data as data_lib
 from mmsafe.manifold import orthogonality_error
-from mmsafe.train import TrainState, loop, make_optimizer
+from mmsafe.train import TrainState, loop, make_optimizer, restore
 from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.optimizer import MAX_LEARNING_RATE
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config, rewind
@@ -62,8 +62,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert progress["data_iterator"]["grain"] == {"next_index": 21}
   resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert resumed["steps"] == full["steps"]
-  _, _, full_vars, _ = loop.restore_run(str(tmp_path / "full"), which="latest")
-  _, _, resumed_vars, _ = loop.restore_run(str(tmp_path / "resumed"), which="latest")
+  _, _, full_vars, _ = restore.restore_run(str(tmp_path / "full"), which="latest")
+  _, _, resumed_vars, _ = restore.restore_run(str(tmp_path / "resumed"), which="latest")
   jax.tree_util.tree_map(np.testing.assert_array_equal, full_vars, resumed_vars)
   assert resumed["test_accuracy"] == full["test_accuracy"]
   steps = [line["step"] for line in _read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl"))
@@ -113,7 +113,7 @@ def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step (\d+)"):
     loop.train_and_evaluate(config, workdir)
   # The last checkpoint is the last step with a finite loss, and it verifies.
-  latest = loop.restore_run(workdir, which="latest")[2]
+  latest = restore.restore_run(workdir, which="latest")[2]
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(latest))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]

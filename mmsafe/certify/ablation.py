@@ -90,6 +90,7 @@ import numpy as np
 from scipy import special
 
 from mmsafe import checks
+from mmsafe import programs
 from mmsafe.certify import votes
 from mmsafe.certify.votes import ABSTAIN
 
@@ -186,7 +187,7 @@ def num_subsets(sizes: Mapping[str, int], keep: Mapping[str, int]) -> int:
   return math.prod(math.comb(sizes[m], keep[m]) for m in sorted(sizes))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=programs.MAX_PROGRAMS)
 def ablation(keep: tuple[tuple[str, int], ...]) -> votes.Transform:
   """The transform keeping a uniformly random subset of exactly `k_m` entries of
   every example's modality m (0 elsewhere), independently per modality and

@@ -52,6 +52,7 @@ import numpy as np
 from scipy import stats
 
 from mmsafe import checks
+from mmsafe import programs
 from mmsafe.certify import votes
 from mmsafe.certify.votes import ABSTAIN
 
@@ -100,7 +101,7 @@ def check_sigma(sigma: Mapping[str, float] | float, modalities) -> dict[str, flo
           for m in modalities}
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=programs.MAX_PROGRAMS)
 def gaussian_noise(sigma: tuple[tuple[str, float], ...]) -> votes.Transform:
   """The transform `x -> x + e`, `e^(m) ~ N(0, sigma_m^2 I)`, for sorted
   `(modality, sigma_m)` pairs (cached, so programs built on it compile once).

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mmsafe import programs
 from mmsafe.train.step import make_eval_step, make_train_step
 
 AXIS = "data"
@@ -89,7 +90,7 @@ def to_host(tree):
                                 if isinstance(x, jax.Array) else np.array(x), tree)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=programs.MAX_PROGRAMS)
 def _global_max(mesh: jax.sharding.Mesh):
   return jax.jit(jnp.max, out_shardings=replicated_sharding(mesh))
 
