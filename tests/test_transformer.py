@@ -204,8 +204,17 @@ def test_bad_transformer_configs_fail_fast(field, value, message):
 
 
 def test_default_architecture_is_unchanged():
-  model = models.build({"head": "concat", "encoders": {"vector": {"name": "mlp", "widths": (8,)},
-                                                       "image": {"name": "mlp", "widths": (8,)}}},
-                       num_classes=NUM_CLASSES,
-                       input_shapes={"image": SHAPES["image"], "vector": SHAPES["vector"]})
-  assert isinstance(model, models.MultiModalModel)
+  # No `architecture` key builds the per-modality encoders: the same parameters
+  # and the same logits as `architecture="encoders"`, no tokenizer.
+  config = {"head": "concat", "encoders": {"vector": {"name": "mlp", "widths": (8,)},
+                                           "image": {"name": "mlp", "widths": (8,)}}}
+  shapes = {"image": SHAPES["image"], "vector": SHAPES["vector"]}
+  default, explicit = (models.build(c, num_classes=NUM_CLASSES, input_shapes=shapes)
+                       for c in (config, {**config, "architecture": "encoders"}))
+  x = _inputs(("image", "vector"))
+  variables = default.init(jax.random.PRNGKey(0), x)
+  assert sorted(variables["params"]) == ["encoders_image", "encoders_vector", "head"]
+  assert (jax.tree_util.tree_structure(variables) ==
+          jax.tree_util.tree_structure(explicit.init(jax.random.PRNGKey(0), x)))
+  np.testing.assert_array_equal(default.apply(variables, x).logits,
+                                explicit.apply(variables, x).logits)
