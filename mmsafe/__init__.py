@@ -53,6 +53,7 @@ The most used names are also importable from here: `mmsafe.build`,
 """
 
 from mmsafe import attacks, certify, data, manifold, methods, models, train
+from mmsafe import eval  # pylint: disable=redefined-builtin
 from mmsafe.attacks import fgm, pgd
 from mmsafe.certify import certified_radius, radius_from_scores
 from mmsafe.manifold import stiefel_transform
@@ -62,7 +63,8 @@ from mmsafe.train import make_eval_step, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "HeadParams", "ModelOutput", "attacks", "build", "certified_radius", "certify", "data", "fgm",
+    "HeadParams", "ModelOutput", "attacks", "build", "certified_radius", "certify", "data", "eval",
+    "fgm",
     "make_eval_step", "make_train_step", "manifold", "methods", "models", "pgd",
     "radius_from_scores", "stiefel_transform", "train",
 ]
