@@ -17,6 +17,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Fixtures that train models (here and in test modules: `finished_run` in
+# test_faults.py, `mode_runs` in test_parallel.py): a test using one is marked
+# `slow` (deselect with `-m "not slow"` for the quick suite; the README's
+# command runs everything).
+TRAINING_FIXTURES = frozenset({"trained_mfeat", "finished_run", "mode_runs"})
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
 def mfeat_config(method: str, num_epochs: int = 6):
   """The embedded config, shrunk: `num_epochs` epochs of mfeat with `method`."""
   config = embedded.get_config()

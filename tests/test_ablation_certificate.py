@@ -120,6 +120,7 @@ class Linear:
     return types.SimpleNamespace(logits=x @ variables["params"]["w"])
 
 
+@pytest.mark.slow
 def test_decoupling_attack_never_breaks_the_certified_counts():
   # A linear matched filter of class templates: its ablated votes are confident.
   rng = np.random.default_rng(3)
@@ -454,6 +455,7 @@ def test_bounds_rule_follows_the_selection_votes():
   assert not np.any(ablation.choose_per_class(two, chosen[:3], 1000, 0.001))
 
 
+@pytest.mark.slow
 def test_ablated_objective_keeps_exactly_k_entries_per_modality():
   inputs = {"a": jnp.ones((4, 60)), "b": jnp.ones((4, 40))}
   transform = jax.jit(ablation.ablation((("a", 3), ("b", 2))))

@@ -49,6 +49,7 @@ def _assert_same(result, reference):
   np.testing.assert_allclose(info["loss"], ref_info["loss"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     {"restarts": 3, "random_start": True},
     {"restarts": 2, "random_start": False, "loss": "targeted", "modalities": "img"},
@@ -71,6 +72,7 @@ def test_pgd_host_loop_equals_the_traced_loops(options):
   _assert_same(run("auto"), reference)  # concrete inputs on this CPU: the host loop
 
 
+@pytest.mark.slow
 def test_decoupling_host_loop_equals_the_traced_loops():
   inputs, labels = _data()
   logits_fn = jax.tree_util.Partial(_apply, _variables())

@@ -163,6 +163,7 @@ def test_pgd_agrees_with_an_independent_numpy_implementation():
 # Geometry, FGM, restarts.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", [None, ("a", "c")])
 def test_projection_keeps_the_joint_budget_and_untouched_modalities(scope):
   x = _inputs(3)
@@ -181,6 +182,7 @@ def test_projection_keeps_the_joint_budget_and_untouched_modalities(scope):
       np.testing.assert_array_equal(np.asarray(adv[m]), np.asarray(x[m]))
 
 
+@pytest.mark.slow
 def test_box_constraints_hold_with_the_l2_budget():
   x = {m: jnp.clip(v, -0.5, 0.5) for m, v in _inputs(4).items()}
   labels = jnp.asarray(_predict(NONLINEAR, x))
@@ -211,6 +213,7 @@ def test_fgm_equals_one_pgd_step_of_size_eps():
   np.testing.assert_allclose(np.asarray(moved), eps, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_restarts_are_never_weaker_than_one_run_and_pgd_beats_fgm():
   x = _inputs(6)
   labels = jnp.asarray(_predict(NONLINEAR, x))

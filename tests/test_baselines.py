@@ -79,6 +79,7 @@ def _ogm_grads(model, params, batch, config, seed=0):
   return loss, grads, new_state, metrics
 
 
+@pytest.mark.slow
 def test_ogm_scales_only_the_dominant_encoder_by_the_formula(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   loss, grads, new_state, metrics = _ogm_grads(model, params, batch, OGM_CONFIG)
@@ -113,6 +114,7 @@ def test_ogm_scales_only_the_dominant_encoder_by_the_formula(dominant):
   _tree_allclose(outside, plain, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ogm_ge_adds_noise_with_the_gradients_own_std_to_the_encoders_only(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   base_config = {**OGM_CONFIG, "ogm_ge": False}
@@ -183,6 +185,7 @@ def _prototype_term(model, batch, means, modality, kind):
   return term
 
 
+@pytest.mark.slow
 def test_pmr_adds_prototypical_ce_on_the_weaker_modality_only(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   labels, means, state = _pmr_setup(dominant)
@@ -214,6 +217,7 @@ def test_pmr_entropy_of_the_prototype_classifier_by_hand():
   np.testing.assert_allclose(pmr.prototype_entropy(logits), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pmr_entropy_regulariser_raises_the_dominant_modalitys_entropy_early(dominant):
   """`L = CE + beta_b PCE_b - mu_a H_a` while epoch <= pmr_entropy_end_epoch
   (here 0, one step per epoch), `CE + beta_b PCE_b` after it."""
@@ -279,6 +283,7 @@ def test_msefm_memory_is_a_ring_buffer_of_the_latest_features():
   assert int(pointer) == 4 and int(count) == 5
 
 
+@pytest.mark.slow
 def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
   model, params, batch = dominant.model, dominant.params, dominant.batch
   config = {"msefm_sim_weight": 0.8, "msefm_memory_size": 24, "msefm_lasso": 0.05,
@@ -327,6 +332,7 @@ def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
 # ------------------------------------------------------------------ MMAT
 
 
+@pytest.mark.slow
 def test_mmat_trains_on_pgd_inputs_inside_the_joint_eps_ball(dominant):
   model, params, batch = dominant.model, dominant.params, dominant.batch
   config = {"attack_eps": 0.5, "attack_steps": 4, "attack_step_size": 0.25,
@@ -385,6 +391,7 @@ def _ce_on(model, params, inputs, labels):
 # ----------------------------------------------------------------- Mixup
 
 
+@pytest.mark.slow
 def test_mixup_with_lambda_one_is_plain_ce_and_zero_is_permuted_ce(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   state = {"model": {}}
@@ -429,6 +436,7 @@ def test_gb_weights_follow_the_ogr_formula():
   np.testing.assert_allclose(kept, [0.2, 0.3, 0.5])
 
 
+@pytest.mark.slow
 def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   weights = jnp.array([0.5, 0.3, 0.2])
@@ -511,6 +519,7 @@ def test_gb_holds_out_a_slice_of_the_training_split():
 # ---------------------------------------------------- training on mfeat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gb", "ogm", "pmr", "msefm", "mmat", "mixup"])
 def test_baseline_trains_on_mfeat(tmp_path, method):
   config = mfeat_config(method, num_epochs=1)

@@ -441,6 +441,7 @@ def small_models():
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_certify_local_matches_a_per_sample_per_class_gradient_loop(small_models, head):
   model, variables, x, labels = small_models[head]
@@ -478,6 +479,7 @@ def test_certify_local_matches_a_per_sample_per_class_gradient_loop(small_models
   assert float(cert.radius[0]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_certify_kinds_are_recorded_and_ordered(small_models, head):
   model, variables, x, labels = small_models[head]
@@ -521,6 +523,7 @@ def _traces_and_compiles(fn):
                    "/jax/core/compile/backend_compile_duration") for e in events)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_direct_calls_compile_once_per_structure(small_models, head):
   """A second direct call with the same model, options and shapes neither traces

@@ -81,6 +81,7 @@ def _scores_fn(model, variables, modality):
   return lambda inputs: model.apply(variables, inputs).scores[modality]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_jacfwd_and_jacrev_agree(tiny_models, head):
   model, variables, x = tiny_models[head]
@@ -158,6 +159,7 @@ CONVS = [  # in_shape, kernel_shape, strides, padding
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_shape,kernel_shape,strides,padding", CONVS)
 def test_conv_operator_norm_vs_exact_svd(in_shape, kernel_shape, strides, padding):
   key = jax.random.PRNGKey(sum(kernel_shape))
@@ -223,6 +225,7 @@ def test_avg_pool_operator_norm_vs_brute_force(hw):
     assert exact <= bound <= exact * 1.2, method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hw", [(7, 9)])
 def test_max_pool_bound_vs_brute_force(hw):
   window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
@@ -254,6 +257,7 @@ def _encoder_jacobians(encoder, enc_vars, x):
   return np.asarray(jac, np.float64).reshape(x.shape[0], jac.shape[1], -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["vec", "img", "clip"])
 def test_sound_encoder_bound_is_above_local_and_secant_ratios(tiny_models, resnet, modality):
   if modality == "clip":
@@ -310,6 +314,7 @@ def test_sound_encoder_bound_is_above_local_and_secant_ratios(tiny_models, resne
         atol=1e-6 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_sound_constants_dominate_local_constants(tiny_models, head):
   model, variables, x = tiny_models[head]
@@ -341,6 +346,7 @@ def test_sound_constants_use_the_actual_w_tilde_row_norms(tiny_models):
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_empirical_is_the_maximum_of_local_over_valid_examples(tiny_models):
   model, variables, _ = tiny_models["concat"]
   shapes = {m: SHAPES[m] for m in ("img", "vec")}
@@ -370,6 +376,7 @@ def test_empirical_on_an_empty_dataset_is_a_clear_error(tiny_models):
     certify.empirical_constants(model, variables, [padding_only])
 
 
+@pytest.mark.slow
 def test_sound_resnet_bound_counts_the_shortcut_path(resnet):
   # Residual branches scaled to almost nothing: the signal flows through the
   # identity / projection shortcuts, which the bound must count (1 + ||F||).
@@ -388,6 +395,7 @@ def test_sound_resnet_bound_counts_the_shortcut_path(resnet):
   assert float(layers["ResidualBlock_0"]) >= 1.0  # identity shortcut
 
 
+@pytest.mark.slow
 def test_host_chunks_give_the_results_of_one_program(tiny_models, monkeypatch):
   """On a CPU, direct calls loop over host chunks (the last one shorter, not
   padded); radii and constants equal those of one vectorised program (jitted)."""

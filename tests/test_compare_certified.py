@@ -27,6 +27,7 @@ def run_compare(workdir, *extra) -> subprocess.CompletedProcess:
   return proc
 
 
+@pytest.mark.slow
 def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_path):
   results = tmp_path / "results"
   proc = run_compare(tmp_path, f"--results_dir={results}")
@@ -82,6 +83,7 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   assert [r for r in rerun["rows"] if r["method"] == "jt_cert"][0]["clean"]["values"][1] == 0.123
 
 
+@pytest.mark.slow
 def test_unknown_labels_and_bad_settings_are_refused_before_training(tmp_path):
   base = [sys.executable, "-m", "experiments.compare_certified",
           "--config=experiments/configs/embedded.py:mfeat,runlocal", f"--workdir={tmp_path}",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from experiments import certified_report
 
@@ -24,6 +25,7 @@ def test_certified_outcomes_and_the_best_sigma_envelope():
   np.testing.assert_array_equal(envelope, [[[1, 1], [1, 0]]])
 
 
+@pytest.mark.slow
 def test_compare_smoothing_smoke_run_reads_the_deterministic_radii(tmp_path):
   deterministic = tmp_path / "det" / "seed_0"
   deterministic.mkdir(parents=True)

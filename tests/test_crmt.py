@@ -37,6 +37,7 @@ def test_l1_equals_the_direct_formula_on_moderate_scores(floor):
                              _direct_l1(scores, labels, floor), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_l1_stays_finite_on_huge_scores():
   scores = {"a": jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]]),
             "b": jnp.array([[-1e4, 1e4, 0.0], [1e4, -1e4, 1e4]])}
@@ -69,6 +70,7 @@ def _output(seed=0, batch=12, classes=5):
   return out, jax.random.randint(keys[3], (batch,), 0, classes)
 
 
+@pytest.mark.slow
 def test_mixup_with_lambda_one_reduces_to_step1():
   out, labels = _output()
   permutation = jnp.roll(jnp.arange(labels.shape[0]), 3)
@@ -123,6 +125,7 @@ def _mean_bound(model, state, dataset):
                                                  state.state["crmt"]["tau"])))
 
 
+@pytest.mark.slow
 def test_step2_changes_only_the_modality_weights_and_raises_the_bound(step2_setup):
   model, state, step, train = step2_setup
   before = _mean_bound(model, state, train)
@@ -141,6 +144,7 @@ def test_step2_changes_only_the_modality_weights_and_raises_the_bound(step2_setu
   assert after > before * 1.05, (before, after)
 
 
+@pytest.mark.slow
 def test_tau_is_the_maximum_gradient_norm_of_the_uni_modal_scores(step2_setup):
   model, state, _, train = step2_setup
   tau = state.state["crmt"]["tau"]
@@ -162,6 +166,7 @@ def test_tau_is_the_maximum_gradient_norm_of_the_uni_modal_scores(step2_setup):
     np.testing.assert_allclose(norms(full).max(axis=0), np.asarray(t)[0], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_step_run_resumes_in_step2(tmp_path):
   config = mfeat_config("crmt", num_epochs=1)
   config.optimizer.decay_epochs = ()

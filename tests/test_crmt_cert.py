@@ -52,6 +52,7 @@ def test_radius_logits_certify_exactly_the_tight_radius_above_eps():
   assert np.all(np.asarray(logits)[is_label] == 0)
 
 
+@pytest.mark.slow
 def test_radius_hinge_is_invariant_to_the_head_scale_and_differentiable():
   # Scaling a and b~ together leaves every radius unchanged, so the loss cannot
   # fall by shrinking the head (the plain Lipschitz-margin loss can).
@@ -96,6 +97,7 @@ def _lipschitz_model(modalities=("a", "b")):
   return model, x
 
 
+@pytest.mark.slow
 def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
   model, x = _lipschitz_model()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
@@ -204,6 +206,7 @@ def test_worst_modality_logits_certify_the_smallest_unimodal_radius():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_certified_controls_train_their_heads_and_refuse_bad_settings():
   model_of = {"jt_cert": "concat", "ojt_cert": "orthogonal", "crmt_cert": "orthogonal"}
   config = {"cert_eps": 0.5, "cert_temperature": 4.0, "cert_rho": 0.0, "l1_floor": 1e-5,

@@ -94,6 +94,7 @@ def _measure(model, state, batch, sound: bool) -> dict:
               constants["feature_lipschitz"] if sound else None)))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lipschitz", ["empirical", "sound"])
 def test_mean_radius_switches_the_weak_class_off(lipschitz):
   # The paper's L2 rises while it zeroes class 3's weights and loses its examples.
@@ -108,6 +109,7 @@ def test_mean_radius_switches_the_weak_class_off(lipschitz):
   assert "radius_ce" not in run["metrics"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lipschitz", ["empirical", "sound"])
 def test_radius_hinge_keeps_every_class_and_raises_the_certificate(lipschitz):
   # Misclassifying class 3 would cost its examples more than the others can gain.
@@ -122,6 +124,7 @@ def test_radius_hinge_keeps_every_class_and_raises_the_certificate(lipschitz):
   assert run["metrics"]["radius_ce"] == pytest.approx(run["metrics"]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_radius_hinge_is_the_cross_entropy_of_the_radius_logits_by_hand():
   rng = np.random.default_rng(1)
   batch = _case(per_class=5, seed=1)

@@ -62,6 +62,7 @@ FAST = dict(protocol=PGDProtocol(name="test", steps=5, restarts=2, relative_step
                                  random_start=False), batch_size=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("evals, message", [
     ({"x": {"type": "cw"}}, r"evals\.x\.type: expected one of \[.*'pgd'.*\], got 'cw'"),
     ({"x": {"eps": 0.5}}, r"evals\.x\.type: expected one of .* got None"),
@@ -119,6 +120,7 @@ def test_clean_accuracy_equals_a_direct_count(toy):
   assert metrics["clean_accuracy"] == pytest.approx(0.8)
 
 
+@pytest.mark.slow
 def test_attack_evaluators_agree_with_the_suite(toy):
   model, variables, splits = toy
   test = splits["test"]
@@ -153,6 +155,7 @@ def test_attack_evaluators_agree_with_the_suite(toy):
   assert pgd["multi@0.5"] == suite["headline"]["pgd/multi@0.5"]
 
 
+@pytest.mark.slow
 def test_skipping_certified_examples_changes_no_number(toy):
   """PGD skips the examples whose sound certified radius exceeds eps (they
   cannot be broken there); every number equals the run that attacks them."""
@@ -180,6 +183,7 @@ def _timeless(metrics):
   return {**metrics, "kinds": {k: {**e, "seconds": 0} for k, e in metrics["kinds"].items()}}
 
 
+@pytest.mark.slow
 def test_run_compiles_once(toy):
   _, variables, _ = toy
   counting = Counting(toy[0])
@@ -205,6 +209,7 @@ def test_run_compiles_once(toy):
     assert counting.traces == traces, f"{ev.name}: a rerun retraced"
 
 
+@pytest.mark.slow
 def test_certify_evaluator_sound_radii_are_never_broken(toy):
   _, variables, splits = toy
   ev = _build(toy, {"cert": {"type": "certify", "split": "test", "kinds": ["local", "sound"],
@@ -260,6 +265,7 @@ def _numpy_defended_logits(model, variables, inputs, memory_inputs, lasso, steps
   return logits
 
 
+@pytest.mark.slow
 def test_msefm_defence_is_the_reconstruction_by_hand(concat_toy):
   model, variables, splits = concat_toy
   evals = {"clean": {"type": "clean", "split": "test", "defence": "msefm", "batch_size": 16,

@@ -99,6 +99,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_training_falls_back_from_a_damaged_checkpoint_bit_identically(
     finished_run, run_copy, damage, caplog):
@@ -115,6 +116,7 @@ def test_training_falls_back_from_a_damaged_checkpoint_bit_identically(
                          restore.restore_run(str(run_copy), which="latest")[2], latest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped byte in the best model", "emptied _METADATA",
                                     "deleted _METADATA", "deleted file checksums and digests"])
 def test_evaluation_refuses_a_damaged_checkpoint_naming_it(run_copy, damage):
@@ -143,6 +145,7 @@ def test_a_checkpoint_replaced_by_a_copy_of_another_step_is_damaged(run_copy, se
   assert _snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_training_falls_back_from_a_copied_checkpoint_and_finishes_identically(
     finished_run, run_copy, caplog):
   _, results, latest = finished_run
@@ -176,6 +179,7 @@ def test_an_unsealed_checkpoint_restores_and_its_array_digest_is_checked(finishe
     restore.restore_run(str(run_copy))
 
 
+@pytest.mark.slow
 def test_training_refuses_when_no_checkpoint_verifies(run_copy):
   for step in (LAST, EARLIER):
     DAMAGE["truncated data file"](run_copy / "checkpoints" / str(step))
@@ -282,6 +286,7 @@ def test_operational_fields_may_change_on_a_rerun(finished_run, run_copy):
   assert rerun["test_accuracy"] == finished_run[1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_fresh_replaces_the_run_and_results_describe_the_new_model(run_copy):
   (run_copy / "robustness").mkdir()
   (run_copy / "robustness" / "old_report.md").write_text("stale")
@@ -293,6 +298,7 @@ def test_fresh_replaces_the_run_and_results_describe_the_new_model(run_copy):
   assert "w_tilde" in restore.restore_run(str(run_copy))[2]["params"]["head"]
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_second_writer_in_one_line(run_copy):
   holder = _sleeper()
   try:

@@ -113,6 +113,7 @@ def test_unknown_fields_exit_with_one_line_naming_close_fields(capsys, override,
   assert err.count("\n") == 1 and field in err and suggestion in err, err
 
 
+@pytest.mark.slow
 def test_train_cli_refuses_an_unknown_field_before_the_workdir(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.run(
@@ -232,6 +233,7 @@ def _run_program(module: str, *args: str) -> subprocess.CompletedProcess:
                         text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_ends_in_one_line(tmp_path):
   process = _run_program("experiments.train", "--config=experiments/configs/embedded.py:runlocal",
                          "--config.optimizer.learning_rate=10.0", f"--workdir={tmp_path / 'run'}")
@@ -244,6 +246,7 @@ def test_a_diverging_run_ends_in_one_line(tmp_path):
 UNWRITABLE = "/sys/fs/mmsafe_unwritable"  # sysfs: no one may create files there.
 
 
+@pytest.mark.slow
 def test_an_unwritable_workdir_ends_in_one_line():
   process = _run_program("experiments.train", "--config=experiments/configs/embedded.py:runlocal",
                          f"--workdir={UNWRITABLE}/run")
@@ -253,6 +256,7 @@ def test_an_unwritable_workdir_ends_in_one_line():
                       process.stderr), process.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line(tmp_path):
   disk = tmp_path / "disk"
   disk.mkdir()

@@ -71,6 +71,7 @@ def test_attacks_reject_an_empty_batch_eagerly_and_under_jit(attack):
     jax.jit(lambda x, y: ATTACKS[attack](_nonlinear(K), x, y))(x, y)
 
 
+@pytest.mark.slow
 def test_empty_batch_to_apply_and_certify_names_the_batch(tiny_model):
   model, variables, inputs, _ = tiny_model
   empty = {m: x[:0] for m, x in inputs.items()}
@@ -80,6 +81,7 @@ def test_empty_batch_to_apply_and_certify_names_the_batch(tiny_model):
     certify.certify(model, variables, empty, jnp.zeros(0, jnp.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["scan", "fori"])
 def test_jitted_attacks_count_a_nan_example_as_not_robust(loop):
   logits_fn = _nonlinear(K)
@@ -139,6 +141,7 @@ def test_summarize_counts_a_nan_radius_as_a_failure():
   assert summary["mean_radius"] == pytest.approx(0.25)  # (0 + 0.5) / 2; inf left out
 
 
+@pytest.mark.slow
 def test_robustness_suite_counts_non_finite_logits_as_failures():
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
@@ -169,6 +172,7 @@ def test_robustness_suite_counts_non_finite_logits_as_failures():
 # Issue 34, item 6: NaN box bounds, empty or integer scores.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bounds, message", [
     ({"a": (np.nan, 1.0)}, r"bounds\['a'\].low: expected numbers \(\+-inf for no bound\), got 1 "
                            r"NaN entries"),

@@ -35,6 +35,7 @@ def _power_iteration_norm(layer: Conv, kernel, shape, steps: int = 1000) -> floa
   return float(iterate(jax.random.normal(jax.random.PRNGKey(3), shape)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, method", [
     (dict(kernel_dilation=2), "exact"),
     (dict(kernel_dilation=2), "power"),
@@ -93,6 +94,7 @@ def _tiny_models(head: str):
   return half, full, variables, inputs, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 def test_sound_certificates_of_bfloat16_models_are_float32_certificates(head):
   half, full, variables, inputs, labels = _tiny_models(head)
@@ -139,6 +141,7 @@ def test_raw_input_scales_are_the_smallest_std_of_each_modality():
       certify.raw_input_scales({"a": _Stats(bad) if bad is not None else object()})
 
 
+@pytest.mark.slow
 def test_raw_radii_of_a_linear_model_on_the_smallest_std_feature_are_exact():
   # The margins move only along each modality's smallest-std feature, where the
   # raw-space rule is an equality: the raw radius is the distance, in raw input

@@ -213,6 +213,7 @@ with WorkdirLock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_killed_writer_releases_its_lock_at_once(tmp_path):
   holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)

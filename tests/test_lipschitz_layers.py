@@ -89,6 +89,7 @@ FREE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted({**ONE_LIPSCHITZ, **FREE}))
 def test_layer_bound_covers_jacobians_and_secants(name):
   layer, shape = {**ONE_LIPSCHITZ, **FREE}[name]
@@ -161,6 +162,7 @@ def _one_encoder_model(encoder, modality, shape, head="orthogonal"):
   return models.build(config, num_classes=5, input_shapes={modality: shape})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LIPSCHITZ_ENCODERS))
 def test_lipschitz_encoders_are_one_lipschitz(name):
   encoder_config, kind = LIPSCHITZ_ENCODERS[name]
@@ -231,6 +233,7 @@ def test_encoder_config_errors_name_the_field():
     _one_encoder_model({"name": "mlp", "lipschitz": True}, "x", (5,))
 
 
+@pytest.mark.slow
 def test_orthogonal_dense_stays_on_the_stiefel_manifold_under_training():
   model = _one_encoder_model({"name": "lip_mlp", "widths": (12, 6), "dense": "orthogonal"},
                              "x", (8,))
@@ -261,6 +264,7 @@ def test_orthogonal_dense_stays_on_the_stiefel_manifold_under_training():
   assert 1.0 - 1e-5 <= float(bound) <= 1.0 + 1e-5
 
 
+@pytest.mark.slow
 def test_cayley_transform_and_its_gradient_match_a_lapack_solve():
   # The elimination without pivoting and the closed-form VJP against
   # `jnp.linalg.solve` (one call here, so no concurrent LAPACK calls).
@@ -304,6 +308,7 @@ def test_kernel_autocorrelation_is_the_kernel_of_the_conv_gram(shape):
                              expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_folded_batch_norm_without_its_statistics_is_a_clear_error():
   encoder = models.ResNet18(stage_sizes=(1, 1), widths=(2, 4))
   variables = encoder.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 1)))

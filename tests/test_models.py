@@ -24,6 +24,7 @@ def _model(head, modalities, num_classes=10):
                       num_classes=num_classes, input_shapes=shapes), shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 @pytest.mark.parametrize("modalities", [("image", "vector"), ("image", "vector", "clip")])
 def test_output_shapes_and_fusion_formula(head, modalities):
@@ -50,9 +51,10 @@ def test_output_shapes_and_fusion_formula(head, modalities):
   np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_orthogonal_head_has_orthonormal_rows():
   model, shapes = _model("orthogonal", ("image", "vector", "clip"))
-  variables = model.init(jax.random.PRNGKey(0), _inputs(shapes))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _inputs(shapes))
   for m, w in variables["params"]["head"]["w_tilde"].items():
     assert w.shape[0] == 10
     np.testing.assert_allclose(w @ w.T, np.eye(10), atol=1e-5, err_msg=m)
@@ -66,6 +68,7 @@ def test_orthogonal_head_rejects_too_small_features():
     model.init(jax.random.PRNGKey(0), {"a": jnp.ones((2, 5)), "b": jnp.ones((2, 5))})
 
 
+@pytest.mark.slow
 def test_clip_features_are_the_mean_of_frame_features():
   encoder = models.ResNet18(widths=(4, 8, 8, 16))
   clip = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 16, 16, 3))
@@ -75,6 +78,7 @@ def test_clip_features_are_the_mean_of_frame_features():
   np.testing.assert_allclose(per_clip, per_frame.mean(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [1, 2, 3])
 def test_resnet18_accepts_any_channel_count(channels):
   encoder = models.ResNet18(widths=(4, 8, 8, 16))
@@ -89,7 +93,7 @@ def test_bfloat16_encoders_keep_a_float32_head():
       m: ENCODERS3[m] for m in ("image", "vector")}}, num_classes=10,
       input_shapes={m: SHAPES3[m] for m in ("image", "vector")})
   x = _inputs({m: SHAPES3[m] for m in ("image", "vector")})
-  out = model.apply(model.init(jax.random.PRNGKey(0), x), x)
+  out = jax.jit(model.apply)(jax.jit(model.init)(jax.random.PRNGKey(0), x), x)
   assert out.logits.dtype == jnp.float32
   assert all(s.dtype == jnp.float32 for s in out.scores.values())
 
@@ -127,6 +131,7 @@ def test_bad_model_configs_fail_fast(config, message):
                  input_shapes={m: SHAPES3[m] for m in ("image", "vector")})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder,shape", [("cnn", (6, 5, 1)), ("mlp", (7,))])
 def test_kept_indicator_tells_dropped_entries_from_kept_ones(encoder, shape):
   """With `kept_indicator` the encoder sees `[x, 1{x != 0}]`: its first layer

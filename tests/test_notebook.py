@@ -21,6 +21,7 @@ def test_notebook_is_saved_without_outputs():
       assert not cell.outputs and cell.execution_count is None
 
 
+@pytest.mark.slow
 def test_demo_runs_on_a_reduced_budget_and_produces_its_figures(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   [parameters] = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -145,6 +145,7 @@ def mode_runs(tmp_path_factory):
   return root, {name: dict(np.load(root / f"{name}.npz")) for name in names}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
 def test_data_parallel_training_equals_single_device_training(mode_runs, mode):
   root, runs = mode_runs
@@ -191,6 +192,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_and_match(mode_runs, tmp_path):
   """Started as users start it: `launch/local.sh --num_processes=2` (2 fake CPU
   devices each, jit over the 4-device mesh, `jax.distributed` with gloo)."""

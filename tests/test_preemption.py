@@ -138,6 +138,7 @@ def setup_runs(tmp_path_factory):
   return config_file, root / "reference"
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_then_rerun_is_bit_identical(setup_runs, tmp_path):
   config_file, reference = setup_runs
   workdir = tmp_path / "run"
@@ -150,6 +151,7 @@ def test_kill9_mid_run_then_rerun_is_bit_identical(setup_runs, tmp_path):
   _assert_bit_identical(reference, workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_then_rerun_is_bit_identical(
     setup_runs, tmp_path):
   config_file, reference = setup_runs

@@ -92,6 +92,7 @@ def test_evaluation_reaches_methods_only_through_their_registry():
     assert not method_files, f"{path.name} imports {sorted(method_files)}"
 
 
+@pytest.mark.slow
 def test_importing_mmsafe_loads_neither_orbax_nor_the_training_loop():
   code = ("import sys, mmsafe; print(sorted(m for m in ('orbax.checkpoint', "
           "'mmsafe.train.loop', 'mmsafe.train.checkpoint') if m in sys.modules))")

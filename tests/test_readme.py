@@ -8,6 +8,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
@@ -21,6 +22,7 @@ def readme_snippet() -> str:
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_snippet_is_short_and_runs_with_sound_radii_unbroken():
   code = readme_snippet()
   assert len(code.strip().splitlines()) < 30

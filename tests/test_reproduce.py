@@ -38,9 +38,8 @@ def test_step2_constants_are_estimated_again_at_a_second_step2(monkeypatch):
   monkeypatch.setattr(crmt, "prepare_step2", lambda *a, **k: calls.append(a) or {"x": 1})
 
   class Context:
-    model = variables = config = None
-    splits = {"train": "train split"}
-    batch_size = 8
+    model = variables = config = reduce_over_split = None
+    split_names = ("train",)
 
   callback = crmt.PrepareStep2()
   assert callback.on_stage_start("step1_iter2", Context()) == {}
@@ -48,6 +47,7 @@ def test_step2_constants_are_estimated_again_at_a_second_step2(monkeypatch):
   assert callback.on_stage_start("step2_iter2", Context()) == {"x": 1} and len(calls) == 2
 
 
+@pytest.mark.slow
 def test_a_diverged_run_is_recorded_once_and_not_evaluated(tmp_path):
   config = reproduction.configured(embedded.get_config("mfeat,runlocal"), "jt", 0,
                                    **{"optimizer.learning_rate": 1000.0})
@@ -81,6 +81,7 @@ def test_part_jobs_order_and_layout(tmp_path):
   assert {job.config.model.architecture for job in transformer} == {"transformer"}
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
   """The parts on mfeat at smoke size (1-2 epochs, 2 seeds, 24 test examples,
   short eps grids): budgets calibrated on JT, runs cached, the report with

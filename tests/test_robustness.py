@@ -41,6 +41,7 @@ def _data(apply_fn, variables):
   return inputs, labels
 
 
+@pytest.mark.slow
 def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
@@ -117,6 +118,7 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   assert "## Headline" in text and "pgd/multi@0.5" in text and "Decoupling" in text
 
 
+@pytest.mark.slow
 def test_batches_are_balanced_and_loops_agree():
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
@@ -156,6 +158,7 @@ def test_batches_are_balanced_and_loops_agree():
                              decoupling_traced["mean_fraction_changed"])
 
 
+@pytest.mark.slow
 def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monkeypatch):
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
@@ -193,6 +196,7 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
       200, 200, 200, 200, 100, 50, 13]
 
 
+@pytest.mark.slow
 def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypatch):
   """On a linear model the smallest l2 perturbation that flips an example is
   `min_k margin_k / ||w_y - w_k||` (over the attacked modalities' weights): a
@@ -348,6 +352,7 @@ def test_strength_sweep_is_monotone_in_restarts(tmp_path):
     assert "| 3 |" in f.read()
 
 
+@pytest.mark.slow
 def test_the_margin_loss_breaks_what_a_saturated_ce_loss_cannot():
   """A linear model with huge logit margins: the CE loss's gradient underflows to 0
   in float32, so CE-only PGD cannot move; the `default` protocol also attacks with

@@ -31,6 +31,7 @@ def linear_problem():
   return logits_fn, inputs, w, margin
 
 
+@pytest.mark.slow
 def test_linear_classifier_radius_matches_the_closed_form():
   logits_fn, inputs, w, margin = linear_problem()
   labels = (margin > 0).astype(np.int32)
@@ -92,6 +93,7 @@ def smoothed_class(logits_fn, inputs, key, num_samples=2000):
   return np.argmax(counts, 1)
 
 
+@pytest.mark.slow
 def test_eot_pgd_never_breaks_the_certified_radius():
   logits_fn, inputs, labels = small_model()
   cert = smoothing.certify(logits_fn, inputs, labels, SIGMA, jax.random.PRNGKey(4),
@@ -113,6 +115,7 @@ def test_eot_pgd_never_breaks_the_certified_radius():
   assert np.any((cert.prediction >= 0) & (after != cert.prediction))
 
 
+@pytest.mark.slow
 def test_counts_are_reproducible_from_the_key_whatever_the_chunk_size():
   logits_fn, inputs, _ = small_model()
   noise = smoothing.gaussian_noise(tuple(sorted(SIGMA.items())))

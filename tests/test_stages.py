@@ -56,6 +56,7 @@ def _leaves(tree):
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_a_new_two_stage_method_needs_only_the_registry_and_a_config(two_stage_method,
                                                                     tmp_path):
   del two_stage_method
@@ -78,6 +79,7 @@ def test_a_new_two_stage_method_needs_only_the_registry_and_a_config(two_stage_m
       np.testing.assert_array_equal(value, tuned[key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restart", [True, False])
 def test_a_stage_that_restarts_selection_reports_a_model_that_went_through_it(
     two_stage_method, tmp_path, restart):
@@ -92,6 +94,7 @@ def test_a_stage_that_restarts_selection_reports_a_model_that_went_through_it(
   assert results["best_step"] == (2 * 21 if restart else 21)
 
 
+@pytest.mark.slow
 def test_callbacks_see_each_stage_start_once_and_every_epoch(two_stage_method, tmp_path):
   del two_stage_method
   config = mfeat_config("ojt_tune", num_epochs=2)
@@ -105,6 +108,7 @@ def test_callbacks_see_each_stage_start_once_and_every_epoch(two_stage_method, t
   assert events == {"start_train": 1, "start_tune": 1, "epoch_train": 2, "epoch_tune": 1}
 
 
+@pytest.mark.slow
 def test_listed_stages_equal_the_declared_ones(two_stage_method, tmp_path):
   del two_stage_method
   declared = mfeat_config("ojt_tune", num_epochs=1)

@@ -160,6 +160,7 @@ def test_retraction_at_zero_is_identity(name):
     np.testing.assert_allclose(retract_polar(w), w, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qr", "polar", "cayley"])
 def test_retraction_first_order(name):
   """(R_w(t xi) - w)/t -> xi, with error O(t) (float64 finite differences)."""
@@ -230,6 +231,7 @@ def _run(tx, loss, params, steps):
   return params, np.asarray(losses), float(loss(params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner,retraction", [
     (optax.sgd(0.05, momentum=0.9), "qr"),
     (optax.adam(1e-2), "polar"),
@@ -297,6 +299,7 @@ def test_plain_optimizer_without_wrapper_leaves_the_manifold():
   assert float(orthogonality_error(params["W"])) > 1e-2
 
 
+@pytest.mark.slow
 def test_update_formula_and_passthrough_leaves():
   """Manifold leaf: R_w(P_w(inner(P_w g))) - w; others: exactly inner's update."""
   inner = optax.adam(0.1)

@@ -73,6 +73,7 @@ def certify_config():
   return config
 
 
+@pytest.mark.slow
 def test_training_events_match_metrics_jsonl_and_a_resume_shows_each_step_once(tmp_path):
   config = certify_config()
   full = str(tmp_path / "full")
@@ -114,6 +115,7 @@ def _unwritable(reason):
   return open_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reason", ["read-only", "full"])
 def test_a_writer_that_cannot_write_warns_once_and_training_completes(tmp_path, monkeypatch,
                                                                       reason):

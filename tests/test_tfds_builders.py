@@ -199,6 +199,7 @@ def test_in_memory_split_inverts_to_the_raw_pixels_and_fbank(ks_built):
     data_lib.load("kinetics_sounds/tiny", "train", data_dir=data_dir, frames=3)
 
 
+@pytest.mark.slow
 def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
   """The clip config's pipeline end to end (runlocal): TFDS batches through both CRMT
   steps (tau~ estimated over the ClipDataset), then the evaluation scripts' reader."""
@@ -387,6 +388,7 @@ def test_ucf101_bad_lists(ucf_manual, tmp_path):
     mtfds.Ucf101RgbFlow(data_dir=str(tmp_path / "e"), config="split1").read_lists(str(bad))
 
 
+@pytest.mark.slow
 def test_prepare_script_builds_and_prints_the_skip_summary(ks_manual, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   command = [sys.executable, "-m", "experiments.prepare", "--dataset=kinetics_sounds",

@@ -189,6 +189,7 @@ def test_train_iterator_resumes_and_threads_do_not_change_batches():
                                       "audio": (20, 8, 1)}, num_classes=3)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_as_threads():
   records = _records(n=6)
   kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)

@@ -45,6 +45,7 @@ def test_ojt_keeps_w_tilde_on_the_stiefel_manifold(trained_mfeat):
   assert any(np.abs(np.asarray(v) - 0.1).max() > 1e-3 for v in a.values())
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   config = mfeat_config("ojt", num_epochs=2)
   config.optimizer.decay_epochs = (1,)
@@ -103,6 +104,7 @@ def test_bad_configs_fail_before_touching_the_workdir(tmp_path, field, value, me
                                            message, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_diverging_run_raises_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = mfeat_config("jt", num_epochs=3)
@@ -176,6 +178,7 @@ def test_model_selection_prefers_accuracy_then_lower_loss_on_ties():
   assert loop.is_better({"accuracy": 0.9, "loss": 5.0}, {"best_validation_accuracy": 0.9})
 
 
+@pytest.mark.slow
 def test_evaluators_run_inside_training_and_are_logged(tmp_path):
   config = mfeat_config("jt", num_epochs=1)
   config.log_every_steps = 7

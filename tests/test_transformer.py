@@ -72,6 +72,7 @@ def _setup(head, modalities, depth_crossmodal=1):
   return _cached_setup(head, tuple(modalities), depth_crossmodal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["concat", "orthogonal"])
 @pytest.mark.parametrize("modalities", [("image", "vector"), ("clip", "image", "vector")])
 def test_output_shapes_and_head_formula_on_class_tokens(head, modalities):
@@ -141,6 +142,7 @@ def test_jit_and_no_per_modality_encoder():
     certify.certify(model, variables, x, jnp.zeros(3, jnp.int32), kind="sound")
 
 
+@pytest.mark.slow
 def test_crmt_step1_gradient_step_keeps_w_tilde_orthonormal():
   modalities = ("image", "vector")
   model, variables, x = _setup("orthogonal", modalities)
@@ -203,6 +205,7 @@ def test_bad_transformer_configs_fail_fast(field, value, message):
                  input_shapes={"image": SHAPES["image"], "vector": SHAPES["vector"]})
 
 
+@pytest.mark.slow
 def test_default_architecture_is_unchanged():
   # No `architecture` key builds the per-modality encoders: the same parameters
   # and the same logits as `architecture="encoders"`, no tokenizer.
