@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsafe import certify
-from mmsafe.certify import threats
+from mmsafe.certify import ablation, threats
 from tests.test_certify_bounds import (_exact_local_tau, _exact_radii, _labels_mostly_correct,
                                        _linear_output, _linear_problem)
 
@@ -65,3 +65,16 @@ def test_a_certified_missing_modality_never_changes_the_prediction(head):
                              np.linalg.norm(x["m0"] - 0.5, axis=1), rtol=1e-6)
   with pytest.raises(ValueError, match=r"inputs: expected modalities \['m0', 'm1', 'm2'\]"):
     threats.missing_certified(cert, {"m0": x["m0"]})
+
+
+def test_a_certificate_of_another_threat_model_is_refused_naming_it():
+  ones = np.ones(2)
+  votes = ablation.AblationCertificate(
+      prediction=np.zeros(2, np.int32), per_modality={"a": ones}, total=ones, gap=ones,
+      p_lower=ones, p_upper=ones, per_class=np.zeros(2, bool), correct=np.ones(2, bool),
+      keep={"a": 1}, sizes={"a": 3}, num_samples=10, alpha=0.001)
+  for call in (lambda: threats.threat_radii(votes),
+               lambda: threats.missing_certified(votes, {"a": np.zeros((2, 3))})):
+    with pytest.raises(TypeError, match="cert: expected an l2 Certificate .* got "
+                                        "AblationCertificate; an ablation certificate counts"):
+      call()

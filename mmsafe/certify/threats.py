@@ -32,6 +32,15 @@ from mmsafe.certify.bounds import Certificate
 JOINT, WORST_MODALITY = "joint", "worst_modality"
 
 
+def _check_l2_certificate(cert) -> None:
+  """TypeError unless `cert` is an l2 `Certificate` (the threats here are l2 balls)."""
+  if not isinstance(cert, Certificate):
+    raise TypeError(f"cert: expected an l2 Certificate (mmsafe.certify.certify), got "
+                    f"{type(cert).__name__}; an ablation certificate counts changed entries "
+                    f"(ablation.certifies) and a smoothed one has its own radius "
+                    f"(smoothing.certifies)")
+
+
 def modality_threat(modality: str) -> str:
   """The threat name of perturbing `modality` alone."""
   return f"modality:{modality}"
@@ -40,6 +49,7 @@ def modality_threat(modality: str) -> str:
 def threat_radii(cert: Certificate) -> dict[str, np.ndarray]:
   """threat -> [B] certified radius (0 for misclassified examples): "joint",
   "modality:<m>" for each modality, and "worst_modality"."""
+  _check_l2_certificate(cert)
   per_modality = {m: np.asarray(cert.per_modality[m]) for m in cert.modalities}
   out = {JOINT: np.asarray(cert.radius)}
   out.update({modality_threat(m): r for m, r in per_modality.items()})
@@ -64,6 +74,7 @@ def missing_certified(cert: Certificate, inputs: Mapping[str, np.ndarray],
   """modality -> [B] bool: the prediction is correct and provably unchanged
   when modality m is replaced by its fill, `r^(m)(x) > ||x_m - f_m||`; and
   "any" -> [B] bool: so for every modality (any one of them may be lost)."""
+  _check_l2_certificate(cert)
   if sorted(inputs) != list(cert.modalities):
     raise ValueError(f"inputs: expected modalities {list(cert.modalities)}, got {sorted(inputs)}")
   distances = fill_distances(inputs, fills)
