@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmsafe.certify import ablation, threats
+from mmsafe.certify import ablation, curves, threats
 from mmsafe.eval import statistics
 
 OUTCOMES = "_outcomes"  # Per-example arrays of a row: used for intervals, not written.
@@ -67,8 +67,9 @@ def outcome_columns(row: dict, radii: np.ndarray) -> dict[str, np.ndarray]:
   correct = outcomes["correct"]
   out = {"clean": correct.astype(float)}
   for threat in HEADLINE_THREATS:
-    for r in radii:
-      out[f"{threat}@{r:g}"] = (correct & (outcomes["radius"][threat] >= r)).astype(float)
+    at = curves.certified_at(outcomes["radius"][threat], correct, radii)
+    for r, certified_at_r in zip(radii, at):
+      out[f"{threat}@{r:g}"] = certified_at_r.astype(float)
   for m, certified in outcomes["missing"].items():
     out[f"missing {m} (certified)"] = certified.astype(float)
   return out
@@ -102,9 +103,10 @@ def setting_key(kwargs: dict) -> str:
 
 
 def certified(radius: list[float], radii: np.ndarray) -> np.ndarray:
-  """[T, N] 0/1: the example is certified at each radius (`radius >= r`, > 0)."""
+  """[T, N] 0/1: the example is certified at each radius (`radius >= r`, > 0:
+  a radius is 0 where the prediction is wrong or abstains)."""
   radius = np.asarray(radius)
-  return ((radius[None] >= radii[:, None]) & (radius[None] > 0)).astype(float)
+  return curves.certified_at(radius, radius > 0, radii).astype(float)
 
 
 def best_sigma_envelope(outcomes: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:

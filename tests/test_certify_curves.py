@@ -44,6 +44,15 @@ def test_certified_accuracy_and_mean_radius_match_loops():
     assert value == pytest.approx(expected)
   assert curve[0] == pytest.approx(correct.mean())  # t = 0: clean accuracy
   assert np.all(np.diff(curve) <= 0)
+  # The per-example rule, also over a leading seed axis, averages to the curve.
+  at = certify.certified_at(radius, correct, thresholds)
+  for t, row in zip(thresholds, at):
+    np.testing.assert_array_equal(row, [bool(c and r >= t) for r, c in zip(radius, correct)])
+  np.testing.assert_allclose(at.mean(axis=1), curve, rtol=1e-6)
+  stacked = certify.certified_at(np.stack([radius, radius / 2]), np.stack([correct] * 2),
+                                 thresholds)
+  assert stacked.shape == (len(thresholds), 2, len(radius))
+  np.testing.assert_array_equal(stacked[:, 0], at)
   finite = np.where(np.isfinite(radius), radius, 0.0)
   assert float(certify.mean_radius(jnp.asarray(finite))) == pytest.approx(finite.mean(), rel=1e-6)
   with_inf = np.where(np.arange(len(radius)) == 2, np.inf, radius)  # an infinite radius is

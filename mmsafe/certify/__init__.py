@@ -36,8 +36,8 @@ from mmsafe.certify.ablation import AblationCertificate
 from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
                                    lipschitz_constants, pair_lipschitz, radius_from_scores)
 from mmsafe.certify.constants import KINDS, LipschitzConstants, head_params, integration_factors
-from mmsafe.certify.curves import (certified_accuracy, eta_ratio, mean_radius, radius_grid,
-                                   summarize, unimodal_certified_accuracy)
+from mmsafe.certify.curves import (certified_accuracy, certified_at, eta_ratio, mean_radius,
+                                   radius_grid, summarize, unimodal_certified_accuracy)
 from mmsafe.certify.local import (empirical_constants, jacobian_norms, local_constants,
                                   local_lipschitz, model_score_fn)
 from mmsafe.certify.smoothing import SmoothedCertificate
@@ -51,7 +51,8 @@ __all__ = [
     "AblationCertificate", "SmoothedCertificate", "ablation", "smoothing", "threats", "units",
     "votes",
     "KINDS", "ROUNDING_MARGIN", "BoundOptions", "Certificate", "LipschitzConstants",
-    "avg_pool_operator_norm", "certified_accuracy", "certified_radius", "certify", "concatenate",
+    "avg_pool_operator_norm", "certified_accuracy", "certified_at", "certified_radius", "certify",
+    "concatenate",
     "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",
     "integration_factors", "jacobian_norms", "lipschitz_constants", "local_constants",
     "local_lipschitz", "max_pool_lipschitz", "mean_radius", "model_score_fn", "operator_norm",

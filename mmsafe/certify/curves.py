@@ -32,6 +32,15 @@ def _weights(valid: Array | None, batch: int) -> Array:
   return valid.astype(jnp.float32)
 
 
+def certified_at(radius, correct, thresholds) -> np.ndarray:
+  """`[T, *radius.shape]` bool: each example is certified at each threshold `t`,
+  `correct & radius >= t` (the one rule every certified accuracy counts;
+  numpy, any leading shape, e.g. [S, N] over seeds and examples)."""
+  radius = np.asarray(radius)
+  thresholds = np.asarray(thresholds, np.float64).reshape((-1,) + (1,) * radius.ndim)
+  return np.asarray(correct, bool)[None] & (radius[None] >= thresholds)
+
+
 @jax.jit
 def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
                        valid: Array | None = None) -> Array:
