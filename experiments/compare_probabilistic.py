@@ -132,11 +132,11 @@ def run_config(base, seed: int, run: str, method: str, kept_indicator: bool = Fa
 
 
 def trained(base, seed: int, run: str, method: str, **kwargs):
-  """`(model, variables, splits)` of run `<workdir>/seed<seed>/<run>` (trained unless
-  finished)."""
+  """`(model, variables, splits)` of run `<workdir>/seed<seed>/<run>`: trained, or
+  resumed or reused when the workdir holds the same run (a run with another
+  config is refused, naming the fields that differ)."""
   workdir = os.path.join(_WORKDIR.value, f"seed{seed}", run)
-  if not os.path.exists(os.path.join(workdir, "results.json")):
-    loop.train_and_evaluate(run_config(base, seed, run, method, **kwargs), workdir)
+  loop.train_and_evaluate(run_config(base, seed, run, method, **kwargs), workdir)
   _, model, variables, splits = restore.restore_run(workdir)
   return model, variables, splits
 
