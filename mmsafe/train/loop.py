@@ -69,8 +69,37 @@ from mmsafe.train.preemption import CheckpointCadence, Preempted, SigtermFlag
 from mmsafe.train.stages import TrainingStage
 
 DAMAGED_DIR = "checkpoints_damaged"
-_FRESH_PROGRESS = {"best_validation_accuracy": -1.0, "best_validation_loss": None,
-                   "best_step": 0, "stage": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a run stands, checkpointed as JSON beside the train state.
+
+  Attributes:
+    stage: the stage in progress (None before the first step).
+    best_validation_accuracy, best_validation_loss, best_step: the model
+      selection so far (`is_better`; -1.0 / None / 0 before the first epoch).
+    pending_metrics: the training metrics not yet logged at the checkpoint
+      (`metrics.pending_to_json`).
+    data_iterator: the training loader's position at the checkpoint
+      (`Batches.get_state`), or None.
+  """
+
+  stage: str | None = None
+  best_validation_accuracy: float = -1.0
+  best_validation_loss: float | None = None
+  best_step: int = 0
+  pending_metrics: dict = dataclasses.field(default_factory=dict)
+  data_iterator: dict | None = None
+
+  @classmethod
+  def from_json(cls, saved: Mapping[str, Any]) -> "Progress":
+    """The progress of a checkpoint's JSON; ValueError naming unknown entries."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"checkpoint progress: unknown entries {unknown}; expected those of "
+                       f"{[f.name for f in dataclasses.fields(cls)]}")
+    return cls(**saved)
 
 
 @dataclasses.dataclass
@@ -140,7 +169,7 @@ def _run(context: _Context, workdir: str) -> dict[str, Any]:
     context.writer = (metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
                                                 resume_step)
                       if jax.process_index() == 0 else metrics_lib.NullWriter())
-    pending = metrics_lib.pending_from_json(progress.pop("pending_metrics", {}))
+    pending = metrics_lib.pending_from_json(progress.pending_metrics)
     start_time = time.time()
     state, best, progress = _train(context, checkpointer, state, best, progress, pending)
   test = evaluate(context.eval_step, best["variables"], experiment.splits["test"],
@@ -148,8 +177,8 @@ def _run(context: _Context, workdir: str) -> dict[str, Any]:
   results = {
       "method": config["method"], "dataset": config["dataset"],
       "seed": int(config.get("seed", 0)), "steps": experiment.total_steps,
-      "best_step": progress["best_step"], "validation_accuracy": progress[
-          "best_validation_accuracy"], "test_accuracy": test["accuracy"],
+      "best_step": progress.best_step,
+      "validation_accuracy": progress.best_validation_accuracy, "test_accuracy": test["accuracy"],
       "test_loss": test["loss"], "train_seconds_this_run": time.time() - start_time}
   context.writer.write(experiment.total_steps, **{f"test/{k}": v for k, v in test.items()})
   context.writer.close()
@@ -199,13 +228,13 @@ def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointe
   if not steps:
     state = parallel.put(experiment.init_train_state())
     best = {"variables": parallel.put(parallel.get(state.variables))}
-    return state, best, dict(_FRESH_PROGRESS), None
+    return state, best, Progress(), None
   template = experiment.abstract_train_state(parallel_lib.replicated_sharding(parallel.mesh))
   damaged = []
   for step in steps:
     try:
-      state, best, progress = checkpointer.restore(step, template,
-                                                   {"variables": template.variables})
+      state, best, saved = checkpointer.restore(step, template,
+                                                {"variables": template.variables})
       break
     except DamagedCheckpoint as error:
       damaged.append((step, error))
@@ -220,7 +249,7 @@ def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointe
   if damaged:
     distributed.sync_processes("mmsafe_quarantine")
     checkpointer.reload()
-  return state, best, progress, step
+  return state, best, Progress.from_json(saved), step
 
 
 def _train(context: _Context, checkpointer: Checkpointer, state, best, progress, pending):
@@ -239,14 +268,14 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
       experiment.objective(stage, parallel.batch_norm_axis_name),
       experiment.optimizers[stage.name], train.prepare_inputs) for stage in experiment.stages}
   start_step = int(parallel.get(state.step))
-  batches = _train_batches(context, start_step, progress.pop("data_iterator", None))
+  batches = _train_batches(context, start_step, progress.data_iterator)
   with contextlib.closing(batches), SigtermFlag() as sigterm, tqdm(
       total=experiment.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
       desc=f"{config['method']} on {config['dataset']}",
       disable=jax.process_index() != 0) as bar:
     for step in range(start_step, experiment.total_steps):
       stage = experiment.stage_at(step)
-      if progress["stage"] != stage.name:
+      if progress.stage != stage.name:
         state, progress = _start_stage(context, stage, state, progress)
       batch = next(batches)
       if config.get("check_batches", True):
@@ -267,9 +296,9 @@ def _train(context: _Context, checkpointer: Checkpointer, state, best, progress,
                     or done == experiment.total_steps) and parallel.any_process(sigterm.raised))
       if cadence.due(done, forced=end_of_stage or preempted):
         pending = [parallel.get(m) for m in pending]
-        checkpointer.save(done, state, best,
-                          {**progress, "pending_metrics": metrics_lib.pending_to_json(pending),
-                           "data_iterator": batches.get_state()})
+        checkpointer.save(done, state, best, dataclasses.asdict(dataclasses.replace(
+            progress, pending_metrics=metrics_lib.pending_to_json(pending),
+            data_iterator=batches.get_state())))
         cadence.saved()
       checkpointer.seal_if_written()
       bar.update(1)
@@ -308,9 +337,10 @@ def _start_stage(context: _Context, stage: TrainingStage, state, progress):
   """Runs the callbacks' `on_stage_start` and restarts model selection if the
   stage asks for it."""
   state = _apply_callbacks(context, state, lambda cb, ctx: cb.on_stage_start(stage.name, ctx))
-  progress = {**progress, "stage": stage.name}
+  progress = dataclasses.replace(progress, stage=stage.name)
   if stage.restart_selection:
-    progress = {**progress, "best_validation_accuracy": -1.0, "best_validation_loss": None}
+    progress = dataclasses.replace(progress, best_validation_accuracy=-1.0,
+                                   best_validation_loss=None)
   return state, progress
 
 
@@ -352,8 +382,8 @@ def _end_of_epoch(context: _Context, stage: TrainingStage, done: int, state, bes
   context.postfix["val_acc"] = f"{val['accuracy']:.3f}"
   bar.set_postfix(context.postfix)
   if is_better(val, progress):
-    progress = {**progress, "best_validation_accuracy": val["accuracy"],
-                "best_validation_loss": val["loss"], "best_step": done}
+    progress = dataclasses.replace(progress, best_validation_accuracy=val["accuracy"],
+                                   best_validation_loss=val["loss"], best_step=done)
     # A copy: the train step donates (reuses) the buffers of the state.
     best = {"variables": _copy(state.variables)}
   state = _apply_callbacks(context, state,
@@ -383,15 +413,15 @@ def _run_evaluators(context: _Context, done: int, state) -> None:
       context.writer.write_images(done, report.figures(evaluator.type, metrics, prefix=name))
 
 
-def is_better(validation: Mapping[str, float], progress: Mapping[str, Any]) -> bool:
+def is_better(validation: Mapping[str, float], progress: Progress) -> bool:
   """The model-selection rule: higher validation accuracy, and on a tie lower
   validation cross-entropy. (Accuracy saturates on small validation splits,
   e.g. av_digits' synthetic voices reach 1.0 within two epochs; the tie rule
   then keeps training rather than the first epoch that got there.)"""
-  best = progress["best_validation_accuracy"]
+  best = progress.best_validation_accuracy
   if validation["accuracy"] != best:
     return validation["accuracy"] > best
-  best_loss = progress.get("best_validation_loss")
+  best_loss = progress.best_validation_loss
   return best_loss is None or validation["loss"] < best_loss
 
 
