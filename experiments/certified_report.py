@@ -67,7 +67,7 @@ def outcome_columns(row: dict, radii: np.ndarray) -> dict[str, np.ndarray]:
   correct = outcomes["correct"]
   out = {"clean": correct.astype(float)}
   for threat in HEADLINE_THREATS:
-    at = curves.certified_at(outcomes["radius"][threat], correct, radii)
+    at = curves.certified_at(np.asarray(outcomes["radius"][threat]), correct, radii)
     for r, certified_at_r in zip(radii, at):
       out[f"{threat}@{r:g}"] = certified_at_r.astype(float)
   for m, certified in outcomes["missing"].items():
@@ -106,7 +106,7 @@ def certified(radius: list[float], radii: np.ndarray) -> np.ndarray:
   """[T, N] 0/1: the example is certified at each radius (`radius >= r`, > 0:
   a radius is 0 where the prediction is wrong or abstains)."""
   radius = np.asarray(radius)
-  return curves.certified_at(radius, radius > 0, radii).astype(float)
+  return curves.certified_at(radius, radius > 0, np.asarray(radii)).astype(float)
 
 
 def best_sigma_envelope(outcomes: dict[float, np.ndarray]) -> tuple[list[float], np.ndarray]:

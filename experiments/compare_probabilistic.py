@@ -71,7 +71,7 @@ import numpy as np
 from experiments import certified_report, cli
 from mmsafe import attacks, files
 from mmsafe import certify as certify_lib
-from mmsafe.certify import ablation, smoothing, threats, votes
+from mmsafe.certify import ablation, curves, smoothing, threats, votes
 from mmsafe.eval import plots
 from mmsafe.train import loop, restore
 
@@ -207,16 +207,16 @@ def empirical(logits_fn, x, y, key, *, transform=None) -> dict[str, float]:
 
 def accuracy_at(values, correct, thresholds) -> list[float]:
   """Fraction of examples with `correct` and `values >= t`, for each threshold `t`."""
-  values, correct = np.asarray(values), np.asarray(correct, bool)
-  return [float(np.mean(correct & (values >= t))) for t in thresholds]
+  at = curves.certified_at(np.asarray(values), np.asarray(correct, bool),
+                           np.asarray(thresholds, np.float64))
+  return [float(v) for v in at.mean(axis=1)]
 
 
-def missing_certified(per_modality, correct, x) -> dict[str, float]:
-  """modality -> fraction correct with the modality-m radius beyond `||x_m - 0||`
-  (`mmsafe.certify.threats`: losing m is a perturbation of m alone)."""
-  distances = threats.fill_distances(x)
-  return {m: float(np.mean(np.asarray(correct, bool)
-                           & (np.asarray(per_modality[m]) > distances[m]))) for m in sorted(x)}
+def missing_certified(cert, x) -> dict[str, float]:
+  """modality -> fraction certified to survive losing it (`threats.missing_certified`:
+  the modality-m radius beyond `||x_m - 0||`)."""
+  certified = threats.missing_certified(cert, x)
+  return {m: float(np.mean(certified[m])) for m in sorted(x)}
 
 
 def changed_budgets(sizes) -> list[int]:
@@ -237,7 +237,7 @@ def sound_row(name, model, variables, x, y, key, radii, grid) -> dict:
   radius, correct = np.asarray(cert.radius), np.asarray(cert.correct)
   return {"model": name, "certificate": "sound (deterministic)", "clean (certifier)":
           float(correct.mean()), "l2": accuracy_at(radius, correct, radii), "changed": None,
-          "missing certified": missing_certified(cert.per_modality, correct, x),
+          "missing certified": missing_certified(cert, x),
           "l2_curve": accuracy_at(radius, correct, grid), "seconds": seconds,
           **empirical(logits_of(model, variables), x, y, key)}
 
@@ -252,7 +252,7 @@ def smoothing_row(sigma, model, variables, x, y, key, radii, grid) -> dict:
   return {"model": f"gaussian_aug σ={sigma:g}", "certificate": f"smoothing σ={sigma:g}",
           "clean (certifier)": float(cert.correct.mean()),
           "l2": accuracy_at(cert.radius, cert.correct, radii), "changed": None,
-          "missing certified": missing_certified(cert.per_modality, cert.correct, x),
+          "missing certified": missing_certified(cert, x),
           "l2_curve": accuracy_at(cert.radius, cert.correct, grid), "seconds": seconds,
           **empirical(logits_fn, x, y, key, transform=transform)}
 
@@ -274,7 +274,7 @@ def ablation_row(keep, model, variables, x, y, key) -> dict:
           "certificate": "ablation (" + ", ".join(f"k_{m}={k}" for m, k in keep.items()) + ")",
           "clean (certifier)": float(cert.correct.mean()), "l2": None,
           "changed": accuracy_at(cert.total, cert.correct, changed_budgets(sizes)),
-          "missing certified": {m: float(np.mean(cert.correct & (cert.per_modality[m] >= n)))
+          "missing certified": {m: accuracy_at(cert.per_modality[m], cert.correct, [n])[0]
                                 for m, n in sizes.items()},
           "changed_curve": {"counts": counts.tolist(),
                             "any split": accuracy_at(cert.total, cert.correct, counts),

@@ -64,7 +64,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HeadParams", "ModelOutput", "attacks", "build", "certified_radius", "certify", "data", "eval",
-    "fgm",
-    "make_eval_step", "make_train_step", "manifold", "methods", "models", "pgd",
+    "fgm", "make_eval_step", "make_train_step", "manifold", "methods", "models", "pgd",
     "radius_from_scores", "stiefel_transform", "train",
 ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsafe import certify
-from mmsafe.certify import ablation, threats
+from mmsafe.certify import ablation, smoothing, threats
 from tests.test_certify_bounds import (_exact_local_tau, _exact_radii, _labels_mostly_correct,
                                        _linear_output, _linear_problem)
 
@@ -75,6 +75,20 @@ def test_a_certificate_of_another_threat_model_is_refused_naming_it():
       keep={"a": 1}, sizes={"a": 3}, num_samples=10, alpha=0.001)
   for call in (lambda: threats.threat_radii(votes),
                lambda: threats.missing_certified(votes, {"a": np.zeros((2, 3))})):
-    with pytest.raises(TypeError, match="cert: expected an l2 Certificate .* got "
+    with pytest.raises(TypeError, match="cert: expected one of .*'Certificate'.* got "
                                         "AblationCertificate; an ablation certificate counts"):
       call()
+
+
+def test_missing_modality_is_certified_from_a_smoothed_certificate_too():
+  x = {"a": np.array([[3.0, 4.0], [0.3, 0.4]]), "b": np.zeros((2, 2))}  # ||x_a|| = 5, 0.5
+  radius = np.array([6.0, 0.4])
+  smoothed = smoothing.SmoothedCertificate(
+      prediction=np.zeros(2, np.int32), radius=radius, per_modality={"a": radius, "b": radius},
+      normalized_radius=radius, p_lower=np.ones(2), correct=np.array([True, True]),
+      sigma={"a": 1.0, "b": 1.0}, num_samples=10, alpha=0.001)
+  missing = threats.missing_certified(smoothed, x)
+  # 6 > 5 certifies losing a on the first example; 0.4 < 0.5 does not on the second.
+  np.testing.assert_array_equal(missing["a"], [True, False])
+  np.testing.assert_array_equal(missing["b"], [True, True])  # b is already at its fill
+  np.testing.assert_array_equal(missing["any"], [True, False])

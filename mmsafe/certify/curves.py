@@ -32,13 +32,13 @@ def _weights(valid: Array | None, batch: int) -> Array:
   return valid.astype(jnp.float32)
 
 
-def certified_at(radius, correct, thresholds) -> np.ndarray:
+def certified_at(radius: Array, correct: Array, thresholds: Array) -> Array:
   """`[T, *radius.shape]` bool: each example is certified at each threshold `t`,
-  `correct & radius >= t` (the one rule every certified accuracy counts;
-  numpy, any leading shape, e.g. [S, N] over seeds and examples)."""
-  radius = np.asarray(radius)
-  thresholds = np.asarray(thresholds, np.float64).reshape((-1,) + (1,) * radius.ndim)
-  return np.asarray(correct, bool)[None] & (radius[None] >= thresholds)
+  `correct & radius >= t`: the one rule every certified accuracy counts. Any
+  leading shape (e.g. [S, N] over seeds and examples); numpy arrays stay numpy
+  (and float64), jax arrays (also traced) stay jax."""
+  thresholds = thresholds.reshape((-1,) + (1,) * radius.ndim)
+  return correct[None] & (radius[None] >= thresholds)
 
 
 @jax.jit
@@ -51,7 +51,7 @@ def certified_accuracy(radius: Array, correct: Array, thresholds: Array, *,
                      f"{tuple(jnp.shape(correct))}")
   weights = _weights(valid, radius.shape[0])
   thresholds = jnp.asarray(thresholds, jnp.float32)
-  certified = jnp.asarray(correct)[None] & (radius[None] >= thresholds[:, None])  # [T, B]
+  certified = certified_at(radius, jnp.asarray(correct), thresholds)  # [T, B]
   return jnp.sum(certified * weights[None], axis=1) / jnp.maximum(jnp.sum(weights), 1.0)
 
 

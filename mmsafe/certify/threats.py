@@ -28,17 +28,18 @@ from collections.abc import Mapping
 import numpy as np
 
 from mmsafe.certify.bounds import Certificate
+from mmsafe.certify.smoothing import SmoothedCertificate
 
 JOINT, WORST_MODALITY = "joint", "worst_modality"
 
 
-def _check_l2_certificate(cert) -> None:
-  """TypeError unless `cert` is an l2 `Certificate` (the threats here are l2 balls)."""
-  if not isinstance(cert, Certificate):
-    raise TypeError(f"cert: expected an l2 Certificate (mmsafe.certify.certify), got "
+def _check_l2_certificate(cert, accepted: tuple[type, ...] = (Certificate,)) -> None:
+  """TypeError unless `cert` is one of the `accepted` l2 certificates (the threats
+  here are l2 balls)."""
+  if not isinstance(cert, accepted):
+    raise TypeError(f"cert: expected one of {[t.__name__ for t in accepted]}, got "
                     f"{type(cert).__name__}; an ablation certificate counts changed entries "
-                    f"(ablation.certifies) and a smoothed one has its own radius "
-                    f"(smoothing.certifies)")
+                    f"(ablation.certifies), not an l2 radius")
 
 
 def modality_threat(modality: str) -> str:
@@ -69,17 +70,19 @@ def fill_distances(inputs: Mapping[str, np.ndarray], fills: Mapping[str, np.ndar
   return out
 
 
-def missing_certified(cert: Certificate, inputs: Mapping[str, np.ndarray],
+def missing_certified(cert: Certificate | SmoothedCertificate, inputs: Mapping[str, np.ndarray],
                       fills: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """modality -> [B] bool: the prediction is correct and provably unchanged
   when modality m is replaced by its fill, `r^(m)(x) > ||x_m - f_m||`; and
-  "any" -> [B] bool: so for every modality (any one of them may be lost)."""
-  _check_l2_certificate(cert)
-  if sorted(inputs) != list(cert.modalities):
-    raise ValueError(f"inputs: expected modalities {list(cert.modalities)}, got {sorted(inputs)}")
+  "any" -> [B] bool: so for every modality (any one of them may be lost).
+  `cert`: CRMT's `Certificate` or randomized smoothing's `SmoothedCertificate`
+  (both state a per-modality l2 radius)."""
+  _check_l2_certificate(cert, (Certificate, SmoothedCertificate))
+  modalities = sorted(cert.per_modality)
+  if sorted(inputs) != modalities:
+    raise ValueError(f"inputs: expected modalities {modalities}, got {sorted(inputs)}")
   distances = fill_distances(inputs, fills)
-  correct = np.asarray(cert.correct)
-  out = {m: correct & (np.asarray(cert.per_modality[m]) > distances[m])
-         for m in cert.modalities}
-  out["any"] = np.logical_and.reduce([out[m] for m in cert.modalities])
+  correct = np.asarray(cert.correct, bool)
+  out = {m: correct & (np.asarray(cert.per_modality[m]) > distances[m]) for m in modalities}
+  out["any"] = np.logical_and.reduce([out[m] for m in modalities])
   return out

@@ -44,8 +44,9 @@ step cannot do. `measure_and_blend(model, config, variables, state,
 split_names, reduce_over_split, *, epoch) -> dict` returns the method-state
 entries to replace after epoch `epoch` (number of completed epochs; `epoch=0`
 before the first step takes the first measurement at initialisation); the
-training loop streams the splits for it (`CallbackContext.reduce_over_split`). The callback
-`BlendingWeights` calls it when training starts and after every epoch.
+training loop streams the splits for it (`CallbackContext.reduce_over_split`).
+The callback `BlendingWeights` calls it when training starts and after every
+epoch.
 
 Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_fraction`.
 """

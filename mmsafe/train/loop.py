@@ -348,13 +348,14 @@ def _apply_callbacks(context: _Context, state, call):
   """`call(callback, CallbackContext)` for each of the method's callbacks, on host
   values; their method-state updates replace the state's entries."""
   experiment, parallel = context.experiment, context.parallel
+  reduce_over_split = distributed.split_reducer(experiment.splits,
+                                                batch_size=context.eval_batch_size)
   for callback in experiment.method.callbacks:
     host_state = parallel.get(state.state)
     update = call(callback, methods.CallbackContext(
         model=experiment.model, variables=parallel.get(state.variables), state=host_state,
         split_names=tuple(experiment.splits), config=experiment.method_config,
-        reduce_over_split=distributed.split_reducer(experiment.splits,
-                                                    batch_size=context.eval_batch_size)))
+        reduce_over_split=reduce_over_split))
     if update:
       state = state.replace(state=parallel.put({**host_state, **update}))
   return state
