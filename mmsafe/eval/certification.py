@@ -63,9 +63,9 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str
   `unit_stats` (modality -> `(mean, std)` in input units,
   `units.unit_standardization`): the ball is in input units, the attack moves
   `u = x std + mean` and the model reads `(u - mean) / std`; None: the ball is
-  in the model's normalised input space. The
-  variables are an argument, not constants of the compiled program (XLA would
-  otherwise fold e.g. the AOL rescaling of every layer at compile time).
+  in the model's normalised input space. The variables are an argument, not
+  constants of the compiled program (XLA would otherwise fold e.g. the AOL
+  rescaling of every layer at compile time).
   """
 
   def attack(variables, inputs, labels, radius, key, unit_stats):
@@ -226,7 +226,7 @@ class Certification:
     inputs, labels = dict(dataset.inputs), np.asarray(dataset.labels)
     if self._head_kind is None:  # the head's kind does not change with the variables
       self._head_kind = certify_lib.head_params(self.model, variables).kind
-    input_scale = self.input_scale(dataset.stats)
+    input_scale = self.input_scale(dataset)
     results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
                                "head": self._head_kind,
                                "units": units_lib.describe(self.units, dataset.stats),
@@ -251,10 +251,21 @@ class Certification:
       results["kinds"][kind] = entry
     return results, certificates, labels
 
-  def input_scale(self, stats) -> dict[str, float] | None:
-    """modality -> `s^(m)` of the dataset `stats` in input units (None for
-    normalised units): `mmsafe.certify.units.input_scales`."""
-    return units_lib.input_scales(stats) if self.units == units_lib.INPUT else None
+  def input_scale(self, dataset: data_lib.Dataset) -> dict[str, float] | None:
+    """modality -> `s^(m)` of the `dataset`'s stats in input units (None for
+    normalised units): `mmsafe.certify.units.input_scales`.
+
+    Raises:
+      ValueError naming the modalities without a standardisation in `stats`.
+    """
+    if self.units == units_lib.NORMALISED:
+      return None
+    missing = sorted(set(dataset.inputs) - set(dataset.stats))
+    if missing:
+      raise ValueError(f"dataset.stats: expected the standardisation of every modality for "
+                       f"radii in input units, got none for {missing} (units='normalised' "
+                       f"certifies in the model's input space)")
+    return units_lib.input_scales({m: dataset.stats[m] for m in dataset.inputs})
 
   def constants(self, kind: str, variables, empirical_source, empirical_split: str):
     """The precomputed Lipschitz constants of `kind` (None for "local": computed
