@@ -43,7 +43,8 @@ model, so `certify` takes only "none". The types and their own keys:
   certify     certified radii per Lipschitz kind, checked by attacks
               (`certification.Certification`): `kinds`, `empirical_split`,
               `mode`, `chunk_size`, `power_iterations`, `failure_probability`,
-              `attack_steps`, `attack_restarts`, `num_thresholds`.
+              `attack_steps`, `attack_restarts`, `num_thresholds`, `units`
+              ("input": radii in the units a user perturbs; "normalised").
   sweep       the PGD steps x restarts sweep (`robustness.StrengthSweep`) at the
               protocol's budgets times `scales`: `protocol`, `scales`, `steps`,
               `restarts`, `loss`, `random_start`.
@@ -431,7 +432,8 @@ class Certify(Evaluator):
   default_batch_size = 100
   options = {"kinds": tuple(certify_lib.KINDS), "empirical_split": "train", "mode": "auto",
              "chunk_size": 0, "power_iterations": 300, "failure_probability": 1e-6,
-             "attack_steps": 100, "attack_restarts": 5, "num_thresholds": 101}
+             "attack_steps": 100, "attack_restarts": 5, "num_thresholds": 101,
+             "units": "input"}
 
   def setup(self) -> None:
     if self.defence:
@@ -449,7 +451,7 @@ class Certify(Evaluator):
         attack_steps=_count(self.settings["attack_steps"], "attack_steps"),
         attack_restarts=_count(self.settings["attack_restarts"], "attack_restarts", 1),
         num_thresholds=_count(self.settings["num_thresholds"], "num_thresholds", 2),
-        seed=self.seed)
+        seed=self.seed, units=self.settings["units"])
     self.certificates: dict[str, certify_lib.Certificate] = {}
 
   def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:
