@@ -103,6 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "runlocal" in options and name == "av_clips":  # a few steps, not two full epochs
     config.data.splits = {"train": "train[:32]", "validation": "validation[:16]",
                           "test": "test[:16]"}
+    for m in modalities:  # CRMT's orthogonal head needs features >= the 10 classes
+      config.model.encoders[m]["widths"] = (4, 8, 8, 16)
   if "lipschitz" in options:
     config.model.encoders = config.model.lipschitz_encoders
   return config
