@@ -112,12 +112,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _av_clips(config: ml_collections.ConfigDict) -> None:
   """`av_clips` (built on first use into $MMSAFE_DATA_DIR) sized to train on a CPU in
-  minutes: its own validation split (held-out espeak-ng voices), 3 frames at 32x32
-  (of the stored 64x64) with mild crops and no flips (digits are not mirror-symmetric),
-  narrow one-block-per-stage encoders, and a larger learning rate for few epochs."""
+  minutes: its own validation split (held-out espeak-ng voices), the 3 stored 64x64
+  frames with mild crops and no flips (digits are not mirror-symmetric), narrow
+  one-block-per-stage encoders, and a larger learning rate for few epochs."""
   config.data.splits = {"train": "train", "validation": "validation", "test": "test"}
-  config.data.image_size = 32
-  config.data.crop_scale = (0.6, 1.0)
+  config.data.image_size = 64
+  config.data.crop_scale = (0.8, 1.0)
   config.data.flip = False
   config.loader.num_threads = 2
   small = {"widths": (16, 32, 64, 128), "stage_sizes": (1, 1, 1, 1)}
