@@ -105,7 +105,8 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
   method = methods.get("crmt_cert")
   (prepare,) = method.callbacks
   prepared = prepare.on_stage_start("step2", methods.CallbackContext(
-      model=model, variables=variables, state={}, split_names=("train",), config={},
+      model=model, variables=variables, state={}, split_names=("train",),
+      config=method.make_settings({}),
       reduce_over_split=None))  # Sound constants read no data.
   sound = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
   for m in "ab":
@@ -120,7 +121,7 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
                             crmt.init_state(model, variables))
   state = state.replace(state={**state.state, **prepared})
   # crmt_cert's step 2 minimises the radius hinge at cert_eps (not the paper's mean radius).
-  objective = step2.make_objective(model, {"cert_eps": 2.0, "cert_temperature": 4.0})
+  objective = step2.make_objective(model, method.make_settings({"cert_eps": 2.0}))
   step = jax.jit(make_train_step(objective, optimizers["step2"]))
   batch = {"inputs": x, "label": labels}
 
