@@ -3,6 +3,7 @@
 import dataclasses
 import typing
 
+import numpy as np
 import pytest
 
 from experiments.configs import embedded
@@ -108,7 +109,6 @@ def test_a_mistyped_value_is_refused(key, value, expected):
 
 
 def test_numbers_are_normalised_to_python_types():
-  import numpy as np
   settings = methods.get("crmt_at").make_settings({"rho": 2, "attack_steps": np.int64(3),
                                                    "attack_random_start": np.bool_(True)})
   assert type(settings.rho) is float and settings.rho == 2.0
