@@ -115,6 +115,13 @@ def test_numbers_are_normalised_to_python_types():
   assert type(settings.attack_steps) is int and type(settings.attack_random_start) is bool
 
 
+def test_settings_of_another_class_are_refused():
+  assert methods.get("crmt").make_settings(compose.CRMTATSettings()) == compose.CRMTATSettings()
+  with pytest.raises(ValueError, match=r"settings: method 'crmt_cert' expected CRMTCertSettings "
+                                       r"or method_kwargs, got Step2Settings"):
+    methods.get("crmt_cert").make_settings(crmt.Step2Settings())
+
+
 def test_rules_across_fields():
   with pytest.raises(ValueError, match=r"cert_uni_eps: expected a finite number > 0 with "
                                        r"cert_uni_weight 1.0, got None"):

@@ -178,6 +178,9 @@ class Method:
     closest field. Settings of this class pass through."""
     if isinstance(kwargs, self.settings):
       return kwargs
+    if isinstance(kwargs, Settings):
+      raise ValueError(f"settings: method {self.name!r} expected {self.settings.__name__} or "
+                       f"method_kwargs, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
     fields = [f.name for f in dataclasses.fields(self.settings)]
     owners = setting_owners()
