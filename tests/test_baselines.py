@@ -397,7 +397,7 @@ def test_mixup_with_lambda_one_is_plain_ce_and_zero_is_permuted_ce(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   state = {"model": {}}
   permutation = jnp.roll(jnp.arange(24), 5)
-  ce = compose.ce_loss({}, "mixup")
+  ce = compose.ce_loss(compose.MixupSettings())
 
   def mixup_loss(p, lam):  # the mixup objective at a given lambda and permutation
     mixed = common.mix_inputs(batch["inputs"], lam, permutation)

@@ -225,9 +225,12 @@ def test_certified_controls_train_their_heads_and_refuse_bad_settings():
         variables["params"], {}, batch, None)
     assert np.isfinite(float(value)) and {"worst_modality_ce", "missing_ce"} <= set(metrics)
     assert float(optax.tree.norm(grads)) > 0
-  with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: method .jt_cert. needs it"):
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: expected a finite number "
+                                       r"> 0 with cert_uni_weight 0.5, got None \(method "
+                                       r"'jt_cert'"):
     methods.get("jt_cert")(model, {**config, "cert_uni_eps": None})
-  with pytest.raises(ValueError, match=r"method_kwargs.cert_temperature: expected > 0"):
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_temperature: expected a finite "
+                                       r"number > 0"):
     methods.get("jt_cert")(model, {**config, "cert_temperature": 0.0})
   concat = models.build({"head": "concat", "encoders": {"a": {"name": "lip_mlp",
                                                                 "widths": (12,)}}},

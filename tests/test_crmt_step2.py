@@ -67,8 +67,8 @@ def _train(objective: str, lipschitz: str) -> dict:
   """`STEPS` Adam steps of step 2 on the case from `a = 0.5`, `b~ = 0`: `_measure`
   "before" and "after", and the last step's "metrics"."""
   model, batch = _Linear(), _case()
-  config = {"step2_objective": objective, "step2_lipschitz": lipschitz, "cert_eps": 1.0,
-            "cert_temperature": 4.0}
+  config = crmt.Step2Settings(step2_objective=objective, step2_lipschitz=lipschitz,
+                              cert_eps=1.0, cert_temperature=4.0)
   optimizer = optax.adam(0.01)
   state = TrainState.create(_variables(), optimizer, jax.random.PRNGKey(0), _constants())
   step = jax.jit(make_train_step(crmt.step2_objective(model, config), optimizer))
