@@ -255,7 +255,8 @@ def test_pmr_entropy_regulariser_raises_the_dominant_modalitys_entropy_early(dom
 
 
 def test_pmr_entropy_weight_is_checked():
-  with pytest.raises(ValueError, match=r"method_kwargs\.pmr_entropy_weight: expected >= 0, got -1"):
+  with pytest.raises(ValueError, match=r"method_kwargs\.pmr_entropy_weight: expected a finite "
+                                       r"number >= 0, got -1"):
     methods.get("pmr")(_model(), {**PMR_CONFIG, "pmr_entropy_weight": -1.0})
 
 
@@ -288,8 +289,9 @@ def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
   model, params, batch = dominant.model, dominant.params, dominant.batch
   config = {"msefm_sim_weight": 0.8, "msefm_memory_size": 24, "msefm_lasso": 0.05,
             "msefm_blend": 0.6, "msefm_ista_steps": 30}
+  settings = msefm.MSEFMSettings(**config)
   objective = jax.jit(methods.get("msefm")(model, config))
-  state = {"model": {}, **msefm.init_state(model, {"params": params}, config)}
+  state = {"model": {}, **msefm.init_state(model, {"params": params}, settings)}
   out = dominant.apply(params, batch["inputs"])
   bank = {m: out.features[m] + 0.1 for m in SHAPES}  # a full memory, not the batch itself
   full = {"model": {}, "msefm": {"memory": bank, "pointer": jnp.array(0),
@@ -320,7 +322,6 @@ def test_msefm_loss_is_ce_on_memory_blended_features_plus_similarity(dominant):
   np.testing.assert_allclose(codes, _numpy_ista(bank["a"], out.features["a"], 0.05, 30),
                              rtol=1e-3, atol=1e-5)
   # The similarity term's gradient reaches both encoders through the blend.
-  settings = msefm.hyperparameters(config)
   similarity = lambda p: msefm.cross_modal_similarity(msefm.defended_features(
       model.apply({"params": p}, batch["inputs"]).features, full["msefm"], settings))
   np.testing.assert_allclose(metrics["similarity"], similarity(params), rtol=1e-5)
@@ -396,7 +397,7 @@ def test_mixup_with_lambda_one_is_plain_ce_and_zero_is_permuted_ce(dominant):
   model, params, batch, plain = dominant.model, dominant.params, dominant.batch, dominant.plain
   state = {"model": {}}
   permutation = jnp.roll(jnp.arange(24), 5)
-  ce = compose.ce_loss({}, "mixup")
+  ce = compose.ce_loss(compose.MixupSettings())
 
   def mixup_loss(p, lam):  # the mixup objective at a given lambda and permutation
     mixed = common.mix_inputs(batch["inputs"], lam, permutation)
@@ -456,7 +457,7 @@ def test_gb_loss_blends_the_heads_and_the_epoch_hook_reestimates_weights(dominan
 
   train, heldout = split("train", batch), split("heldout", _batch(seed=7, size=15))
   splits = {"train": train, "heldout": heldout}
-  config = {"gb_super_epoch": 2}
+  config = gb.GBSettings(gb_super_epoch=2)
   reduce_over_split = distributed.split_reducer(splits, batch_size=10)
   hook = lambda p, s, epoch: gb.measure_and_blend(model, config, {"params": p}, s, tuple(splits),
                                                   reduce_over_split, epoch=epoch)

@@ -185,9 +185,3 @@ def test_two_step_run_resumes_in_step2(tmp_path):
     stages = [json.loads(line).get("stage") for line in f]
   assert "step1" in stages and "step2" in stages
 
-
-def test_missing_hyper_parameter_is_named():
-  config = mfeat_config("crmt", num_epochs=1)
-  del config.method_kwargs["rho"]
-  with pytest.raises(ValueError, match=r"method_kwargs.rho: method 'crmt' needs it"):
-    methods.get("crmt")(None, config.method_kwargs)

@@ -105,7 +105,8 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
   method = methods.get("crmt_cert")
   (prepare,) = method.callbacks
   prepared = prepare.on_stage_start("step2", methods.CallbackContext(
-      model=model, variables=variables, state={}, split_names=("train",), config={},
+      model=model, variables=variables, state={}, split_names=("train",),
+      config=method.make_settings({}),
       reduce_over_split=None))  # Sound constants read no data.
   sound = jax.jit(lambda v: certify.sound_constants(model, v))(variables)
   for m in "ab":
@@ -120,7 +121,7 @@ def test_step2_on_sound_constants_moves_only_a_and_raises_the_tight_bound():
                             crmt.init_state(model, variables))
   state = state.replace(state={**state.state, **prepared})
   # crmt_cert's step 2 minimises the radius hinge at cert_eps (not the paper's mean radius).
-  objective = step2.make_objective(model, {"cert_eps": 2.0, "cert_temperature": 4.0})
+  objective = step2.make_objective(model, method.make_settings({"cert_eps": 2.0}))
   step = jax.jit(make_train_step(objective, optimizers["step2"]))
   batch = {"inputs": x, "label": labels}
 
@@ -224,9 +225,12 @@ def test_certified_controls_train_their_heads_and_refuse_bad_settings():
         variables["params"], {}, batch, None)
     assert np.isfinite(float(value)) and {"worst_modality_ce", "missing_ce"} <= set(metrics)
     assert float(optax.tree.norm(grads)) > 0
-  with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: method .jt_cert. needs it"):
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_uni_eps: expected a finite number "
+                                       r"> 0 with cert_uni_weight 0.5, got None \(method "
+                                       r"'jt_cert'"):
     methods.get("jt_cert")(model, {**config, "cert_uni_eps": None})
-  with pytest.raises(ValueError, match=r"method_kwargs.cert_temperature: expected > 0"):
+  with pytest.raises(ValueError, match=r"method_kwargs.cert_temperature: expected a finite "
+                                       r"number > 0"):
     methods.get("jt_cert")(model, {**config, "cert_temperature": 0.0})
   concat = models.build({"head": "concat", "encoders": {"a": {"name": "lip_mlp",
                                                                 "widths": (12,)}}},

@@ -1,6 +1,7 @@
 """CRMT step 2's objectives on a constructed case: the paper's mean radius (L2)
 switches a class off, the radius hinge keeps every class; the choice's config."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import pytest
 
 from experiments.configs import embedded
 from mmsafe import certify
+from mmsafe import methods
 from mmsafe.methods import crmt
 from mmsafe.models import HeadParams, ModelOutput
 from mmsafe.models.heads import OrthogonalHead
@@ -65,8 +67,8 @@ def _train(objective: str, lipschitz: str) -> dict:
   """`STEPS` Adam steps of step 2 on the case from `a = 0.5`, `b~ = 0`: `_measure`
   "before" and "after", and the last step's "metrics"."""
   model, batch = _Linear(), _case()
-  config = {"step2_objective": objective, "step2_lipschitz": lipschitz, "cert_eps": 1.0,
-            "cert_temperature": 4.0}
+  config = crmt.Step2Settings(step2_objective=objective, step2_lipschitz=lipschitz,
+                              cert_eps=1.0, cert_temperature=4.0)
   optimizer = optax.adam(0.01)
   state = TrainState.create(_variables(), optimizer, jax.random.PRNGKey(0), _constants())
   step = jax.jit(make_train_step(crmt.step2_objective(model, config), optimizer))
@@ -159,21 +161,21 @@ def test_radius_hinge_is_the_cross_entropy_of_the_radius_logits_by_hand():
 def test_objective_choice_defaults_and_errors():
   model, batch = _Linear(), _case(per_class=2)
   state = {"model": {}, **_constants()}
-  kwargs = embedded.get_config().method_kwargs  # step2_objective None, cert_eps and t set.
+  # step2_objective None, cert_eps and t set.
+  settings = methods.get("crmt").make_settings(embedded.get_config().method_kwargs.to_dict())
   metrics = lambda objective: objective(_variables()["params"], state, batch, None)[1][1]
-  assert "radius_ce" not in metrics(crmt.step2_objective(model, kwargs))
+  assert "radius_ce" not in metrics(crmt.step2_objective(model, settings))
   assert "radius_ce" not in metrics(crmt.step2_objective(model))
-  assert "radius_ce" in metrics(crmt.step2_objective(model, kwargs,
+  assert "radius_ce" in metrics(crmt.step2_objective(model, settings,
                                                      default_objective="radius_hinge"))
-  chosen = dict(kwargs.to_dict(), step2_objective="mean_radius")
+  chosen = dataclasses.replace(settings, step2_objective="mean_radius")
   assert "radius_ce" not in metrics(crmt.step2_objective(model, chosen,
                                                          default_objective="radius_hinge"))
   with pytest.raises(ValueError, match=r"method_kwargs\.step2_objective: expected one of "
                                        r"\['mean_radius', 'radius_hinge'\] or None, got 'hinge'"):
-    crmt.step2_objective(model, {"step2_objective": "hinge"})
-  with pytest.raises(ValueError, match=r"method_kwargs\.cert_eps: step2_objective "
-                                       r"'radius_hinge' needs a value > 0, got None"):
-    crmt.step2_objective(model, {"step2_objective": "radius_hinge", "cert_temperature": 4.0})
+    crmt.Step2Settings(step2_objective="hinge")
+  with pytest.raises(ValueError, match=r"method_kwargs\.cert_eps: expected a finite number > 0, "
+                                       r"got None"):
+    crmt.Step2Settings(step2_objective="radius_hinge", cert_eps=None)
   with pytest.raises(ValueError, match=r"method_kwargs\.cert_temperature: .* got 0"):
-    crmt.step2_objective(model, {"step2_objective": "radius_hinge", "cert_eps": 1.0,
-                                 "cert_temperature": 0})
+    crmt.Step2Settings(step2_objective="radius_hinge", cert_eps=1.0, cert_temperature=0)

@@ -86,7 +86,7 @@ def test_documented_overrides_reach_the_experiment():
   built = experiment.build_experiment(config)
   assert set(built.splits["train"].modality_shapes) == {"fac", "kar"}
   assert [(s.name, s.num_epochs) for s in built.stages] == [("step1", 3), ("step2", 2)]
-  assert built.method_config["step2_lipschitz"] == "sound"
+  assert built.method_settings.step2_lipschitz == "sound"
   # The other tuple forms still parse; a None default stays None when not overridden.
   quoted = parse("experiments/configs/embedded.py", "--config.data.modalities=('pix', 'fou')")
   repeated = parse("experiments/configs/embedded.py", "--config.data.modalities=pix",

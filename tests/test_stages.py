@@ -40,7 +40,7 @@ def _init_events(model, variables, config):
 def two_stage_method(monkeypatch):
   """A method defined only through the registry: OJT, then a stage tuning the
   modality weights `a` with the optimizer of the config section "tune"."""
-  ce = compose.composed_objective("ojt_tune", "clean", "ce")
+  ce = compose.composed_objective("clean", "ce")
   method = methods.Method(
       "ojt_tune", "orthogonal", stages=(
           methods.Stage("train", ce),

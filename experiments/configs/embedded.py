@@ -32,81 +32,47 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # None: the dataset's default pair; a tuple of names overrides it.
   config.data = ml_collections.ConfigDict({"modalities": config_dict.placeholder(tuple)})
   config.method = "jt"
-  # Method hyper-parameters (each method reads the ones it needs).
+  # Method hyper-parameters: the override surface of every method's settings
+  # class (`Method.settings`, a frozen dataclass whose docstring cites the paper
+  # and states the range; one bag for all methods, each reads its own fields).
+  # The values are the classes' defaults (tests/test_method_settings.py checks
+  # they agree); a key no method declares, a value of the wrong type or out of
+  # its range is refused before anything is written, naming the closest field.
   config.method_kwargs = ml_collections.ConfigDict({
-      "rho": 2.0,  # CRMT L1 weight (the paper's reference configs).
-      "l1_floor": 1e-5,  # log(sum + 1e-5) in the paper's code: bounds L1 below.
-      "mixup_alpha": 1.0,  # lambda ~ Beta(1, 1) (CRMT-Mix, Mixup).
-      # Adversarial training (CRMT-AT, MMAT): joint l2 ball, 5 steps of eps/5 as
-      # in the paper's code, no random start.
+      # crmt.L1Settings: CRMT step 1 (eq. 12).
+      "rho": 2.0, "l1_floor": 1e-5,
+      # compose.MixupSettings (mixup, crmt_mix).
+      "mixup_alpha": 1.0,
+      # compose.AttackSettings (mmat, crmt_at): the CRMT reference's PGD.
       "attack_eps": 0.1, "attack_steps": 5, "attack_step_size": 0.02,
       "attack_random_start": False,
-      # Gradient Blending (Wang et al., CVPR 2020; mmsafe/methods/gb.py): weights
-      # re-estimated every super-epoch of this many epochs (the paper's online
-      # G-Blend leaves the length open; mmsafe's choice), from the losses on a
-      # held-out slice of the training split, this fraction of it (the paper
-      # holds out part of the training set; 0.1 is mmsafe's choice).
+      # gb.GBSettings (Gradient Blending).
       "gb_super_epoch": 5, "gb_heldout_fraction": 0.1,
-      # OGM-GE (Peng et al., CVPR 2022; mmsafe/methods/ogm.py): alpha 0.1 is the
-      # reference README's default (0.8 recommended for CREMA-D); GE on
-      # (OGM-GE). The reference modulates epochs 0..50 of 100; None = every
-      # epoch (an int end also needs method_kwargs.steps_per_epoch).
+      # ogm.OGMSettings (OGM-GE); an end epoch None: every epoch.
       "ogm_alpha": 0.1, "ogm_ge": True, "ogm_start_epoch": 0,
       "ogm_end_epoch": config_dict.placeholder(int),
-      # PMR (Fan et al., CVPR 2023; mmsafe/methods/pmr.py): alpha 1.0 is the
-      # reference code's default; the per-step prototype EMA momentum 0.9 is
-      # mmsafe's choice (the reference smooths per-epoch means with 0.5 in its
-      # Kinetics-Sounds script); modulation every epoch (reference: 0..100 of
-      # 150; an int end also needs method_kwargs.steps_per_epoch).
+      # pmr.PMRSettings (PMR).
       "pmr_alpha": 1.0, "pmr_momentum": 0.9, "pmr_start_epoch": 0,
       "pmr_end_epoch": config_dict.placeholder(int),
-      # PMR's prototype-based entropy regulariser on the dominant modality in the
-      # early epochs (the paper; not in its reference script): weight 0.1 for
-      # epochs 0..4 are mmsafe's choices (0 turns it off).
       "pmr_entropy_weight": 0.1, "pmr_entropy_end_epoch": 4,
-      # MinSim + ExFMem (Tian & Xu, CVPR 2021; mmsafe/methods/msefm.py), from the
-      # reference main_defense.py: loss CE + 1.0 * cosine similarity, a memory
-      # of 1024 features, ISTA lasso weight 0.1, blend 0.6 (its Kinetics-Sounds
-      # value; 0.5 for MUSIC/AVE). 20 ISTA iterations with step 1/L are
-      # mmsafe's choice (the reference iterates to a tolerance, <= 2000 steps).
+      # msefm.MSEFMSettings (MinSim + ExFMem, also its test-time defence).
       "msefm_sim_weight": 1.0, "msefm_memory_size": 1024, "msefm_lasso": 0.1,
       "msefm_blend": 0.6, "msefm_ista_steps": 20,
-      # CRMT step 2 optimises the Thm 3.5 bound with "empirical" (the paper's
-      # code) or "sound" constants; None: the method's own default (empirical
-      # for the paper's variants, sound for crmt_cert).
+      # crmt.Step2Settings (every two-step CRMT variant); None: the method's own
+      # default (empirical / mean_radius for the paper's variants, sound /
+      # radius_hinge for crmt_cert).
       "step2_lipschitz": config_dict.placeholder(str),
-      # What CRMT step 2 optimises; None: the method's default. "mean_radius":
-      # the paper's L2 (mean radius at the closest class, can switch a class
-      # off); "radius_hinge": mmsafe's fix, the hinge below on every pairwise
-      # radius at cert_eps / cert_temperature (mmsafe/methods/crmt.py).
       "step2_objective": config_dict.placeholder(str),
-      # crmt_cert (mmsafe/methods/crmt_cert.py): a hinge on every pairwise
-      # tight Thm 3.5 radius at cert_eps (temperature cert_temperature), plus
-      # cert_rho times L1 on the Lipschitz-normalised uni-modal margins. mmsafe's
-      # choices, by validation certified accuracy (BUILD_NOTES): eps 3 on mfeat
-      # (4 on av_digits, below), t 4, and no L1 (rho 0.5 cost 20+ points).
+      # crmt_cert.CertSettings (jt_cert, ojt_cert, crmt_cert; cert_eps and
+      # cert_temperature also drive step 2's radius hinge).
       "cert_eps": 3.0, "cert_temperature": 4.0, "cert_rho": 0.0,
-      # jt_cert / ojt_cert / crmt_cert: cert_uni_weight times the same hinge on
-      # the worst-modality radius (Prop. 3.4, the modality chosen by the
-      # attacker) at cert_uni_eps; weight 0 turns it off.
       "cert_uni_weight": 0.0, "cert_uni_eps": config_dict.placeholder(float),
-      # ... and cert_missing_weight times the hinge on each modality's
-      # missing-modality certificate (its uni-modal radius beyond the distance
-      # to the zeros fill); None or 0 turns it off.
       "cert_missing_weight": config_dict.placeholder(float),
-      # Probabilistic certificates (mmsafe/methods/randomized.py): Gaussian data
-      # augmentation at noise_sigma (Cohen et al. 2019 train at the sigma they
-      # certify with) and training on ablations keeping this fraction of the
-      # entries of every modality (MMCert); mmsafe's defaults (keep 0.2: the
-      # ablated mfeat voter is 96% accurate; 0.05 kept too little: BUILD_NOTES).
+      # randomized.GaussianSettings and AblationSettings (probabilistic
+      # certificates); keep counts "audio:20,visual:1", None: the fraction.
       "noise_sigma": 0.5, "ablation_keep_fraction": 0.2,
-      # ... or the entries kept per modality, "audio:20,visual:1" (None: the
-      # fraction above).
       "ablation_keep_counts": config_dict.placeholder(str),
-      # decoupling_at (mmsafe/methods/compose.py): training against the
-      # decoupling attack at the budget it is evaluated at (1% of the entries,
-      # each moved up to 2 normalised units); 2 rounds x 3 steps are mmsafe's
-      # choice for the cost (the evaluation attacks with 8 x 10).
+      # compose.DecouplingSettings (decoupling_at).
       "decoupling_fraction": 0.01, "decoupling_max_change": 2.0, "decoupling_rounds": 2,
       "decoupling_steps": 3,
   })

@@ -3,7 +3,9 @@
 `compose.py` declares the methods that are an input transform x a loss x a
 head (jt, ojt, mmat, decoupling_at, mixup and the CRMT variants); the certificate-trained
 `crmt_cert`, `jt_cert` and `ojt_cert` (`crmt_cert.py`), `gb`, `ogm`, `pmr` and
-`msefm` have objectives of their own.
+`msefm` have objectives of their own. Every method's hyper-parameters are a
+frozen dataclass (`settings.Settings`, `Method.settings`) that
+`config.method_kwargs` overrides (`Method.make_settings`).
 """
 
 from mmsafe.methods import compose  # noqa: F401  (registers jt, ojt, mmat, mixup, crmt, ...)
@@ -14,8 +16,11 @@ from mmsafe.methods import ogm  # noqa: F401  (registers "ogm")
 from mmsafe.methods import pmr  # noqa: F401  (registers "pmr")
 from mmsafe.methods import randomized  # noqa: F401  (registers "gaussian_aug", "ablated")
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
-from mmsafe.methods.registry import (Callback, CallbackContext, Method, Objective, Stage, get,
-                                     names, register)
+from mmsafe.methods.registry import (Callback, CallbackContext, Method, Objective, Stage,
+                                     add_method, get, names, register, setting_owners,
+                                     settings_of)
+from mmsafe.methods.settings import Settings, setting
 
-__all__ = ["Callback", "CallbackContext", "Method", "Objective", "Stage", "accuracy",
-           "apply_model", "cross_entropy", "get", "names", "register"]
+__all__ = ["Callback", "CallbackContext", "Method", "Objective", "Settings", "Stage", "accuracy",
+           "add_method", "apply_model", "cross_entropy", "get", "names", "register", "setting",
+           "setting_owners", "settings_of"]

@@ -48,24 +48,6 @@ def accuracy(logits: Array, labels: Array) -> Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def required(config: Mapping, name: str, method: str):
-  """The hyper-parameter `name` of `method`'s config; a clear error when absent.
-
-  Numbers from the papers live in configs, so objectives have no defaults.
-  """
-  if name not in config or config[name] is None:
-    raise ValueError(f"method_kwargs.{name}: method {method!r} needs it; got "
-                     f"{sorted(config)}")
-  return config[name]
-
-
-def attack_kwargs(config: Mapping, method: str) -> dict:
-  """`adversarial_inputs`' `{eps, steps, step_size, random_start}` from the
-  `attack_*` method kwargs (CRMT-AT, MMAT)."""
-  return {key: required(config, f"attack_{key}", method)
-          for key in ("eps", "steps", "step_size", "random_start")}
-
-
 def adversarial_inputs(model, params, state: Mapping, batch: Mapping, rng: Array, *,
                        eps: float, steps: int, step_size: float, random_start: bool
                        ) -> dict[str, Array]:

@@ -30,15 +30,17 @@ orthogonal head, then step 2), `ojt` (CE only). This module holds the
 pieces: L1, step 1's loss, step 2's objective and stage (`STEP2`), and the
 callback that computes step 2's constants when it starts (`PrepareStep2`).
 
-Hyper-parameters come from `config.method_kwargs`: `rho` and `l1_floor` (see
-`margin_regularizer`), `step2_lipschitz` and `step2_objective` (every
-two-step variant), and `cert_eps` and `cert_temperature` for "radius_hinge".
+Hyper-parameters: `L1Settings` (step 1's `rho`, `l1_floor`) and
+`Step2Settings` (every two-step variant: `step2_lipschitz`, `step2_objective`,
+and `cert_eps`, `cert_temperature` for "radius_hinge"), overridden by
+`config.method_kwargs`.
 `crmt_cert`, CRMT trained on its sound certificate, lives in `crmt_cert.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 from mmsafe import certify
 from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import Callback, CallbackContext, Stage
+from mmsafe.methods.settings import Settings, setting
 from mmsafe.models.heads import is_modality_weight
 from mmsafe.numerics import label_mask, mask_labels
 
@@ -53,6 +56,51 @@ Array = jax.Array
 
 # The key of the method state that holds step 2's Lipschitz constants.
 STATE_KEY = "crmt"
+STEP2_LIPSCHITZ = ("empirical", "sound")
+STEP2_OBJECTIVES = ("mean_radius", "radius_hinge")
+
+
+@dataclasses.dataclass(frozen=True)
+class L1Settings(Settings):
+  """CRMT step 1, `CE + rho * L1` (Yang et al., ICLR 2024, eq. 12).
+
+  Attributes:
+    rho: the weight of L1 (eq. 12), >= 0; 2.0 in the paper's reference configs.
+    l1_floor: added inside L1's logarithm, >= 0 (`margin_regularizer`); the
+      paper's code adds 1e-5.
+  """
+
+  rho: float = setting(2.0, minimum=0.0)
+  l1_floor: float = setting(1e-5, minimum=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step2Settings(Settings):
+  """CRMT step 2: only the modality weights `a` move, on the Thm 3.5 (eq. 10)
+  radii (Sec. 3.4).
+
+  Attributes:
+    step2_lipschitz: "empirical" (the paper's code: the largest gradient norm
+      over the training set, eq. 9) or "sound" (the encoders' stated bounds);
+      None: the method's default (empirical for the paper's variants, sound
+      for crmt_cert).
+    step2_objective: "mean_radius" (the paper's L2, the mean radius at the
+      closest wrong class) or "radius_hinge" (mmsafe's: CE of the radius
+      logits `t (eps - r_k)`, `step2_loss`); None: the method's default.
+    cert_eps: the hinge's target radius `eps` (> 0); 3 on mfeat, 4 on
+      av_digits, by validation certified accuracy (mmsafe's choice).
+    cert_temperature: the hinge's temperature `t` (> 0); 4 (mmsafe's choice).
+  """
+
+  step2_lipschitz: str | None = setting(None, choices=STEP2_LIPSCHITZ)
+  step2_objective: str | None = setting(None, choices=STEP2_OBJECTIVES)
+  cert_eps: float = setting(3.0, minimum=0.0, exclusive_minimum=True)
+  cert_temperature: float = setting(4.0, minimum=0.0, exclusive_minimum=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRMTSettings(L1Settings, Step2Settings):
+  """CRMT (CRMT-JT): step 1 (`L1Settings`) then step 2 (`Step2Settings`)."""
 
 
 def margin_regularizer(scores: Mapping[str, Array], labels: Array, floor: float = 0.0
@@ -92,10 +140,6 @@ def step1_loss(output, labels: Array, rho: float, floor: float) -> tuple[Array, 
   ce = cross_entropy(output.logits, labels)
   l1 = margin_regularizer(output.scores, labels, floor).mean()
   return ce + rho * l1, {"ce": ce, "l1": l1, "accuracy": accuracy(output.logits, labels)}
-
-
-STEP2_LIPSCHITZ = ("empirical", "sound")
-STEP2_OBJECTIVES = ("mean_radius", "radius_hinge")
 
 
 def _at_closest_class(per_class: Array, logits: Array, labels: Array) -> Array:
@@ -201,36 +245,18 @@ def step2_loss(output, labels: Array, tau: Mapping[str, Array],
   return hinge, {**metrics, "radius_ce": hinge}
 
 
-def _choice(config: Mapping | None, field: str, choices: tuple[str, ...], default: str) -> str:
-  """`method_kwargs.<field>` (None: `default`), one of `choices`, else a ValueError."""
-  value = (config or {}).get(field) or default
-  if value not in choices:
-    raise ValueError(f"method_kwargs.{field}: expected one of {list(choices)} or None, got "
-                     f"{value!r}")
-  return value
+def step2_lipschitz(settings: Step2Settings, default: str = "empirical") -> str:
+  """The Lipschitz kind step 2 optimises (`step2_lipschitz`; None: `default`)."""
+  return settings.step2_lipschitz or default
 
 
-def step2_lipschitz(config: Mapping | None, default: str = "empirical") -> str:
-  """The Lipschitz kind step 2 optimises (`method_kwargs.step2_lipschitz`)."""
-  return _choice(config, "step2_lipschitz", STEP2_LIPSCHITZ, default)
+def step2_objective_name(settings: Step2Settings, default: str = "mean_radius") -> str:
+  """The loss step 2 minimises (`step2_objective`; None: `default`; see `step2_loss`)."""
+  return settings.step2_objective or default
 
 
-def step2_objective_name(config: Mapping | None, default: str = "mean_radius") -> str:
-  """The loss step 2 minimises (`method_kwargs.step2_objective`, see `step2_loss`)."""
-  return _choice(config, "step2_objective", STEP2_OBJECTIVES, default)
-
-
-def _hinge_constant(config: Mapping | None, field: str) -> float:
-  """`method_kwargs.<field>` as a float > 0, else a ValueError naming it."""
-  value = (config or {}).get(field)
-  if value is None or not float(value) > 0:
-    raise ValueError(f"method_kwargs.{field}: step2_objective 'radius_hinge' needs a value > 0, "
-                     f"got {value!r}")
-  return float(value)
-
-
-def step2_objective(model, config: Mapping | None = None, *, default_lipschitz: str = "empirical",
-                    default_objective: str = "mean_radius"):
+def step2_objective(model, settings: Step2Settings = Step2Settings(), *,
+                    default_lipschitz: str = "empirical", default_objective: str = "mean_radius"):
   """CRMT step 2: `step2_loss` of `a` (`method_kwargs.step2_objective`; None:
   `default_objective`, "mean_radius" being the paper's L2).
 
@@ -241,12 +267,11 @@ def step2_objective(model, config: Mapping | None = None, *, default_lipschitz: 
   tight Thm 3.5) are read from `state["crmt"]` (see `prepare_step2`).
   "radius_hinge" reads `eps` and `t` from `cert_eps` and `cert_temperature`.
   """
-  sound = step2_lipschitz(config, default_lipschitz) == "sound"
-  objective = step2_objective_name(config, default_objective)
+  sound = step2_lipschitz(settings, default_lipschitz) == "sound"
+  objective = step2_objective_name(settings, default_objective)
   eps = temperature = None
   if objective == "radius_hinge":
-    eps = _hinge_constant(config, "cert_eps")
-    temperature = _hinge_constant(config, "cert_temperature")
+    eps, temperature = settings.cert_eps, settings.cert_temperature
 
   def loss_fn(params, state, batch, rng):
     del rng
@@ -263,16 +288,16 @@ def step2_objective(model, config: Mapping | None = None, *, default_lipschitz: 
   return loss_fn
 
 
-def init_state(model, variables, config: Mapping | None = None) -> dict:
+def init_state(model, variables, settings: Settings | None = None) -> dict:
   """Method state: step 2's `tau~` and `L^(m)` (zeros until `prepare_step2`)."""
-  del model, config
+  del model, settings
   weights = variables["params"]["head"]["a"]
   return {STATE_KEY: {
       "tau": {m: jnp.zeros((1, a.shape[-1]), jnp.float32) for m, a in weights.items()},
       "feature_lipschitz": {m: jnp.zeros((), jnp.float32) for m in weights}}}
 
 
-def prepare_step2(model, variables, config: Mapping | None = None, *,
+def prepare_step2(model, variables, settings: Step2Settings = Step2Settings(), *,
                   reduce_over_split: Callable | None = None,
                   default_lipschitz: str = "empirical") -> dict:
   """The method state for step 2, modality -> constants of the uni-modal scores:
@@ -282,7 +307,7 @@ def prepare_step2(model, variables, config: Mapping | None = None, *,
   `reduce_over_split` of `CallbackContext`); "sound": the encoders' stated
   bounds (`mmsafe.certify.sound_constants`; no data is read), with `L^(m)`
   for the tight Thm 3.5."""
-  if step2_lipschitz(config, default_lipschitz) == "sound":
+  if step2_lipschitz(settings, default_lipschitz) == "sound":
     constants = certify.sound_constants(model, variables)  # One compiled program.
     features, values = constants.encoder, constants.values
   else:

@@ -48,7 +48,7 @@ lowered by shrinking the head's scale (`radius_logits`). Optional terms:
 
 `crmt_cert` adds CRMT's step 2 on the sound constants: only `a` moves, on the
 tight Thm 3.5 radius, with step 1's radius hinge at `eps` as its objective
-(`method_kwargs.step2_objective` None: "radius_hinge"; the paper's mean
+(`step2_objective` None: "radius_hinge"; the paper's mean
 radius, "mean_radius", can switch a class off: `crmt.step2_loss`).
 `ojt_cert` is `crmt_cert` without step 2 and `jt_cert` the same hinge on the
 concat head: the controls that tell CRMT's structure (orthogonal head,
@@ -60,12 +60,9 @@ dense layers, through which the gradient also flows). With free
 convolutional encoders every step would compute their operator norms: use
 Lipschitz encoders.
 
-Hyper-parameters (`config.method_kwargs`): `cert_eps` (the target radius
-`eps`), `cert_temperature` (`t`), `cert_uni_weight` and `cert_uni_eps` (the
-worst-modality hinge; weight 0 turns it off), `cert_missing_weight` (the
-missing-modality hinge; None or 0 turns it off), `cert_rho` (weight of the
-normalised L1; 0 turns it off), `l1_floor`, `step2_lipschitz` (None:
-"sound"), `step2_objective` (None: "radius_hinge").
+Hyper-parameters: `CertSettings` (jt_cert, ojt_cert) and `CRMTCertSettings`
+(crmt_cert, adding `crmt.Step2Settings`, whose None defaults mean "sound"
+and "radius_hinge" here).
 """
 
 from __future__ import annotations
@@ -80,8 +77,9 @@ import jax.numpy as jnp
 from mmsafe.certify.bounds import pair_lipschitz
 from mmsafe.certify.constants import integration_factors
 from mmsafe.methods import crmt
-from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
-from mmsafe.methods.registry import Stage, register
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy
+from mmsafe.methods.registry import Stage, add_method, register
+from mmsafe.methods.settings import Settings, setting
 from mmsafe.numerics import label_mask
 
 Array = jax.Array
@@ -232,32 +230,61 @@ def step1_loss(output, labels: Array, feature_lipschitz: Mapping[str, Array],
   return value, metrics
 
 
-def certified_loss(config: Mapping, name: str) -> CertifiedLoss:
-  """`method_kwargs`' step-1 hyper-parameters, checked (errors name the field)."""
-  get = lambda key: float(required(config, key, name))
-  uni_weight = get("cert_uni_weight")
-  loss = CertifiedLoss(eps=get("cert_eps"), temperature=get("cert_temperature"),
-                       rho=get("cert_rho"), floor=get("l1_floor"), uni_weight=uni_weight,
-                       uni_eps=get("cert_uni_eps") if uni_weight else 0.0,
-                       missing_weight=float(config.get("cert_missing_weight") or 0.0))
-  for field, value in (("cert_eps", loss.eps), ("cert_temperature", loss.temperature)):
-    if not value > 0:
-      raise ValueError(f"method_kwargs.{field}: expected > 0, got {value}")
-  for field, value in (("cert_uni_weight", loss.uni_weight),
-                       ("cert_missing_weight", loss.missing_weight)):
-    if not value >= 0:
-      raise ValueError(f"method_kwargs.{field}: expected >= 0, got {value}")
-  if loss.uni_weight and not loss.uni_eps > 0:
-    raise ValueError(f"method_kwargs.cert_uni_eps: expected > 0 with cert_uni_weight "
-                     f"{loss.uni_weight}, got {loss.uni_eps}")
-  return loss
+@dataclasses.dataclass(frozen=True)
+class CertSettings(Settings):
+  """Step 1 on the sound certificate: a hinge on every pairwise tight Thm 3.5
+  radius (Yang et al., ICLR 2024, eq. 10) plus optional terms. The defaults
+  are mmsafe's choices by validation certified accuracy on mfeat (4 is used
+  for `cert_eps` on av_digits; rho 0.5 cost 20+ points).
+
+  Attributes:
+    cert_eps: the target radius `eps` of the hinge, > 0; 3.
+    cert_temperature: the hinge's temperature `t`, > 0; 4.
+    cert_rho: the weight of L1 on the Lipschitz-normalised uni-modal margins
+      (eq. 12 on `normalized_scores`; orthogonal head only), >= 0; 0 (off).
+    l1_floor: added inside that L1's logarithm, >= 0; 1e-5 (the paper's code).
+    cert_uni_weight: the weight of the same hinge on the worst-modality radius
+      (Prop. 3.4), >= 0; 0 (off).
+    cert_uni_eps: that hinge's target radius, > 0; needed when the weight is
+      not 0.
+    cert_missing_weight: the weight of the hinge on each modality's
+      missing-modality certificate, >= 0; None or 0: off.
+  """
+
+  cert_eps: float = setting(3.0, minimum=0.0, exclusive_minimum=True)
+  cert_temperature: float = setting(4.0, minimum=0.0, exclusive_minimum=True)
+  cert_rho: float = setting(0.0, minimum=0.0)
+  l1_floor: float = setting(1e-5, minimum=0.0)
+  cert_uni_weight: float = setting(0.0, minimum=0.0)
+  cert_uni_eps: float | None = setting(None, minimum=0.0, exclusive_minimum=True)
+  cert_missing_weight: float | None = setting(None, minimum=0.0)
+
+  def check(self) -> None:
+    if self.cert_uni_weight and self.cert_uni_eps is None:
+      raise ValueError(f"method_kwargs.cert_uni_eps: expected a finite number > 0 with "
+                       f"cert_uni_weight {self.cert_uni_weight}, got None")
+
+
+@dataclasses.dataclass(frozen=True)
+class CRMTCertSettings(CertSettings, crmt.Step2Settings):
+  """crmt_cert: step 1 on the certificate (`CertSettings`), then CRMT step 2
+  (`crmt.Step2Settings`; None: "sound" constants and "radius_hinge")."""
+
+
+def certified_loss(settings: CertSettings) -> CertifiedLoss:
+  """The step-1 loss's constants from the method's settings."""
+  uni_weight = settings.cert_uni_weight
+  return CertifiedLoss(eps=settings.cert_eps, temperature=settings.cert_temperature,
+                       rho=settings.cert_rho, floor=settings.l1_floor, uni_weight=uni_weight,
+                       uni_eps=settings.cert_uni_eps if uni_weight else 0.0,
+                       missing_weight=settings.cert_missing_weight or 0.0)
 
 
 def step1_objective(name: str):
-  """`make_objective(model, config)` of the certified step 1 for method `name`."""
+  """`make_objective(model, settings)` of the certified step 1 for method `name`."""
 
-  def make_objective(model, config):
-    loss = certified_loss(config, name)
+  def make_objective(model, settings):
+    loss = certified_loss(settings)
 
     def loss_fn(params, state, batch, rng):
       del rng
@@ -276,21 +303,21 @@ def step1_objective(name: str):
   return make_objective
 
 
-def _step2(model, config=None):
-  return crmt.step2_objective(model, config, default_lipschitz="sound",
+def _step2(model, settings: CRMTCertSettings):
+  return crmt.step2_objective(model, settings, default_lipschitz="sound",
                               default_objective="radius_hinge")
 
 
-register("jt_cert", head="concat",
+register("jt_cert", head="concat", settings=CertSettings,
          description="control: the radius hinge on the concat head's sound certificate")(
              step1_objective("jt_cert"))
-register("ojt_cert", head="orthogonal",
+register("ojt_cert", head="orthogonal", settings=CertSettings,
          description="control: the radius hinge on the orthogonal head (crmt_cert without "
                      "step 2)")(step1_objective("ojt_cert"))
-register("crmt_cert", head="orthogonal",
-         description="CRMT on its sound certificate: radius hinge + normalised L1 "
-                     "(step 1), modality weights on the tight sound bound (step 2)",
-         stages=(Stage("step1", step1_objective("crmt_cert")),
-                 dataclasses.replace(crmt.STEP2, make_objective=_step2)),
-         init_state=crmt.init_state, callbacks=(crmt.PrepareStep2(default_lipschitz="sound"),))(
-             None)
+add_method("crmt_cert", head="orthogonal", settings=CRMTCertSettings,
+           description="CRMT on its sound certificate: radius hinge + normalised L1 "
+                       "(step 1), modality weights on the tight sound bound (step 2)",
+           stages=(Stage("step1", step1_objective("crmt_cert")),
+                   dataclasses.replace(crmt.STEP2, make_objective=_step2)),
+           init_state=crmt.init_state,
+           callbacks=(crmt.PrepareStep2(default_lipschitz="sound"),))

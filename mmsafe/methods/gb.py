@@ -40,7 +40,7 @@ Choices the paper leaves open:
   model selection only.
 
 Callback: re-estimation needs whole-split evaluations, which a pure train
-step cannot do. `measure_and_blend(model, config, variables, state,
+step cannot do. `measure_and_blend(model, settings, variables, state,
 split_names, reduce_over_split, *, epoch) -> dict` returns the method-state
 entries to replace after epoch `epoch` (number of completed epochs; `epoch=0`
 before the first step takes the first measurement at initialisation); the
@@ -48,12 +48,13 @@ training loop streams the splits for it (`CallbackContext.reduce_over_split`).
 The callback `BlendingWeights` calls it when training starts and after every
 epoch.
 
-Hyper-parameters (`config.method_kwargs`): `gb_super_epoch`, `gb_heldout_fraction`.
+Hyper-parameters: `GBSettings`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +62,9 @@ import numpy as np
 import optax
 
 from mmsafe import programs
-from mmsafe.methods.common import accuracy, apply_model, required
+from mmsafe.methods.common import accuracy, apply_model
 from mmsafe.methods.registry import Callback, CallbackContext, register
+from mmsafe.methods.settings import Settings, setting
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
@@ -70,6 +72,22 @@ Array = jax.Array
 STATE_KEY = "gb"
 FUSED = "fused"
 _FLOOR = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class GBSettings(Settings):
+  """Gradient Blending (Wang, Tran & Feiszli, CVPR 2020), online G-Blend.
+
+  Attributes:
+    gb_super_epoch: the blending weights are re-estimated every this many
+      epochs, >= 1; 5 (the paper leaves the length open; mmsafe's choice).
+    gb_heldout_fraction: the fraction of the training split held out to
+      measure overfitting (split "heldout", not trained on), in (0, 1]; 0.1
+      (the paper holds out part of the training set; mmsafe's choice).
+  """
+
+  gb_super_epoch: int = setting(5, minimum=1)
+  gb_heldout_fraction: float = setting(0.1, minimum=0.0, exclusive_minimum=True, maximum=1.0)
 
 
 def head_names(modalities) -> tuple[str, ...]:
@@ -114,9 +132,9 @@ def update_blending_weights(weights: Array, reference: Mapping[str, Array],
   return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), weights)
 
 
-def init_state(model, variables, config: Mapping | None = None) -> dict:
+def init_state(model, variables, settings: GBSettings | None = None) -> dict:
   """Uniform weights; no reference measurement yet."""
-  del variables, config
+  del variables, settings
   k = len(model.input_shapes) + 1
   # Distinct buffers: the train step donates the state.
   return {STATE_KEY: {"weights": jnp.full((k,), 1.0 / k, jnp.float32),
@@ -153,14 +171,12 @@ def mean_head_losses(model, variables, split: str, reduce_over_split: Callable
   return (total / count).astype(np.float32)
 
 
-def measure_and_blend(model, config, variables, state, split_names, reduce_over_split, *,
+def measure_and_blend(model, settings: GBSettings, variables, state, split_names, reduce_over_split, *,
                       epoch: int) -> dict:
   """Method-state entries after epoch `epoch`: every `gb_super_epoch` epochs,
   measure the heads' losses on the training and held-out splits and, given a
   previous measurement, re-estimate the blending weights. `{}` otherwise."""
-  every = int(required(config, "gb_super_epoch", "gb"))
-  if every < 1:
-    raise ValueError(f"method_kwargs.gb_super_epoch: expected >= 1, got {every}")
+  every = settings.gb_super_epoch
   if "heldout" not in split_names:
     raise ValueError(f"splits: gb expected a 'heldout' split (method_kwargs."
                      f"gb_heldout_fraction of the training split), got {sorted(split_names)}")
@@ -190,11 +206,11 @@ class BlendingWeights(Callback):
                              context.split_names, context.reduce_over_split, epoch=epoch)
 
 
-@register("gb", head="concat", init_state=init_state, callbacks=(BlendingWeights(),),
+@register("gb", head="concat", settings=GBSettings, init_state=init_state, callbacks=(BlendingWeights(),),
           heldout_fraction_kwarg="gb_heldout_fraction",
           description="Gradient Blending: OGR-weighted uni-modal + fused CE")
-def make_objective(model, config):
-  del config
+def make_objective(model, settings: GBSettings):
+  del settings
 
   def loss_fn(params, state, batch, rng):
     del rng

@@ -51,14 +51,14 @@ reconstruction of an embedding from the memory of clean embeddings followed by
 the convex blend with the embedding itself (`phi~` above); `ista` solves the
 lasso, `memory_blend` blends, `cross_modal_similarity` is the MinSim term.
 
-Hyper-parameters (`config.method_kwargs`): `msefm_sim_weight` (gamma),
-`msefm_memory_size` (N), `msefm_lasso` (lambda), `msefm_blend` (a),
-`msefm_ista_steps`.
+Hyper-parameters: `MSEFMSettings` (also the test-time defence's settings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -66,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import programs
-from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
-from mmsafe.methods.registry import Defence, register
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy
+from mmsafe.methods.registry import Defence, register, settings_of
+from mmsafe.methods.settings import Settings, setting
 from mmsafe.models.outputs import HeadParams, ModelOutput
 from mmsafe.numerics import HIGHEST
 
@@ -75,6 +76,28 @@ Array = jax.Array
 
 STATE_KEY = "msefm"
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
+
+
+@dataclasses.dataclass(frozen=True)
+class MSEFMSettings(Settings):
+  """MinSim + ExFMem (Tian & Xu, CVPR 2021), from the reference main_defense.py.
+
+  Attributes:
+    msefm_sim_weight: `gamma`, the weight of the cross-modal similarity in
+      `CE + gamma * MinSim`, >= 0; 1.0.
+    msefm_memory_size: `N`, the features kept in the memory, >= 1; 1024.
+    msefm_lasso: `lambda`, the lasso weight of the reconstruction, >= 0; 0.1.
+    msefm_blend: `a` of the blend `a * reconstruction + (1 - a) * feature`, in
+      [0, 1]; 0.6 (the reference's Kinetics-Sounds value; 0.5 for MUSIC/AVE).
+    msefm_ista_steps: ISTA iterations with step 1/L, >= 1; 20 (mmsafe's: the
+      reference iterates to a tolerance, <= 2000 steps).
+  """
+
+  msefm_sim_weight: float = setting(1.0, minimum=0.0)
+  msefm_memory_size: int = setting(1024, minimum=1)
+  msefm_lasso: float = setting(0.1, minimum=0.0)
+  msefm_blend: float = setting(0.6, minimum=0.0, maximum=1.0)
+  msefm_ista_steps: int = setting(20, minimum=1)
 
 
 def soft_threshold(x: Array, threshold: Array) -> Array:
@@ -150,23 +173,10 @@ def write_memory(memory: Mapping[str, Array], pointer: Array, count: Array,
   return new, (pointer + batch) % size, jnp.minimum(count + batch, size)
 
 
-def hyperparameters(config: Mapping, name: str = "msefm") -> dict[str, Any]:
-  """The MSEFM settings of `config` (method_kwargs), checked."""
-  settings = {"sim_weight": float(required(config, "msefm_sim_weight", name)),
-              "size": int(required(config, "msefm_memory_size", name)),
-              "lasso": float(required(config, "msefm_lasso", name)),
-              "blend": float(required(config, "msefm_blend", name)),
-              "steps": int(required(config, "msefm_ista_steps", name))}
-  if settings["size"] < 1 or settings["steps"] < 1:
-    raise ValueError(f"msefm: expected msefm_memory_size >= 1 and msefm_ista_steps >= 1, got "
-                     f"{settings['size']} and {settings['steps']}")
-  return settings
-
-
-def init_state(model, variables, config: Mapping) -> dict:
+def init_state(model, variables, settings: MSEFMSettings = MSEFMSettings()) -> dict:
   """An empty memory `[N, d_m]` per modality (dimensions from the head kernels),
-  `N = config["msefm_memory_size"]` (the reference keeps 1024 training features)."""
-  size = int(required(config, "msefm_memory_size", "msefm"))
+  `N = msefm_memory_size` (the reference keeps 1024 training features)."""
+  size = settings.msefm_memory_size
   head = variables["params"]["head"]
   memory = {m: jnp.zeros((size, head[f"kernel_{m}"].shape[0]), jnp.float32)
             for m in sorted(model.input_shapes)}
@@ -174,32 +184,32 @@ def init_state(model, variables, config: Mapping) -> dict:
                       "count": jnp.zeros((), jnp.int32)}}
 
 
-def defended_features(features: Mapping[str, Array], method_state: Mapping, settings: Mapping
-                      ) -> dict[str, Array]:
+def defended_features(features: Mapping[str, Array], method_state: Mapping,
+                      settings: MSEFMSettings) -> dict[str, Array]:
   """ExFMem-blended features once the memory is full, the features otherwise."""
-  blended = memory_blend(features, method_state["memory"], lasso=settings["lasso"],
-                         steps=settings["steps"], blend=settings["blend"])
-  full = method_state["count"] >= settings["size"]
+  blended = memory_blend(features, method_state["memory"], lasso=settings.msefm_lasso,
+                         steps=settings.msefm_ista_steps, blend=settings.msefm_blend)
+  full = method_state["count"] >= settings.msefm_memory_size
   return {m: jnp.where(full, blended[m], features[m].astype(jnp.float32)) for m in features}
 
 
-def defended_logits(output: ModelOutput, memory: Mapping[str, Array], settings: Mapping
+def defended_logits(output: ModelOutput, memory: Mapping[str, Array], settings: MSEFMSettings
                     ) -> Array:
   """ExFMem at test time: the concat head on the memory-blended features,
   `sum_m (a h^(m) D^(m) + (1 - a) phi^(m)) W^(m) + b` (differentiable in the inputs)."""
-  blended = memory_blend(output.features, memory, lasso=settings["lasso"],
-                         steps=settings["steps"], blend=settings["blend"])
+  blended = memory_blend(output.features, memory, lasso=settings.msefm_lasso,
+                         steps=settings.msefm_ista_steps, blend=settings.msefm_blend)
   return fused_logits(output.head, blended)
 
 
 def evaluation_memory(features_fn, variables, inputs: Mapping[str, np.ndarray],
-                     settings: Mapping, *, seed: int = 0, batch_size: int = 256
+                     settings: MSEFMSettings, *, seed: int = 0, batch_size: int = 256
                      ) -> dict[str, Array]:
   """The test-time memory `D^(m)` [N, d_m]: the features `features_fn(variables,
-  batch)` (inference mode) of `N = settings["size"]` training examples drawn
+  batch)` (inference mode) of `N = msefm_memory_size` training examples drawn
   without replacement (`seed`)."""
   available = len(next(iter(inputs.values())))
-  size = settings["size"]
+  size = settings.msefm_memory_size
   if size > available:
     raise ValueError(f"method_kwargs.msefm_memory_size: the test-time memory needs that many "
                      f"training examples, expected <= {available}, got {size}")
@@ -213,8 +223,8 @@ def _inference_features(model, variables, inputs: Mapping[str, Array]) -> dict[s
   return model.apply(variables, inputs, train=False).features
 
 
-def prepare_defence(model, variables, train_inputs: Mapping[str, np.ndarray], settings: Mapping,
-                    *, seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
+def prepare_defence(model, variables, train_inputs: Mapping[str, np.ndarray],
+                    settings: MSEFMSettings, *, seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
   """`{"variables", "memory"}` of the test-time defence: the evaluated model's
   variables and its memory of clean training features (`evaluation_memory`)."""
   features_fn = programs.compiled(_inference_features, model)  # One program per model.
@@ -223,7 +233,7 @@ def prepare_defence(model, variables, train_inputs: Mapping[str, np.ndarray], se
   return {"variables": variables, "memory": memory}
 
 
-def defence_logits(model, settings: Mapping, defended: Mapping[str, Any],
+def defence_logits(model, settings: MSEFMSettings, defended: Mapping[str, Any],
                    inputs: Mapping[str, Array]) -> Array:
   """Fused logits [B, K] of the defended classifier (`defended_logits` of the
   evaluated model's output on `inputs`)."""
@@ -232,34 +242,34 @@ def defence_logits(model, settings: Mapping, defended: Mapping[str, Any],
 
 
 # ExFMem at test time (`defence="msefm"` of the evaluators).
-DEFENCE = Defence(settings=hyperparameters, prepare=prepare_defence, logits=defence_logits)
+DEFENCE = Defence(settings=functools.partial(settings_of, "msefm"), prepare=prepare_defence,
+                  logits=defence_logits)
 
 
-@register("msefm", head="concat", init_state=init_state, defence=DEFENCE,
+@register("msefm", head="concat", settings=MSEFMSettings, init_state=init_state, defence=DEFENCE,
           description="MinSim + ExFMem: cross-modal dissimilarity + feature-memory reconstruction")
-def make_objective(model, config):
-  settings = hyperparameters(config)
+def make_objective(model, settings: MSEFMSettings):
 
   def loss_fn(params, state, batch, rng):
     del rng
     labels = batch["label"]
     msefm = state[STATE_KEY]
     size = next(iter(msefm["memory"].values())).shape[0]
-    if size != settings["size"]:
+    if size != settings.msefm_memory_size:
       raise ValueError(f"msefm: the state's memory has {size} rows, method_kwargs."
-                       f"msefm_memory_size is {settings['size']} (create the state with "
-                       f"msefm.init_state(model, variables, method_kwargs))")
+                       f"msefm_memory_size is {settings.msefm_memory_size} (create the state "
+                       f"with msefm.init_state(model, variables, settings))")
     out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
     features = defended_features(out.features, msefm, settings)
     logits = fused_logits(out.head, features)
     ce = cross_entropy(logits, labels)
     similarity = cross_modal_similarity(features)
-    loss = ce + settings["sim_weight"] * similarity
+    loss = ce + settings.msefm_sim_weight * similarity
     memory, pointer, count = write_memory(msefm["memory"], msefm["pointer"], msefm["count"],
                                           out.features)
     new_state = {**new_state, STATE_KEY: {"memory": memory, "pointer": pointer, "count": count}}
     return loss, (new_state, {"ce": ce, "similarity": similarity,
                               "accuracy": accuracy(logits, labels),
-                              "memory_full": (count >= settings["size"]).astype(jnp.float32)})
+                              "memory_full": (count >= settings.msefm_memory_size).astype(jnp.float32)})
 
   return loss_fn

@@ -54,29 +54,52 @@ Choices the paper left open / differences to the reference code:
   and every modality with `rho > 1` is modulated with its own coefficient
   (for M = 2 exactly the paper's rule).
 * The epoch is `step // steps_per_epoch` from the method's own step counter
-  (`state["ogm"]["step"]`); `method_kwargs.steps_per_epoch` is required only
-  when the window is not "every epoch" (`ogm_start_epoch=0`, end None).
+  (`state["ogm"]["step"]`); `steps_per_epoch` (set by the training loop) is
+  required only when the window is not "every epoch" (`ogm_start_epoch=0`,
+  end None).
 * The reference adds `1e-8` to the noise std; omitted (only matters for
   all-zero gradients).
 
-Hyper-parameters (`config.method_kwargs`): `ogm_alpha`, `ogm_ge` (bool),
-`ogm_start_epoch`, `ogm_end_epoch`, and `steps_per_epoch` when needed.
+Hyper-parameters: `OGMSettings`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.registry import register
+from mmsafe.methods.settings import Settings, setting
 from mmsafe.models.outputs import ModelOutput
 
 Array = jax.Array
 
 STATE_KEY = "ogm"
+
+
+@dataclasses.dataclass(frozen=True)
+class OGMSettings(Settings):
+  """OGM-GE (Peng et al., CVPR 2022, Sec. 3.2-3.3).
+
+  Attributes:
+    ogm_alpha: `alpha` of the coefficient `1 - tanh(alpha (rho - 1))` (eq. 10),
+      >= 0; 0.1, the reference README's default (0.8 recommended for CREMA-D).
+    ogm_ge: whether Generalisation Enhancement adds Gaussian noise (OGM-GE).
+    ogm_start_epoch, ogm_end_epoch: the epochs modulated, inclusive, >= 0; end
+      None: every epoch from the start (the reference modulates 0..50 of 100).
+    steps_per_epoch: optimizer steps per epoch, >= 1, set by the training
+      loop; needed only when the window is not every epoch.
+  """
+
+  ogm_alpha: float = setting(0.1, minimum=0.0)
+  ogm_ge: bool = setting(True)
+  ogm_start_epoch: int = setting(0, minimum=0)
+  ogm_end_epoch: int | None = setting(None, minimum=0)
+  steps_per_epoch: int | None = setting(None, minimum=1)
 
 
 def encoder_key(params: Mapping, modality: str) -> str:
@@ -119,17 +142,16 @@ def modulation_coefficients(ratios: Mapping[str, Array], alpha: float) -> dict[s
           for m, r in ratios.items()}
 
 
-def window_active(step: Array, config: Mapping, prefix: str, method: str) -> Array | bool:
-  """Whether epoch `step // steps_per_epoch` lies in `[<prefix>_start_epoch,
-  <prefix>_end_epoch]` (inclusive; end None: no end). Python `True` when the
-  window is every epoch, so `steps_per_epoch` is not needed then."""
-  start = int(required(config, f"{prefix}_start_epoch", method))
-  end = config.get(f"{prefix}_end_epoch")
+def window_active(step: Array, start: int, end: int | None, steps_per_epoch: int | None,
+                  method: str) -> Array | bool:
+  """Whether epoch `step // steps_per_epoch` lies in `[start, end]` (inclusive;
+  end None: no end). Python `True` when the window is every epoch, so
+  `steps_per_epoch` is not needed then."""
   if start <= 0 and end is None:
     return True
-  steps_per_epoch = int(required(config, "steps_per_epoch", method))
-  if steps_per_epoch < 1:
-    raise ValueError(f"method_kwargs.steps_per_epoch: expected >= 1, got {steps_per_epoch}")
+  if steps_per_epoch is None:
+    raise ValueError(f"method_kwargs.steps_per_epoch: method {method!r} needs it for an epoch "
+                     f"window other than every epoch ({start}..{end}); got None")
   epoch = step // steps_per_epoch
   active = epoch >= start
   if end is not None:
@@ -167,18 +189,18 @@ def gradient_surrogate(loss: Array, params, grads) -> Array:
   return sg(loss) + sum(jax.tree_util.tree_leaves(terms))
 
 
-def init_state(model, variables, config: Mapping | None = None) -> dict:
+def init_state(model, variables, settings: Settings | None = None) -> dict:
   """The step counter of the modulation schedule."""
-  del model, variables, config
+  del model, variables, settings
   return {STATE_KEY: {"step": jnp.zeros((), jnp.int32)}}
 
 
-@register("ogm", head="concat", init_state=init_state,
+@register("ogm", head="concat", settings=OGMSettings, init_state=init_state,
           description="OGM-GE: modulate the dominant modality's encoder gradients (+ GE noise)")
-def make_objective(model, config):
-  alpha = float(required(config, "ogm_alpha", "ogm"))
-  enhance = bool(required(config, "ogm_ge", "ogm"))
-  window_active(jnp.zeros((), jnp.int32), config, "ogm", "ogm")  # checks the config now
+def make_objective(model, settings: OGMSettings):
+  alpha, enhance = settings.ogm_alpha, settings.ogm_ge
+  window = (settings.ogm_start_epoch, settings.ogm_end_epoch, settings.steps_per_epoch, "ogm")
+  window_active(jnp.zeros((), jnp.int32), *window)  # checks the settings now
 
   def forward(params, state, batch):
     out, new_state = apply_model(model, params, state, batch["inputs"], train=True)
@@ -191,7 +213,7 @@ def make_objective(model, config):
         lambda p: forward(p, state, batch), jax.lax.stop_gradient(params), has_aux=True)
     (grads,) = pullback(jnp.ones_like(loss))
     ratios = discrepancy_ratios(confidence_scores(uni_modal_logits(out), labels))
-    active = window_active(step, config, "ogm", "ogm")
+    active = window_active(step, *window)
     coefficients = {m: jnp.where(active, k, 1.0)
                     for m, k in modulation_coefficients(ratios, alpha).items()}
     grads = modulate_gradients(grads, coefficients, rng, enhance=jnp.logical_and(active, enhance))

@@ -60,24 +60,52 @@ Choices and simplifications (documented on purpose):
   gets `mu` (M = 2: the paper's rule).
 * Distances use a gradient-safe square root (finite at zero distance).
 
-Hyper-parameters (`config.method_kwargs`): `pmr_alpha`, `pmr_momentum`,
-`pmr_start_epoch`, `pmr_end_epoch`, `pmr_entropy_weight`,
-`pmr_entropy_end_epoch`, and `steps_per_epoch` when a window is not every
-epoch.
+Hyper-parameters: `PMRSettings`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from mmsafe.methods.common import accuracy, apply_model, cross_entropy, required
+from mmsafe.methods.common import accuracy, apply_model, cross_entropy
 from mmsafe.methods.ogm import confidence_scores, discrepancy_ratios, window_active
 from mmsafe.methods.registry import register
+from mmsafe.methods.settings import Settings, setting
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PMRSettings(Settings):
+  """PMR (Fan et al., CVPR 2023, Sec. 3.2-3.3).
+
+  Attributes:
+    pmr_alpha: `alpha`, the weight of the prototypical CE on the slower
+      modality (eq. 7), >= 0; 1.0, the reference code's default.
+    pmr_momentum: the per-step EMA momentum of the prototypes, in [0, 1); 0.9
+      (mmsafe's; the reference smooths per-epoch means with 0.5 in its
+      Kinetics-Sounds script).
+    pmr_start_epoch, pmr_end_epoch: the epochs rebalanced, inclusive, >= 0; end
+      None: every epoch from the start (reference: 0..100 of 150).
+    pmr_entropy_weight: `mu`, the weight of the prototype entropy on the
+      dominant modality (eq. 8), >= 0; 0.1 (mmsafe's; 0 turns it off).
+    pmr_entropy_end_epoch: the last epoch of that entropy term, >= 0; 4
+      (mmsafe's); None: no end.
+    steps_per_epoch: optimizer steps per epoch, >= 1, set by the training
+      loop; needed only when a window is not every epoch.
+  """
+
+  pmr_alpha: float = setting(1.0, minimum=0.0)
+  pmr_momentum: float = setting(0.9, minimum=0.0, maximum=1.0, exclusive_maximum=True)
+  pmr_start_epoch: int = setting(0, minimum=0)
+  pmr_end_epoch: int | None = setting(None, minimum=0)
+  pmr_entropy_weight: float = setting(0.1, minimum=0.0)
+  pmr_entropy_end_epoch: int | None = setting(4, minimum=0)
+  steps_per_epoch: int | None = setting(None, minimum=1)
 
 STATE_KEY = "pmr"
 
@@ -136,9 +164,9 @@ def entropy_coefficients(ratios: Mapping[str, Array], weight: float) -> dict[str
   return {m: jnp.where(r > 1.0, weight, 0.0) for m, r in ratios.items()}
 
 
-def init_state(model, variables, config: Mapping | None = None) -> dict:
+def init_state(model, variables, settings: Settings | None = None) -> dict:
   """Zero prototypes `[K, d_m]` per modality (dimensions from the head kernels)."""
-  del config
+  del settings
   head = variables["params"]["head"]
   kernels = {m: head[f"kernel_{m}"] for m in sorted(model.input_shapes)
              if f"kernel_{m}" in head}
@@ -152,20 +180,17 @@ def init_state(model, variables, config: Mapping | None = None) -> dict:
                       "step": jnp.zeros((), jnp.int32)}}
 
 
-@register("pmr", head="concat", init_state=init_state,
+@register("pmr", head="concat", settings=PMRSettings, init_state=init_state,
           description="PMR: prototypical CE on the slower modality, entropy on the dominant one")
-def make_objective(model, config):
-  alpha = float(required(config, "pmr_alpha", "pmr"))
-  momentum = float(required(config, "pmr_momentum", "pmr"))
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"method_kwargs.pmr_momentum: expected in [0, 1), got {momentum}")
-  entropy_weight = float(required(config, "pmr_entropy_weight", "pmr"))
-  if not entropy_weight >= 0.0:
-    raise ValueError(f"method_kwargs.pmr_entropy_weight: expected >= 0, got {entropy_weight}")
+def make_objective(model, settings: PMRSettings):
+  alpha, momentum = settings.pmr_alpha, settings.pmr_momentum
+  entropy_weight = settings.pmr_entropy_weight
+  start, steps_per_epoch = settings.pmr_start_epoch, settings.steps_per_epoch
+  window = (start, settings.pmr_end_epoch, steps_per_epoch, "pmr")
   # The entropy window: the PMR window, ending at pmr_entropy_end_epoch.
-  entropy_config = {**config, "pmr_end_epoch": config.get("pmr_entropy_end_epoch")}
-  window_active(jnp.zeros((), jnp.int32), config, "pmr", "pmr")  # checks the config now
-  window_active(jnp.zeros((), jnp.int32), entropy_config, "pmr", "pmr")
+  entropy_window = (start, settings.pmr_entropy_end_epoch, steps_per_epoch, "pmr")
+  window_active(jnp.zeros((), jnp.int32), *window)  # checks the settings now
+  window_active(jnp.zeros((), jnp.int32), *entropy_window)
 
   def loss_fn(params, state, batch, rng):
     del rng
@@ -178,10 +203,10 @@ def make_objective(model, config):
     pce = {m: cross_entropy(z, labels) for m, z in logits.items()}
     ratios = discrepancy_ratios(jax.lax.stop_gradient(confidence_scores(logits, labels)))
     ready = jnp.all(pmr["seen"] > 0)
-    active = jnp.logical_and(ready, window_active(pmr["step"], config, "pmr", "pmr"))
+    active = jnp.logical_and(ready, window_active(pmr["step"], *window))
     coefficients = {m: jnp.where(active, b, 0.0)
                     for m, b in rebalance_coefficients(ratios, alpha).items()}
-    early = jnp.logical_and(active, window_active(pmr["step"], entropy_config, "pmr", "pmr"))
+    early = jnp.logical_and(active, window_active(pmr["step"], *entropy_window))
     entropy = {m: prototype_entropy(z) for m, z in logits.items()}
     entropy_coefficient = {m: jnp.where(early, w, 0.0)
                            for m, w in entropy_coefficients(ratios, entropy_weight).items()}

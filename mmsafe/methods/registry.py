@@ -11,18 +11,26 @@ dict whose entry "model" holds the model's non-parameter collections
 (batch-norm statistics); methods keep their own entries beside it
 (`init_state`). The training loop (`mmsafe.train`) runs the stages in order and
 calls the callbacks; it knows no method by name.
+
+Each method declares its hyper-parameters as a frozen dataclass
+(`mmsafe.methods.settings.Settings`, `Method.settings`); objectives, callbacks
+and `init_state` receive that settings object, built from
+`config.method_kwargs` by `Method.make_settings`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 import dataclasses
+import difflib
 from typing import Any
 
 import jax
 
+from mmsafe.methods.settings import Settings, check_value
+
 Objective = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
-MakeObjective = Callable[[Any, Mapping[str, Any]], Objective]
+MakeObjective = Callable[[Any, Settings], Objective]
 
 _REGISTRY: dict[str, "Method"] = {}
 
@@ -33,8 +41,8 @@ class Stage:
 
   Attributes:
     name: the stage's name in logs and checkpoints ("train", "step1", "step2").
-    make_objective: `(model, config) -> loss_fn`; `config` holds the method's
-      hyper-parameters (`config.method_kwargs` plus `steps_per_epoch`).
+    make_objective: `(model, settings) -> loss_fn`; `settings` are the
+      method's hyper-parameters (`Method.settings`).
     optimizer: the config section with this stage's optimizer
       (`mmsafe.train.optimizer.make_optimizer`) and, for every stage but the
       one reading "optimizer", its `num_epochs`.
@@ -84,7 +92,7 @@ class CallbackContext:
       methods' entries).
     split_names: the run's splits ("train", "validation", "test", and
       "heldout" for a method that holds out part of the training split).
-    config: the method's hyper-parameters.
+    config: the method's settings (`Method.settings`).
     reduce_over_split: `reduce_over_split(split, fn, op)` calls
       `fn(batches)` on this process's rows of split `split` (evaluation
       batches in model space with a `"valid"` mask) and reduces its result,
@@ -96,7 +104,7 @@ class CallbackContext:
   variables: Any
   state: Mapping[str, Any]
   split_names: tuple[str, ...]
-  config: Mapping[str, Any]
+  config: Settings
   reduce_over_split: Callable[[str, Callable[[Iterable[Mapping[str, Any]]], Any], str], Any]
 
 
@@ -108,7 +116,8 @@ class Defence:
 
   Attributes:
     settings: `(method_kwargs) -> settings`, checked (a ValueError names the
-      field); called when the evaluator is built, before anything runs.
+      field; `settings_of`); called when the evaluator is built, before
+      anything runs.
     prepare: `(model, variables, train_inputs, settings, *, seed, batch_size)
       -> defended`, the pytree `logits` reads (e.g. a memory of training
       features); `train_inputs` are the training split's inputs in model space.
@@ -129,12 +138,14 @@ class Method:
     name: registry name (`--config.method=<name>`).
     head: the head kind the method trains ("concat" or "orthogonal").
     stages: the training stages, run in order.
+    settings: the method's `Settings` class: its hyper-parameters, defaults
+      and ranges (`config.method_kwargs` overrides them; `make_settings`).
     description: one line for `--help` and reports.
-    init_state: optional `(model, variables, config) -> dict` of method-state
+    init_state: optional `(model, variables, settings) -> dict` of method-state
       entries (beside `state["model"]`), present from the first step so a
       checkpoint has one structure throughout.
     callbacks: the method's `Callback`s.
-    heldout_fraction_kwarg: the `method_kwargs` entry naming the fraction of the
+    heldout_fraction_kwarg: the settings field naming the fraction of the
       training split the method holds out (split "heldout", not trained on),
       or None.
     defence: the method's test-time `Defence`, or None.
@@ -143,8 +154,9 @@ class Method:
   name: str
   head: str
   stages: tuple[Stage, ...]
+  settings: type[Settings] = Settings
   description: str = ""
-  init_state: Callable[[Any, Any, Mapping[str, Any]], dict] | None = None
+  init_state: Callable[[Any, Any, Settings], dict] | None = None
   callbacks: tuple[Callback, ...] = ()
   heldout_fraction_kwarg: str | None = None
   defence: Defence | None = None
@@ -157,26 +169,73 @@ class Method:
     raise ValueError(f"stage: method {self.name!r} has stages "
                      f"{[s.name for s in self.stages]}, got {name!r}")
 
-  def __call__(self, model, config: Mapping[str, Any] | None = None) -> Objective:
-    """The first stage's objective for `model`."""
-    return self.stages[0].make_objective(model, dict(config or {}))
+  def make_settings(self, kwargs: Mapping[str, Any] | Settings | None) -> Settings:
+    """The method's settings: `kwargs` (`config.method_kwargs`, plus
+    `steps_per_epoch` from the training loop) over the defaults of
+    `self.settings`, checked. `kwargs` may hold other methods' settings (the
+    config's bag serves them all): they are checked by the class that declares
+    them and left out. Any other key is refused, naming this method and the
+    closest field. Settings of this class pass through."""
+    if isinstance(kwargs, self.settings):
+      return kwargs
+    if isinstance(kwargs, Settings):
+      raise ValueError(f"settings: method {self.name!r} expected {self.settings.__name__} or "
+                       f"method_kwargs, got {type(kwargs).__name__}")
+    kwargs = dict(kwargs or {})
+    fields = [f.name for f in dataclasses.fields(self.settings)]
+    owners = setting_owners()
+    unknown = sorted(set(kwargs) - set(fields) - set(owners))
+    if unknown:
+      close = (difflib.get_close_matches(unknown[0], fields, 1)
+               or difflib.get_close_matches(unknown[0], sorted(owners), 1))
+      raise ValueError(f"method_kwargs.{unknown[0]}: not a setting of method {self.name!r} "
+                       f"({self.settings.__name__}: {fields}) nor of any other method"
+                       + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+      for key in sorted(set(kwargs) - set(fields)):
+        check_value(owners[key], key, kwargs[key])
+      return self.settings(**{k: v for k, v in kwargs.items() if k in fields})
+    except ValueError as error:
+      raise ValueError(f"{error} (method {self.name!r}, {self.settings.__name__})") from None
+
+  def __call__(self, model, config: Mapping[str, Any] | Settings | None = None) -> Objective:
+    """The first stage's objective for `model` (`config`: method kwargs or settings)."""
+    return self.stages[0].make_objective(model, self.make_settings(config))
 
 
-def register(name: str, *, head: str, description: str = "",
-             stages: tuple[Stage, ...] | None = None, **fields):
-  """Registers a method. As a decorator of `make_objective(model, config)`, the
-  method has one stage "train" with that objective (or, with `stages`, those
-  stages after it); `fields` are the optional `Method` attributes
-  (`init_state`, `callbacks`, `heldout_fraction_kwarg`, `defence`)."""
+def add_method(name: str, *, head: str, stages: tuple[Stage, ...],
+               settings: type[Settings] = Settings, **fields) -> Method:
+  """Registers and returns the method `name` with its head, stages and settings
+  class; `fields` are the optional `Method` attributes (`description`,
+  `init_state`, `callbacks`, `heldout_fraction_kwarg`, `defence`)."""
+  if name in _REGISTRY:
+    raise ValueError(f"method {name!r} is registered twice")
+  _REGISTRY[name] = Method(name, head, tuple(stages), settings, **fields)
+  return _REGISTRY[name]
 
-  def wrap(make_objective: MakeObjective | None):
-    if name in _REGISTRY:
-      raise ValueError(f"method {name!r} is registered twice")
-    first = () if make_objective is None else (Stage("train", make_objective),)
-    _REGISTRY[name] = Method(name, head, (*first, *(stages or ())), description, **fields)
+
+def register(name: str, *, head: str, stages: tuple[Stage, ...] = (), **fields):
+  """A decorator of `make_objective(model, settings)` that registers method
+  `name` with one stage "train" of that objective (then `stages`); `fields` as
+  in `add_method`."""
+
+  def wrap(make_objective: MakeObjective) -> MakeObjective:
+    add_method(name, head=head, stages=(Stage("train", make_objective), *stages), **fields)
     return make_objective
 
   return wrap
+
+
+def setting_owners() -> dict[str, type[Settings]]:
+  """Every registered method's settings field -> a settings class declaring it:
+  the keys `method_kwargs` may hold."""
+  return {f.name: method.settings for method in _REGISTRY.values()
+          for f in dataclasses.fields(method.settings)}
+
+
+def settings_of(name: str, kwargs: Mapping[str, Any] | None) -> Settings:
+  """Method `name`'s settings from `kwargs` (`Method.make_settings`)."""
+  return get(name).make_settings(kwargs)
 
 
 def get(name: str) -> Method:

@@ -20,16 +20,6 @@ from mmsafe.train.stages import TrainingStage, stage_at, training_stages
 from mmsafe.train.state import TrainState
 
 SPLIT_ROLES = ("train", "validation", "test")
-# Numeric method_kwargs checked before training when set (each method reads the
-# ones it needs): name -> (integer?, minimum, minimum allowed?).
-METHOD_KWARG_RANGES = {
-    "attack_eps": (False, 0.0, True), "attack_step_size": (False, 0.0, True),
-    "attack_steps": (True, 1, True), "rho": (False, 0.0, True),
-    "mixup_alpha": (False, 0.0, False), "noise_sigma": (False, 0.0, False),
-    "ablation_keep_fraction": (False, 0.0, False), "cert_eps": (False, 0.0, False),
-    "cert_temperature": (False, 0.0, False), "cert_rho": (False, 0.0, True),
-    "decoupling_fraction": (False, 0.0, True), "decoupling_max_change": (False, 0.0, False),
-    "decoupling_rounds": (True, 1, True), "decoupling_steps": (True, 1, True)}
 # The run's integer fields checked before training: name -> (default, minimum).
 RUN_INTEGERS = {"seed": (0, 0), "eval_batch_size": (256, 1), "log_every_steps": (0, 0),
                 "checkpoint_every_steps": (0, 0), "checkpoint_max_to_keep": (2, 1),
@@ -51,6 +41,9 @@ class Experiment:
     steps_per_epoch: optimizer steps per pass over the training split.
     evaluators: the in-training evaluators of `config.evals`, built (and so
       validated) before anything is written.
+    method_settings: the method's settings (`Method.settings`) from
+      `config.method_kwargs` plus `steps_per_epoch` (methods whose schedule
+      is in epochs count them from the step counter).
   """
 
   config: dict
@@ -61,6 +54,7 @@ class Experiment:
   optimizers: dict
   steps_per_epoch: int
   evaluators: dict = dataclasses.field(default_factory=dict)
+  method_settings: methods.Settings = methods.Settings()
 
   @property
   def total_steps(self) -> int:
@@ -69,18 +63,20 @@ class Experiment:
   def stage_at(self, step: int) -> TrainingStage:
     return stage_at(self.stages, step)
 
-  @property
-  def method_config(self) -> dict[str, Any]:
-    """The method's hyper-parameters: `config.method_kwargs` plus `steps_per_epoch`
-    (methods whose schedule is in epochs count them from the step counter)."""
-    return {**(self.config.get("method_kwargs") or {}), "steps_per_epoch": self.steps_per_epoch}
+  def stage_settings(self, stage: TrainingStage) -> methods.Settings:
+    """The settings of the method whose objective `stage` runs (a stage listed
+    in `config.stages` may come from another method)."""
+    if stage.method == self.method.name:
+      return self.method_settings
+    return methods.get(stage.method).make_settings(
+        method_kwargs(self.config, self.steps_per_epoch))
 
   def objective(self, stage: TrainingStage, batch_norm_axis_name: str | None = None):
     """`stage`'s objective; with `batch_norm_axis_name`, on a model whose batch
     norm averages its statistics over that axis (same parameters)."""
     model = (self.model if batch_norm_axis_name is None else
              build_model(self.config, self.method, self.splits["train"], batch_norm_axis_name))
-    return stage.make_objective(model, self.method_config)
+    return stage.make_objective(model, self.stage_settings(stage))
 
   def init_train_state(self) -> TrainState:
     """The initial `TrainState` (deterministic in `config.seed`), built by one
@@ -99,7 +95,7 @@ class Experiment:
     example = {m: jnp.zeros((int(self.config["batch_size"]), *shape), jnp.float32)
                for m, shape in self.splits["train"].modality_shapes.items()}
     variables = self.model.init(init_rng, example)
-    method_state = (self.method.init_state(self.model, variables, self.method_config)
+    method_state = (self.method.init_state(self.model, variables, self.method_settings)
                     if self.method.init_state else None)
     return TrainState.create(variables, self.optimizers[self.stages[0].name], train_rng,
                              method_state)
@@ -117,14 +113,16 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
                      f"{config.get('parallel')!r}")
   seed = check_run_fields(config)
   batch_size = check_integer(config.get("batch_size"), "batch_size", 1)
-  check_method_kwargs(config.get("method_kwargs") or {})
-  splits = hold_out(load_splits(config), method, config)
+  settings = method.make_settings(method_kwargs(config))
+  splits = hold_out(load_splits(config), method, settings, seed)
   train = splits["train"]
   if batch_size > len(train):
     raise ValueError(f"batch_size: expected 1..{len(train)} (the training set size), "
                      f"got {batch_size}")
   steps_per_epoch = len(train) // batch_size
   stages = training_stages(config, method, steps_per_epoch)
+  for listed in {stage.method for stage in stages} - {method.name}:
+    methods.get(listed).make_settings(method_kwargs(config))
   optimizers = per_stage({
       stage.name: make_optimizer(stage.optimizer, steps_per_epoch, field=stage.optimizer_field)
       for stage in stages})
@@ -133,7 +131,8 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
                                                seed=seed, run_config=config)
   return Experiment(config=config, splits=splits, model=model, method=method, stages=stages,
                     optimizers=optimizers, steps_per_epoch=steps_per_epoch,
-                    evaluators=evaluators)
+                    evaluators=evaluators,
+                    method_settings=method.make_settings(method_kwargs(config, steps_per_epoch)))
 
 
 def check_run_fields(config: Mapping[str, Any]) -> int:
@@ -147,32 +146,23 @@ def check_run_fields(config: Mapping[str, Any]) -> int:
   return int(config.get("seed", 0))
 
 
-def check_method_kwargs(kwargs: Mapping[str, Any]) -> None:
-  """Checks the set numeric `method_kwargs` of `METHOD_KWARG_RANGES`."""
-  for name, (integer, minimum, inclusive) in METHOD_KWARG_RANGES.items():
-    value = kwargs.get(name)
-    if value is None:
-      continue
-    field = f"method_kwargs.{name}"
-    if integer:
-      check_integer(value, field, minimum)
-    else:
-      check_number(value, field, minimum, inclusive)
+def method_kwargs(config: Mapping[str, Any], steps_per_epoch: int | None = None
+                  ) -> dict[str, Any]:
+  """`config.method_kwargs`, plus `steps_per_epoch` when given (set by the loop)."""
+  kwargs = dict(config.get("method_kwargs") or {})
+  return kwargs if steps_per_epoch is None else {**kwargs, "steps_per_epoch": steps_per_epoch}
 
 
-def hold_out(splits: Mapping[str, Any], method: methods.Method, config: Mapping[str, Any]
-             ) -> dict:
+def hold_out(splits: Mapping[str, Any], method: methods.Method, settings: methods.Settings,
+             seed: int) -> dict:
   """`splits` with the slice of "train" that `method` holds out moved to split
-  "heldout" (`Method.heldout_fraction_kwarg`; a random slice, the same for every
-  run with the same seed), or `splits` unchanged."""
+  "heldout" (`Method.heldout_fraction_kwarg`, a field of `settings`; a random
+  slice, the same for every run with the same seed), or `splits` unchanged."""
   name = method.heldout_fraction_kwarg
   if name is None:
     return dict(splits)
-  field = f"method_kwargs.{name}"
-  fraction = check_number((config.get("method_kwargs") or {}).get(name), field, 0.0, False,
-                          maximum=1.0)
-  train, heldout = data_lib.split_off(splits["train"], fraction,
-                                      seed=int(config.get("seed", 0)), field=field)
+  train, heldout = data_lib.split_off(splits["train"], getattr(settings, name), seed=seed,
+                                      field=f"method_kwargs.{name}")
   return {**splits, "train": train, "heldout": heldout}
 
 

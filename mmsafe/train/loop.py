@@ -354,7 +354,7 @@ def _apply_callbacks(context: _Context, state, call):
     host_state = parallel.get(state.state)
     update = call(callback, methods.CallbackContext(
         model=experiment.model, variables=parallel.get(state.variables), state=host_state,
-        split_names=tuple(experiment.splits), config=experiment.method_config,
+        split_names=tuple(experiment.splits), config=experiment.method_settings,
         reduce_over_split=reduce_over_split))
     if update:
       state = state.replace(state=parallel.put({**host_state, **update}))

@@ -33,7 +33,7 @@ class TrainingStage:
 
   Attributes:
     name: the stage's name in logs and checkpoints.
-    make_objective: `(model, method_config) -> loss_fn`.
+    make_objective: `(model, settings) -> loss_fn`.
     optimizer: `make_optimizer`'s config (with `trainable`).
     optimizer_field: where the config holds it (a section, e.g. "step2", or
       "stages[<i>].optimizer"), for error messages.
@@ -47,6 +47,7 @@ class TrainingStage:
   optimizer: dict
   num_epochs: int
   restart_selection: bool
+  method: str
   optimizer_field: str = "optimizer"
   start_step: int = 0
   end_step: int = 0
@@ -66,7 +67,7 @@ def _epochs(value: Any, default: int, field: str) -> int:
   return check_integer(default if value is None else value, field, 1)
 
 
-def _declared(config: Mapping[str, Any], stage: methods.Stage) -> TrainingStage:
+def _declared(config: Mapping[str, Any], method: str, stage: methods.Stage) -> TrainingStage:
   """A method's stage with the optimizer and epochs of its config section."""
   optimizer = _section(config, stage.optimizer, stage.name)
   base_epochs = _epochs(config["num_epochs"], 0, "num_epochs")
@@ -77,7 +78,7 @@ def _declared(config: Mapping[str, Any], stage: methods.Stage) -> TrainingStage:
                          f"{stage.optimizer}.num_epochs")
   optimizer["trainable"] = optimizer.get("trainable") or stage.trainable
   return TrainingStage(stage.name, stage.make_objective, optimizer, num_epochs,
-                       stage.restart_selection, optimizer_field=stage.optimizer)
+                       stage.restart_selection, method, optimizer_field=stage.optimizer)
 
 
 def _listed(config: Mapping[str, Any], index: int, entry: Mapping[str, Any]) -> TrainingStage:
@@ -99,7 +100,7 @@ def _listed(config: Mapping[str, Any], index: int, entry: Mapping[str, Any]) -> 
   return TrainingStage(str(entry.get("name", declared.name)), declared.make_objective,
                        optimizer, _epochs(entry.get("num_epochs"), 0, f"{field}.num_epochs"),
                        bool(entry.get("restart_selection", declared.restart_selection)),
-                       optimizer_field=optimizer_field)
+                       method.name, optimizer_field=optimizer_field)
 
 
 def training_stages(config: Mapping[str, Any], method: methods.Method, steps_per_epoch: int
@@ -108,7 +109,7 @@ def training_stages(config: Mapping[str, Any], method: methods.Method, steps_per
   else the method's own. Raises ValueError naming the bad field."""
   listed: Sequence[Mapping[str, Any]] = config.get("stages") or ()
   stages = ([_listed(config, i, entry) for i, entry in enumerate(listed)] if listed
-            else [_declared(config, stage) for stage in method.stages])
+            else [_declared(config, method.name, stage) for stage in method.stages])
   names = [stage.name for stage in stages]
   if len(set(names)) != len(names):
     raise ValueError(f"stages: expected distinct stage names, got {names}")
