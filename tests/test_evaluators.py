@@ -102,7 +102,7 @@ def test_build_reads_the_config_file_and_common_keys(toy):
   assert built["certify"].batch_size == 100 and built["robustness"].batch_size == 256
   paper = _build(toy, evals_config.get_config("paper").to_dict())["robustness"]
   assert paper.multi_eps == () and paper.decoupling_fractions == ()
-  assert paper.curves["pgd"].grids == {"multi": (0.5,), "a": (1.0,), "b": (1.0,)}
+  assert paper.attack_evaluators["pgd"].grids == {"multi": (0.5,), "a": (1.0,), "b": (1.0,)}
   pgd = _build(toy, {"pgd_val": {"type": "pgd", "every_steps": 100, "eps": [0.5]}})["pgd_val"]
   assert (pgd.name, pgd.every_steps, pgd.split, pgd.seed) == ("pgd_val", 100, "validation", 0)
   with pytest.raises(ValueError, match=r"evals config: expected names among"):

@@ -288,7 +288,7 @@ def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypat
                 uni_modalities=("a",), missing_fills=(), decoupling_fractions=(), batch_size=64)
   suite = build(apply_fn, inputs, labels, **config)
   # The radii the suite's PGD member computes for a model with a Lipschitz bound.
-  monkeypatch.setattr(suite.curves["pgd"], "sound_radii", lambda variables: certified)
+  monkeypatch.setattr(suite.attack_evaluators["pgd"], "sound_radii", lambda variables: certified)
   suite = suite.run(None)
   multi = suite["curves"]["pgd"]["multi"]  # the grid gains the paper's 0.5
   assert multi["num_certified"] == [

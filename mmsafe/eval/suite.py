@@ -77,6 +77,7 @@ class Robustness(base.Evaluator):
     super().__init__(**common)
     self.protocol = get_protocol(protocol)
     self.per_example, self.box = bool(per_example), bool(box)
+    skip_certified = base.flag(skip_certified, "skip_certified")
     self.attacks = base.strings(attacks, "attacks")
     unknown = sorted(set(self.attacks) - set(ATTACKS))
     if unknown:
@@ -101,11 +102,11 @@ class Robustness(base.Evaluator):
     common = dict(common, name=self.name, model=self.model, splits=self.splits,
                   batch_size=self.batch_size, seed=self.seed)
     self.clean = Clean(**common)
-    self.curves = {kind: _member(
+    self.attack_evaluators = {kind: _member(
         ATTACKS[kind], common, scope=(MULTI, *uni), eps=self.multi_eps, uni_eps=self.uni_eps,
         uni_extra_eps=uni_extra_eps, protocol=self.protocol, box=self.box,
-        **({"skip_certified": base.flag(skip_certified, "skip_certified")} if kind == "pgd"
-           else {})) for kind in ATTACKS if kind in self.attacks}
+        **({"skip_certified": skip_certified} if kind == "pgd" else {}))
+        for kind in ATTACKS if kind in self.attacks}
     self.missing = _member(Missing, common, fills=missing_fills,
                            fill_examples=base.count(fill_examples, "fill_examples"))
     self.decoupling = _member(Decoupling, common, fractions=self.decoupling_fractions,
@@ -148,7 +149,7 @@ class Robustness(base.Evaluator):
         "per_example": {"clean": encode_flags(correct)}}
     sections = [member.curves(variables, correct, progress,
                               certified=member.sound_radii(variables))
-                for member in self.curves.values()]
+                for member in self.attack_evaluators.values()]
     sections.append(self.missing.accuracies(variables, progress))
     sections.append(self.decoupling.curves(variables, correct, progress))
     for section in sections:
