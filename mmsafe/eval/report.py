@@ -57,7 +57,7 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 
 def markdown(results: Mapping[str, Any], title: str = "Robustness report") -> str:
-  """The markdown report of a results dict (the `robustness` evaluator's metrics, `mmsafe.eval.suite`)."""
+  """The markdown report of the `robustness` evaluator's metrics (`mmsafe.eval.suite`)."""
   protocol = results["protocol"]
   lines = [f"# {title}", ""]
   meta = results.get("meta") or {}
