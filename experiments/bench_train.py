@@ -27,7 +27,8 @@ gradient w.r.t. activations, gradient w.r.t. weights); about 60 GFLOP per sample
 at the KS shapes. "xla" is XLA's cost analysis of the compiled step (on GPU it
 undercounts convolutions run as cuDNN custom calls). MFU = analytic FLOP/s /
 peak FLOP/s (`--peak_tflops`, or a table of dense peaks by device kind and
-dtype; none on CPU).
+dtype; none on CPU). With `--encoder=lip_resnet` (1-Lipschitz layers that call
+`lax` convolutions directly) only XLA's count is given, and no MFU.
 
 `--profile_dir` writes a `jax.profiler` trace of `--profile_steps` steps
 (open in TensorBoard / Perfetto) to see what bounds the step.
@@ -52,6 +53,9 @@ from mmsafe.train import TrainState, make_optimizer
 from mmsafe.train.parallel import DataParallel
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (examples per step).")
+_ENCODER = flags.DEFINE_enum("encoder", "resnet18", ["resnet18", "lip_resnet"],
+                             "Encoder per modality: the paper's ResNet18, or mmsafe's 1-Lipschitz "
+                             "lip_resnet at the same widths.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Encoder dtype.")
 _INPUT_DTYPE = flags.DEFINE_enum("input_dtype", None, ["float32", "bfloat16"],
                                  "Dtype of the batch on the device (default: --dtype).")
@@ -126,7 +130,8 @@ def main(argv):
   batch_size = _BATCH.value
   widths = ks_shapes.resnet_widths()
   shapes = ks_shapes.input_shapes()
-  resnet = {"name": "resnet18", "widths": widths}
+  resnet = ({"name": "resnet18", "widths": widths} if _ENCODER.value == "resnet18" else
+            {"name": "lip_resnet", "widths": widths, "features": widths[-1]})
   model = models.build({"head": "orthogonal", "dtype": _DTYPE.value,
                         "encoders": {"visual": resnet, "audio": resnet}},
                        num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
@@ -153,7 +158,8 @@ def main(argv):
   state = TrainState.create(variables, optimizer, train_rng,
                             method.init_state(model, variables, method_kwargs))
   flops = forward_flops(model, variables, {m: jnp.asarray(x[:1]) for m, x in example.items()})
-  train_flops_per_sample = 3.0 * sum(flops.values())
+  # The 1-Lipschitz layers call lax convolutions directly: not counted, so no analytic MFU.
+  train_flops_per_sample = 3.0 * sum(flops.values()) if _ENCODER.value == "resnet18" else None
 
   train_model = (model if par.batch_norm_axis_name is None else models.build(
       {"head": "orthogonal", "dtype": _DTYPE.value,
@@ -187,30 +193,33 @@ def main(argv):
 
   device = jax.devices()[0]
   peak = _PEAK.value or peak_tflops(device.device_kind, _DTYPE.value)
-  achieved = train_flops_per_sample * batch_size / seconds
   # A jit-sharded program's cost analysis is per device.
   xla_flops = xla.get("flops") and xla["flops"] * (par.num_devices if par.mode == "jit" else 1)
   report = {
       "device": f"{device.platform}:{device.device_kind}", "devices": par.num_devices,
-      "parallel": par.mode, "jax": jax.__version__, "dtype": _DTYPE.value,
-      "input_dtype": str(input_dtype), "batch_size": batch_size,
+      "parallel": par.mode, "jax": jax.__version__, "encoder": _ENCODER.value,
+      "dtype": _DTYPE.value, "input_dtype": str(input_dtype), "batch_size": batch_size,
       "shapes": {m: list(s) for m, s in shapes.items()}, "widths": list(widths),
       "compile_s": round(compile_s, 2), "step_ms": round(1e3 * seconds, 3),
       "samples_per_s": round(batch_size / seconds, 2),
-      "analytic_gflop_per_sample": {
-          "train": _sig(train_flops_per_sample / 1e9),
-          "forward": {k: _sig(v / 1e9) for k, v in sorted(flops.items())}},
-      "achieved_tflops": _sig(achieved / 1e12),
-      "peak_tflops_per_device": peak,
-      "mfu": round(achieved / (peak * 1e12 * par.num_devices), 4) if peak else None,
       "xla_cost_analysis": {
           "gflop_per_sample": _sig(xla_flops / batch_size / 1e9) if xla_flops else None,
-          "fraction_of_analytic": (round(xla_flops / (train_flops_per_sample * batch_size), 3)
-                                   if xla_flops else None),
           "gbytes_accessed_per_step": (round(xla["bytes accessed"] / 1e9, 3)
                                        if "bytes accessed" in xla else None)},
       "loss": float(np.asarray(par.get(metrics)["loss"])),
+      "mfu": None,
   }
+  if train_flops_per_sample:
+    achieved = train_flops_per_sample * batch_size / seconds
+    report.update({
+        "analytic_gflop_per_sample": {
+            "train": _sig(train_flops_per_sample / 1e9),
+            "forward": {k: _sig(v / 1e9) for k, v in sorted(flops.items())}},
+        "achieved_tflops": _sig(achieved / 1e12), "peak_tflops_per_device": peak,
+        "mfu": round(achieved / (peak * 1e12 * par.num_devices), 4) if peak else None})
+    if xla_flops:
+      report["xla_cost_analysis"]["fraction_of_analytic"] = round(
+          xla_flops / (train_flops_per_sample * batch_size), 3)
   print(json.dumps(report), flush=True)
 
 

@@ -13,6 +13,10 @@ needs, on Debian/Ubuntu:
       asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav \
       asterisk-prompt-it-menardi-wav
 
+`av_clips` renders moving digits and muxes them with the same voices into mp4
+clips (ffmpeg), then builds them with the Kinetics-Sounds TFDS builder (a few
+minutes on 2 CPU cores; `mmsafe.data.av_clips`).
+
 The cache directory is --data_dir, else $MMSAFE_DATA_DIR, else ~/.cache/mmsafe.
 """
 
@@ -28,14 +32,16 @@ from mmsafe.data import dataset
 from mmsafe.data import mfeat
 from mmsafe.data.embedded import load_embedded
 
-_DATASET = flags.DEFINE_enum("dataset", "av_digits", ["mfeat", "av_digits", "all"],
+_DATASET = flags.DEFINE_enum("dataset", "av_digits", ["mfeat", "av_digits", "av_clips", "all"],
                              "Which cache to prepare.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Cache directory (default $MMSAFE_DATA_DIR or ~/.cache/mmsafe).")
 _NUM_VOICES = flags.DEFINE_integer("num_voices", av_digits_audio.DEFAULT_NUM_VOICES,
                                    "av_digits: number of synthetic espeak-ng voices.")
-_WORKERS = flags.DEFINE_integer("workers", None, "av_digits: parallel espeak-ng processes.")
-_FORCE = flags.DEFINE_bool("force", False, "Rebuild av_digits even if its cache exists.")
+_WORKERS = flags.DEFINE_integer("workers", None, "av_digits: parallel espeak-ng processes; "
+                                "av_clips: clips made and processed in parallel.")
+_FORCE = flags.DEFINE_bool("force", False,
+                            "Rebuild av_digits / av_clips even if its cache exists.")
 
 
 def _summary(name: str, **options) -> None:
@@ -71,6 +77,27 @@ def main(argv):
       print(f"av_digits: built {path} ({path.stat().st_size / 1e6:.1f} MB) in "
             f"{time.perf_counter() - start:.1f} s")
     _summary("av_digits", num_voices=_NUM_VOICES.value)
+  if _DATASET.value in ("av_clips", "all"):
+    _build_av_clips()
+
+
+def _build_av_clips() -> None:
+  """Builds av_clips (unless a verified build exists) and prints its splits."""
+  from mmsafe.data import av_clips_cache
+  from mmsafe.data.tfds import skip_summary
+  import mmsafe.data as data_lib
+  start = time.perf_counter()
+  if _FORCE.value:
+    av_clips_cache.build_av_clips(_DATA_DIR.value, workers=_WORKERS.value)
+  else:
+    av_clips_cache.ensure_av_clips(_DATA_DIR.value, workers=_WORKERS.value)
+  print(f"av_clips: {av_clips_cache.dataset_dir(cache.default_data_dir(_DATA_DIR.value))} "
+        f"ready in {time.perf_counter() - start:.1f} s")
+  for split in ("train", "validation", "test"):
+    ds = data_lib.load("av_clips", split, data_dir=_DATA_DIR.value)
+    summary = skip_summary(ds.source.dataset_info).get(split, {})
+    print(f"  av_clips/{split}: {len(ds)} clips, shapes {ds.modality_shapes}, skipped "
+          f"{summary.get('skipped', {})}")
 
 
 if __name__ == "__main__":

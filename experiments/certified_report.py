@@ -35,8 +35,11 @@ def aggregate(runs: list[dict]) -> dict:
   attack = {t: {"attacked": sum(r["attack"].get(t, {}).get("attacked", 0) for r in runs),
                 "broken": sum(r["attack"].get(t, {}).get("broken", 0) for r in runs)}
             for t in names if any(t in r["attack"] for r in runs)}
+  units = {r["units"] for r in runs}
+  if len(units) != 1:
+    raise ValueError(f"runs: expected radii in one unit, got {sorted(units)}")
   return {
-      "seeds": len(runs),
+      "seeds": len(runs), "units": units.pop(),
       "clean": seed_stats([r["clean"] for r in runs]),
       "threats": {t: {"certified": [seed_stats([r["threats"][t]["certified"][i] for r in runs])
                                     for i in range(len(runs[0]["threats"][t]["certified"]))],
@@ -178,9 +181,10 @@ def markdown(rows: list[dict], radii: np.ndarray, differences: list[dict], contr
     parts += ["", "Tuning on the validation split (one seed; score: certified accuracy at "
               "the radii, mean of the joint and worst-modality threats):", ""]
     parts += table(["encoders", "method", "setting", "validation score"], lines)
-  parts += ["", "Radii are l2 norms in normalised (standardised) input space. Missing "
-            "modality: replaced by zeros (the training mean); certified when its uni-modal "
-            "radius exceeds the distance to the fill, for every modality."]
+  parts += ["", f"Radii are l2 norms in {rows[0]['units']}. Missing modality: replaced by "
+            "zeros (the training mean); certified when its uni-modal radius exceeds the "
+            "distance to the fill (in normalised space, where the bound is proved), for "
+            "every modality."]
   return "\n".join(parts) + "\n"
 
 

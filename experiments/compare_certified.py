@@ -21,11 +21,15 @@ Every (encoders, label, setting, seed) trains in
 `config.model.encoders`, "lipschitz" the 1-Lipschitz
 `config.model.lipschitz_encoders` (the certificate-trained methods run with
 these only). The selected model is certified on the test split with `sound`
-constants (`mmsafe.certify.threats`): the joint radius (Thm 3.3 / Thm 3.5),
+constants (`mmsafe.certify.threats`), radii in `--units` (default "input":
+the units a user perturbs, raw features or pixel/255, `mmsafe.certify.units`;
+"normalised": the model's standardised inputs; `--radii` are in those units):
+the joint radius (Thm 3.3 / Thm 3.5),
 each modality's uni-modal radius (Prop. 3.4), the worst modality's, and the
 certified missing-modality outcome (`r^(m)(x) > ||x_m - fill_m||`, fill the
 training mean: "zeros"), beside the measured accuracy with that modality
-zeroed. Every joint and uni-modal radius is attacked: l2-PGD with margin loss,
+zeroed. Every joint and uni-modal radius is attacked, in the radii's units:
+l2-PGD with margin loss,
 `--attack_steps` steps of 2.5 r/steps and `--attack_restarts` random restarts
 inside `(1 - 1e-4) r(x)`, in all modalities or in the one modality (a success
 would be a bug and is reported as "broken"). Results are kept in each run's
@@ -85,7 +89,10 @@ _ENCODERS = flags.DEFINE_list("encoders", ["free", "lipschitz"],
                               "(model.lipschitz_encoders).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _RADII = flags.DEFINE_list("radii", ["0.25", "0.5", "1", "2"],
-                           "Radii of the certified-accuracy columns.")
+                           "Radii of the certified-accuracy columns (in --units).")
+_UNITS = flags.DEFINE_enum("units", "input", ["input", "normalised"],
+                           "Units of the radii: input (what a user perturbs: raw features, "
+                           "pixel/255) or normalised (the model's standardised inputs).")
 _MAX_RADIUS = flags.DEFINE_float("max_radius", 3.0, "Right end of the plotted radius axis.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Certify the first N test examples "
                                      "(0: all).")
@@ -184,18 +191,20 @@ def _missing_accuracy(model, variables, inputs, labels: np.ndarray, batch_size: 
 
 def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str = "test",
                 max_examples: int, attack_steps: int, attack_restarts: int,
-                attack_examples: int = 0) -> dict:
+                attack_examples: int = 0, units: str = "input") -> dict:
   """Sound certified accuracy of a trained run per threat, at `radii` and on
   `grid`, the certified and measured missing-modality accuracy, per-example
   radii for paired intervals, and the attack check of every joint and
   uni-modal radius of the first `attack_examples` examples (0: all; none
-  with `attack_steps` 0).
+  with `attack_steps` 0); radii, and attacks, in `units` ("input" or
+  "normalised", `mmsafe.certify.units`).
 
   The result is kept in `<workdir>/certified_sound[_<split>].json` with the
   settings it was computed under, and reused while they are unchanged.
   """
   settings = {"radii": radii.tolist(), "grid": grid.tolist(), "max_examples": max_examples,
-              "attack_steps": attack_steps, "attack_restarts": attack_restarts, "version": 2,
+              "attack_steps": attack_steps, "attack_restarts": attack_restarts, "version": 3,
+              "units": units,
               **({"attack_examples": attack_examples} if attack_examples else {})}
   suffix = "" if split == "test" else f"_{split}"
   cache = os.path.join(workdir, f"certified_sound{suffix}.json")
@@ -204,7 +213,7 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
     return cached
   _, model, variables, splits, step = restore.restore_run_and_step(workdir)
   certification = Certification(model, kinds=["sound"], attack_steps=attack_steps,
-                                attack_restarts=attack_restarts)
+                                attack_restarts=attack_restarts, units=units)
   dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
   start = time.time()
   results, certificates, labels = certification(variables, dataset, split=split, attack=False)
@@ -219,13 +228,15 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
     for name, modality in [(threats.JOINT, None)] + [(threats.modality_threat(m), m)
                                                      for m in cert.modalities]:
       attack[name] = certification.attack_check(variables, head, labels[:n],
-                                                radius_of[name][:n], "sound", modality=modality)
+                                                radius_of[name][:n], "sound", modality=modality,
+                                                stats=dataset.stats)
     results["kinds"]["sound"]["attack"] = attack[threats.JOINT]
   if split == "test":
     paths = report.write_certification_report(results, os.path.join(workdir, CERTIFY_DIR))
     report.write_events(workdir, CERTIFY_DIR, step, results, paths)
   result = {
-      **threat_results(cert, inputs, radius_of, radii, grid),
+      **threat_results(cert, inputs, radius_of, radii, grid, results["input_scale"]),
+      "units": results["units"],
       "missing_measured": _missing_accuracy(model, variables, inputs, np.asarray(labels)),
       "encoder_lipschitz": results["kinds"]["sound"]["lipschitz"]["encoder_lipschitz"],
       "attack": {name: {"attacked": a["attacked"], "broken": a["broken"]}
@@ -234,13 +245,15 @@ def certify_run(workdir: str, radii: np.ndarray, grid: np.ndarray, *, split: str
   return files.write_result(cache, settings, result)
 
 
-def threat_results(cert, inputs, radius_of: dict, radii: np.ndarray, grid: np.ndarray) -> dict:
+def threat_results(cert, inputs, radius_of: dict, radii: np.ndarray, grid: np.ndarray,
+                   input_scale: dict | None = None) -> dict:
   """Clean and certified accuracy per threat (at `radii`, on `grid`), per-example
-  outcomes, and the certified missing-modality accuracy (fill: zeros)."""
+  outcomes, and the certified missing-modality accuracy (fill: zeros;
+  `input_scale`: that of a certificate in input units)."""
   correct = np.asarray(cert.correct)
   accuracy = lambda radius, thresholds: np.asarray(certify_lib.certified_accuracy(
       radius, correct, thresholds)).tolist()
-  missing = threats.missing_certified(cert, inputs)
+  missing = threats.missing_certified(cert, inputs, input_scale=input_scale)
   return {
       "clean": float(np.mean(correct)), "correct": correct.astype(int).tolist(),
       "threats": {name: {"certified": accuracy(r, radii), "curve": accuracy(r, grid),
@@ -279,7 +292,7 @@ class Study:
                        max_examples=_MAX_EXAMPLES.value if test else 0,
                        attack_steps=_ATTACK_STEPS.value if test else 0,
                        attack_restarts=_ATTACK_RESTARTS.value,
-                       attack_examples=_ATTACK_EXAMPLES.value)
+                       attack_examples=_ATTACK_EXAMPLES.value, units=_UNITS.value)
 
   def tune(self, label: str) -> tuple[dict, list[dict]]:
     """The best grid point of `label` on validation, and every point's score."""

@@ -13,6 +13,10 @@ selection votes, `--num_samples` estimation votes and failure probability
 seed-mean certified accuracy, chosen on the test split: an optimistic
 choice in smoothing's favour). An abstention counts as not certified.
 
+Radii are in `--units` ("input", the default: the units a user perturbs,
+raw features or pixel/255, `mmsafe.certify.units`; "normalised": the model's
+standardised inputs); the deterministic runs must state the same units.
+
 Deterministic rows come from `experiments.compare_certified` runs:
 `--deterministic=label=<dir>` reads `<dir>/seed_<s>/certified_sound.json`
 (the same test examples, in the same order; its per-example joint and
@@ -42,6 +46,7 @@ from experiments import cli
 from mmsafe import data as data_lib
 from mmsafe import files
 from mmsafe.certify import smoothing
+from mmsafe.certify import units as units_lib
 from mmsafe.eval import plots
 from mmsafe.eval import statistics
 from mmsafe.train import loop, restore
@@ -59,16 +64,22 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "First N test examples (
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 10000, "Votes bounding p_A.")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of the certificate.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 500, "Noisy copies per program call.")
-_RADII = flags.DEFINE_list("radii", ["0.25", "0.5", "1", "2"], "l2 radii of the table.")
+_RADII = flags.DEFINE_list("radii", ["0.25", "0.5", "1", "2"], "l2 radii of the table "
+                           "(in --units).")
+_UNITS = flags.DEFINE_enum("units", "input", ["input", "normalised"],
+                           "Units of the radii: input (what a user perturbs: raw features, "
+                           "pixel/255) or normalised (the model's standardised inputs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def smoothing_run(base, sigma: float, seed: int, radii: np.ndarray) -> dict:
   """Trains `gaussian_aug` at `sigma` (unless finished) and certifies the test
-  examples by CERTIFY at `sigma`; kept in the run's `smoothing.json`."""
+  examples by CERTIFY at `sigma` (radii in `--units`); kept in the run's
+  `smoothing.json`."""
   workdir = os.path.join(_WORKDIR.value, f"sigma_{sigma:g}", f"seed_{seed}")
   settings = {"num_samples": _NUM_SAMPLES.value, "alpha": _ALPHA.value,
-              "max_examples": _MAX_EXAMPLES.value, "radii": radii.tolist()}
+              "max_examples": _MAX_EXAMPLES.value, "radii": radii.tolist(),
+              "units": _UNITS.value}
   cache = os.path.join(workdir, "smoothing.json")
   cached = files.read_result(cache, settings)
   if cached is not None:
@@ -82,23 +93,33 @@ def smoothing_run(base, sigma: float, seed: int, radii: np.ndarray) -> dict:
   test = data_lib.in_memory(splits["test"], max(_MAX_EXAMPLES.value, 0))
   inputs = {m: np.asarray(x) for m, x in test.inputs.items()}
   logits_fn = jax.jit(lambda x: model.apply(variables, x).logits)
+  input_scale = (units_lib.input_scales(test.stats) if _UNITS.value == units_lib.INPUT
+                 else None)
   start = time.perf_counter()
   cert = smoothing.certify(logits_fn, inputs, np.asarray(test.labels), sigma,
                            jax.random.PRNGKey(seed), num_samples=_NUM_SAMPLES.value,
                            alpha=_ALPHA.value, chunk_size=_CHUNK.value,
-                           progress=f"CERTIFY sigma={sigma:g} seed {seed}")
+                           progress=f"CERTIFY sigma={sigma:g} seed {seed}",
+                           input_scale=input_scale)
   seconds = (time.perf_counter() - start) / len(test.labels)
   result = {"radius": np.where(np.asarray(cert.correct), np.asarray(cert.radius), 0.0).tolist(),
             "abstained": float(np.mean(np.asarray(cert.prediction) == smoothing.ABSTAIN)),
-            "seconds_per_example": seconds}
+            "seconds_per_example": seconds,
+            "units": units_lib.describe(_UNITS.value, test.stats)}
   return files.write_result(cache, settings, result)
 
 
-def deterministic_run(directory: str, seed: int, num_examples: int) -> dict:
+def deterministic_run(directory: str, seed: int, num_examples: int, units: str) -> dict:
   """A compare_certified run's per-example joint radii (0 where not correct)
-  on the first `num_examples` test examples, and its time per example."""
+  on the first `num_examples` test examples, and its time per example; its
+  radii must be in `units` (words, `units.describe`; a run that does not say
+  is in normalised input space)."""
   with open(os.path.join(directory, f"seed_{seed}", "certified_sound.json")) as f:
     result = json.load(f)["result"]
+  stated = result.get("units", units_lib.describe(units_lib.NORMALISED))
+  if stated != units:
+    raise ValueError(f"--deterministic {directory}: radii in {stated}, expected {units} "
+                     f"(compare_certified --units)")
   correct = np.asarray(result["correct"], bool)
   radius = np.asarray(result["threats"]["joint"]["radius"])
   if len(radius) < num_examples:
@@ -127,7 +148,8 @@ def main(argv):
   smoothed = {s: [smoothing_run(_CONFIG.value, s, seed, radii) for seed in seeds]
               for s in sigmas}
   num_examples = len(smoothed[sigmas[0]][0]["radius"])
-  exact = {label: [deterministic_run(d, seed, num_examples) for seed in seeds]
+  units = smoothed[sigmas[0]][0]["units"]
+  exact = {label: [deterministic_run(d, seed, num_examples, units) for seed in seeds]
            for label, d in deterministic.items()}
   # outcomes[name]: [S, T, N]
   runs_of = {**{f"smoothing σ={s:g}": runs for s, runs in smoothed.items()}, **exact}
@@ -144,11 +166,11 @@ def main(argv):
                            .to_dict() for t in range(len(radii))] for label in exact}
   write_results(radii, seeds, num_examples, means, envelope.mean(axis=(0, 2)), best, seconds,
                 differences, {s: float(np.mean([r["abstained"] for r in runs]))
-                              for s, runs in smoothed.items()})
+                              for s, runs in smoothed.items()}, units)
 
 
 def write_results(radii, seeds, num_examples, means, envelope, best, seconds, differences,
-                  abstained):
+                  abstained, units):
   dataset = _CONFIG.value.dataset
   out_dir = _RESULTS_DIR.value or _WORKDIR.value
   header = ["certificate"] + [f"r={r:g}" for r in radii] + ["seconds / example"]
@@ -159,7 +181,7 @@ def write_results(radii, seeds, num_examples, means, envelope, best, seconds, di
   table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   table += ["| " + " | ".join(cells) + " |" for cells in lines]
   text = [f"# {dataset}: sound deterministic certificates vs randomized smoothing",
-          "", f"Certified accuracy (joint l2, normalised input space) on the first "
+          "", f"Certified accuracy (joint l2, in {units}) on the first "
           f"{num_examples} test examples, mean of {len(seeds)} seed(s); smoothing: CERTIFY with "
           f"n = {_NUM_SAMPLES.value}, alpha = {_ALPHA.value:g}, abstentions not certified "
           f"(abstained: " + ", ".join(f"σ={s:g} {a:.3f}" for s, a in abstained.items()) + ").",
@@ -175,7 +197,8 @@ def write_results(radii, seeds, num_examples, means, envelope, best, seconds, di
   print(f"\n{text}")
   name = f"smoothing_{dataset}"
   files.write_json_atomic(os.path.join(out_dir, f"{name}.json"), {
-      "dataset": dataset, "radii": radii.tolist(), "seeds": seeds, "num_examples": num_examples,
+      "dataset": dataset, "radii": radii.tolist(), "units": units, "seeds": seeds,
+      "num_examples": num_examples,
       "num_samples": _NUM_SAMPLES.value, "alpha": _ALPHA.value,
       "certified": {n: v.tolist() for n, v in means.items()},
       "smoothing_best": {"certified": envelope.tolist(), "sigma": best},

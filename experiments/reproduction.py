@@ -149,7 +149,8 @@ def evaluation_settings(protocol: str, calibration: Mapping[str, Any], max_examp
 def evaluator_configs(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   """The evaluators of one run: the robustness suite with per-example results
   (no decoupling attack) and, `with_eta`, certification with empirical
-  constants (its eta ratio; no attack check)."""
+  constants (its eta ratio; no attack check), in normalised units: the
+  paper's eta, and the units of the attacks it is compared with."""
   evals = {"robustness": _suite(
       settings, "test", multi_eps=tuple(settings["multi_eps"]),
       uni_eps=tuple(settings["uni_eps"]), uni_extra_eps=dict(settings["uni_extra_eps"]),
@@ -157,7 +158,7 @@ def evaluator_configs(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   if settings["with_eta"]:
     evals.update(evals_config.get_config("certify").to_dict())
     evals["certify"].update(kinds=("empirical",), attack_steps=0,
-                            max_examples=settings["max_examples"])
+                            max_examples=settings["max_examples"], units="normalised")
   return evals
 
 

@@ -67,6 +67,9 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   assert "| lipschitz | uni | cert_uni_eps=2, cert_uni_weight=1 |" in table and "Seed-paired difference to jt_cert" in table
   assert "| lipschitz | jt_cert | cert_eps=" in table and "| grid points |" in table
   assert "worst modality r=0.5" in table and "Tuning on the validation split" in table
+  # Radii, and the attacks on them, in the input units (raw mfeat features).
+  assert "Radii are l2 norms in input units (fou: raw, pix: raw)." in table
+  assert all(row["units"] == "input units (fou: raw, pix: raw)" for row in rows.values())
   assert (results / "certified_mfeat.png").stat().st_size > 10_000
   assert "sound certificates checked by l2-PGD" in proc.stdout
 

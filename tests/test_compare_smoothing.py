@@ -36,11 +36,13 @@ def test_compare_smoothing_smoke_run_reads_the_deterministic_radii(tmp_path):
   command = [sys.executable, "-m", "experiments.compare_smoothing",
              "--config=experiments/configs/embedded.py:mfeat,runlocal", "--sigmas=0.5",
              "--seeds=0", "--num_samples=100", "--max_examples=8",
-             f"--deterministic=lip={tmp_path / 'det'}", f"--workdir={tmp_path / 'runs'}"]
+             f"--deterministic=lip={tmp_path / 'det'}", f"--workdir={tmp_path / 'runs'}",
+             "--units=normalised"]  # The radii above say no units: normalised.
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "runs" / "smoothing_mfeat.json").read_text())
   assert report["num_examples"] == 8 and report["num_samples"] == 100
+  assert report["units"] == "normalised input space"
   # The first 8 examples: correct and radius >= r (misclassified ones count 0).
   np.testing.assert_allclose(report["certified"]["lip"], [5 / 8, 4 / 8, 3 / 8, 2 / 8])
   smoothed = report["certified"]["smoothing σ=0.5"]

@@ -3,6 +3,8 @@ validation at build time (the constructors' keys), agreement with direct
 computations, one compilation across runs, and the scalar metrics the training
 loop logs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
 from mmsafe import models
 from mmsafe.attacks import PGDProtocol
+from mmsafe.eval import certification
 from mmsafe.eval import registry
 
 SHAPES = {"a": (6,), "b": (5,)}
@@ -48,8 +51,10 @@ def toy():
     inputs = {m: rng.normal(size=(N, *s)).astype(np.float32) for m, s in SHAPES.items()}
     labels = np.array(jnp.argmax(model.apply(variables, inputs).logits, -1), np.int32)
     labels[index::5] = (labels[index::5] + 1) % K
+    stats = {m: data_lib.Standardization(np.zeros(s, np.float32),  # input units: x / 2
+                                         np.full(s, 0.5, np.float32)) for m, s in SHAPES.items()}
     splits[split] = data_lib.Dataset(name="toy", split=split, inputs=inputs, labels=labels,
-                                     num_classes=K, stats={})
+                                     num_classes=K, stats=stats)
   return model, variables, splits
 
 
@@ -215,6 +220,17 @@ def test_certify_evaluator_sound_radii_are_never_broken(toy):
   assert sound["attack"]["attacked"] > 0 and sound["attack"]["broken"] == 0
   radius = {k: np.asarray(c.radius) for k, c in ev.certificates.items()}
   assert np.all(radius["sound"] <= radius["local"] * (1 + 1e-5))
+  # In input units (stds 0.5): half the normalised radii; none without stats.
+  assert metrics["units"] == "input units (a: raw, b: raw)"
+  normalised = certification.Certification(ev.model, kinds=["sound"], attack_steps=0,
+                                           power_iterations=50, units="normalised")
+  _, plain, _ = normalised(variables, splits["test"])
+  np.testing.assert_allclose(radius["sound"], 0.5 * np.asarray(plain["sound"].radius),
+                             rtol=1e-4)
+  bare = dataclasses.replace(splits["test"], stats={})
+  with pytest.raises(ValueError, match=r"dataset.stats: expected the standardisation of every "
+                                       r"modality for radii in input units, got none for"):
+    ev._certification(variables, bare)
   scalars = registry.scalar_metrics(metrics)
   assert scalars["kinds/sound/attack/broken"] == 0.0
   assert "kinds/sound/summary/mean_radius" in scalars

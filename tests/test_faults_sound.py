@@ -134,11 +134,11 @@ class _Stats:
 
 
 def test_raw_input_scales_are_the_smallest_std_of_each_modality():
-  scales = certify.raw_input_scales({"a": _Stats([[[0.5, 2.0, 0.25]]]), "b": _Stats(3.0)})
+  scales = certify.input_scales({"a": _Stats([[[0.5, 2.0, 0.25]]]), "b": _Stats(3.0)})
   assert scales == {"a": 0.25, "b": 3.0}
   for bad in ([0.5, 0.0], [np.nan], [-1.0], None):
-    with pytest.raises(ValueError, match=r"raw_stats\['a'\].std: expected finite positive stds"):
-      certify.raw_input_scales({"a": _Stats(bad) if bad is not None else object()})
+    with pytest.raises(ValueError, match=r"stats\['a'\].std: expected finite positive stds"):
+      certify.input_scales({"a": _Stats(bad) if bad is not None else object()})
 
 
 @pytest.mark.slow
@@ -164,11 +164,11 @@ def test_raw_radii_of_a_linear_model_on_the_smallest_std_feature_are_exact():
   raw_logits = lambda r: sum(scores_fn(normalise(r)).values())
   labels = jnp.argmax(raw_logits(raw), -1).astype(jnp.int32)
   eta = {m: certify.integration_factors(weights[m])[labels] for m in stds}  # Exact, normalised.
-  scales = certify.raw_input_scales({m: _Stats(std) for m, std in stds.items()})
+  scales = certify.input_scales({m: _Stats(std) for m, std in stds.items()})
   cert = certify.radius_from_scores(scores_fn(normalise(raw)), labels, eta, kind="sound",
                                     input_scale=scales)
   normalised = certify.radius_from_scores(scores_fn(normalise(raw)), labels, eta, kind="sound")
-  assert cert.units == "raw" and normalised.units == "normalised"
+  assert cert.units == "input" and normalised.units == "normalised"
   for m in stds:
     np.testing.assert_allclose(cert.per_modality[m], scales[m] * normalised.per_modality[m],
                                rtol=1e-5)
@@ -207,11 +207,11 @@ def test_certify_in_raw_units_holds_against_attacks_in_raw_space(trained_mfeat):
   std = {m: jnp.asarray(s.std) for m, s in test.stats.items()}
   raw = {m: inputs[m] * std[m] + mean[m] for m in inputs}
   raw_logits = lambda r: model.apply(variables, {m: (r[m] - mean[m]) / std[m] for m in r}).logits
-  scales = certify.raw_input_scales(test.stats)
+  scales = certify.input_scales(test.stats)
   for kind, factor, breaks in (("sound", 0.999, False), ("local", 3.0, True)):
-    cert = certify.certify(model, variables, inputs, labels, kind, raw_stats=test.stats)
+    cert = certify.certify(model, variables, inputs, labels, kind, input_scale=scales)
     normalised = certify.certify(model, variables, inputs, labels, kind)
-    assert cert.units == "raw"
+    assert cert.units == "input"
     for m in inputs:
       np.testing.assert_allclose(cert.per_modality[m], scales[m] * normalised.per_modality[m],
                                  rtol=1e-5)
@@ -220,8 +220,8 @@ def test_certify_in_raw_units_holds_against_attacks_in_raw_space(trained_mfeat):
                               eps=factor * cert.radius, steps=50, restarts=2, loss="margin")
     broken = np.asarray(jnp.argmax(raw_logits(adversarial), -1) != labels) & attacked
     assert broken.any() == breaks, (kind, factor, int(broken.sum()), int(attacked.sum()))
-  with pytest.raises(ValueError, match=r"raw_stats: expected modalities \['fou', 'pix'\]"):
-    certify.certify(model, variables, inputs, labels, "sound", raw_stats={"pix": test.stats["pix"]})
+  with pytest.raises(ValueError, match=r"input_scale: expected modalities \['fou', 'pix'\]"):
+    certify.certify(model, variables, inputs, labels, "sound", input_scale={"pix": scales["pix"]})
 
 
 def test_pgd_skips_no_example_of_a_bfloat16_model_as_certified():

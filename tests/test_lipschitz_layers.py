@@ -13,6 +13,7 @@ import pytest
 from mmsafe import certify, models
 from mmsafe.models import layers as layers_lib
 from mmsafe.models import lipschitz_layers as lip
+from mmsafe.models import rescaling
 from mmsafe.models.operator_norms import BoundOptions
 from mmsafe.train.optimizer import make_optimizer
 
@@ -142,6 +143,26 @@ def test_aol_rescaling_is_the_identity_on_an_orthogonal_kernel():
   np.testing.assert_allclose(np.asarray(out), x @ q, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["aol", "sll"])
+def test_the_rescaling_is_tight_for_a_nonnegative_kernel(name):
+  # For an all-ones kernel |P^T P| = P^T P, whose interior rows all sum to its
+  # norm: the Schur sums are exact there, so the layer's norm on a large grid is
+  # close to 1 (it is 1 on the infinite domain). Sums that are too small
+  # (a shift left out) push it above 1, sums that are too large well below.
+  shape = (24, 24, 2)
+  if name == "aol":
+    layer = lip.AOLConv(2, (3, 3), use_bias=False)
+    params = {"kernel": jnp.ones((3, 3, 2, 2))}
+  else:  # a large bias keeps every ReLU on: the Jacobian is I - 2 P^T T^-1 P
+    layer = lip.SLLConv((3, 3))
+    params = {"kernel": jnp.ones((3, 3, 2, 2)), "bias": 1e3 * jnp.ones(2),
+              "log_q": jnp.zeros(2)}
+  fn = lambda v: layer.apply({"params": params}, v[None])[0]
+  matrix = np.asarray(jax.jit(jax.jacfwd(fn))(jnp.zeros(shape)), np.float64)
+  sigma = np.linalg.svd(matrix.reshape(-1, np.prod(shape)), compute_uv=False)[0]
+  assert 0.97 < sigma <= 1.0 + 1e-5, sigma
+
+
 ENCODER_SHAPES = {"vec": (7,), "img": (8, 6, 1), "clip": (2, 16, 8, 2)}
 LIPSCHITZ_ENCODERS = {
     "lip_mlp_aol": ({"name": "lip_mlp", "widths": (12, 10)}, "vec"),
@@ -154,6 +175,8 @@ LIPSCHITZ_ENCODERS = {
                     "features": 12}, "img"),
     "lip_resnet_clip": ({"name": "lip_resnet", "stage_sizes": (1, 1), "widths": (4, 8),
                          "features": 12}, "clip"),
+    "lip_resnet_stem4": ({"name": "lip_resnet", "stage_sizes": (1, 1), "widths": (4, 8),
+                          "features": 12, "stem_block": 4}, "img"),
 }
 
 
@@ -226,6 +249,9 @@ def test_encoder_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"lip_cnn\.conv: expected one of \['aol', 'cayley'\]"):
     _one_encoder_model({"name": "lip_cnn", "conv": "soc"}, "x", (8, 6, 1)).init(
         jax.random.PRNGKey(0), {"x": jnp.ones((1, 8, 6, 1))})
+  with pytest.raises(ValueError, match=r"lip_resnet\.stem_block: expected an integer >= 1, got 0"):
+    _one_encoder_model({"name": "lip_resnet", "stem_block": 0}, "x", (8, 6, 1)).init(
+        jax.random.PRNGKey(0), {"x": jnp.ones((1, 8, 6, 1))})
   with pytest.raises(ValueError, match="even widths"):
     _one_encoder_model({"name": "lip_mlp", "widths": (7,)}, "x", (5,)).init(
         jax.random.PRNGKey(0), {"x": jnp.ones((1, 5))})
@@ -294,18 +320,29 @@ def test_cayley_transform_and_its_gradient_match_a_lapack_solve():
                                                                   compute_uv=False).max() - 1e-6
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (1, 1, 6, 3), (3, 2, 2, 7)])
-def test_kernel_autocorrelation_is_the_kernel_of_the_conv_gram(shape):
-  kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(0), shape), np.float64)
-  kh, kw, c_in, _ = shape
-  expected = np.zeros((c_in, 2 * kh - 1, 2 * kw - 1, c_in))
-  for dh in range(-(kh - 1), kh):
-    for dw in range(-(kw - 1), kw):
-      for p in range(max(0, -dh), min(kh, kh - dh)):
-        for q in range(max(0, -dw), min(kw, kw - dw)):
-          expected[:, dh + kh - 1, dw + kw - 1] += kernel[p + dh, q + dw] @ kernel[p, q].T
-  np.testing.assert_allclose(lip.kernel_autocorrelation(jnp.asarray(kernel, jnp.float32)),
-                             expected, atol=1e-5)
+@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (1, 1, 6, 3), (3, 2, 2, 7), (2, 4, 3, 3)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_autocorrelation_row_sums_are_those_of_the_conv_gram(shape, weighted):
+  # Against |P^T P| of the materialised zero-padded convolution on a grid large
+  # enough that no shift is cut (interior rows of the Gram): its rows are the
+  # autocorrelation's, and their weighted sums are the AOL / SLL sums.
+  kh, kw, c_in, c_out = shape
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=shape)
+  q = rng.uniform(0.5, 2.0, size=c_in) if weighted else np.ones(c_in)
+  height, width = 4 * kh, 4 * kw
+  conv = lambda v: jax.lax.conv_general_dilated(
+      v[None], jnp.asarray(kernel), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)[0]
+  with jax.enable_x64():
+    matrix = np.asarray(jax.jacfwd(conv)(jnp.zeros((height, width, c_in)))).reshape(
+        height * width * c_out, height * width * c_in)
+  gram = np.abs(matrix.T @ matrix).reshape(height, width, c_in, height, width, c_in)
+  centre = gram[2 * kh, 2 * kw]  # [C_in, H, W, C_in]: every shift inside the grid
+  expected = np.einsum("ihwj,j->i", centre, q) / q
+  got = rescaling.autocorrelation_row_sums(jnp.asarray(kernel, jnp.float32),
+                                           jnp.asarray(q, jnp.float32) if weighted else None)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -24,6 +24,15 @@ def test_crossing_interpolates_in_log_eps_and_rounds():
   assert reproduction.crossing(eps, accuracy, 0.05) == 4.0  # never reached: the grid's end
 
 
+def test_the_eta_ratio_is_certified_in_normalised_units():
+  # The paper's eta, compared with attacks whose budgets are in normalised space
+  # (input units would divide each modality's eta by its own smallest std).
+  settings = {"protocol": "fast", "multi_eps": (0.5,), "uni_eps": (1.0,), "uni_extra_eps": {},
+              "attacks": ("pgd",), "max_examples": 8, "with_eta": True}
+  evals = reproduction.evaluator_configs(settings)
+  assert evals["certify"]["units"] == "normalised" and evals["certify"]["kinds"] == ("empirical",)
+
+
 def test_two_iterations_lists_both_steps_twice():
   config = reproduction.two_iterations(reproduction.configured(
       embedded.get_config("mfeat"), "crmt", 3))

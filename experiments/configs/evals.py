@@ -10,8 +10,9 @@ run inside training). The arg is a comma-separated list of:
               fill), decoupling attack (l0 fractions 0.25%..5%).
   paper       the suite at the paper's budgets only (multi-modal 0.5,
               uni-modal 1.0; CRMT Tables 1-2), without the decoupling attack.
-  certify     certified radii of every Lipschitz kind on the test split, each
-              radius attacked (l2-PGD, 100 steps x 5 restarts).
+  certify     certified radii of every Lipschitz kind on the test split, in
+              input units (raw features, pixel/255), each radius attacked
+              (l2-PGD in input units, 100 steps x 5 restarts).
   sweep       PGD steps x restarts sweep at 1x and 4x the paper's budgets.
 
 Every suite and sweep config takes `defence` ("none"; "msefm": an MSEFM model
@@ -62,7 +63,10 @@ def _certify() -> dict:
       type="certify", split="test", kinds=("local", "empirical", "sound"),
       empirical_split="train", batch_size=100, max_examples=0, mode="auto", chunk_size=0,
       power_iterations=300, failure_probability=1e-6, attack_steps=100, attack_restarts=5,
-      num_thresholds=101, seed=0)}
+      num_thresholds=101, seed=0,
+      # Radii in the input units a user perturbs (raw features, pixel/255);
+      # "normalised": in the model's standardised input space.
+      units="input")}
 
 
 def _sweep() -> dict:

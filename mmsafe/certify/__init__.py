@@ -15,9 +15,10 @@
 * `threats`: the radius per threat model from one certificate (joint,
   one modality, the worst modality) and the certified missing-modality
   outcome (`threat_radii`, `missing_certified`).
-* `units`: radii are in normalised (standardised) input space;
-  `raw_input_scales` (`certify(..., raw_stats=dataset.stats)`) gives them in
-  raw input units.
+* `units`: the units of radii, normalised (standardised) input space or the
+  input units a user perturbs (raw features, pixel/255): `input_scales`
+  (`certify(..., input_scale=input_scales(dataset.stats))`), the one rule for every
+  certificate.
 
 Probabilistic certificates (beyond the paper), on any `logits_fn`:
 
@@ -42,7 +43,7 @@ from mmsafe.certify.local import (empirical_constants, jacobian_norms, local_con
                                   local_lipschitz, model_score_fn)
 from mmsafe.certify.smoothing import SmoothedCertificate
 from mmsafe.certify.sound import encoder_lipschitz, sound_constants
-from mmsafe.certify.units import raw_input_scales
+from mmsafe.certify.units import input_scales
 from mmsafe.models.operator_norms import (ROUNDING_MARGIN, BoundOptions, avg_pool_operator_norm,
                                           conv_operator_norm, max_pool_lipschitz, operator_norm,
                                           power_iteration_factor)
@@ -54,9 +55,9 @@ __all__ = [
     "avg_pool_operator_norm", "certified_accuracy", "certified_at", "certified_radius", "certify",
     "concatenate",
     "conv_operator_norm", "empirical_constants", "encoder_lipschitz", "eta_ratio", "head_params",
+    "input_scales",
     "integration_factors", "jacobian_norms", "lipschitz_constants", "local_constants",
     "local_lipschitz", "max_pool_lipschitz", "mean_radius", "model_score_fn", "operator_norm",
     "pair_lipschitz", "power_iteration_factor", "radius_from_scores", "radius_grid",
-    "raw_input_scales",
     "sound_constants", "summarize", "unimodal_certified_accuracy",
 ]

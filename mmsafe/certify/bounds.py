@@ -43,9 +43,10 @@ kind "sound" (`mmsafe.certify.sound`) gives one; "local" and "empirical"
 give estimates. `Certificate.kind` records which was used.
 
 Units: radii are l2 norms in the model's input space, i.e. *normalised*
-(standardised) inputs, unless raw units are asked for (`input_scale`, or
-`certify(..., raw_stats=dataset.stats)`: `mmsafe.certify.units`), which
-divides every `eta^(m)` by the smallest std of modality m's standardisation.
+(standardised) inputs, unless input units are asked for (`input_scale`, or
+`certify(..., input_scale=input_scales(dataset.stats))`: `mmsafe.certify.units`, the units
+a user perturbs: raw features, pixel/255), which divides every `eta^(m)` by
+the smallest std of modality m's standardisation in those units.
 `Certificate.units` records which.
 """
 
@@ -67,7 +68,7 @@ from mmsafe.certify.constants import (KINDS, TARGETS, LipschitzConstants, head_p
 from mmsafe.certify.local import (JacobianOptions, empirical_constants, host_chunk_size,
                                   host_chunks, local_constants)
 from mmsafe.certify.sound import sound_constants
-from mmsafe.certify.units import UNITS, raw_input_scales
+from mmsafe.certify.units import UNITS
 from mmsafe.models import as_float32, float32_variables
 from mmsafe.models.outputs import ModelOutput
 
@@ -87,7 +88,7 @@ class Certificate:
       0: a negative entry marks a class that already beats `y`.
     eta: modality -> [B, K] vulnerability indicators `eta^(m)_k` for the pair
       `(y, k)`; 0 at `k = y` (in the certificate's `units`: per unit of
-      normalised or raw input).
+      normalised input or of input unit).
     correct: [B] bool, `argmax h(x) == y` and `finite` (a non-finite example
       is never correct, so its radii are 0).
     margin: [B, K] fused logit margins `h_y(x) - h_k(x)` (0 at `k = y`).
@@ -96,7 +97,8 @@ class Certificate:
       vulnerability indicators is NaN (False e.g. for NaN inputs under jit,
       where values go unchecked); None for a certificate built without it.
     units: "normalised" (radii are l2 norms of perturbations of the model's
-      standardised inputs) or "raw" (of raw inputs; `mmsafe.certify.units`).
+      standardised inputs) or "input" (of inputs in the units a user perturbs,
+      e.g. raw features or pixel/255; `mmsafe.certify.units`).
   """
 
   radius: Array
@@ -163,8 +165,8 @@ def certified_radius(output: ModelOutput, labels: Array, tau: Mapping[str, Array
       or `||W_y - W_k|| L^(m)` (concat head).
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
     input_scale: optional modality -> `s^(m) > 0`, the smallest std of the
-      modality's standardisation (`units.raw_input_scales`): radii and
-      indicators in raw input units. None: in normalised input space.
+      modality's standardisation in its input units (`units.input_scales`):
+      radii and indicators in input units. None: in normalised input space.
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
@@ -254,9 +256,9 @@ def radius_from_scores(scores: Mapping[str, Array], labels: Array, eta: Mapping[
       (entry `k = y` ignored), non-negative.
     bias: optional [K] bias `b` of the fused logits.
     kind: recorded in the result ("local" | "empirical" | "sound" | "custom").
-    input_scale: optional modality -> smallest std of its standardisation: radii
-      in raw input units (see `certified_radius`; `eta` is given per unit of
-      normalised input either way).
+    input_scale: optional modality -> smallest std of its standardisation in
+      input units: radii in input units (see `certified_radius`; `eta` is
+      given per unit of normalised input either way).
 
   Returns:
     A `Certificate`. Pure and jit-able (value checks run on concrete inputs).
@@ -362,8 +364,8 @@ def _radii(output: ModelOutput, labels: Array, taus: dict[str, Array],
 def _radii_from_eta(logits: Array, labels: Array, eta: dict[str, Array],
                     input_scale: dict[str, Array] | None, kind: str) -> Certificate:
   """Radii from fused logits [B, K] and vulnerability indicators modality -> [B|1, K]
-  (per unit of normalised input; with `input_scale`, divided by it: raw units,
-  `mmsafe.certify.units`)."""
+  (per unit of normalised input; with `input_scale`, divided by it: input
+  units, `mmsafe.certify.units`)."""
   batch, num_classes = logits.shape
   modalities = sorted(eta)
   if input_scale is not None:
@@ -426,7 +428,7 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
             kind: str = "local", *, constants: LipschitzConstants | None = None,
             batches: Iterable[Any] | None = None, mode: str = "auto",
             chunk_size: int | None = None, precision: str | None = "highest",
-            raw_stats: Mapping[str, Any] | None = None, **sound_options) -> Certificate:
+            input_scale: Mapping[str, float] | None = None, **sound_options) -> Certificate:
   """Certified radii of `model` on a batch, with Lipschitz constants of `kind`.
 
   The radii of Thm 3.3 (eq. 5, concat head) or Thm 3.5 (eq. 10, orthogonal
@@ -437,7 +439,7 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   float32 logits), the function every Lipschitz bound here is computed for;
   a bfloat16 evaluation of the same parameters is another function, which
   no radius covers. Radii are l2 norms in normalised (standardised) input
-  space unless `raw_stats` is given (`Certificate.units`).
+  space unless `input_scale` is given (`Certificate.units`).
 
   Args:
     model, variables: a model from `mmsafe.models.build` and its variables
@@ -453,10 +455,10 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
     mode, chunk_size: Jacobian mode and chunking (see `local_lipschitz`).
     precision: matmul/conv precision of the model inside the Jacobians and
       the forward pass ("highest" by default; None: the ambient setting).
-    raw_stats: modality -> the standardisation of its inputs (an object with
-      `std`, e.g. `dataset.stats` of any mmsafe dataset): radii in raw input
-      units (`mmsafe.certify.units`: each modality's `eta` divided by its
-      smallest std). None: radii in normalised input space.
+    input_scale: modality -> `s^(m)`, `units.input_scales(dataset.stats)` for
+      any mmsafe dataset: radii in the input units a user perturbs
+      (`mmsafe.certify.units`: each modality's `eta` divided by its smallest
+      std in those units). None: radii in normalised input space.
     **sound_options: for kind "sound" without `constants`.
 
   Returns:
@@ -475,7 +477,7 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
 
   Raises:
     ValueError for NaN/Inf inputs (when concrete), an empty batch, a kind
-    mismatch with `constants`, `raw_stats` without finite positive stds for
+    mismatch with `constants`, `input_scale` without finite positive scales for
     exactly the model's modalities, or any error of `certified_radius`. Under
     jit (values unchecked) an example with NaN/Inf logits or NaN indicators
     gets `correct=False`, radius 0 and `finite=False`.
@@ -485,9 +487,8 @@ def certify(model, variables: Mapping[str, Any], inputs: Mapping[str, Array], la
   checks.check_finite_inputs(inputs)
   model, variables = as_float32(model), float32_variables(variables)
   head = head_params(model, variables)
-  input_scale = None if raw_stats is None else raw_input_scales(raw_stats)
   if input_scale is not None and sorted(input_scale) != sorted(head.kernels):
-    raise ValueError(f"raw_stats: expected modalities {sorted(head.kernels)}, got "
+    raise ValueError(f"input_scale: expected modalities {sorted(head.kernels)}, got "
                      f"{sorted(input_scale)}")
   batch = next(iter(inputs.values())).shape[0] if inputs else 0
   if inputs:

@@ -32,6 +32,13 @@ exact: `w.(x + e) + b ~ N(w.x + b, sum_m sigma_m^2 ||w_m||^2)`, so
 smallest `sqrt(sum_m ||d_m||^2 / sigma_m^2)` with `w.d = -(w.x + b)`
 (tests/test_smoothing.py checks both).
 
+Units: `sigma` and the radii are in normalised input space, unless
+`certify(..., input_scale=units.input_scales(dataset.stats))` asks for the input units a user
+perturbs: normalised noise `sigma_m` then acts as `s^(m) sigma_m` on
+input-unit perturbations (`mmsafe.certify.units`, the one rule; `s^(m)` the
+smallest std of modality m in input units), so every radius above, and
+`certifies`, use `s^(m) sigma_m` in place of `sigma_m`.
+
 `certify` is CERTIFY (Sec. 3.2): `num_selection` noisy votes pick the class
 `c_A`, `num_samples` fresh votes bound `p_A` below with Clopper-Pearson at
 `1 - alpha`; below 1/2 the certificate abstains. With probability at least
@@ -53,6 +60,7 @@ from scipy import stats
 
 from mmsafe import checks
 from mmsafe import programs
+from mmsafe.certify import units as units_lib
 from mmsafe.certify import votes
 from mmsafe.certify.votes import ABSTAIN
 
@@ -73,8 +81,11 @@ class SmoothedCertificate:
       `sum_m ||d^(m)||^2 / sigma_m^2 < R^2` (0 when abstaining).
     p_lower: the Clopper-Pearson lower bound of `p_A`.
     correct: `prediction == label` (never for an abstention).
-    sigma: modality -> noise level `sigma_m`.
+    sigma: modality -> noise level `sigma_m` (normalised input space).
     num_samples, alpha: the estimation's sample count and failure probability.
+    units: "normalised" or "input" (`mmsafe.certify.units`): the units of the
+      radii and of the norms `certifies` takes.
+    input_scale: modality -> `s^(m)` for input units (None: normalised).
   """
 
   prediction: np.ndarray
@@ -86,6 +97,21 @@ class SmoothedCertificate:
   sigma: dict[str, float] = flax.struct.field(pytree_node=False)
   num_samples: int = flax.struct.field(pytree_node=False)
   alpha: float = flax.struct.field(pytree_node=False)
+  units: str = flax.struct.field(pytree_node=False, default=units_lib.NORMALISED)
+  input_scale: dict[str, float] | None = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def unit_sigma(self) -> dict[str, float]:
+    """modality -> the noise level in the certificate's units (`unit_sigma`)."""
+    return unit_sigma(self.sigma, self.input_scale)
+
+
+def unit_sigma(sigma: Mapping[str, float], input_scale: Mapping[str, float] | None
+               ) -> dict[str, float]:
+  """modality -> `s^(m) sigma_m`: normalised noise `sigma_m` as it acts on
+  input-unit perturbations (`mmsafe.certify.units`); `sigma` itself for
+  `input_scale` None (normalised units)."""
+  return {m: (1.0 if input_scale is None else input_scale[m]) * s for m, s in sigma.items()}
 
 
 def check_sigma(sigma: Mapping[str, float] | float, modalities) -> dict[str, float]:
@@ -121,7 +147,8 @@ def gaussian_noise(sigma: tuple[tuple[str, float], ...]) -> votes.Transform:
 def radii(p_lower: np.ndarray, sigma: Mapping[str, float]
           ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """`(R, joint radius, per-modality radii)` for lower bounds `p_lower` [B] (the
-  module docstring's anisotropic derivation); 0 where `p_lower <= 1/2`."""
+  module docstring's anisotropic derivation); 0 where `p_lower <= 1/2`. With
+  `sigma` the noise in the radii's units (`SmoothedCertificate.unit_sigma`)."""
   p_lower = np.asarray(p_lower, np.float64)
   certified = p_lower > 0.5
   normalized = np.where(certified, stats.norm.ppf(np.where(certified, p_lower, 0.75)), 0.0)
@@ -131,13 +158,15 @@ def radii(p_lower: np.ndarray, sigma: Mapping[str, float]
 
 def certifies(certificate: SmoothedCertificate, norms: Mapping[str, np.ndarray]) -> np.ndarray:
   """bool [B]: the perturbation with per-modality l2 norms `norms` (modality ->
-  [B]; absent modalities unperturbed) lies inside the certified ellipsoid
-  `sum_m norms_m^2 / sigma_m^2 < R^2` (never for an abstention)."""
+  [B], in the certificate's units; absent modalities unperturbed) lies inside
+  the certified ellipsoid `sum_m norms_m^2 / sigma_m^2 < R^2` (`unit_sigma`;
+  never for an abstention)."""
   unknown = sorted(set(norms) - set(certificate.sigma))
   if unknown:
     raise ValueError(f"norms: unknown modalities {unknown}; expected a subset of "
                      f"{sorted(certificate.sigma)}")
-  distance = sum(np.square(np.asarray(norms[m]) / certificate.sigma[m]) for m in norms)
+  sigma = certificate.unit_sigma
+  distance = sum(np.square(np.asarray(norms[m]) / sigma[m]) for m in norms)
   return (certificate.prediction != ABSTAIN) & (distance < certificate.normalized_radius ** 2)
 
 
@@ -159,7 +188,8 @@ def _checked(logits_fn, inputs: Inputs, sigma, num_samples: int, alpha: float, n
 
 def certify(logits_fn, inputs: Inputs, labels, sigma: Mapping[str, float] | float, key: Array, *,
             num_selection: int = 100, num_samples: int = 1000, alpha: float = 0.001,
-            chunk_size: int = 100, progress: str | None = None) -> SmoothedCertificate:
+            chunk_size: int = 100, progress: str | None = None,
+            input_scale: Mapping[str, float] | None = None) -> SmoothedCertificate:
   """CERTIFY (Cohen et al. 2019, Sec. 3.2) with per-modality Gaussian noise.
 
   Args:
@@ -173,6 +203,9 @@ def certify(logits_fn, inputs: Inputs, labels, sigma: Mapping[str, float] | floa
     alpha: failure probability of the certificate.
     chunk_size: noisy copies of the batch classified per program call.
     progress: tqdm description for the chunk loops (None: no bar).
+    input_scale: modality -> `s^(m)` (`units.input_scales(dataset.stats)`):
+      radii in the input units a user perturbs (module docstring). None:
+      normalised.
 
   Returns:
     A `SmoothedCertificate`.
@@ -190,6 +223,7 @@ def certify(logits_fn, inputs: Inputs, labels, sigma: Mapping[str, float] | floa
   checks.check_integer(num_selection, "num_selection", 1)
   labels = np.asarray(labels)
   checks.check_labels(labels, num_classes, batch_size=batch)
+  input_scale = _checked_scale(input_scale, sigma)
   transform = gaussian_noise(tuple(sorted(sigma.items())))
   select_key, estimate_key = jax.random.split(key)
   count = functools.partial(votes.vote_counts, logits_fn, transform, inputs,
@@ -198,12 +232,26 @@ def certify(logits_fn, inputs: Inputs, labels, sigma: Mapping[str, float] | floa
                            progress=progress and f"{progress} (select)"), axis=1)
   counts = count(estimate_key, num_samples=num_samples, progress=progress)
   p_lower = votes.clopper_pearson_lower(counts[np.arange(batch), chosen], num_samples, alpha)
-  normalized, radius, per_modality = radii(p_lower, sigma)
+  normalized, radius, per_modality = radii(p_lower, unit_sigma(sigma, input_scale))
   prediction = np.where(p_lower > 0.5, chosen, ABSTAIN)
   return SmoothedCertificate(prediction=prediction, radius=radius, per_modality=per_modality,
                              normalized_radius=normalized, p_lower=p_lower,
                              correct=prediction == labels, sigma=sigma,
-                             num_samples=num_samples, alpha=alpha)
+                             num_samples=num_samples, alpha=alpha,
+                             units=units_lib.UNITS[input_scale is not None],
+                             input_scale=input_scale)
+
+
+def _checked_scale(input_scale: Mapping[str, float] | None, sigma: Mapping[str, float]
+                   ) -> dict[str, float] | None:
+  """modality -> float `s^(m) > 0` for exactly the modalities of `sigma` (or None)."""
+  if input_scale is None:
+    return None
+  if sorted(input_scale) != sorted(sigma):
+    raise ValueError(f"input_scale: expected modalities {sorted(sigma)}, got "
+                     f"{sorted(input_scale)}")
+  return {m: checks.check_number(input_scale[m], f"input_scale[{m!r}]", 0.0, inclusive=False)
+          for m in sorted(sigma)}
 
 
 def predict(logits_fn, inputs: Inputs, sigma: Mapping[str, float] | float, key: Array, *,

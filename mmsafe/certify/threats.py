@@ -16,9 +16,14 @@ margins and vulnerability indicators `eta^(m)_k`:
   one fill): it covers every input within that distance of `x_m`, e.g.
   every fill value no farther than `f_m`.
 
-Radii are in the certificate's units (normalised input space unless it says
-"raw"); the fills must be in the same space ("zeros" is the training mean of
-standardised inputs).
+Radii are in the certificate's units (`Certificate.units`: normalised input
+space, or "input": the units a user perturbs, `mmsafe.certify.units`). Inputs
+and fills are in normalised space ("zeros" is the training mean of
+standardised inputs). A fill is one perturbation, so `missing_certified` tests
+it where the bound is proved, in normalised space: an input-unit uni-modal
+radius is `s^(m)` times the normalised one exactly (Prop. 3.4; smoothing
+alike), so it compares `r_in^(m)` with `s^(m) ||x_m - f_m||` (normalised
+norm), the same outcome whatever the units.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 
 from mmsafe.certify.bounds import Certificate
 from mmsafe.certify.smoothing import SmoothedCertificate
+from mmsafe.certify.units import INPUT
 
 JOINT, WORST_MODALITY = "joint", "worst_modality"
 
@@ -71,18 +77,30 @@ def fill_distances(inputs: Mapping[str, np.ndarray], fills: Mapping[str, np.ndar
 
 
 def missing_certified(cert: Certificate | SmoothedCertificate, inputs: Mapping[str, np.ndarray],
-                      fills: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                      fills: Mapping[str, np.ndarray] | None = None, *,
+                      input_scale: Mapping[str, float] | None = None
+                      ) -> dict[str, np.ndarray]:
   """modality -> [B] bool: the prediction is correct and provably unchanged
-  when modality m is replaced by its fill, `r^(m)(x) > ||x_m - f_m||`; and
-  "any" -> [B] bool: so for every modality (any one of them may be lost).
-  `cert`: CRMT's `Certificate` or randomized smoothing's `SmoothedCertificate`
-  (both state a per-modality l2 radius)."""
+  when modality m is replaced by its fill, `r^(m)(x) > ||x_m - f_m||` in
+  normalised space; and "any" -> [B] bool: so for every modality (any one of
+  them may be lost). `cert`: CRMT's `Certificate` or randomized smoothing's
+  `SmoothedCertificate` (both state a per-modality l2 radius); `inputs`,
+  `fills` normalised. A certificate in input units needs the `input_scale` it
+  was computed with (`units.input_scales(dataset.stats)`): each radius is
+  compared with `s^(m)` times the normalised distance (module docstring)."""
   _check_l2_certificate(cert, (Certificate, SmoothedCertificate))
   modalities = sorted(cert.per_modality)
   if sorted(inputs) != modalities:
     raise ValueError(f"inputs: expected modalities {modalities}, got {sorted(inputs)}")
+  if cert.units == INPUT and input_scale is None:
+    raise ValueError("input_scale: expected the scales of a certificate in input units "
+                     "(units.input_scales(dataset.stats)), got None")
+  scale = input_scale if cert.units == INPUT else {m: 1.0 for m in modalities}
+  if sorted(scale) != modalities:
+    raise ValueError(f"input_scale: expected modalities {modalities}, got {sorted(scale)}")
   distances = fill_distances(inputs, fills)
   correct = np.asarray(cert.correct, bool)
-  out = {m: correct & (np.asarray(cert.per_modality[m]) > distances[m]) for m in modalities}
+  out = {m: correct & (np.asarray(cert.per_modality[m]) > scale[m] * distances[m])
+         for m in modalities}
   out["any"] = np.logical_and.reduce([out[m] for m in modalities])
   return out

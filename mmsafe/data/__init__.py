@@ -1,10 +1,13 @@
 """Datasets: small real embedded ones (`mfeat`, `av_digits`), the papers' clip
 datasets built with TFDS (`kinetics_sounds`, `ucf101_rgb_flow`, `vggsound`; see
-`mmsafe.data.tfds`), and batching."""
+`mmsafe.data.tfds`), the clip dataset made on this machine and built on first
+use through the same TFDS path (`av_clips`; `mmsafe.data.av_clips`), and
+batching."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from mmsafe.data.av_digits_audio import MissingDependencyError
 from mmsafe.data.clip_dataset import ClipDataset
@@ -16,7 +19,7 @@ from mmsafe.data.pipeline import (Batches, ClipPreprocessing, eval_batches, norm
 from mmsafe.data.source import (SourceInfo, check_splits, full_pass, host_pass, in_memory,
                                 modality_means, split_off)
 
-TFDS_DATASETS = ("kinetics_sounds", "ucf101_rgb_flow", "vggsound")
+TFDS_DATASETS = ("av_clips", "kinetics_sounds", "ucf101_rgb_flow", "vggsound")
 
 
 def load(name: str, split: str, **kwargs) -> Dataset | ClipDataset:
@@ -26,10 +29,16 @@ def load(name: str, split: str, **kwargs) -> Dataset | ClipDataset:
   TFDS clip datasets (`TFDS_DATASETS`, optionally with a config:
   "ucf101_rgb_flow/split2"; `split` may be a TFDS slice such as
   "train[95%:]"): a `ClipDataset` of stored examples (`load_tfds`); batch
-  either with `make_iterator`.
+  either with `make_iterator`. `av_clips` is built on first use into `data_dir`
+  (default `$MMSAFE_DATA_DIR`; extra kwargs `spec`, `build`, `workers`: see
+  `mmsafe.data.av_clips_cache.ensure_av_clips`).
   """
   if name in EMBEDDED_DATASETS:
     return load_embedded(name, split, **kwargs)
+  if name == "av_clips":
+    from mmsafe.data.av_clips_cache import ensure_av_clips
+    options = {k: kwargs.pop(k) for k in ("spec", "build", "workers") if k in kwargs}
+    kwargs["data_dir"] = os.fspath(ensure_av_clips(kwargs.pop("data_dir", None), **options))
   if name.split("/")[0] in TFDS_DATASETS:
     return load_tfds(name, split, **kwargs)
   raise ValueError(f"dataset: expected one of {sorted(EMBEDDED_DATASETS) + list(TFDS_DATASETS)}, "

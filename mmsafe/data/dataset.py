@@ -30,10 +30,17 @@ class Standardization:
 
   `mean` and `std` broadcast against one example (shape `[D]` for vectors,
   `[1, 1, C]` for images/spectrograms) and against a batch `[N, ...]`.
+
+  `unit` names the input unit a user perturbs the modality in (the units of
+  certified radii, `mmsafe.certify.units`) and `raw_per_unit` how many stored
+  raw values make one such unit: "raw" and 1 for features stored as they are
+  (mfeat, av_digits, audio fbank), "pixel/255" and 255 for uint8 frames.
   """
 
   mean: np.ndarray
   std: np.ndarray
+  unit: str = "raw"
+  raw_per_unit: float = 1.0
 
   def normalize(self, raw: np.ndarray) -> np.ndarray:
     """Raw values -> model space (float32)."""
@@ -170,7 +177,7 @@ def with_noise(dataset: Dataset, noise: Mapping[str, float]) -> Dataset:
     scale = float(np.sqrt(1.0 + sigma ** 2))
     z = rng.standard_normal(inputs[m].shape).astype(np.float32)
     inputs[m] = ((inputs[m] + sigma * z) / scale).astype(np.float32)
-    stats[m] = Standardization(stats[m].mean, (stats[m].std * scale).astype(np.float32))
+    stats[m] = dataclasses.replace(stats[m], std=(stats[m].std * scale).astype(np.float32))
     value_range.pop(m, None)
   return dataclasses.replace(dataset, inputs=inputs, stats=stats, value_range=value_range)
 

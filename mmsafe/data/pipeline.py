@@ -114,6 +114,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUDIO_MEAN = -4.503877  # AST/CRMT fbank statistics: x -> (x - mean) / (2 * std)
 AUDIO_STD = 5.141276
 CLIP_MODALITIES = ("visual", "audio", "flow")
+PIXEL_UNIT = "pixel/255"  # the input unit of uint8 frames and flow: a stored byte / 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,14 +246,19 @@ def _scale_shift(x, scale, shift):
 def clip_standardization(modality: str) -> Standardization:
   """The read-time normalisation of a clip modality as `x = (raw - mean) / std`:
   visual `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`, flow `x / 127.5 - 1`, audio
-  `(x + 4.503877) / (2 * 5.141276)`."""
+  `(x + 4.503877) / (2 * 5.141276)`. Input units (what a user perturbs, the
+  units of certified radii): frames and flow in pixel/255 (a stored byte / 255),
+  audio in raw fbank units."""
   if modality == "visual":
     return Standardization(mean=255.0 * np.asarray(IMAGENET_MEAN, np.float32),
-                           std=255.0 * np.asarray(IMAGENET_STD, np.float32))
+                           std=255.0 * np.asarray(IMAGENET_STD, np.float32),
+                           unit=PIXEL_UNIT, raw_per_unit=255.0)
   if modality == "flow":
-    return Standardization(mean=np.float32(127.5), std=np.float32(127.5))
+    return Standardization(mean=np.float32(127.5), std=np.float32(127.5), unit=PIXEL_UNIT,
+                           raw_per_unit=255.0)
   if modality == "audio":
-    return Standardization(mean=np.float32(AUDIO_MEAN), std=np.float32(2.0 * AUDIO_STD))
+    return Standardization(mean=np.float32(AUDIO_MEAN), std=np.float32(2.0 * AUDIO_STD),
+                           unit="raw fbank")
   raise ValueError(f"modality: expected one of {list(CLIP_MODALITIES)}, got {modality!r}")
 
 

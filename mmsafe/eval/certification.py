@@ -14,10 +14,12 @@ certified by one compiled program, compiled once per model, kind and shapes
 once per instance; `run_certification` runs one once.
 
 What is certified, and attacked, is the model evaluated in float32
-(`mmsafe.models.as_float32`: a bfloat16 model's parameters in float32), and
-radii are l2 norms in normalised input space (the model's standardised
-inputs; `RESULT_UNITS`): `mmsafe.certify.certify(..., raw_stats=...)` gives
-raw input units.
+(`mmsafe.models.as_float32`: a bfloat16 model's parameters in float32). Radii
+are l2 norms in the input units a user perturbs (`units="input"`, the default:
+raw features, pixel/255 for clip frames; `mmsafe.certify.units`, with the
+dataset's `stats`), and the attack check then perturbs inputs in those units
+and standardises them before the model; `units="normalised"` keeps radii and
+attacks in the model's standardised input space. The results' "units" say which.
 """
 
 from __future__ import annotations
@@ -37,19 +39,19 @@ from mmsafe import data as data_lib
 from mmsafe import models
 from mmsafe import programs
 from mmsafe.attacks.common import misclassified
+from mmsafe.certify import units as units_lib
 
 Track = Callable[[Iterable, int, str], Iterable]
 
 # Attacks search the open ball of radius (1 - _INSIDE) r(x).
 _INSIDE = 1e-4
-# What the results say about the radii and the function they certify.
-RESULT_UNITS = "normalised input space"
+# What the results say about the function they certify.
 CERTIFIED_FUNCTION = "the model's parameters evaluated in float32"
 
 
 def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str | None = None):
-  """A jitted `attack(variables, inputs, labels, radius, key) -> (attacked [B],
-  broken [B])` for `logits_apply(variables, inputs) -> [B, K]`.
+  """A jitted `attack(variables, inputs, labels, radius, key, unit_stats=None) ->
+  (attacked [B], broken [B])` for `logits_apply(variables, inputs) -> [B, K]`.
 
   Searches for a misclassified point strictly inside each sample's radius
   (joint, or of `modality` alone: a uni-modal radius) with
@@ -57,13 +59,21 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str
   loss, `steps` steps of `2.5 eps / steps`, `restarts` random restarts, the
   worst iterate kept. Samples that are misclassified, or whose radius is 0 or
   infinite, are not attacked. `broken` marks attacked samples for which a
-  misclassified point was found inside the ball (its norm is checked). The
-  variables are an argument, not constants of the compiled program (XLA would
-  otherwise fold e.g. the AOL rescaling of every layer at compile time).
+  misclassified point was found inside the ball (its norm is checked).
+  `unit_stats` (modality -> `(mean, std)` in input units,
+  `units.unit_standardization`): the ball is in input units, the attack moves
+  `u = x std + mean` and the model reads `(u - mean) / std`; None: the ball is
+  in the model's normalised input space. The variables are an argument, not
+  constants of the compiled program (XLA would otherwise fold e.g. the AOL
+  rescaling of every layer at compile time).
   """
 
-  def attack(variables, inputs, labels, radius, key):
+  def attack(variables, inputs, labels, radius, key, unit_stats):
     logits_fn = lambda x: logits_apply(variables, x)
+    if unit_stats is not None:  # attack u, the inputs in input units
+      inputs = {m: x * unit_stats[m][1] + unit_stats[m][0] for m, x in inputs.items()}
+      logits_fn = lambda u: logits_apply(variables, {m: (v - unit_stats[m][0]) / unit_stats[m][1]
+                                                     for m, v in u.items()})
     correct = ~misclassified(logits_fn(inputs), labels)
     attacked = correct & (radius > 0) & jnp.isfinite(radius)
     eps = jnp.where(attacked, radius * (1.0 - _INSIDE), 0.0)
@@ -77,9 +87,9 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str
 
   jitted = jax.jit(attack)
 
-  def attack_batch(variables, inputs, labels, radius, key):
+  def attack_batch(variables, inputs, labels, radius, key, unit_stats=None):
     attacked, broken, excess = jitted(variables, inputs, jnp.asarray(labels),
-                                      jnp.asarray(radius, jnp.float32), key)
+                                      jnp.asarray(radius, jnp.float32), key, unit_stats)
     if float(jnp.max(excess)) > 1e-5 * float(jnp.max(jnp.asarray(radius))) + 1e-6:
       raise AssertionError(f"attack left the ball: max excess {float(jnp.max(excess))}")
     return np.asarray(attacked), np.asarray(broken)
@@ -92,27 +102,27 @@ def _batches(inputs, labels, batch_size):
 
 
 def make_certifier(model, *, mode: str, chunk_size: int | None):
-  """`certify_batch(variables, inputs, labels, kind, constants=None) ->
-  (Certificate, LipschitzConstants)`: `mmsafe.certify.certify` as one program,
+  """`certify_batch(variables, inputs, labels, kind, constants=None, input_scale=None)
+  -> (Certificate, LipschitzConstants)`: `mmsafe.certify.certify` as one program,
   compiled once per (model, kind, options) and shapes (`mmsafe.certify.programs`);
   without `constants` (kind "local") the local constants are computed in it and
-  returned with the certificate."""
+  returned with the certificate; `input_scale`: radii in input units."""
 
-  def certify_batch(variables, inputs, labels, kind, constants=None):
+  def certify_batch(variables, inputs, labels, kind, constants=None, input_scale=None):
     return programs.compiled(_certify_batch, model, kind, mode, chunk_size)(
-        variables, inputs, labels, constants)
+        variables, inputs, labels, constants, input_scale)
 
   return certify_batch
 
 
 def _certify_batch(model, kind: str, mode: str, chunk_size: int | None, variables, inputs,
-                   labels, constants):
+                   labels, constants, input_scale):
   """The computation of `make_certifier`'s `certify_batch` (traced)."""
   if constants is None:
     constants = certify_lib.local_constants(model, variables, inputs, mode=mode,
                                             chunk_size=chunk_size)
   cert = certify_lib.certify(model, variables, inputs, labels, kind, constants=constants,
-                             mode=mode, chunk_size=chunk_size)
+                             mode=mode, chunk_size=chunk_size, input_scale=input_scale)
   return cert, constants
 
 
@@ -122,16 +132,17 @@ def _no_progress(iterable: Iterable, total: int, description: str) -> Iterable:
 
 
 def certify_dataset(certify_batch, variables, inputs, labels, kind: str, *, constants=None,
-                    batch_size: int, description: str, track: Track = _no_progress
+                    batch_size: int, description: str, track: Track = _no_progress,
+                    input_scale=None
                     ) -> tuple[certify_lib.Certificate, certify_lib.LipschitzConstants]:
   """Certificate of every example (batched with `certify_batch` of `make_certifier`,
   padded batches trimmed on the host) and the Lipschitz constants of the first
-  batch (`constants` when given)."""
+  batch (`constants` when given); `input_scale`: radii in input units."""
   parts, valid = [], []
   total = math.ceil(len(labels) / min(batch_size, len(labels)))
   for batch in track(_batches(inputs, labels, batch_size), total, description):
     parts.append(certify_batch(variables, batch["inputs"], jnp.asarray(batch["label"]), kind,
-                               constants))
+                               constants, input_scale))
     valid.append(np.asarray(batch["valid"]))
   valid = np.concatenate(valid)
   certificates = jax.device_get([cert for cert, _ in parts])
@@ -175,6 +186,8 @@ class Certification:
     power_iterations, failure_probability: the sound constants' power iteration.
     attack_steps, attack_restarts: the attack check (0 steps: none).
     num_thresholds: radii in the certified-accuracy curves.
+    units: "input" (radii and attacks in the input units a user perturbs,
+      from the dataset's `stats`) or "normalised" (`mmsafe.certify.units`).
     seed: seed of the attacks and power iterations.
     track: `track(iterable, total, description)` wraps each long loop (e.g. a
       progress bar; the identity by default).
@@ -184,7 +197,7 @@ class Certification:
                chunk_size: int | None = None, power_iterations: int = 300,
                failure_probability: float = 1e-6, attack_steps: int = 100,
                attack_restarts: int = 5, num_thresholds: int = 101, seed: int = 0,
-               track: Track = _no_progress):
+               track: Track = _no_progress, units: str = units_lib.INPUT):
     for kind in kinds:
       if kind not in certify_lib.KINDS:
         raise ValueError(f"kinds: expected a subset of {certify_lib.KINDS}, got {kind!r}")
@@ -193,6 +206,7 @@ class Certification:
     self.mode, self.chunk_size = mode, chunk_size
     self.attack_steps, self.attack_restarts = int(attack_steps), int(attack_restarts)
     self.num_thresholds, self.track = num_thresholds, track
+    self.units = units_lib.check_units(units)
     self._key = jax.random.PRNGKey(seed)
     self._head_kind = None
     self._certify_batch = make_certifier(model, mode=mode, chunk_size=chunk_size)
@@ -212,8 +226,11 @@ class Certification:
     inputs, labels = dict(dataset.inputs), np.asarray(dataset.labels)
     if self._head_kind is None:  # the head's kind does not change with the variables
       self._head_kind = certify_lib.head_params(self.model, variables).kind
+    input_scale = self.input_scale(dataset)
     results: dict[str, Any] = {"split": split, "num_examples": int(len(labels)),
-                               "head": self._head_kind, "units": RESULT_UNITS,
+                               "head": self._head_kind,
+                               "units": units_lib.describe(self.units, dataset.stats),
+                               "input_scale": input_scale,
                                "certified_function": CERTIFIED_FUNCTION, "kinds": {}}
     certificates = {}
     for kind in self.kinds:
@@ -221,7 +238,8 @@ class Certification:
       constants = self.constants(kind, variables, empirical_source, empirical_split)
       cert, used = certify_dataset(self._certify_batch, variables, inputs, labels, kind,
                                    constants=constants, batch_size=self.batch_size,
-                                   description=f"certify ({kind})", track=self.track)
+                                   description=f"certify ({kind})", track=self.track,
+                                   input_scale=input_scale)
       seconds = time.time() - start
       certificates[kind] = cert
       entry = {"seconds": seconds, **self._summary(cert, labels, dataset.num_classes)}
@@ -229,9 +247,25 @@ class Certification:
       entry["lipschitz"] = {**note, **_constants_summary(used)}
       if attack and self.attack_steps > 0:
         entry["attack"] = self.attack_check(variables, inputs, labels, np.asarray(cert.radius),
-                                            kind)
+                                            kind, stats=dataset.stats)
       results["kinds"][kind] = entry
     return results, certificates, labels
+
+  def input_scale(self, dataset: data_lib.Dataset) -> dict[str, float] | None:
+    """modality -> `s^(m)` of the `dataset`'s stats in input units (None for
+    normalised units): `mmsafe.certify.units.input_scales`.
+
+    Raises:
+      ValueError naming the modalities without a standardisation in `stats`.
+    """
+    if self.units == units_lib.NORMALISED:
+      return None
+    missing = sorted(set(dataset.inputs) - set(dataset.stats))
+    if missing:
+      raise ValueError(f"dataset.stats: expected the standardisation of every modality for "
+                       f"radii in input units, got none for {missing} (units='normalised' "
+                       f"certifies in the model's input space)")
+    return units_lib.input_scales({m: dataset.stats[m] for m in dataset.inputs})
 
   def constants(self, kind: str, variables, empirical_source, empirical_split: str):
     """The precomputed Lipschitz constants of `kind` (None for "local": computed
@@ -275,10 +309,19 @@ class Certification:
     return self._attack_batches[modality]
 
   def attack_check(self, variables, inputs, labels: np.ndarray, radius: np.ndarray,
-                   kind: str, modality: str | None = None) -> dict[str, Any]:
+                   kind: str, modality: str | None = None, *, stats=None) -> dict[str, Any]:
     """Attacks every certified radius (see `make_radius_attack`; `modality`:
-    the uni-modal radius of that modality, attacked in it alone): how many of
-    the attacked samples had a misclassified point found inside their radius."""
+    the uni-modal radius of that modality, attacked in it alone; in input
+    units, from the dataset's `stats`, unless `units` is "normalised"): how
+    many of the attacked samples had a misclassified point found inside
+    their radius."""
+    unit_stats = None
+    if self.units == units_lib.INPUT:
+      if stats is None:
+        raise ValueError("stats: expected the dataset's stats to attack radii in input units, "
+                         "got None")
+      unit_stats = {m: tuple(jnp.asarray(a, jnp.float32) for a in pair)
+                    for m, pair in units_lib.unit_standardization(stats).items()}
     size = min(self.batch_size, len(labels))
     attacked_all, broken_all = [], []
     attack_batch = self._attack_batch(modality)
@@ -291,14 +334,14 @@ class Certification:
       batch_radius = np.zeros(len(valid), np.float32)
       batch_radius[:n] = radius[i * size:i * size + n]
       attacked, broken = attack_batch(variables, batch["inputs"], batch["label"], batch_radius,
-                                      jax.random.fold_in(self._key, 1000 + i))
+                                      jax.random.fold_in(self._key, 1000 + i), unit_stats)
       attacked_all.append(attacked & valid)
       broken_all.append(broken & valid)
     attacked, broken = np.concatenate(attacked_all), np.concatenate(broken_all)
     steps, restarts = self.attack_steps, self.attack_restarts
-    return {"description": f"l2-PGD inside (1 - {_INSIDE}) r(x): {steps} steps of "
-                           f"2.5 r/{steps}, {restarts} random restarts, margin loss, "
-                           f"worst iterate kept",
+    return {"description": f"l2-PGD inside (1 - {_INSIDE}) r(x) in {self.units} units: "
+                           f"{steps} steps of 2.5 r/{steps}, {restarts} random restarts, "
+                           f"margin loss, worst iterate kept",
             "attacked": int(attacked.sum()), "broken": int(broken.sum()),
             "broken_fraction": float(broken.sum() / max(attacked.sum(), 1))}
 
@@ -307,7 +350,7 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
                       batch_size=100, max_examples=0, mode="auto", chunk_size=None,
                       power_iterations=300, failure_probability=1e-6, attack_steps=100,
                       attack_restarts=5, num_thresholds=101, seed=0,
-                      track: Track = _no_progress):
+                      track: Track = _no_progress, units: str = units_lib.INPUT):
   """Certifies `splits[split]` (its first `max_examples`, 0: all) with each
   Lipschitz kind and attacks the radii: a `Certification` run once.
 
@@ -318,7 +361,7 @@ def run_certification(model, variables, splits, *, kinds, split="test", empirica
       model, kinds=kinds, batch_size=batch_size, mode=mode, chunk_size=chunk_size,
       power_iterations=power_iterations, failure_probability=failure_probability,
       attack_steps=attack_steps, attack_restarts=attack_restarts,
-      num_thresholds=num_thresholds, seed=seed, track=track)
+      num_thresholds=num_thresholds, seed=seed, track=track, units=units)
   dataset = data_lib.in_memory(splits[split], max(max_examples, 0))
   empirical = splits[empirical_split] if "empirical" in certification.kinds else None
   return certification(variables, dataset, empirical, split=split,

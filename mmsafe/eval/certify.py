@@ -29,7 +29,8 @@ class Certify(base.Evaluator):
 
   Args: those of `certification.Certification` (`kinds`, `mode`, `chunk_size`
     (0: none), `power_iterations`, `failure_probability`, `attack_steps`,
-    `attack_restarts`, `num_thresholds`), and `empirical_split` (the split the
+    `attack_restarts`, `num_thresholds`, `units`: "input", radii in the units a
+    user perturbs, or "normalised"), and `empirical_split` (the split the
     empirical constants are estimated on).
   """
 
@@ -40,7 +41,7 @@ class Certify(base.Evaluator):
                empirical_split: str = "train", mode: str = "auto", chunk_size: int = 0,
                power_iterations: int = 300, failure_probability: float = 1e-6,
                attack_steps: int = 100, attack_restarts: int = 5, num_thresholds: int = 101,
-               **common):
+               units: str = "input", **common):
     super().__init__(**common)
     if self.defence:
       raise ValueError(f"defence: the certificates are of the undefended model; expected "
@@ -56,7 +57,8 @@ class Certify(base.Evaluator):
                                                 0.0, 1.0, low_inclusive=False)[0],
         attack_steps=base.count(attack_steps, "attack_steps"),
         attack_restarts=base.count(attack_restarts, "attack_restarts", 1),
-        num_thresholds=base.count(num_thresholds, "num_thresholds", 2), seed=self.seed)
+        num_thresholds=base.count(num_thresholds, "num_thresholds", 2), seed=self.seed,
+        units=units)
     self.certificates: dict[str, certify_lib.Certificate] = {}
 
   def measure(self, variables: Any, progress: Progress = None) -> dict[str, Any]:

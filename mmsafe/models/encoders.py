@@ -189,7 +189,9 @@ class LipschitzResNet(Chain):
   `[B, H, W, C]` or clips `[B, T, H, W, C]` (frames averaged, bound
   `1/sqrt(T)`).
 
-  `SpaceToDepth2 -> Conv3x3 -> MaxMin` stem (1/2 resolution), then per stage
+  `SpaceToDepth(stem_block) -> Conv3x3 -> MaxMin` stem (1/`stem_block`
+  resolution; 4 gives ResNet18's resolutions, a quarter of the convolution
+  FLOPs of 2, for large frames), then per stage
   (`stage_sizes[i]` SLL residual convolutions of width `widths[i]`) a
   transition `SpaceToDepth2 -> AOL 1x1 conv` (1/2 resolution, except before
   the first stage), and finally global l2-norm pooling and `Dense` to
@@ -203,14 +205,17 @@ class LipschitzResNet(Chain):
   features: int = 512
   conv: str = "aol"
   dense: str = "aol"
+  stem_block: int = 2
   dtype: Any = jnp.float32
 
   def make_layers(self):
     conv = _choice("lip_resnet", "conv", self.conv, CONV_LAYERS)
     dense = _choice("lip_resnet", "dense", self.dense, DENSE_LAYERS)
     _even("lip_resnet", "widths", self.widths)
-    layers = [SpaceToDepth(2), conv(self.widths[0], (3, 3), dtype=self.dtype, name="stem"),
-              MaxMin()]
+    if self.stem_block < 1:
+      raise ValueError(f"lip_resnet.stem_block: expected an integer >= 1, got {self.stem_block}")
+    layers = [SpaceToDepth(self.stem_block),
+              conv(self.widths[0], (3, 3), dtype=self.dtype, name="stem"), MaxMin()]
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       if stage > 0:
         layers += [SpaceToDepth(2),

@@ -41,6 +41,7 @@ import numpy as np
 from mmsafe.manifold.stiefel import random_stiefel
 from mmsafe.models.layers import record, spectral_norm
 from mmsafe.models.operator_norms import BoundOptions
+from mmsafe.models.rescaling import autocorrelation_row_sums, schur_scale
 from mmsafe.numerics import HIGHEST
 
 Array = jax.Array
@@ -62,35 +63,6 @@ def _with_bias(module: nn.Module, y: Array) -> Array:
   if not module.use_bias:
     return y
   return y + module.param("bias", nn.initializers.zeros_init(), (module.features,)).astype(y.dtype)
-
-
-def kernel_autocorrelation(kernel: Array) -> Array:
-  """`R[i, delta, j] = sum_{p, o} K[p + delta, i, o] K[p, j, o]` for a conv
-  kernel `K [kh, kw, C_in, C_out]`: the kernel of `P^T P` for the convolution
-  `P` (over all `(2kh-1) x (2kw-1)` shifts `delta`), shape
-  `[C_in, 2kh-1, 2kw-1, C_in]`. For `kh = kw = 1` it is the Gram matrix.
-
-  One batched matrix product over the shifted windows of the zero-padded
-  kernel (`O(k^4 C_in^2 C_out)`); as a convolution of the kernel with itself
-  the same sum ran ~100x slower on XLA:CPU for 512 channels.
-  """
-  kh, kw = kernel.shape[:2]
-  padded = jnp.pad(kernel, ((kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0), (0, 0)))
-  windows = jnp.stack([padded[dh:dh + kh, dw:dw + kw]
-                       for dh in range(2 * kh - 1) for dw in range(2 * kw - 1)])
-  gram = jnp.einsum("spqio,pqjo->sij", windows, kernel, precision=HIGHEST)
-  return jnp.transpose(gram.reshape(2 * kh - 1, 2 * kw - 1, *gram.shape[1:]), (2, 0, 1, 3))
-
-
-def schur_scale(absolute_gram_rows: Array, q: Array | None = None) -> Array:
-  """`(sum_j |G_ij| q_j / q_i)^(-1/2)` from `|G|` rows `[C, ...]` summed over
-  everything but the first axis (the AOL/SLL rescaling; `q = 1` for AOL)."""
-  if q is None:
-    sums = jnp.sum(absolute_gram_rows.reshape(absolute_gram_rows.shape[0], -1), axis=1)
-  else:
-    weighted = absolute_gram_rows * q  # q broadcasts over the last axis (j)
-    sums = jnp.sum(weighted.reshape(weighted.shape[0], -1), axis=1) / q
-  return jax.lax.rsqrt(jnp.maximum(sums, _TINY))
 
 
 class MaxMin(nn.Module):
@@ -193,9 +165,8 @@ class AOLDense(_DenseLayer):
   def matrix(self, d_in: int) -> Array:
     kernel = self.param("kernel", nn.initializers.orthogonal(), (d_in, self.features))
     if d_in <= self.features:
-      return kernel * schur_scale(jnp.abs(jnp.matmul(kernel, kernel.T, precision=HIGHEST)))[
-          :, None]
-    return kernel * schur_scale(jnp.abs(jnp.matmul(kernel.T, kernel, precision=HIGHEST)))[None]
+      return kernel * schur_scale(autocorrelation_row_sums(kernel[None, None]))[:, None]
+    return kernel * schur_scale(autocorrelation_row_sums(kernel.T[None, None]))[None]
 
   def lipschitz_bound(self, x: Array, options: BoundOptions) -> Array:
     del x, options
@@ -213,7 +184,7 @@ class AOLConv(nn.Module):
   """AOL convolution (Prach & Lampert 2022): a zero-padded "SAME" convolution
   whose kernel is rescaled per input channel by
   `d_c = (sum_{delta, c'} |R[c, delta, c']|)^(-1/2)` with `R` the kernel's
-  autocorrelation (`kernel_autocorrelation`, the kernel of `P^T P`).
+  autocorrelation (the kernel of `P^T P`; `rescaling.autocorrelation_row_sums`).
 
   Bound 1: the same Schur argument as `AOLDense` on the infinite-domain
   convolution; zero padding embeds the input isometrically and the output
@@ -231,7 +202,7 @@ class AOLConv(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     del train
     kernel = self.param("kernel", _identity_like, (*self.kernel_size, x.shape[-1], self.features))
-    scale = schur_scale(jnp.abs(kernel_autocorrelation(kernel)))
+    scale = schur_scale(autocorrelation_row_sums(kernel))
     scaled = kernel * scale[None, None, :, None]
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), scaled.astype(self.dtype), (self.strides, self.strides), "SAME",
@@ -406,8 +377,7 @@ class SLLDense(nn.Module):
     kernel = self.param("kernel", nn.initializers.orthogonal(), (width, hidden))
     bias = self.param("bias", nn.initializers.zeros_init(), (hidden,))
     q = jnp.exp(self.param("log_q", nn.initializers.zeros_init(), (hidden,)))
-    gram = jnp.matmul(kernel.T, kernel, precision=HIGHEST)
-    inverse_t = jnp.square(schur_scale(jnp.abs(gram), q))
+    inverse_t = jnp.square(schur_scale(autocorrelation_row_sums(kernel.T[None, None], q)))
     x = x.astype(jnp.float32)
     h = nn.relu(jnp.matmul(x, kernel, precision=HIGHEST) + bias)
     return (x - 2.0 * jnp.matmul(h * inverse_t, kernel.T, precision=HIGHEST)).astype(self.dtype)
@@ -422,7 +392,7 @@ class SLLConv(nn.Module):
   `z = x - 2 P^T T^(-1) relu(P x + b)` for the zero-padded "SAME" convolution
   `P` (kernel `[kh, kw, C, C]`), its exact adjoint `P^T`
   (`jax.linear_transpose`) and `T_ii = sum_{delta, j} |R[i, delta, j]| q_j / q_i`
-  with `R` the autocorrelation of `P P^T` (`kernel_autocorrelation` of the
+  with `R` the autocorrelation of `P P^T` (`autocorrelation_row_sums` of the
   kernel with its channel axes swapped). Bound 1: Thm. 3 needs
   `P P^T <= T`, which holds for the infinite-domain convolution by the Schur
   argument, and zero padding only removes terms.
@@ -439,8 +409,8 @@ class SLLConv(nn.Module):
                         (*self.kernel_size, channels, channels))
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
     q = jnp.exp(self.param("log_q", nn.initializers.zeros_init(), (channels,)))
-    inverse_t = jnp.square(schur_scale(
-        jnp.abs(kernel_autocorrelation(jnp.swapaxes(kernel, 2, 3))), q))
+    sums = autocorrelation_row_sums(jnp.swapaxes(kernel, 2, 3), q)
+    inverse_t = jnp.square(schur_scale(sums))
     x = x.astype(jnp.float32)
 
     def conv(v):

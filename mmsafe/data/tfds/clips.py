@@ -253,7 +253,8 @@ class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       kinds = dict(collections.Counter(s.kind for s in skipped))
       examples = "; ".join(f"{s.clip}: {s.kind}: {s.detail}" for s in skipped[:3])
       raise ValueError(f"{self.name}: all {len(clips)} listed clips of split {split!r} were "
-                       f"skipped ({kinds}), e.g. {examples}")
+                       f"skipped ({kinds}); no usable clip in manual directory {manual_dir}, "
+                       f"e.g. {examples}")
     self.info.metadata["listed"][split] = len(clips)
     self.info.metadata["skipped"][split] = [[s.clip, s.kind, s.detail] for s in skipped]
 
