@@ -46,8 +46,8 @@ from experiments.configs import embedded
 from experiments.configs import evals as evals_config
 from mmsafe import attacks
 from mmsafe import data as data_lib
-from mmsafe.eval import evaluators
-from mmsafe.eval import robustness
+from mmsafe.eval import base
+from mmsafe.eval import registry
 from mmsafe.train import loop, restore
 from mmsafe.train import experiment as experiment_lib
 from mmsafe.train.step import make_train_step
@@ -127,7 +127,7 @@ def pgd(run_dir: str) -> None:
   gradient = jax.jit(jax.grad(lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
       logits_flat(x), labels))))
   # A pytree function of the variables: the attack's steps compile once (eps traced).
-  logits_fn = jax.tree_util.Partial(robustness.logits_apply(model), variables)
+  logits_fn = jax.tree_util.Partial(base.logits_apply(model), variables)
   for eps in (float(e) for e in _EPS.value):
     step_size = 2.5 * eps / _STEPS.value
     attack = foolbox.attacks.L2PGD(abs_stepsize=step_size, steps=_STEPS.value,
@@ -160,7 +160,7 @@ def skip_certified(run_dirs: dict[str, str]) -> None:
     for skip in (True, False):
       evals = evals_config.get_config("paper").to_dict()
       evals["robustness"].update(protocol="default", skip_certified=skip)
-      runs[skip] = evaluators.build_evaluators(evals, model=model, splits=splits)["robustness"]
+      runs[skip] = registry.build_evaluators(evals, model=model, splits=splits)["robustness"]
     results = {skip: ev.run(variables) for skip, ev in runs.items()}  # compiles
     seconds = {True: [], False: []}
     for _ in range(_REPEATS.value // 2 or 1):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.eval import robustness
+from mmsafe.eval import batching
 from mmsafe.eval import statistics
 
 Run = Mapping[str, Any]
@@ -70,7 +70,7 @@ def paper_budgets(modalities: Sequence[str]) -> Budgets:
 
 
 def _decode(run: Run, text: str) -> np.ndarray:
-  return robustness.decode_flags(text, int(run["num_examples"])).astype(np.float64)
+  return batching.decode_flags(text, int(run["num_examples"])).astype(np.float64)
 
 
 def clean(run: Run) -> np.ndarray:

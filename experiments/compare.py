@@ -24,7 +24,7 @@ from experiments import cli
 from experiments.configs import evals as evals_config
 from mmsafe import files
 from mmsafe import methods
-from mmsafe.eval import evaluators
+from mmsafe.eval import registry
 from mmsafe.eval import report
 from mmsafe.train import loop, restore
 
@@ -50,7 +50,7 @@ def evaluate_method(workdir: str, protocol: str, certify_kinds) -> dict:
   if certify_kinds:
     evals.update(evals_config.get_config("certify").to_dict())
     evals["certify"].update(kinds=tuple(certify_kinds), attack_steps=0)
-  built = evaluators.build_evaluators(evals, model=model, splits=splits)
+  built = registry.build_evaluators(evals, model=model, splits=splits)
   measured = {name: evaluator.run(variables) for name, evaluator in built.items()}
   for name, metrics in measured.items():
     # Named apart from experiments.evaluate's reports of the same run.

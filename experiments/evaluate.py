@@ -1,5 +1,5 @@
 r"""Evaluates a trained run on a restored checkpoint with the evaluators of an
-evals config (`experiments/configs/evals.py`, `mmsafe.eval.evaluators`) and
+evals config (`experiments/configs/evals.py`, `mmsafe.eval.registry`) and
 writes each one's report.
 
   python -m experiments.evaluate --workdir=/tmp/mmsafe/ojt
@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from experiments import cli
-from mmsafe.eval import evaluators as evaluators_lib
+from mmsafe.eval import registry
 from mmsafe.eval import report
 from mmsafe.files import check_writable
 from mmsafe.train import restore
@@ -47,7 +47,7 @@ if __name__ == "__main__":
   cli.name_config_on_command_line("evals", DEFAULT_EVALS)
 _EVALS = config_flags.DEFINE_config_file(
     "evals", DEFAULT_EVALS,
-    "Evaluators: name -> dict(type=..., ...) (see mmsafe.eval.evaluators).")
+    "Evaluators: name -> dict(type=..., ...) (see mmsafe.eval.registry).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
 _OUT = flags.DEFINE_string("out", None, "Output directory: evaluator <name> writes into "
@@ -66,7 +66,7 @@ def summary(evaluator_type: str, metrics: Mapping[str, Any]) -> Any:
             for kind, entry in metrics["kinds"].items()}
   if evaluator_type == "sweep":
     return metrics["accuracy"]
-  return evaluators_lib.scalar_metrics(metrics)
+  return registry.scalar_metrics(metrics)
 
 
 def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which: str = "best",
@@ -86,7 +86,7 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
     check_writable(os.path.join(out or workdir, name),
                    "--out" if out else "--workdir (--out writes the reports elsewhere)")
   config, model, variables, splits, step = restore.restore_run_and_step(workdir, which=which)
-  evaluators = evaluators_lib.build_evaluators(evals, model=model, splits=splits,
+  evaluators = registry.build_evaluators(evals, model=model, splits=splits,
                                                run_config=config)
   out = out or workdir
   done = {}
@@ -96,7 +96,7 @@ def evaluate_run(workdir: str, evals: Mapping[str, Mapping[str, Any]], *, which:
       metrics = evaluator.run(variables, progress=bar.update)
     metrics["meta"] = {"workdir": os.path.abspath(workdir), "method": config["method"],
                        "dataset": config["dataset"], "split": evaluator.split,
-                       "defence": evaluator.settings["defence"],
+                       "defence": evaluator.defence_name,
                        "checkpoint": which, "step": step, "device": str(jax.devices()[0])}
     files = report.write_evaluation(evaluator.type, metrics, os.path.join(out, name),
                                     title=f"Robustness of {where}")

@@ -41,7 +41,7 @@ from experiments.configs import mmt as mmt_config
 from mmsafe import data as data_lib
 from mmsafe import files
 from mmsafe.data import mfeat
-from mmsafe.eval import evaluators
+from mmsafe.eval import registry
 from mmsafe.train import loop, restore
 
 TABLE1_METHODS = claims_lib.TABLE1_METHODS
@@ -111,7 +111,7 @@ def calibrate(run_dir: str, protocol: str, max_examples: int = 0) -> dict[str, A
   settings = {"protocol": protocol, "max_examples": max_examples}
   suite = _suite(settings, "validation", multi_eps=CALIBRATION_GRID, uni_eps=CALIBRATION_GRID,
                  attacks=("pgd",), missing_fills=())
-  built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
+  built = registry.build_evaluators({"robustness": suite}, model=model, splits=splits)
   curves = built["robustness"].run(variables)["curves"]["pgd"]
   return {scope: {"budgets": [crossing(c["eps"], c["accuracy"], t) for t in TARGETS],
                   "eps": c["eps"], "accuracy": c["accuracy"]} for scope, c in curves.items()}
@@ -165,7 +165,7 @@ def evaluator_configs(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def evaluate_run(run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any]:
   """Test-split numbers of the model selected on validation in `run_dir`."""
   _, model, variables, splits = restore.restore_run(run_dir)
-  built = evaluators.build_evaluators(evaluator_configs(settings), model=model, splits=splits)
+  built = registry.build_evaluators(evaluator_configs(settings), model=model, splits=splits)
   start = time.time()
   suite = built["robustness"].run(variables)
   result = {"settings": dict(settings), "num_classes": int(splits["test"].num_classes),
@@ -458,7 +458,7 @@ def protocol_check(run: Mapping[str, Any], run_dir: str,
                  multi_eps=tuple(multi), uni_eps=(), uni_extra_eps=uni, attacks=("pgd",),
                  missing_fills=())
   _, model, variables, splits = restore.restore_run(run_dir)
-  built = evaluators.build_evaluators({"robustness": suite}, model=model, splits=splits)
+  built = registry.build_evaluators({"robustness": suite}, model=model, splits=splits)
   default = pgd_points(built["robustness"].run(variables), budgets)
   cheap = pgd_points(run, budgets)
   points = {point: [cheap[point], default[point]] for point in default}

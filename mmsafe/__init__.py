@@ -42,9 +42,9 @@ docstring says otherwise):
              `train.restore.restore_run(workdir)` reads a run back.
   data       `load(name, split)` (embedded `mfeat` / `av_digits` in memory; TFDS
              clip datasets), `make_iterator`, `validate_batch`.
-  eval       evaluators from `config.evals` (`eval.evaluators.build_evaluators`:
-             clean, FGM/PGD, missing, decoupling, certify, sweep; each with
-             `run(variables) -> metrics`), `evaluate_robustness`,
+  eval       evaluators from `config.evals` (`eval.build_evaluators`, one module
+             per type: clean, FGM/PGD, missing, decoupling, the robustness
+             suite, certify, sweep; each with `run(variables) -> metrics`),
              `run_certification`, reports and plots.
 
 The most used names are also importable from here: `mmsafe.build`,

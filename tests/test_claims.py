@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import claims
-from mmsafe.eval import robustness
+from mmsafe.eval import batching
 from mmsafe.eval import statistics
 
 N = 200
@@ -18,7 +18,7 @@ BUDGETS = {claims.PAPER: claims.paper_budgets(MODALITIES), claims.BITE: BITE}
 
 
 def _flags(rng, level: float) -> str:
-  return robustness.encode_flags(rng.random(N) < level)
+  return batching.encode_flags(rng.random(N) < level)
 
 
 def fake_run(seed: int, level: float, *, pix_drop: float = 0.0, eta: float = 2.0,

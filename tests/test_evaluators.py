@@ -1,5 +1,5 @@
-"""Evaluators built from config dicts (`mmsafe.eval.evaluators`) on a tiny model:
-validation at build time, agreement with the suite and with direct
+"""Evaluators built from config dicts (`mmsafe.eval.registry`) on a tiny model:
+validation at build time (the constructors' keys), agreement with direct
 computations, one compilation across runs, and the scalar metrics the training
 loop logs."""
 
@@ -16,8 +16,7 @@ from mmsafe import data as data_lib
 from mmsafe import models
 from mmsafe.attacks import PGDProtocol
 from mmsafe.eval import certification
-from mmsafe.eval import evaluators
-from mmsafe.eval import robustness
+from mmsafe.eval import registry
 
 SHAPES = {"a": (6,), "b": (5,)}
 K = 3
@@ -60,7 +59,7 @@ def toy():
 
 
 def _build(toy, evals, model=None):
-  return evaluators.build_evaluators(evals, model=model or toy[0], splits=toy[2])
+  return registry.build_evaluators(evals, model=model or toy[0], splits=toy[2])
 
 
 FAST = dict(protocol=PGDProtocol(name="test", steps=5, restarts=2, relative_step_size=None,
@@ -81,12 +80,13 @@ FAST = dict(protocol=PGDProtocol(name="test", steps=5, restarts=2, relative_step
     ({"c": {"type": "clean", "every_steps": -1}},
      r"evals\.c\.every_steps: expected an integer >= 0, got -1"),
     ({"c": {"type": "certify", "kinds": ["exact"]}}, r"evals\.c\.kinds: expected a subset"),
-    ({"m": {"type": "missing", "fills": ["median"]}}, r"evals\.m\.missing_fills: expected"),
+    ({"m": {"type": "missing", "fills": ["median"]}}, r"evals\.m\.fills: expected values in"),
     ({"r": {"type": "robustness", "multi_eps": [-1.0]}},
      r"evals\.r\.multi_eps: expected finite values >= 0, got -1.0"),
     ({"r": {"type": "robustness", "uni_modalities": ["z"]}},
      r"evals\.r\.uni_modalities: unknown modality 'z'"),
-    ({"d": {"type": "decoupling", "scopes": ["all"]}}, r"evals\.d\.decoupling_scopes: expected"),
+    ({"d": {"type": "decoupling", "scopes": ["all"]}},
+     r"evals\.d\.scopes: expected 'multi' or one of"),
     ({"s": {"type": "sweep", "steps": [0]}}, r"evals\.s\.steps/restarts: expected non-empty"),
     ({"p": {"type": "pgd", "skip_certified": "yes"}},
      r"evals\.p\.skip_certified: expected True or False, got 'yes'"),
@@ -107,7 +107,8 @@ def test_build_reads_the_config_file_and_common_keys(toy):
   assert all(ev.every_steps == 0 and ev.split == "test" for ev in built.values())
   assert built["certify"].batch_size == 100 and built["robustness"].batch_size == 256
   paper = _build(toy, evals_config.get_config("paper").to_dict())["robustness"]
-  assert paper.suite_config.multi_eps == () and paper.suite_config.decoupling_fractions == ()
+  assert paper.multi_eps == () and paper.decoupling_fractions == ()
+  assert paper.attack_evaluators["pgd"].grids == {"multi": (0.5,), "a": (1.0,), "b": (1.0,)}
   pgd = _build(toy, {"pgd_val": {"type": "pgd", "every_steps": 100, "eps": [0.5]}})["pgd_val"]
   assert (pgd.name, pgd.every_steps, pgd.split, pgd.seed) == ("pgd_val", 100, "validation", 0)
   with pytest.raises(ValueError, match=r"evals config: expected names among"):
@@ -126,38 +127,31 @@ def test_clean_accuracy_equals_a_direct_count(toy):
 
 
 @pytest.mark.slow
-def test_attack_evaluators_agree_with_the_suite(toy):
+def test_attack_grids_headline_and_mean_fill(toy):
+  """The PGD grids gain the protocol's budgets and expand "uni"; the suite's
+  headline reads them; the "mean" fill is the training split's mean example."""
   model, variables, splits = toy
   test = splits["test"]
   evals = {
       "suite": {"type": "robustness", "split": "test", "multi_eps": [0.25, 2.0],
-                "uni_eps": [2.0], "missing_fills": ["zeros", "mean"],
-                "decoupling_fractions": [0.2], "decoupling": {"rounds": 2, "steps_per_round": 3},
+                "uni_eps": [2.0], "missing_fills": ["mean"], "decoupling_fractions": [],
                 **FAST},
       "pgd": {"type": "pgd", "split": "test", "scope": ["multi", "uni"], "eps": [0.25, 2.0],
               "uni_eps": [2.0], **FAST},
-      "fgm": {"type": "fgm", "split": "test", "scope": "a", "uni_eps": [2.0], **FAST},
-      "missing": {"type": "missing", "split": "test", "fills": ["zeros", "mean"],
-                  "batch_size": 16},
-      "decoupling": {"type": "decoupling", "split": "test", "fractions": [0.2], "rounds": 2,
-                     "steps_per_round": 3, "batch_size": 16},
-  }
-  built = _build(toy, evals)
-  metrics = {name: ev.run(variables) for name, ev in built.items()}
-  suite = robustness.evaluate_robustness(
-      robustness.logits_apply(model), variables, test.inputs, test.labels,
-      built["suite"].suite_config, fill_means=data_lib.modality_means(splits["train"]),
-      certified=built["suite"].sound_radii(variables))
-  assert metrics["suite"] == suite  # the suite evaluator is `evaluate_robustness`
-  assert metrics["pgd"]["curves"] == suite["curves"]["pgd"]
-  assert metrics["fgm"]["curves"] == {"a": suite["curves"]["fgm"]["a"]}
-  assert metrics["missing"]["accuracy"] == suite["missing"]
-  assert metrics["decoupling"]["curves"] == suite["decoupling"]
-  clean = suite["clean_accuracy"]
+      "missing": {"type": "missing", "split": "test", "fills": "mean", "batch_size": 16}}
+  metrics = {name: ev.run(variables) for name, ev in _build(toy, evals).items()}
+  clean = metrics["suite"]["clean_accuracy"]
   pgd = metrics["pgd"]["accuracy"]
   assert set(pgd) == {"multi@0.25", "multi@0.5", "multi@2", "a@1", "a@2", "b@1", "b@2"}
   assert all(v <= clean for v in pgd.values()) and pgd["multi@2"] < clean
-  assert pgd["multi@0.5"] == suite["headline"]["pgd/multi@0.5"]
+  assert pgd["multi@0.5"] == metrics["suite"]["headline"]["pgd/multi@0.5"]
+  means = {m: x.mean(0) for m, x in splits["train"].inputs.items()}
+  for m in SHAPES:
+    filled = dict(test.inputs, **{m: np.broadcast_to(means[m], test.inputs[m].shape)})
+    predicted = np.asarray(jnp.argmax(model.apply(variables, filled).logits, -1))
+    expected = np.mean(predicted == test.labels)
+    assert metrics["missing"]["accuracy"][m]["mean"] == pytest.approx(expected)
+    assert metrics["suite"]["missing"][m]["mean"] == pytest.approx(expected)
 
 
 @pytest.mark.slow
@@ -237,7 +231,7 @@ def test_certify_evaluator_sound_radii_are_never_broken(toy):
   with pytest.raises(ValueError, match=r"dataset.stats: expected the standardisation of every "
                                        r"modality for radii in input units, got none for"):
     ev._certification(variables, bare)
-  scalars = evaluators.scalar_metrics(metrics)
+  scalars = registry.scalar_metrics(metrics)
   assert scalars["kinds/sound/attack/broken"] == 0.0
   assert "kinds/sound/summary/mean_radius" in scalars
 
@@ -245,7 +239,7 @@ def test_certify_evaluator_sound_radii_are_never_broken(toy):
 def test_scalar_metrics_flattens_numbers_only():
   metrics = {"a": 1, "b": {"c": 0.5, "d": [1, 2], "e": {"f": np.float32(2.0)}}, "s": "x",
              "flag": True, "none": None, "n": np.int64(3)}
-  assert evaluators.scalar_metrics(metrics) == {"a": 1.0, "b/c": 0.5, "b/e/f": 2.0, "n": 3.0}
+  assert registry.scalar_metrics(metrics) == {"a": 1.0, "b/c": 0.5, "b/e/f": 2.0, "n": 3.0}
 
 
 # ------------------------------------------------------------ MSEFM defence
@@ -287,7 +281,7 @@ def test_msefm_defence_is_the_reconstruction_by_hand(concat_toy):
   evals = {"clean": {"type": "clean", "split": "test", "defence": "msefm", "batch_size": 16,
                      "seed": 3},
            "plain": {"type": "clean", "split": "test", "batch_size": 16}}
-  built = evaluators.build_evaluators(evals, model=model, splits=splits, run_config=MSEFM_RUN)
+  built = registry.build_evaluators(evals, model=model, splits=splits, run_config=MSEFM_RUN)
   ev, test = built["clean"], splits["test"]
   rows = np.sort(np.random.default_rng(3).choice(N, 12, replace=False))
   memory_inputs = {m: x[rows] for m, x in splits["train"].inputs.items()}
@@ -335,5 +329,5 @@ def test_msefm_defence_is_the_reconstruction_by_hand(concat_toy):
 def test_msefm_defence_fails_fast_naming_the_field(concat_toy, evals, run_config, message):
   model, variables, splits = concat_toy
   with pytest.raises(ValueError, match=message):
-    evaluators.build_evaluators(evals, model=model, splits=splits,
+    registry.build_evaluators(evals, model=model, splits=splits,
                                 run_config=run_config)["c"].run(variables)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from mmsafe import attacks, certify, models
-from mmsafe.eval import robustness
 from tests.test_attacks import _inputs, _nonlinear
-from tests.test_robustness import _data, _model
+from tests.test_robustness import _data, _model, build
 
 K = 4  # classes of `_nonlinear` and of the tiny model
 KEY = jax.random.PRNGKey(0)
@@ -152,10 +151,10 @@ def test_robustness_suite_counts_non_finite_logits_as_failures():
   def nan_apply(variables, x):
     return jnp.where(x["b"][:, :1] > 50.0, jnp.nan, apply_fn(variables, x))
 
-  config = robustness.SuiteConfig(
-      protocol="fast", multi_eps=(0.5,), uni_eps=(1.0,), uni_modalities=(),
-      decoupling_fractions=(0.1,), decoupling=dict(rounds=1, steps_per_round=2), batch_size=8)
-  results = robustness.evaluate_robustness(nan_apply, variables, inputs, labels, config)
+  config = dict(type="robustness", protocol="fast", multi_eps=(0.5,), uni_eps=(1.0,),
+                uni_modalities=(), decoupling_fractions=(0.1,),
+                decoupling=dict(rounds=1, steps_per_round=2), batch_size=8, skip_certified=False)
+  results = build(nan_apply, inputs, labels, **config).run(variables)
   clean = np.asarray(jnp.argmax(apply_fn(variables, inputs), -1)) == labels
   clean[3] = False
   assert results["num_non_finite"] == 1
@@ -165,7 +164,7 @@ def test_robustness_suite_counts_non_finite_logits_as_failures():
   assert results["missing"]["a"]["zeros"] <= 7 / 8
   with pytest.raises(ValueError, match=r"inputs\['a'\]: expected finite values"):
     bad = {**inputs, "a": np.where(np.arange(8)[:, None, None] == 5, np.nan, inputs["a"])}
-    robustness.evaluate_robustness(nan_apply, variables, bad, labels, config)
+    build(nan_apply, bad, labels, **config).run(variables)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from mmsafe import attacks, certify, models
 from mmsafe import data as data_lib
-from mmsafe.eval import evaluators
+from mmsafe.eval import registry
 from mmsafe.models.layers import LIPSCHITZ_COLLECTION, Conv
 from mmsafe.models.operator_norms import ROUNDING_MARGIN, BoundOptions
 
@@ -230,6 +230,6 @@ def test_pgd_skips_no_example_of_a_bfloat16_model_as_certified():
   dataset = data_lib.Dataset(name="toy", split="test", inputs=jax.device_get(inputs),
                              labels=np.asarray(labels), num_classes=K, stats={})
   evals = {"pgd": {"type": "pgd", "split": "test", "eps": [0.01], "protocol": "fast"}}
-  radii = {dtype: evaluators.build_evaluators(evals, model=model, splits={"test": dataset})[
+  radii = {dtype: registry.build_evaluators(evals, model=model, splits={"test": dataset})[
       "pgd"].sound_radii(variables) for dtype, model in (("bfloat16", half), ("float32", full))}
   assert radii["bfloat16"] is None and radii["float32"]["multi"].shape == (32,)

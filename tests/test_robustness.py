@@ -1,10 +1,12 @@
-"""The robustness evaluation suite and report, on a small synthetic model and end
-to end (`python -m experiments.evaluate`) on a model trained on mfeat."""
+"""The robustness evaluators (clean, FGM / PGD, missing, decoupling, their
+suite, the sweep) and the report, on a small synthetic model and end to end
+(`python -m experiments.evaluate`) on a model trained on mfeat."""
 
 import dataclasses
 import json
 import os
 import sys
+import types
 
 from absl import flags
 import jax.numpy as jnp
@@ -12,9 +14,13 @@ import numpy as np
 import pytest
 
 from mmsafe import attacks
+from mmsafe import data as data_lib
 from mmsafe.attacks import PGDProtocol
+from mmsafe.attacks.pgd import get_protocol
+from mmsafe.eval import batching
+from mmsafe.eval import pgd as pgd_lib
+from mmsafe.eval import registry
 from mmsafe.eval import report
-from mmsafe.eval import robustness
 from tests.test_tensorboard import read_events
 
 SHAPES = {"a": (4, 3), "b": (6,)}
@@ -41,23 +47,44 @@ def _data(apply_fn, variables):
   return inputs, labels
 
 
+class FnModel:
+  """A model whose logits are `apply_fn(variables, inputs)` (what evaluators call)."""
+
+  def __init__(self, apply_fn):
+    self.apply_fn = apply_fn
+
+  def apply(self, variables, inputs, train=False):
+    del train
+    return types.SimpleNamespace(logits=self.apply_fn(variables, inputs))
+
+
+def build(apply_fn, inputs, labels, **config):
+  """The evaluator of `config` (a `type` and its keys) on the split `inputs`,
+  `labels` (also the training split: its means are the "mean" fill's)."""
+  test = data_lib.Dataset(name="synthetic", split="test", inputs=inputs,
+                          labels=np.asarray(labels, np.int32), num_classes=5, stats={})
+  splits = {"test": test, "train": dataclasses.replace(test, split="train")}
+  return registry.build("e", {"split": "test", **config}, model=FnModel(apply_fn),
+                        splits=splits)
+
+
 @pytest.mark.slow
 def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
   protocol = PGDProtocol(name="test", steps=5, restarts=1, relative_step_size=None,
                          random_start=False)
-  config = robustness.SuiteConfig(
-      protocol=protocol, multi_eps=(0.25, 1.0, 2.0), uni_eps=(0.5, 2.0), uni_modalities=("a",),
-      uni_extra_eps={"a": (1.5,)},
-      missing_fills=("zeros", "mean"), decoupling_fractions=(0.05, 0.2),
-      decoupling={"rounds": 2, "steps_per_round": 3, "max_change": 2.0}, batch_size=64,
-      per_example=True)
+  suite = build(apply_fn, inputs, labels, type="robustness",
+                protocol=protocol, multi_eps=(0.25, 1.0, 2.0), uni_eps=(0.5, 2.0),
+                uni_modalities=("a",), uni_extra_eps={"a": (1.5,)},
+                missing_fills=("zeros", "mean"), decoupling_fractions=(0.05, 0.2),
+                decoupling={"rounds": 2, "steps_per_round": 3, "max_change": 2.0},
+                batch_size=64, per_example=True, skip_certified=False)
   calls = []
-  means = {m: x.mean(0) for m, x in inputs.items()}
-  results = robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config,
-                                           fill_means=means, progress=calls.append)
-  assert sum(calls) == robustness.num_work_units(config, SHAPES, N) == 2 * 23
+  results = suite.run(variables, progress=calls.append)
+  # (tasks: 1 clean + 2 x (4 multi + 4 "a") attack eps + 2 x 2 missing + 2
+  # decoupling = 23) x 2 batches
+  assert sum(calls) == 2 * 23
   clean = results["clean_accuracy"]
   assert results["num_examples"] == N and clean == pytest.approx(0.9)
   # The paper budgets are added to the grids; the headline reads them.
@@ -86,9 +113,13 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
   direct = np.mean(np.asarray(jnp.argmax(apply_fn(variables, dropped), -1)) == labels)
   assert results["missing"]["a"]["zeros"] == pytest.approx(direct)
   assert set(results["missing"]["b"]) == {"zeros", "mean"}
+  # The "mean" fill: the training split's mean example, fixed once built.
+  means = {m: np.broadcast_to(x.mean(0), x.shape) for m, x in inputs.items()}
+  mean_filled = np.asarray(jnp.argmax(apply_fn(variables, dict(inputs, b=means["b"])), -1))
+  assert results["missing"]["b"]["mean"] == pytest.approx(np.mean(mean_filled == labels))
   # Per-example flags: the same numbers, example by example.
   flags = results["per_example"]
-  decode = lambda text: robustness.decode_flags(text, N)
+  decode = lambda text: batching.decode_flags(text, N)
   correct = decode(flags["clean"])
   np.testing.assert_array_equal(correct, np.asarray(jnp.argmax(apply_fn(variables, inputs), -1))
                                 == labels)
@@ -100,7 +131,7 @@ def test_suite_end_to_end_gives_sane_numbers_and_a_report(tmp_path):
       assert robust.mean(1).tolist() == pytest.approx(curve["accuracy"])
       assert not (robust & ~correct).any()  # robust implies clean-correct
   with pytest.raises(ValueError, match="flags: expected 13 bytes for 100 examples, got 2"):
-    robustness.decode_flags("ffff", N)
+    batching.decode_flags("ffff", N)
   # Decoupling: ASR in [0, 1], non-decreasing in the budget, budgets respected.
   dec = results["decoupling"]["multi"]
   assert dec["num_entries"] == 18 and dec["count"] == [0, 3]
@@ -128,27 +159,26 @@ def test_batches_are_balanced_and_loops_agree():
     sizes.append(len(labels))
     return jnp.zeros(labels.shape, bool), jnp.ones(labels.shape)
 
-  bad, extra = robustness.over_batches(fn, variables, inputs, labels, batch_size=64,
-                                       key=jnp.zeros(2, jnp.uint32))
+  bad, extra = batching.over_batches(fn, variables, inputs, labels, batch_size=64,
+                                     key=jnp.zeros(2, jnp.uint32))
   # The fewest batches of at most 64, of one size (one compilation), the last
   # padded by at most one row per batch; only the real rows come back.
-  balanced = robustness.balanced_batch_size(N, 64)
+  balanced = batching.balanced_batch_size(N, 64)
   assert sizes == [balanced] * -(-N // 64) and 0 <= balanced * len(sizes) - N < len(sizes)
   assert bad.shape == extra.shape == (N,)
-  assert [robustness.balanced_batch_size(n, 256) for n in (400, 401, 10, 513)] == [
+  assert [batching.balanced_batch_size(n, 256) for n in (400, 401, 10, 513)] == [
       200, 201, 10, 171]
   correct = np.ones(N, bool)
   protocol = PGDProtocol(name="test", steps=4, restarts=2, relative_step_size=None,
                          random_start=False)
   curves = {}
   for loop in ("python", "scan"):
-    pgd = robustness.PGDCurves(apply_fn, {"multi": (0.5, 1.5)}, protocol=protocol,
-                               batch_size=64, loop=loop)
-    decoupling = robustness.DecouplingCurves(apply_fn, SHAPES, (0.2,), batch_size=64,
-                                             options={"rounds": 2, "steps_per_round": 3},
-                                             loop=loop)
-    curves[loop] = (pgd(variables, inputs, labels, correct)["curves"]["pgd"]["multi"],
-                    decoupling(variables, inputs, labels, correct)["decoupling"]["multi"])
+    pgd = build(apply_fn, inputs, labels, type="pgd", eps=(0.5, 1.5), protocol=protocol,
+                batch_size=64, loop=loop, skip_certified=False)
+    decoupling = build(apply_fn, inputs, labels, type="decoupling", fractions=(0.2,),
+                       batch_size=64, rounds=2, steps_per_round=3, loop=loop)
+    curves[loop] = (pgd.curves(variables, correct)["curves"]["pgd"]["multi"],
+                    decoupling.curves(variables, correct)["decoupling"]["multi"])
   (pgd, decoupling), (pgd_traced, decoupling_traced) = curves["python"], curves["scan"]
   assert pgd["accuracy"][1] < 0.8 and decoupling["asr"][0] > 0  # the attacks bite
   assert pgd["accuracy"] == pgd_traced["accuracy"]
@@ -164,16 +194,17 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
   inputs, labels = _data(apply_fn, variables)
   correct = np.asarray(jnp.argmax(apply_fn(variables, inputs), -1)) == labels
   protocol = PGDProtocol(name="test", steps=5, restarts=1, relative_step_size=None,
-                         random_start=False, loss="ce+margin")  # deterministic
+                         random_start=False, loss="ce+margin", multi_eps=0.3)  # deterministic
   grid = (0.3, 0.8, 1.5)
   attacked = []
-  over_rows = robustness.over_rows
-  monkeypatch.setattr(robustness, "over_rows",
+  over_rows = pgd_lib.over_rows
+  monkeypatch.setattr(pgd_lib, "over_rows",
                       lambda *a, **k: attacked.append(a[4].copy()) or over_rows(*a, **k))
-  curves = robustness.PGDCurves(apply_fn, {"multi": grid}, protocol=protocol, batch_size=64)
-  attack, batch_sizes = curves._fn, set()
-  curves._fn = lambda v, x, y, *a, **k: batch_sizes.add(len(y)) or attack(v, x, y, *a, **k)
-  curve = curves(variables, inputs, labels, correct)["curves"]["pgd"]["multi"]
+  curves = build(apply_fn, inputs, labels, type="pgd", eps=grid, protocol=protocol,
+                 batch_size=64, skip_certified=False)
+  attack, batch_sizes = curves._program, set()
+  curves._program = lambda v, x, y, *a, **k: batch_sizes.add(len(y)) or attack(v, x, y, *a, **k)
+  curve = curves.curves(variables, correct)["curves"]["pgd"]["multi"]
   # Brute force: every example attacked at every eps with every loss.
   broken, expected = ~correct, []
   for eps in grid:
@@ -192,7 +223,7 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
   assert len(attacked[-1]) == round(expected[-1] * N) < len(attacked[0])
   # Batches of the whole split's size (two of 50) or its halves: few compilations.
   assert len(batch_sizes) > 1 and batch_sizes <= {50, 25, 13}
-  assert [robustness.subset_batch_size(n, 200) for n in (400, 200, 199, 101, 100, 30, 3)] == [
+  assert [batching.subset_batch_size(n, 200) for n in (400, 200, 199, 101, 100, 30, 3)] == [
       200, 200, 200, 200, 100, 50, 13]
 
 
@@ -224,19 +255,20 @@ def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypat
 
   certified = {"multi": exact_radius(sorted(SHAPES)), "a": exact_radius(["a"])}
   protocol = PGDProtocol(name="test", steps=10, restarts=1, relative_step_size=None,
-                         random_start=False, loss="ce+margin")  # deterministic
+                         random_start=False, loss="ce+margin", multi_eps=0.3)  # deterministic
   grids = {"multi": (0.1, 0.3, 0.9), "a": (0.2, 1.0)}
   attacked = []
-  over_rows = robustness.over_rows
-  monkeypatch.setattr(robustness, "over_rows",
+  over_rows = pgd_lib.over_rows
+  monkeypatch.setattr(pgd_lib, "over_rows",
                       lambda *a, **k: attacked.append(a[4].copy()) or over_rows(*a, **k))
-  curves = robustness.PGDCurves(apply_fn, grids, protocol=protocol, batch_size=64)
-  skipping = curves(None, inputs, labels, correct, certified=certified)["curves"]["pgd"]
+  curves = build(apply_fn, inputs, labels, type="pgd", scope=("multi", "a"), eps=grids["multi"],
+                 uni_eps=grids["a"], protocol=protocol, batch_size=64, skip_certified=False)
+  skipping = curves.curves(None, correct, certified=certified)["curves"]["pgd"]
   seen, attacked[:] = list(attacked), []
-  everything = curves(None, inputs, labels, correct)["curves"]["pgd"]
+  everything = curves.curves(None, correct)["curves"]["pgd"]
   for scope, grid in grids.items():
     assert skipping[scope]["accuracy"] == everything[scope]["accuracy"]
-    expected = [int((correct & (certified[scope] > eps * (1 + robustness.CERTIFIED_SLACK))).sum())
+    expected = [int((correct & (certified[scope] > eps * (1 + pgd_lib.CERTIFIED_SLACK))).sum())
                 for eps in grid]
     assert skipping[scope]["num_certified"] == expected
     assert everything[scope]["num_certified"] is None
@@ -247,47 +279,56 @@ def test_pgd_curves_skip_certified_examples_without_changing_the_curve(monkeypat
   attack_scope = [scope for scope, grid in grids.items() for _ in grid for _ in protocol.losses]
   assert len(seen) == len(attacked) == len(attack_eps)
   for rows_seen, rows_all, eps, scope in zip(seen, attacked, attack_eps, attack_scope):
-    assert not np.any(certified[scope][rows_seen] > eps * (1 + robustness.CERTIFIED_SLACK))
+    assert not np.any(certified[scope][rows_seen] > eps * (1 + pgd_lib.CERTIFIED_SLACK))
     assert set(rows_seen) <= set(rows_all)
   assert sum(map(len, seen)) < sum(map(len, attacked))
   # Through the suite, and stated in its report.
-  config = robustness.SuiteConfig(protocol=protocol, multi_eps=grids["multi"],
-                                  uni_eps=grids["a"], attacks=("pgd",), uni_modalities=("a",),
-                                  missing_fills=(), decoupling_fractions=(), batch_size=64)
-  suite = robustness.evaluate_robustness(apply_fn, None, inputs, labels, config,
-                                         certified=certified)
+  config = dict(type="robustness", protocol=dataclasses.replace(protocol, multi_eps=0.5),
+                multi_eps=grids["multi"], uni_eps=grids["a"], attacks=("pgd",),
+                uni_modalities=("a",), missing_fills=(), decoupling_fractions=(), batch_size=64)
+  suite = build(apply_fn, inputs, labels, **config)
+  # The radii the suite's PGD member computes for a model with a Lipschitz bound.
+  monkeypatch.setattr(suite.attack_evaluators["pgd"], "sound_radii", lambda variables: certified)
+  suite = suite.run(None)
   multi = suite["curves"]["pgd"]["multi"]  # the grid gains the paper's 0.5
   assert multi["num_certified"] == [
-      int((correct & (certified["multi"] > eps * (1 + robustness.CERTIFIED_SLACK))).sum())
+      int((correct & (certified["multi"] > eps * (1 + pgd_lib.CERTIFIED_SLACK))).sum())
       for eps in multi["eps"]] and 0.5 in multi["eps"]
   text = report.markdown(suite)
   assert "Robust by their sound certified radius, so not attacked" in text
   assert f"multi: 0.1: {skipping['multi']['num_certified'][0]}, " in text
-  assert "Robust by their sound" not in report.markdown(robustness.evaluate_robustness(
-      apply_fn, None, inputs, labels, config))
+  assert "Robust by their sound" not in report.markdown(build(
+      apply_fn, inputs, labels, **config, skip_certified=False).run(None))
   with pytest.raises(ValueError, match=r"certified: expected radii for scope 'a'"):
-    curves(None, inputs, labels, correct, certified={"multi": certified["multi"]})
+    curves.curves(None, correct, certified={"multi": certified["multi"]})
   with pytest.raises(ValueError, match=r"certified\['a'\]: expected shape \(100,\)"):
-    curves(None, inputs, labels, correct, certified={**certified, "a": certified["a"][:5]})
+    curves.curves(None, correct, certified={**certified, "a": certified["a"][:5]})
 
 
-def test_suite_rejects_bad_configs():
+def test_suite_rejects_bad_configs_naming_the_field():
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
   cases = [
-      (robustness.SuiteConfig(attacks=("cw",)), r"attacks: expected a subset"),
-      (robustness.SuiteConfig(uni_modalities=("z",)), r"uni_modalities: unknown modality 'z'"),
-      (robustness.SuiteConfig(missing_fills=("median",)), r"missing_fills: expected values"),
-      (robustness.SuiteConfig(decoupling_scopes=("all",)), r"decoupling_scopes: expected"),
-      (robustness.SuiteConfig(multi_eps=(-1.0,)), r"multi_eps: expected finite values >= 0"),
-      (robustness.SuiteConfig(protocol="strongest"), r"protocol: expected one of"),
-      (robustness.SuiteConfig(uni_extra_eps={"c": (1.0,)}),
+      ({"attacks": ("cw",)}, r"attacks: expected a subset"),
+      ({"uni_modalities": ("z",)}, r"uni_modalities: unknown modality 'z'"),
+      ({"missing_fills": ("median",)}, r"missing_fills: expected values"),
+      ({"decoupling_scopes": ("all",)}, r"decoupling_scopes: expected"),
+      ({"decoupling": {"max_change": 0.0}}, r"decoupling.max_change: expected finite values > 0"),
+      ({"decoupling": {"round": 2}}, r"decoupling: expected keys among \['rounds'"),
+      ({"multi_eps": (-1.0,)}, r"multi_eps: expected finite values >= 0"),
+      ({"protocol": "strongest"}, r"protocol: expected one of"),
+      ({"uni_extra_eps": {"c": (1.0,)}},
        r"uni_extra_eps: expected modalities among \['a', 'b'\], got \['c'\]"),
-      (robustness.SuiteConfig(missing_fills=("mean",)), r"fill_means: expected a mean"),
   ]
   for config, message in cases:
     with pytest.raises(ValueError, match=message):
-      robustness.evaluate_robustness(apply_fn, variables, inputs, labels, config)
+      build(apply_fn, inputs, labels, type="robustness", **config)
+  test = data_lib.Dataset(name="synthetic", split="test", inputs=inputs, labels=labels,
+                          num_classes=5, stats={})
+  with pytest.raises(ValueError, match=r"missing_fills: the 'mean' and 'noise' fills need a "
+                                       r"'train' split, got splits \['test'\]"):
+    registry.build("e", {"type": "robustness", "split": "test", "missing_fills": ("mean",)},
+                   model=FnModel(apply_fn), splits={"test": test})
 
 
 def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path, monkeypatch):
@@ -341,9 +382,10 @@ def test_evaluate_command_on_a_trained_mfeat_model(trained_mfeat, tmp_path, monk
 def test_strength_sweep_is_monotone_in_restarts(tmp_path):
   apply_fn, variables = _model()
   inputs, labels = _data(apply_fn, variables)
-  sweep = robustness.pgd_strength_sweep(apply_fn, variables, inputs, labels,
-                                        budgets=[("multi", 1.0)], steps=(3,), restarts=(1, 3),
-                                        batch_size=64)
+  protocol = dataclasses.replace(get_protocol("default"), multi_eps=1.0)
+  sweep = build(apply_fn, inputs, labels, type="sweep", protocol=protocol, scales=(1.0,),
+                steps=(3,), restarts=(1, 3), batch_size=64).run(variables)
+  assert set(sweep["accuracy"]) == {"multi@1.0", "a@1.0", "b@1.0"}
   (row,) = sweep["accuracy"]["multi@1.0"]
   assert sweep["clean_accuracy"] == pytest.approx(0.9)
   assert row[1] <= row[0] < sweep["clean_accuracy"]
@@ -371,12 +413,13 @@ def test_the_margin_loss_breaks_what_a_saturated_ce_loss_cannot():
   distance = np.abs(x @ (w[:, 0] - w[:, 1])) / np.linalg.norm(w[:, 0] - w[:, 1])
   eps = float(np.max(distance)) * 1.5
   correct = np.ones(16, bool)
-  ce_only = dataclasses.replace(robustness.get_protocol("default"), loss="ce", restarts=1)
+  ce_only = dataclasses.replace(get_protocol("default"), loss="ce", restarts=1)
   both = dataclasses.replace(ce_only, loss="ce+margin")
-  assert robustness.get_protocol("default").losses == ("ce", "margin")
+  assert get_protocol("default").losses == ("ce", "margin")
   accuracy = {}
   for protocol in (ce_only, both):
-    curves = robustness.PGDCurves(apply_fn, {"multi": (0.5, eps)}, protocol=protocol)
-    result = curves(weights, inputs, labels, correct, None)["curves"]["pgd"]["multi"]
+    curves = build(apply_fn, inputs, labels, type="pgd", eps=(0.5, eps), protocol=protocol,
+                   skip_certified=False)
+    result = curves.curves(weights, correct)["curves"]["pgd"]["multi"]
     accuracy[protocol.loss] = result["accuracy"][-1]
   assert accuracy == {"ce": 1.0, "ce+margin": 0.0}

@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "restart_selection"} dicts.
   config.stages = ()
   # Evaluators run inside training every `every_steps` steps and logged to
-  # metrics.jsonl (mmsafe/eval/evaluators.py), e.g.
+  # metrics.jsonl (mmsafe/eval/registry.py), e.g.
   # {"pgd_val": {"type": "pgd", "split": "validation", "every_steps": 100}}.
   config.evals = ml_collections.ConfigDict()
   config.log_every_steps = 0  # 0: once per epoch.

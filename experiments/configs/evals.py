@@ -1,4 +1,4 @@
-r"""Evaluator configs (`mmsafe.eval.evaluators`): name -> dict(type=..., ...).
+r"""Evaluator configs (`mmsafe.eval.registry`): name -> dict(type=..., ...).
 
 Used by `experiments.evaluate` / `experiments.certify` on a trained run, and
 as `config.evals` of a training config (evaluators with `every_steps` > 0 then
@@ -17,7 +17,7 @@ run inside training). The arg is a comma-separated list of:
 
 Every suite and sweep config takes `defence` ("none"; "msefm": an MSEFM model
 evaluated behind its test-time feature-memory reconstruction, attacks
-included; `mmsafe.eval.evaluators`). Certificates take only "none".
+included; `mmsafe.eval.base`). Certificates take only "none".
 
 Override any value on the command line, e.g.
   --evals=experiments/configs/evals.py:robustness,certify \

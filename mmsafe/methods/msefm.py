@@ -36,7 +36,7 @@ Choices and simplifications (documented on purpose):
   training-loop validation and its certificates run `model.apply` (the concat
   model trained with MinSim on memory-blended features, no defence); the
   test-time defence is an evaluation option (`defence="msefm"` of
-  `mmsafe.eval.evaluators`): `defended_logits` on a memory of
+  `mmsafe.eval.base`): `defended_logits` on a memory of
   `msefm_memory_size` clean training features of the evaluated model
   (`evaluation_memory`, inference mode; like the reference's bank computed
   with a trained model), and the attacks see the whole defended classifier:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from mmsafe import data as data_lib
 from mmsafe import methods
 from mmsafe import models
-from mmsafe.eval import evaluators as evaluators_lib
+from mmsafe.eval import registry as evaluators_lib
 from mmsafe.train import parallel as parallel_lib
 from mmsafe.checks import check_integer, check_number
 from mmsafe.train.optimizer import make_optimizer, per_stage

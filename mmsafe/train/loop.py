@@ -18,7 +18,7 @@ The loop knows no method by name.
 
 Model selection uses the validation split; the test split is evaluated once,
 at the end, on the selected model. `config.evals` adds evaluators
-(`mmsafe.eval.evaluators`) that run every `every_steps` steps and are logged.
+(`mmsafe.eval.registry`) that run every `every_steps` steps and are logged.
 
 Data parallelism (`config.parallel`: "none" | "jit" | "pmap";
 `mmsafe.train.parallel`) runs the same steps on all devices of all processes;
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from mmsafe import data as data_lib
 from mmsafe import methods
-from mmsafe.eval import evaluators as evaluators_lib
+from mmsafe.eval import registry
 from mmsafe.eval import report
 from mmsafe.files import write_json_atomic
 from mmsafe.train import distributed
@@ -408,7 +408,7 @@ def _run_evaluators(context: _Context, done: int, state) -> None:
   variables = context.parallel.get(state.variables)
   for name, evaluator in due.items():
     metrics = evaluator.run(variables)
-    scalars = evaluators_lib.scalar_metrics(metrics)
+    scalars = registry.scalar_metrics(metrics)
     context.writer.write(done, **{f"{name}/{k}": v for k, v in scalars.items()})
     if jax.process_index() == 0:
       context.writer.write_images(done, report.figures(evaluator.type, metrics, prefix=name))
