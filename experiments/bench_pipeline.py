@@ -47,7 +47,7 @@ import psutil
 import tensorflow_datasets as tfds
 
 import mmsafe
-from mmsafe.data import pipeline
+from mmsafe.data import clips, loader
 from mmsafe.data import tfds as mtfds
 from mmsafe.data.tfds import media
 
@@ -237,11 +237,11 @@ def _bench_preprocessing(source) -> dict:
   result = {}
   for train in (True, False):
     for normalize in (True, False):
-      config = pipeline.ClipPreprocessing(normalize=normalize)
+      config = clips.ClipPreprocessing(normalize=normalize)
       start = time.process_time()
       for i in range(60):
-        pipeline.preprocess_clip(records[i % len(records)], train=train,
-                                 rng=np.random.default_rng(i) if train else None, config=config)
+        clips.preprocess_clip(records[i % len(records)], train=train,
+                              rng=np.random.default_rng(i) if train else None, config=config)
       tag = f"{'train' if train else 'eval'}_{'f32' if normalize else 'uint8'}"
       result[f"cpu_ms_{tag}"] = (time.process_time() - start) / 60 * 1000
   return result
@@ -255,16 +255,16 @@ def _bench_iterators(source) -> dict:
   result = {}
   for kind, count in workers:
     for normalize in (True, False):
-      config = pipeline.ClipPreprocessing(normalize=normalize)
+      config = clips.ClipPreprocessing(normalize=normalize)
       tag = f"{kind}{count}_{'f32' if normalize else 'uint8'}"
       options = ({"num_threads": count} if kind == "threads"
                  else {"processes": count, "num_threads": 1})
       # Built one at a time: a loader's workers start with it.
       for split, make in (
-          ("train", lambda: pipeline.clip_train_iterator(
+          ("train", lambda: loader.clip_train_iterator(
               _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
               prefetch=4, **options)),
-          ("eval", lambda: pipeline.clip_eval_iterator(
+          ("eval", lambda: loader.clip_eval_iterator(
               _Repeat(source, (steps + _WARMUP.value) * b), batch_size=b, config=config,
               prefetch=4, **options))):
         result[f"{split}_{tag}"], result[f"{split}_{tag}_per_core"] = rate(make(), b, steps)
