@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsafe import data as data_lib
-from mmsafe.data import clips, loader, plans, types
+from mmsafe.data import clips, plans, types
 from mmsafe.data.tfds import media
 
 STORED = 12  # stored frame size
@@ -175,10 +175,10 @@ def test_normalize_inputs_matches_in_pipeline_normalisation():
 def test_train_iterator_resumes_and_threads_do_not_change_batches():
   records = _records(n=10)
   kwargs = dict(batch_size=2, seed=5, config=CONFIG, prefetch=2)
-  with loader.clip_train_iterator(records, num_steps=6, num_threads=1, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_steps=6, num_threads=1, **kwargs) as it:
     serial = list(it)
-  with loader.clip_train_iterator(records, num_steps=3, start_step=3, num_threads=3,
-                                  **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_steps=3, start_step=3, num_threads=3,
+                             **kwargs) as it:
     resumed = list(it)
   assert len(serial) == 6 and len(resumed) == 3
   for a, b in zip(serial[3:], resumed):
@@ -193,11 +193,11 @@ def test_train_iterator_resumes_and_threads_do_not_change_batches():
 def test_worker_processes_give_the_same_batches_as_threads():
   records = _records(n=6)
   kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)
-  with loader.clip_train_iterator(records, num_threads=2, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_threads=2, **kwargs) as it:
     threads = list(it)
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest is no absl program)
     flags.FLAGS.mark_as_parsed()
-  with loader.clip_train_iterator(records, processes=2, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, processes=2, **kwargs) as it:
     processes = list(it)
   assert len(threads) == len(processes) == 2
   for a, b in zip(threads, processes):
@@ -211,8 +211,8 @@ def test_two_hosts_eval_iterators_cover_the_split_once():
   config = clips.ClipPreprocessing(image_size=8, modalities=("audio",))
   seen = []
   for host in range(2):
-    batches = list(loader.clip_eval_iterator(records, batch_size=2, process_index=host,
-                                             process_count=2, config=config))
+    batches = list(data_lib.make_iterator(records, train=False, batch_size=2,
+                                          process_index=host, process_count=2, config=config))
     assert len(batches) == 2 and set(batches[0]["inputs"]) == {"audio"}
     for b in batches:
       # audio of record i is -i everywhere
@@ -224,11 +224,11 @@ def test_two_hosts_eval_iterators_cover_the_split_once():
 def test_iterator_errors_surface_and_close_stops():
   records = _records(n=4, with_flow=False)
   records[2] = dict(records[2], visual=np.array([b"broken"] * 7, dtype=object))
-  it = loader.clip_eval_iterator(records, batch_size=2, config=CONFIG)
+  it = data_lib.make_iterator(records, train=False, batch_size=2, config=CONFIG)
   next(it)
   with pytest.raises(OSError):  # Pillow: cannot identify image file
     next(it)
-  it = loader.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG)
+  it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG)
   next(it)
   it.close()
   with pytest.raises(StopIteration):
@@ -255,8 +255,8 @@ def test_dropped_iterator_stops_its_threads():
   import time
 
   def drop_one_iterator():
-    it = loader.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG,
-                                    num_threads=2)
+    it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG,
+                                num_threads=2)
     next(it)
     del it
     gc.collect()

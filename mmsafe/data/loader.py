@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmsafe.data.clips import ClipPreprocessing, clip_output_spec, preprocess_clip
-from mmsafe.data.plans import eval_plans, example_rng, train_plans
+from mmsafe.data.plans import example_rng
 
 
 class Batches:
@@ -138,38 +138,3 @@ def grain_batches(plans, read, *, start_step: int = 0, num_threads: int = 4,
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(processes)))
   return Batches(dataset, start_step=start_step,
                  workers={"num_threads": int(num_threads), "processes": int(processes)})
-
-
-def clip_train_iterator(source: Sequence, *, batch_size: int, seed: int, start_step: int = 0,
-                        num_steps: int | None = None, process_index: int = 0,
-                        process_count: int = 1,
-                        config: ClipPreprocessing = ClipPreprocessing(),
-                        num_threads: int = 4, prefetch: int = 2,
-                        processes: int = 0) -> Batches:
-  """Training batches of this host from step `start_step` on (forever, or `num_steps`).
-
-  `batch_size` is per host. Batch `step` holds `host_train_indices(...)` examples,
-  each augmented with `example_rng(seed, epoch, index)`: a pure function of
-  (seed, step, process_index, process_count), so a resumed run sees the same data.
-  Workers: `num_threads` threads, or `processes` processes (see `grain_batches`).
-  """
-  plans = train_plans(len(source), batch_size=batch_size, seed=seed, start_step=start_step,
-                      num_steps=num_steps, process_index=process_index,
-                      process_count=process_count)
-  return grain_batches(plans, ReadClips(source, config, train=True, seed=int(seed)),
-                       start_step=start_step, num_threads=num_threads, prefetch=prefetch,
-                       processes=processes)
-
-
-def clip_eval_iterator(source: Sequence, *, batch_size: int, process_index: int = 0,
-                       process_count: int = 1,
-                       config: ClipPreprocessing = ClipPreprocessing(),
-                       num_threads: int = 4, prefetch: int = 2,
-                       processes: int = 0) -> Batches:
-  """Evaluation batches of this host (deterministic preprocessing), each with a boolean
-  `"valid"` [B]; every host yields the same number of batches (`clip_eval_batches`)."""
-  clip_output_spec(source, config)  # fails fast on an empty source or absent modalities
-  plans = eval_plans(len(source), batch_size=batch_size, process_index=process_index,
-                     process_count=process_count)
-  return grain_batches(plans, ReadClips(source, config, train=False), num_threads=num_threads,
-                       prefetch=prefetch, processes=processes)
