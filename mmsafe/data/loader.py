@@ -1,8 +1,9 @@
 """Loading batches with grain: `grain_batches` maps a dataset of batch plans
 (`mmsafe.data.plans`) by a reader (`ReadClips` for clip records,
-`mmsafe.data.plans.ReadArrays` for in-memory arrays) with worker threads or processes and prefetch, into `Batches`,
-an iterator whose position can be saved and restored. `make_iterator`
-(`mmsafe.data`) and the passes of `mmsafe.data.source` load every source this way.
+`mmsafe.data.plans.ReadArrays` for in-memory arrays) with worker threads or
+processes and prefetch, into `Batches`, an iterator whose position can be saved
+and restored. `make_iterator` (`mmsafe.data`) and the passes of
+`mmsafe.data.source` load every source this way.
 """
 
 from __future__ import annotations
