@@ -128,6 +128,14 @@ def test_modules_of_a_subpackage_import_each_other_without_a_cycle(subpackage):
   assert not cycle, f"import cycle: {' -> '.join(cycle)}"
 
 
+def test_no_module_is_longer_than_450_lines():
+  # The house rule: split a longer file along a real seam (one file per concept).
+  package = pathlib.Path(mmsafe.__file__).parent
+  long = {str(p.relative_to(package)): n for p in sorted(package.rglob("*.py"))
+          if (n := len(p.read_text().splitlines())) > 450}
+  assert not long, f"files over 450 lines: {long}"
+
+
 def test_evaluation_reaches_methods_only_through_their_registry():
   # A method's test-time defence is found by name (`methods.get(name).defence`).
   package = pathlib.Path(mmsafe.__file__).parent / "eval"
