@@ -8,7 +8,7 @@ and measures:
 * build: clips/s of `download_and_prepare` (ffmpeg decode, fbank, JPEG; UCF101 adds
   TV-L1 flow, also timed per frame pair);
 * read: stored examples/s of `tfds.data_source` random access (deserialisation only);
-* train / eval: examples/s of `clip_train_iterator` / `clip_eval_iterator` (decode,
+* train / eval: examples/s of `make_iterator(..., train=True / False)` (decode,
   crop, resize, flip, normalise, batch) for each thread / process count, with
   normalisation on the host (float32 batches) or left to the device
   (`normalize=False`, uint8 frames), and the CPU they use: `*_per_core` is examples
@@ -47,7 +47,7 @@ import psutil
 import tensorflow_datasets as tfds
 
 import mmsafe
-from mmsafe.data import pipeline
+from mmsafe import data as data_lib
 from mmsafe.data import tfds as mtfds
 from mmsafe.data.tfds import media
 
@@ -237,10 +237,10 @@ def _bench_preprocessing(source) -> dict:
   result = {}
   for train in (True, False):
     for normalize in (True, False):
-      config = pipeline.ClipPreprocessing(normalize=normalize)
+      config = data_lib.ClipPreprocessing(normalize=normalize)
       start = time.process_time()
       for i in range(60):
-        pipeline.preprocess_clip(records[i % len(records)], train=train,
+        data_lib.preprocess_clip(records[i % len(records)], train=train,
                                  rng=np.random.default_rng(i) if train else None, config=config)
       tag = f"{'train' if train else 'eval'}_{'f32' if normalize else 'uint8'}"
       result[f"cpu_ms_{tag}"] = (time.process_time() - start) / 60 * 1000
@@ -255,18 +255,18 @@ def _bench_iterators(source) -> dict:
   result = {}
   for kind, count in workers:
     for normalize in (True, False):
-      config = pipeline.ClipPreprocessing(normalize=normalize)
+      config = data_lib.ClipPreprocessing(normalize=normalize)
       tag = f"{kind}{count}_{'f32' if normalize else 'uint8'}"
       options = ({"num_threads": count} if kind == "threads"
                  else {"processes": count, "num_threads": 1})
       # Built one at a time: a loader's workers start with it.
       for split, make in (
-          ("train", lambda: pipeline.clip_train_iterator(
-              _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0, config=config,
-              prefetch=4, **options)),
-          ("eval", lambda: pipeline.clip_eval_iterator(
-              _Repeat(source, (steps + _WARMUP.value) * b), batch_size=b, config=config,
-              prefetch=4, **options))):
+          ("train", lambda: data_lib.make_iterator(
+              _Repeat(source, max(len(source), 4 * b)), train=True, batch_size=b, seed=0,
+              config=config, prefetch=4, process_index=0, process_count=1, **options)),
+          ("eval", lambda: data_lib.make_iterator(
+              _Repeat(source, (steps + _WARMUP.value) * b), train=False, batch_size=b,
+              config=config, prefetch=4, process_index=0, process_count=1, **options))):
         result[f"{split}_{tag}"], result[f"{split}_{tag}_per_core"] = rate(make(), b, steps)
   return result
 

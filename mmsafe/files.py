@@ -2,6 +2,8 @@
 
 A process killed mid-write leaves the previous file (or none), never a
 truncated one. Used for every JSON, markdown, PNG and cache file mmsafe writes.
+`process_alive` tells whether the process that left a lock or a temporary
+directory still runs.
 """
 
 from __future__ import annotations
@@ -102,3 +104,14 @@ def write_result(path: str | os.PathLike, settings: Any, result: Any) -> Any:
   returns `result`."""
   write_json_atomic(path, {"settings": settings, "result": result})
   return result
+
+
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host (another user's process counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True

@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from mmsafe import attacks, methods
-from mmsafe.certify import ablation, votes
+from mmsafe.certify import ablation, ablation_votes, votes
 
 SIZES = {"a": 6, "b": 5}
 KEEP = {"a": 1, "b": 1}
@@ -196,11 +196,11 @@ def test_bad_input_is_refused_naming_the_argument():
       ablation.certified_counts(np.array([gap]), SIZES, KEEP)
   counts, chosen = np.array([[8, 2, 0]]), np.array([0])
   with pytest.raises(ValueError, match=r"alpha: expected a finite number > 0 and <= 0.5"):
-    ablation.class_bounds(counts, chosen, 0.7)
+    ablation_votes.class_bounds(counts, chosen, 0.7)
   with pytest.raises(ValueError, match=r"counts: expected vote counts \[B, K\]"):
-    ablation.class_bounds(counts / 10, chosen, 0.01)
+    ablation_votes.class_bounds(counts / 10, chosen, 0.01)
   with pytest.raises(ValueError, match=r"chosen: expected a class in \[0, 3\)"):
-    ablation.class_bounds(counts, np.array([3]), 0.01)
+    ablation_votes.class_bounds(counts, np.array([3]), 0.01)
   with pytest.raises(ValueError, match=r"subsets: expected an integer >= 1, got 0"):
     ablation.round_bounds(np.array([0.5]), np.array([0.2]), 0)
 
@@ -344,7 +344,7 @@ def test_per_class_bounds_fail_together_with_probability_at_most_alpha():
   weight = stats.multinomial.pmf(counts, trials, p)
   chosen = np.zeros(len(counts), np.int64)
   for per_class in (False, True):
-    p_lower, p_upper = ablation.class_bounds(counts, chosen, alpha, per_class)
+    p_lower, p_upper = ablation_votes.class_bounds(counts, chosen, alpha, per_class)
     assert np.all(p_upper <= 1.0 - p_lower)
     fails = (p_lower > p[0]) | (p_upper < p[1])
     assert weight[fails].sum() <= alpha
@@ -352,7 +352,7 @@ def test_per_class_bounds_fail_together_with_probability_at_most_alpha():
   # the runner-up): the binomial tail at the bound is alpha / 2. Without the
   # correction the event above fails with probability 0.21 > alpha.
   inside = counts[(counts[:, 0] > 0) & (counts[:, 1:].max(axis=1) < trials)][::97]
-  p_lower, p_upper = ablation.class_bounds(inside, chosen[:len(inside)], alpha, True)
+  p_lower, p_upper = ablation_votes.class_bounds(inside, chosen[:len(inside)], alpha, True)
   np.testing.assert_allclose(stats.binom.sf(inside[:, 0] - 1, trials, p_lower), alpha / 2,
                              rtol=1e-6)
   np.testing.assert_allclose(stats.binom.cdf(inside[:, 1:].max(axis=1), trials, p_upper),
@@ -397,7 +397,7 @@ def test_rounding_and_per_class_bounds_each_certify_strictly_more():
   counts, chosen = np.array([[676, 184, 140]]), np.array([0])
   out = {}
   for per_class in (False, True):
-    bounds = ablation.class_bounds(counts, chosen, 0.001, per_class)
+    bounds = ablation_votes.class_bounds(counts, chosen, 0.001, per_class)
     for rounded in (False, True):
       lower, upper = ablation.round_bounds(*bounds, 35) if rounded else bounds
       alone, total = certificate_of(lower - upper, sizes, keep)
@@ -425,8 +425,8 @@ def test_simulated_votes_certify_at_most_the_truth_and_more_than_before():
     selection = np.stack([rng.multinomial(100, q) for q in p])
     counts = np.stack([rng.multinomial(1000, q) for q in p])
     chosen = np.argmax(selection, axis=1)
-    per_class = ablation.choose_per_class(selection, chosen, 1000, 0.001)
-    bounds = ablation.class_bounds(counts, chosen, 0.001, per_class)
+    per_class = ablation_votes.choose_per_class(selection, chosen, 1000, 0.001)
+    bounds = ablation_votes.class_bounds(counts, chosen, 0.001, per_class)
     rounded = ablation.round_bounds(*bounds, 35)
     before_gap = 2 * votes.clopper_pearson_lower(counts[np.arange(24), chosen], 1000, 0.001) - 1
     rows = []
@@ -448,11 +448,11 @@ def test_simulated_votes_certify_at_most_the_truth_and_more_than_before():
 def test_bounds_rule_follows_the_selection_votes():
   chosen = np.zeros(4, np.int64)
   selection = np.array([[100, 0, 0], [99, 1, 0], [60, 20, 20], [50, 30, 20]])
-  np.testing.assert_array_equal(ablation.choose_per_class(selection, chosen, 1000, 0.001),
+  np.testing.assert_array_equal(ablation_votes.choose_per_class(selection, chosen, 1000, 0.001),
                                 [False, False, True, True])
   # Two classes: p_B = 1 - p_A, the pair is always at least as tight.
   two = np.array([[70, 30], [55, 45], [100, 0]])
-  assert not np.any(ablation.choose_per_class(two, chosen[:3], 1000, 0.001))
+  assert not np.any(ablation_votes.choose_per_class(two, chosen[:3], 1000, 0.001))
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from mmsafe import data as data_lib  # noqa: E402
 from mmsafe.data import av_clips, av_clips_cache, av_digits_audio  # noqa: E402
-from mmsafe.data import cache, mfeat, pipeline  # noqa: E402
+from mmsafe.data import cache, mfeat, types  # noqa: E402
 from mmsafe.data.tfds import media, skip_summary  # noqa: E402
 
 if not av_digits_audio.ASTERISK_SOUNDS_DIR.is_dir():
@@ -103,7 +103,7 @@ def test_loader_batches_train_and_test_clips(tiny):
   batches = data_lib.make_iterator(train, train=True, batch_size=2, num_steps=2,
                                    process_index=0, process_count=1, num_threads=2)
   for batch in batches:
-    pipeline.validate_batch(batch, train.modality_shapes, 10, raw_inputs=True)
+    types.validate_batch(batch, train.modality_shapes, 10, raw_inputs=True)
     assert batch["inputs"]["visual"].dtype == np.uint8
 
 

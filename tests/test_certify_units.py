@@ -15,8 +15,8 @@ import pytest
 from mmsafe import attacks
 from mmsafe import certify
 from mmsafe.certify import smoothing, threats, units
-from mmsafe.data import pipeline
-from mmsafe.data.dataset import Standardization
+from mmsafe.data import clips
+from mmsafe.data.types import Standardization
 
 K = 4
 
@@ -47,11 +47,11 @@ STDS = {"a": np.asarray([0.2, 0.35, 0.5, 0.3, 0.45, 0.25], np.float32),
 
 
 def test_the_rule_is_the_smallest_std_in_input_units_for_every_dataset():
-  clip = {m: pipeline.clip_standardization(m) for m in ("visual", "flow", "audio")}
+  clip = {m: clips.clip_standardization(m) for m in ("visual", "flow", "audio")}
   scales = certify.input_scales(clip)
-  np.testing.assert_allclose(scales["visual"], min(pipeline.IMAGENET_STD), rtol=1e-6)
+  np.testing.assert_allclose(scales["visual"], min(clips.IMAGENET_STD), rtol=1e-6)
   np.testing.assert_allclose(scales["flow"], 0.5, rtol=1e-6)
-  np.testing.assert_allclose(scales["audio"], 2 * pipeline.AUDIO_STD, rtol=1e-6)
+  np.testing.assert_allclose(scales["audio"], 2 * clips.AUDIO_STD, rtol=1e-6)
   assert units.unit_names(clip) == {"audio": "raw fbank", "flow": "pixel/255",
                                     "visual": "pixel/255"}
   assert units.describe("input", clip) == ("input units (audio: raw fbank, flow: pixel/255, "
@@ -114,20 +114,20 @@ def test_attacks_in_input_space_break_nothing_at_0999_r_and_something_at_3_r():
 @pytest.mark.slow
 def test_clip_radii_are_in_pixel_per_255_and_hold_against_uint8_frame_attacks():
   # A clip-shaped toy: uint8 frames [B, T, S, S, 3] and raw fbank audio, normalised
-  # by `pipeline.normalize_inputs` as in the compiled step. The attack moves the
+  # by `clips.normalize_inputs` as in the compiled step. The attack moves the
   # frames in pixel/255 (u = bytes / 255) and the audio in fbank units.
   rng = np.random.default_rng(3)
   frames = rng.integers(0, 256, size=(32, 2, 4, 4, 3)).astype(np.uint8)
-  fbank = (pipeline.AUDIO_MEAN + 3.0 * rng.normal(size=(32, 6, 5))).astype(np.float32)
+  fbank = (clips.AUDIO_MEAN + 3.0 * rng.normal(size=(32, 6, 5))).astype(np.float32)
   kernels = {"visual": jnp.asarray(rng.normal(size=(96, K)), jnp.float32),
              "audio": jnp.asarray(rng.normal(size=(30, K)) * 0.05, jnp.float32)}
   scores_of = lambda x: {m: x[m].reshape(x[m].shape[0], -1) @ kernels[m] for m in kernels}
-  logits_of_units = lambda u: sum(scores_of(pipeline.normalize_inputs(
+  logits_of_units = lambda u: sum(scores_of(clips.normalize_inputs(
       {"visual": u["visual"] * 255.0, "audio": u["audio"]})).values())
-  stats = {m: pipeline.clip_standardization(m) for m in kernels}
+  stats = {m: clips.clip_standardization(m) for m in kernels}
   u = {"visual": jnp.asarray(frames, jnp.float32) / 255.0, "audio": jnp.asarray(fbank)}
   labels = jnp.argmax(logits_of_units(u), -1).astype(jnp.int32)
-  normalised = pipeline.normalize_inputs({"visual": frames, "audio": fbank})
+  normalised = clips.normalize_inputs({"visual": frames, "audio": fbank})
   eta = {m: certify.integration_factors(kernels[m])[labels] for m in kernels}
   cert = certify.radius_from_scores(scores_of(normalised), labels, eta, kind="sound",
                                     input_scale=certify.input_scales(stats))

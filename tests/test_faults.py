@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mmsafe.train import loop, restore
+from mmsafe.train import progress as progress_lib
 from mmsafe.train import workdir as workdir_lib
 from mmsafe.train.checkpoint import (DIGESTS, FILES_MANIFEST, CheckpointMismatch,
                                      DamagedCheckpoint)
@@ -108,7 +109,7 @@ def test_training_falls_back_from_a_damaged_checkpoint_bit_identically(
   with caplog.at_level(logging.WARNING):
     rerun = loop.train_and_evaluate(_config(), str(run_copy))
   assert f"skipped damaged checkpoint {run_copy / 'checkpoints' / str(LAST)}" in caplog.text
-  assert (run_copy / loop.DAMAGED_DIR / str(LAST)).is_dir()
+  assert (run_copy / progress_lib.DAMAGED_DIR / str(LAST)).is_dir()
   for key in results:
     if key != "train_seconds_this_run":
       assert rerun[key] == results[key], key

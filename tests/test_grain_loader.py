@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmsafe import data as data_lib
-from mmsafe.data import pipeline
+from mmsafe.data import types
 from mmsafe.data.dataset import Dataset
 from mmsafe.train import parallel as parallel_lib
 
@@ -71,12 +71,12 @@ def test_raw_batches_pass_validation_only_when_declared_raw():
   shapes = {"visual": (2, 3, 3, 3)}
   batch = {"inputs": {"visual": np.zeros((2, 2, 3, 3, 3), np.uint8)},
            "label": np.array([0, 1], np.int32)}
-  pipeline.validate_batch(batch, shapes, num_classes=2, raw_inputs=True)
+  types.validate_batch(batch, shapes, num_classes=2, raw_inputs=True)
   with pytest.raises(ValueError, match=r"batch\['inputs'\]\['visual'\]: expected a floating"):
-    pipeline.validate_batch(batch, shapes, num_classes=2)
+    types.validate_batch(batch, shapes, num_classes=2)
   bad = {"inputs": {"visual": np.zeros((2, 2, 3, 4, 3), np.uint8)}, "label": batch["label"]}
   with pytest.raises(ValueError, match=r"expected shape \[2, 2, 3, 3, 3\]"):
-    pipeline.validate_batch(bad, shapes, num_classes=2, raw_inputs=True)
+    types.validate_batch(bad, shapes, num_classes=2, raw_inputs=True)
 
 
 def test_bad_loader_options_and_hosts_fail_naming_the_field():

@@ -84,6 +84,58 @@ def test_methods_import_neither_the_data_pipeline_nor_the_training_loop():
     assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
 
 
+def _import_cycle(graph: dict[str, set[str]]) -> list[str]:
+  """One import cycle of `graph` (module -> imported modules) as a path, or []."""
+  state, path = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    path.append(node)
+    for child in sorted(graph.get(node, ())):
+      if state.get(child) == "open":
+        return path[path.index(child):] + [child]
+      if child not in state:
+        cycle = visit(child)
+        if cycle:
+          return cycle
+    state[node] = "done"
+    path.pop()
+    return []
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return []
+
+
+def test_import_cycle_finder_finds_a_cycle():
+  assert _import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _import_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+@pytest.mark.parametrize("subpackage", ["data"])
+def test_modules_of_a_subpackage_import_each_other_without_a_cycle(subpackage):
+  # Every import counts, module-level and function-local; the package
+  # `__init__` (which re-exports its modules) is not a node.
+  package = pathlib.Path(mmsafe.__file__).parent / subpackage
+  prefix = f"mmsafe.{subpackage}."
+  modules = {prefix + p.relative_to(package).with_suffix("").as_posix().replace("/", "."): p
+             for p in package.rglob("*.py") if p.name != "__init__.py"}
+  graph = {name: _mmsafe_imports(path) & set(modules) for name, path in modules.items()}
+  cycle = _import_cycle(graph)
+  assert not cycle, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_no_module_is_longer_than_450_lines():
+  # The house rule: split a longer file along a real seam (one file per concept).
+  package = pathlib.Path(mmsafe.__file__).parent
+  long = {str(p.relative_to(package)): n for p in sorted(package.rglob("*.py"))
+          if (n := len(p.read_text().splitlines())) > 450}
+  assert not long, f"files over 450 lines: {long}"
+
+
 def test_evaluation_reaches_methods_only_through_their_registry():
   # A method's test-time defence is found by name (`methods.get(name).defence`).
   package = pathlib.Path(mmsafe.__file__).parent / "eval"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(ffmpeg_missing, reason="needs ffmpeg (apt-get in
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from mmsafe import data as data_lib  # noqa: E402
-from mmsafe.data import pipeline  # noqa: E402
+from mmsafe.data import clips, types  # noqa: E402
 from mmsafe.data import tfds as mtfds  # noqa: E402
 from mmsafe.data.tfds import media  # noqa: E402
 
@@ -152,15 +152,15 @@ def test_two_hosts_read_disjoint_covering_shards_of_the_written_split(ks_built):
   _, data_dir, _ = ks_built
   source = data_lib.load("kinetics_sounds/tiny", "train", data_dir=data_dir)
   assert len(source) == 4
-  config = pipeline.ClipPreprocessing(image_size=16)
+  config = clips.ClipPreprocessing(image_size=16)
   seen = []
   for host in range(2):
     for batch in data_lib.make_iterator(source, train=False, batch_size=2, process_index=host,
                                         process_count=2, config=config, num_threads=2):
       assert batch["inputs"]["visual"].shape == (2, 3, 16, 16, 3)
       assert batch["inputs"]["audio"].shape == (2, AUDIO_FRAMES, 128, 1)
-      pipeline.validate_batch(batch, {"visual": (3, 16, 16, 3), "audio": (AUDIO_FRAMES, 128, 1)},
-                              num_classes=3)
+      types.validate_batch(batch, {"visual": (3, 16, 16, 3), "audio": (AUDIO_FRAMES, 128, 1)},
+                           num_classes=3)
       seen += batch["label"][batch["valid"]].tolist()
   assert sorted(seen) == sorted(source[i]["label"] for i in range(4))
   train = [list(data_lib.make_iterator(source, train=True, batch_size=1, seed=3, num_steps=2,
@@ -176,8 +176,8 @@ def test_in_memory_split_inverts_to_the_raw_pixels_and_fbank(ks_built):
   assert isinstance(split, data_lib.ClipDataset) and split.num_classes == 3
   assert split.modality_shapes == {"audio": (AUDIO_FRAMES, 128, 1), "visual": (3, 16, 16, 3)}
   data = data_lib.in_memory(split)
-  raw_config = pipeline.ClipPreprocessing(image_size=16, normalize=False)
-  raw = [pipeline.preprocess_clip(split[i], train=False, config=raw_config) for i in range(4)]
+  raw_config = clips.ClipPreprocessing(image_size=16, normalize=False)
+  raw = [clips.preprocess_clip(split[i], train=False, config=raw_config) for i in range(4)]
   for m in ("visual", "audio"):
     expected = np.stack([r["inputs"][m] for r in raw]).astype(np.float32)
     np.testing.assert_allclose(data.stats[m].denormalize(data.inputs[m]), expected, atol=2e-3)
@@ -366,9 +366,9 @@ def test_ucf101_computed_flow_shapes_labels_splits(ucf_manual, tmp_path):
   assert flow.shape == (FRAME, FRAME, 2) and flow.dtype == np.uint8
   batch = next(iter(data_lib.make_iterator(sources["test"], train=True, batch_size=2, seed=0,
                                            process_index=0, process_count=1,
-                                           config=pipeline.ClipPreprocessing(image_size=16))))
-  pipeline.validate_batch(batch, {"visual": (3, 16, 16, 3), "flow": (3, 16, 16, 2)},
-                          num_classes=3)
+                                           config=clips.ClipPreprocessing(image_size=16))))
+  types.validate_batch(batch, {"visual": (3, 16, 16, 3), "flow": (3, 16, 16, 2)},
+                       num_classes=3)
   assert mtfds.Ucf101RgbFlow.builder_configs.keys() >= {"split1", "split2", "split3"}
 
 

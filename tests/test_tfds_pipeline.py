@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsafe import data as data_lib
-from mmsafe.data import pipeline
+from mmsafe.data import clips, plans, types
 from mmsafe.data.tfds import media
 
 STORED = 12  # stored frame size
@@ -32,56 +32,56 @@ def _records(n=10, frames=7, with_flow=True, audio_shape=(20, 8)):
   return out
 
 
-CONFIG = pipeline.ClipPreprocessing(image_size=8)
+CONFIG = clips.ClipPreprocessing(image_size=8)
 
 
 @pytest.mark.parametrize("n,hosts", [(10, 2), (11, 3), (2, 4), (0, 2)])
 def test_shard_indices_disjoint_and_covering(n, hosts):
-  shards = [pipeline.shard_indices(n, h, hosts) for h in range(hosts)]
+  shards = [plans.shard_indices(n, h, hosts) for h in range(hosts)]
   joined = np.concatenate(shards)
   np.testing.assert_array_equal(np.sort(joined), np.arange(n))
   assert max(map(len, shards)) - min(map(len, shards)) <= 1
   with pytest.raises(ValueError, match="process_index"):
-    pipeline.shard_indices(n, hosts, hosts)
+    plans.shard_indices(n, hosts, hosts)
 
 
 def test_train_indices_disjoint_per_epoch_and_independent_of_host_count():
   n, batch, hosts = 23, 3, 2
   steps = n // (batch * hosts)  # 3 steps per epoch, 5 examples dropped
   for epoch in range(2):
-    seen = [pipeline.host_train_indices(n, batch_size=batch, seed=7, step=epoch * steps + s,
-                                        process_index=h, process_count=hosts)
+    seen = [plans.host_train_indices(n, batch_size=batch, seed=7, step=epoch * steps + s,
+                                     process_index=h, process_count=hosts)
             for s in range(steps) for h in range(hosts)]
     joined = np.concatenate(seen)
     assert len(set(joined.tolist())) == len(joined) == steps * batch * hosts
     # The global batch equals a single host's batch of batch * hosts examples.
-    single = [pipeline.host_train_indices(n, batch_size=batch * hosts, seed=7,
-                                          step=epoch * steps + s) for s in range(steps)]
+    single = [plans.host_train_indices(n, batch_size=batch * hosts, seed=7,
+                                       step=epoch * steps + s) for s in range(steps)]
     np.testing.assert_array_equal(joined, np.concatenate(single))
   # With one host, exactly the in-memory `train_batch` order.
   labels = np.arange(n)
   for step in range(5):
-    expected = pipeline.train_batch({"x": labels[:, None]}, labels, batch_size=4, seed=3,
-                                    step=step)["label"]
+    expected = plans.train_batch({"x": labels[:, None]}, labels, batch_size=4, seed=3,
+                                 step=step)["label"]
     np.testing.assert_array_equal(
-        pipeline.host_train_indices(n, batch_size=4, seed=3, step=step), expected)
+        plans.host_train_indices(n, batch_size=4, seed=3, step=step), expected)
 
 
 def test_eval_batches_pad_to_same_count_on_every_host():
   n, hosts, batch = 7, 2, 3
-  plans = [pipeline.clip_eval_batches(n, batch_size=batch, process_index=h, process_count=hosts)
-           for h in range(hosts)]
-  assert len(plans[0]) == len(plans[1]) == 2
-  real = np.concatenate([idx[valid] for plan in plans for idx, valid in plan])
+  host_plans = [plans.clip_eval_batches(n, batch_size=batch, process_index=h,
+                                        process_count=hosts) for h in range(hosts)]
+  assert len(host_plans[0]) == len(host_plans[1]) == 2
+  real = np.concatenate([idx[valid] for plan in host_plans for idx, valid in plan])
   np.testing.assert_array_equal(np.sort(real), np.arange(n))
 
 
 def test_frame_selection_one_per_third():
-  assert pipeline.frame_segments(10, 3) == [(0, 3), (3, 6), (6, 10)]
-  np.testing.assert_array_equal(pipeline.select_frames(10, 3), [1, 4, 7])
-  np.testing.assert_array_equal(pipeline.select_frames(3, 3), [0, 1, 2])
+  assert clips.frame_segments(10, 3) == [(0, 3), (3, 6), (6, 10)]
+  np.testing.assert_array_equal(clips.select_frames(10, 3), [1, 4, 7])
+  np.testing.assert_array_equal(clips.select_frames(3, 3), [0, 1, 2])
   rng = np.random.default_rng(0)
-  draws = np.stack([pipeline.select_frames(10, 3, rng) for _ in range(200)])
+  draws = np.stack([clips.select_frames(10, 3, rng) for _ in range(200)])
   for k, (a, b) in enumerate([(0, 3), (3, 6), (6, 10)]):
     assert set(draws[:, k].tolist()) == set(range(a, b))
 
@@ -90,7 +90,7 @@ def test_random_resized_crop_in_display_geometry():
   rng = np.random.default_rng(0)
   for aspect in (16 / 9, 1.0, 0.5, 5.0):
     for _ in range(50):
-      x0, y0, x1, y1 = pipeline.random_resized_crop(rng, aspect)
+      x0, y0, x1, y1 = clips.random_resized_crop(rng, aspect)
       assert 0 <= x0 < x1 <= 1 + 1e-9 and 0 <= y0 < y1 <= 1 + 1e-9
       area = (x1 - x0) * (y1 - y0)  # fraction of the frame's area
       ratio = (x1 - x0) * aspect / (y1 - y0)  # in display pixels
@@ -101,9 +101,9 @@ def test_random_resized_crop_in_display_geometry():
 
 def test_train_augmentation_is_a_function_of_the_seed():
   records = _records()
-  a = pipeline.preprocess_clip(records[0], train=True, rng=np.random.default_rng(1), config=CONFIG)
-  b = pipeline.preprocess_clip(records[0], train=True, rng=np.random.default_rng(1), config=CONFIG)
-  c = pipeline.preprocess_clip(records[0], train=True, rng=np.random.default_rng(2), config=CONFIG)
+  a = clips.preprocess_clip(records[0], train=True, rng=np.random.default_rng(1), config=CONFIG)
+  b = clips.preprocess_clip(records[0], train=True, rng=np.random.default_rng(1), config=CONFIG)
+  c = clips.preprocess_clip(records[0], train=True, rng=np.random.default_rng(2), config=CONFIG)
   for m in ("visual", "flow", "audio"):
     np.testing.assert_array_equal(a["inputs"][m], b["inputs"][m])
   assert not np.array_equal(a["inputs"]["visual"], c["inputs"]["visual"])
@@ -111,16 +111,16 @@ def test_train_augmentation_is_a_function_of_the_seed():
   assert a["inputs"]["flow"].shape == (3, 8, 8, 2)
   assert a["inputs"]["audio"].shape == (20, 8, 1)
   with pytest.raises(ValueError, match="rng"):
-    pipeline.preprocess_clip(records[0], train=True, config=CONFIG)
+    clips.preprocess_clip(records[0], train=True, config=CONFIG)
 
 
 def test_eval_preprocessing_deterministic_middle_frames_whole_frame():
   record = _records()[0]
-  raw = pipeline.ClipPreprocessing(image_size=STORED, normalize=False)
-  a = pipeline.preprocess_clip(record, train=False, config=raw)
-  b = pipeline.preprocess_clip(record, train=False, config=raw)
+  raw = clips.ClipPreprocessing(image_size=STORED, normalize=False)
+  a = clips.preprocess_clip(record, train=False, config=raw)
+  b = clips.preprocess_clip(record, train=False, config=raw)
   np.testing.assert_array_equal(a["inputs"]["visual"], b["inputs"]["visual"])
-  for k, stored in enumerate(pipeline.select_frames(7, 3)):  # middle of each third: 1, 3, 5
+  for k, stored in enumerate(clips.select_frames(7, 3)):  # middle of each third: 1, 3, 5
     np.testing.assert_array_equal(a["inputs"]["visual"][k],
                                   media.decode_jpeg(record["visual"][stored]))
   assert a["inputs"]["visual"].dtype == np.uint8
@@ -131,14 +131,14 @@ def test_flip_mirrors_frames_and_negates_u():
   record = dict(_records()[0])  # every stored frame alike, so only crops/flips matter
   record["visual"] = np.array([_frame(40)] * 7, dtype=object)
   record["flow"] = np.array([[_frame(100, 1), _frame(50, 1)]] * 7, dtype=object)
-  raw = pipeline.ClipPreprocessing(image_size=STORED, normalize=False, crop_scale=(1.0, 1.0),
-                                   crop_ratio=(16 / 9, 16 / 9))  # the crop is the whole frame
+  raw = clips.ClipPreprocessing(image_size=STORED, normalize=False, crop_scale=(1.0, 1.0),
+                                crop_ratio=(16 / 9, 16 / 9))  # the crop is the whole frame
   plain_visual = media.decode_jpeg(record["visual"][0]).astype(int)
   plain_u = media.decode_jpeg(record["flow"][0][0]).astype(int)
   plain_v = media.decode_jpeg(record["flow"][0][1]).astype(int)
   kinds = set()
   for seed in range(6):
-    out = pipeline.preprocess_clip(record, train=True, rng=np.random.default_rng(seed), config=raw)
+    out = clips.preprocess_clip(record, train=True, rng=np.random.default_rng(seed), config=raw)
     for k in range(3):
       visual = out["inputs"]["visual"][k].astype(int)
       u, v = (out["inputs"]["flow"][k, ..., c].astype(int) for c in range(2))
@@ -155,15 +155,15 @@ def test_flip_mirrors_frames_and_negates_u():
 
 def test_normalize_inputs_matches_in_pipeline_normalisation():
   record = _records()[0]
-  raw = pipeline.preprocess_clip(record, train=False,
-                                 config=pipeline.ClipPreprocessing(image_size=8, normalize=False))
-  normed = pipeline.preprocess_clip(record, train=False, config=CONFIG)
-  again = pipeline.normalize_inputs(raw["inputs"])
+  raw = clips.preprocess_clip(record, train=False,
+                              config=clips.ClipPreprocessing(image_size=8, normalize=False))
+  normed = clips.preprocess_clip(record, train=False, config=CONFIG)
+  again = clips.normalize_inputs(raw["inputs"])
   for m in ("visual", "flow", "audio"):
     np.testing.assert_allclose(again[m], normed["inputs"][m], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(normed["inputs"]["audio"], (0.0 + 4.503877) / (2 * 5.141276))
   import jax.numpy as jnp  # the same function normalises on device
-  on_device = pipeline.normalize_inputs({m: jnp.asarray(x) for m, x in raw["inputs"].items()})
+  on_device = clips.normalize_inputs({m: jnp.asarray(x) for m, x in raw["inputs"].items()})
   for m in ("visual", "flow", "audio"):
     np.testing.assert_allclose(np.asarray(on_device[m]), normed["inputs"][m], rtol=1e-6, atol=1e-6)
   v = raw["inputs"]["visual"][0, 0, 0]
@@ -175,29 +175,29 @@ def test_normalize_inputs_matches_in_pipeline_normalisation():
 def test_train_iterator_resumes_and_threads_do_not_change_batches():
   records = _records(n=10)
   kwargs = dict(batch_size=2, seed=5, config=CONFIG, prefetch=2)
-  with pipeline.clip_train_iterator(records, num_steps=6, num_threads=1, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_steps=6, num_threads=1, **kwargs) as it:
     serial = list(it)
-  with pipeline.clip_train_iterator(records, num_steps=3, start_step=3, num_threads=3,
-                                    **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_steps=3, start_step=3, num_threads=3,
+                             **kwargs) as it:
     resumed = list(it)
   assert len(serial) == 6 and len(resumed) == 3
   for a, b in zip(serial[3:], resumed):
     np.testing.assert_array_equal(a["label"], b["label"])
     for m in a["inputs"]:
       np.testing.assert_array_equal(a["inputs"][m], b["inputs"][m])
-  pipeline.validate_batch(serial[0], {"visual": (3, 8, 8, 3), "flow": (3, 8, 8, 2),
-                                      "audio": (20, 8, 1)}, num_classes=3)
+  types.validate_batch(serial[0], {"visual": (3, 8, 8, 3), "flow": (3, 8, 8, 2),
+                                   "audio": (20, 8, 1)}, num_classes=3)
 
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_as_threads():
   records = _records(n=6)
   kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)
-  with pipeline.clip_train_iterator(records, num_threads=2, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, num_threads=2, **kwargs) as it:
     threads = list(it)
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest is no absl program)
     flags.FLAGS.mark_as_parsed()
-  with pipeline.clip_train_iterator(records, processes=2, **kwargs) as it:
+  with data_lib.make_iterator(records, train=True, processes=2, **kwargs) as it:
     processes = list(it)
   assert len(threads) == len(processes) == 2
   for a, b in zip(threads, processes):
@@ -208,11 +208,11 @@ def test_worker_processes_give_the_same_batches_as_threads():
 
 def test_two_hosts_eval_iterators_cover_the_split_once():
   records = _records(n=5, with_flow=False)
-  config = pipeline.ClipPreprocessing(image_size=8, modalities=("audio",))
+  config = clips.ClipPreprocessing(image_size=8, modalities=("audio",))
   seen = []
   for host in range(2):
-    batches = list(pipeline.clip_eval_iterator(records, batch_size=2, process_index=host,
-                                               process_count=2, config=config))
+    batches = list(data_lib.make_iterator(records, train=False, batch_size=2,
+                                          process_index=host, process_count=2, config=config))
     assert len(batches) == 2 and set(batches[0]["inputs"]) == {"audio"}
     for b in batches:
       # audio of record i is -i everywhere
@@ -224,17 +224,17 @@ def test_two_hosts_eval_iterators_cover_the_split_once():
 def test_iterator_errors_surface_and_close_stops():
   records = _records(n=4, with_flow=False)
   records[2] = dict(records[2], visual=np.array([b"broken"] * 7, dtype=object))
-  it = pipeline.clip_eval_iterator(records, batch_size=2, config=CONFIG)
+  it = data_lib.make_iterator(records, train=False, batch_size=2, config=CONFIG)
   next(it)
   with pytest.raises(OSError):  # Pillow: cannot identify image file
     next(it)
-  it = pipeline.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG)
+  it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG)
   next(it)
   it.close()
   with pytest.raises(StopIteration):
     next(it)
   with pytest.raises(ValueError, match="modalities"):
-    pipeline.clip_output_spec(records, pipeline.ClipPreprocessing(modalities=("flow",)))
+    clips.clip_output_spec(records, clips.ClipPreprocessing(modalities=("flow",)))
 
 
 def test_make_iterator_on_in_memory_and_record_sources():
@@ -255,8 +255,8 @@ def test_dropped_iterator_stops_its_threads():
   import time
 
   def drop_one_iterator():
-    it = pipeline.clip_train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG,
-                                      num_threads=2)
+    it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG,
+                                num_threads=2)
     next(it)
     del it
     gc.collect()
@@ -282,11 +282,11 @@ def test_make_iterator_on_embedded_arrays_matches_train_batch_and_eval_batches()
                                       num_steps=3, process_index=0, process_count=1))
   assert len(train) == 3
   for step, batch in enumerate(train, start=1):
-    expected = pipeline.train_batch(inputs, labels, batch_size=4, seed=2, step=step)
+    expected = plans.train_batch(inputs, labels, batch_size=4, seed=2, step=step)
     np.testing.assert_array_equal(batch["inputs"]["x"], expected["inputs"]["x"])
   evals = list(data_lib.make_iterator(dataset, train=False, batch_size=4, process_index=0,
                                       process_count=1))
-  for got, expected in zip(evals, pipeline.eval_batches(inputs, labels, batch_size=4)):
+  for got, expected in zip(evals, plans.eval_batches(inputs, labels, batch_size=4)):
     np.testing.assert_array_equal(got["inputs"]["x"], expected["inputs"]["x"])
     np.testing.assert_array_equal(got["valid"], expected["valid"])
   assert len(evals) == 3

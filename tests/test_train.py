@@ -16,6 +16,7 @@ from mmsafe.manifold import orthogonality_error
 from mmsafe.train import TrainState, loop, make_optimizer, restore
 from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.optimizer import MAX_LEARNING_RATE
+from mmsafe.train.progress import Progress, is_better
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config, rewind
 
 
@@ -168,24 +169,24 @@ def test_training_batches_are_a_pure_function_of_seed_and_step():
 
 
 def test_model_selection_prefers_accuracy_then_lower_loss_on_ties():
-  progress = loop.Progress(best_validation_accuracy=0.9, best_validation_loss=0.30)
-  assert loop.is_better({"accuracy": 0.95, "loss": 0.9}, progress)
-  assert not loop.is_better({"accuracy": 0.85, "loss": 0.01}, progress)
-  assert loop.is_better({"accuracy": 0.9, "loss": 0.29}, progress)  # a tie: lower loss wins
-  assert not loop.is_better({"accuracy": 0.9, "loss": 0.30}, progress)  # a full tie: keep
+  progress = Progress(best_validation_accuracy=0.9, best_validation_loss=0.30)
+  assert is_better({"accuracy": 0.95, "loss": 0.9}, progress)
+  assert not is_better({"accuracy": 0.85, "loss": 0.01}, progress)
+  assert is_better({"accuracy": 0.9, "loss": 0.29}, progress)  # a tie: lower loss wins
+  assert not is_better({"accuracy": 0.9, "loss": 0.30}, progress)  # a full tie: keep
   # A fresh selection (and a checkpoint written before this rule) has no loss yet.
-  assert loop.is_better({"accuracy": 0.9, "loss": 5.0},
-                        loop.Progress(best_validation_accuracy=0.9, best_validation_loss=None))
+  assert is_better({"accuracy": 0.9, "loss": 5.0},
+                   Progress(best_validation_accuracy=0.9, best_validation_loss=None))
 
 
 def test_progress_round_trips_through_checkpoint_json():
-  progress = loop.Progress(stage="step2", best_validation_accuracy=0.5, best_step=42,
-                           pending_metrics={"loss": [1.0]}, data_iterator={"step": 42})
-  assert loop.Progress.from_json(json.loads(json.dumps(dataclasses.asdict(progress)))) == progress
+  progress = Progress(stage="step2", best_validation_accuracy=0.5, best_step=42,
+                      pending_metrics={"loss": [1.0]}, data_iterator={"step": 42})
+  assert Progress.from_json(json.loads(json.dumps(dataclasses.asdict(progress)))) == progress
   # A checkpoint written before the loss tie rule holds no loss: the default.
-  assert loop.Progress.from_json({"stage": "train"}).best_validation_loss is None
+  assert Progress.from_json({"stage": "train"}).best_validation_loss is None
   with pytest.raises(ValueError, match=r"checkpoint progress: unknown entries \['epoch'\]"):
-    loop.Progress.from_json({"stage": "train", "epoch": 3})
+    Progress.from_json({"stage": "train", "epoch": 3})
 
 
 @pytest.mark.slow

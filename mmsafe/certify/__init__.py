@@ -9,8 +9,10 @@
 * `sound`: kind "sound" (`sound_constants`, `encoder_lipschitz`): composed
   from the bounds each encoder layer states, `mmsafe.models.layers`;
   `operator_norm` and friends live in `mmsafe.models.operator_norms`.
-* `bounds`: `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4, vulnerability
-  indicators), `pair_lipschitz`, and `certify` (model + kind -> `Certificate`).
+* `bounds`: `Certificate`, `certified_radius` (Thm 3.3, Thm 3.5, Prop 3.4,
+  vulnerability indicators), `pair_lipschitz`, `concatenate`.
+* `certifier`: `lipschitz_constants` (a kind's constants for a model) and
+  `certify` (model + kind -> `Certificate`).
 * `curves`: certified accuracy versus radius, mean radius, eta ratios.
 * `threats`: the radius per threat model from one certificate (joint,
   one modality, the worst modality) and the certified missing-modality
@@ -34,8 +36,9 @@ Probabilistic certificates (beyond the paper), on any `logits_fn`:
 
 from mmsafe.certify import ablation, smoothing, threats, units, votes
 from mmsafe.certify.ablation import AblationCertificate
-from mmsafe.certify.bounds import (Certificate, certified_radius, certify, concatenate,
-                                   lipschitz_constants, pair_lipschitz, radius_from_scores)
+from mmsafe.certify.bounds import (Certificate, certified_radius, concatenate, pair_lipschitz,
+                                   radius_from_scores)
+from mmsafe.certify.certifier import certify, lipschitz_constants
 from mmsafe.certify.constants import KINDS, LipschitzConstants, head_params, integration_factors
 from mmsafe.certify.curves import (certified_accuracy, certified_at, eta_ratio, mean_radius,
                                    radius_grid, summarize, unimodal_certified_accuracy)

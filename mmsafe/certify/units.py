@@ -3,7 +3,7 @@
 Every model of mmsafe reads its inputs standardised, `x^(m) = (r^(m) - mu^(m))
 / sigma^(m)` with `r^(m)` the stored raw input of modality m: mfeat and
 av_digits views per feature or per channel, the clip datasets per channel
-(normalised inside the compiled step, `mmsafe.data.pipeline.normalize_inputs`).
+(normalised inside the compiled step, `mmsafe.data.clips.normalize_inputs`).
 Each dataset's `stats` (a `Standardization` per modality) holds that map and
 the modality's input unit, the unit a user perturbs in:
 

@@ -11,13 +11,15 @@ import os
 
 from mmsafe.data.av_digits_audio import MissingDependencyError
 from mmsafe.data.clip_dataset import ClipDataset
-from mmsafe.data.dataset import Dataset, Standardization
+from mmsafe.data.dataset import Dataset
 from mmsafe.data.embedded import EMBEDDED_DATASETS, load_embedded
-from mmsafe.data import pipeline
-from mmsafe.data.pipeline import (Batches, ClipPreprocessing, eval_batches, normalize_inputs,
-                                  preprocess_clip, take, train_batch, validate_batch)
-from mmsafe.data.source import (SourceInfo, check_splits, full_pass, host_pass, in_memory,
-                                modality_means, split_off)
+from mmsafe.data import loader, plans as plan_lib
+from mmsafe.data.clips import ClipPreprocessing, normalize_inputs, preprocess_clip
+from mmsafe.data.loader import Batches
+from mmsafe.data.plans import eval_batches, take, train_batch
+from mmsafe.data.source import (check_splits, full_pass, host_pass, in_memory, modality_means,
+                                split_off)
+from mmsafe.data.types import SourceInfo, Standardization, validate_batch
 
 TFDS_DATASETS = ("av_clips", "kinetics_sounds", "ucf101_rgb_flow", "vggsound")
 
@@ -85,7 +87,7 @@ def make_iterator(data, *, train: bool, batch_size: int, seed: int = 0, start_st
   """Batches of this host for training (`train=True`: from `start_step`, forever or
   `num_steps`) or evaluation (one pass, with `"valid"`), from a source
   (`mmsafe.data.source`: `load(...)`'s result) or a sequence of stored clip records,
-  loaded by grain (`pipeline.grain_batches`; its position is `get_state()`).
+  loaded by grain (`loader.grain_batches`; its position is `get_state()`).
 
   `batch_size` is per host; `process_index` / `process_count` default to JAX's.
   Every source is read at the same per-host example indices (`host_train_indices`,
@@ -104,14 +106,14 @@ def make_iterator(data, *, train: bool, batch_size: int, seed: int = 0, start_st
     data = dataclasses.replace(data, preprocessing=config)
   workers = dict(num_threads=num_threads, prefetch=prefetch, processes=processes)
   if train:
-    plans = pipeline.train_plans(len(data), batch_size=batch_size, seed=seed,
+    plans = plan_lib.train_plans(len(data), batch_size=batch_size, seed=seed,
                                  start_step=start_step, num_steps=num_steps,
                                  process_index=process_index, process_count=process_count)
-    return pipeline.grain_batches(plans, data.reader(train=True, seed=seed),
-                                  start_step=start_step, **workers)
-  plans = pipeline.eval_plans(len(data), batch_size=batch_size, process_index=process_index,
+    return loader.grain_batches(plans, data.reader(train=True, seed=seed),
+                                start_step=start_step, **workers)
+  plans = plan_lib.eval_plans(len(data), batch_size=batch_size, process_index=process_index,
                               process_count=process_count)
-  return pipeline.grain_batches(plans, data.reader(train=False), **workers)
+  return loader.grain_batches(plans, data.reader(train=False), **workers)
 
 
 __all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "Batches", "ClipDataset", "ClipPreprocessing",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mmsafe.data.av_clips import ClipsSpec, write_manual_dir
 from mmsafe.data.cache import DAMAGE_ERRORS, default_data_dir, sha256_file
-from mmsafe.files import write_text_atomic
+from mmsafe.files import process_alive, write_text_atomic
 
 AV_CLIPS_FORMAT_VERSION = 1
 CHECKSUM_FILE = "av_clips_checksums.json"
@@ -88,19 +88,9 @@ def _remove_stale_builds(root: Path) -> None:
   """Removes the temporary directories of builds whose process is gone (killed)."""
   for path in root.glob(f"{BUILD_PREFIX}*"):
     pid = path.name[len(BUILD_PREFIX):].split(".", 1)[0]
-    if pid.isdigit() and not _alive(int(pid)):
+    if pid.isdigit() and not process_alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-  """Whether process `pid` exists."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def _install(built: Path, final: Path, trash: Path) -> None:

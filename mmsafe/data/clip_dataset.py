@@ -16,9 +16,8 @@ import functools
 
 import numpy as np
 
-from mmsafe.data import pipeline
-from mmsafe.data.dataset import Standardization
-from mmsafe.data.source import SourceInfo
+from mmsafe.data import clips, loader
+from mmsafe.data.types import SourceInfo, Standardization
 
 # Raw ranges of the stored bytes (frames and quantised flow), for attack boxes.
 _BYTE_RANGE = (0.0, 255.0)
@@ -55,7 +54,7 @@ class ClipDataset:
   split: str
   source: Sequence[dict]
   num_classes: int
-  preprocessing: pipeline.ClipPreprocessing = pipeline.ClipPreprocessing()
+  preprocessing: clips.ClipPreprocessing = clips.ClipPreprocessing()
 
   def __len__(self) -> int:
     return len(self.source)
@@ -66,26 +65,26 @@ class ClipDataset:
   @functools.cached_property
   def modality_shapes(self) -> dict[str, tuple[int, ...]]:
     """Modality name -> per-example model-input shape (e.g. visual `[T, S, S, 3]`)."""
-    spec = pipeline.clip_output_spec(self.source, self.preprocessing)
+    spec = clips.clip_output_spec(self.source, self.preprocessing)
     return {m: shape for m, (shape, _) in spec.items()}
 
   @property
   def prepare_inputs(self) -> Callable[[dict], dict] | None:
     """The map of batches to model space inside the compiled steps:
-    `pipeline.normalize_inputs` when batches hold raw uint8 frames (`normalize=False`,
+    `clips.normalize_inputs` when batches hold raw uint8 frames (`normalize=False`,
     `load_tfds`'s default), else none."""
-    return None if self.preprocessing.normalize else pipeline.normalize_inputs
+    return None if self.preprocessing.normalize else clips.normalize_inputs
 
   @property
   def stats(self) -> dict[str, Standardization]:
     """The read-time normalisation of each modality as `x = (raw - mean) / std`
-    (`pipeline.normalize_inputs`)."""
-    return {m: pipeline.clip_standardization(m) for m in self.modality_shapes}
+    (`clips.normalize_inputs`)."""
+    return {m: clips.clip_standardization(m) for m in self.modality_shapes}
 
   @functools.cached_property
   def info(self) -> SourceInfo:
     """The split's `SourceInfo`: frames and flow have the raw range of bytes."""
-    spec = pipeline.clip_output_spec(self.source, self.preprocessing)
+    spec = clips.clip_output_spec(self.source, self.preprocessing)
     return SourceInfo(num_classes=self.num_classes,
                       shapes={m: shape for m, (shape, _) in spec.items()},
                       dtypes={m: np.dtype(dtype) for m, (_, dtype) in spec.items()},
@@ -97,10 +96,10 @@ class ClipDataset:
     return dataclasses.replace(self, split=split, source=Rows(self.source, indices))
 
   def reader(self, *, train: bool, seed: int = 0, normalized: bool = False
-             ) -> pipeline.ReadClips:
-    """Batch plans -> batches of preprocessed clips (`pipeline.ReadClips`; training
+             ) -> loader.ReadClips:
+    """Batch plans -> batches of preprocessed clips (`loader.ReadClips`; training
     augmentation seeded by `seed`); `normalized`: in model space on the host,
     whatever `preprocessing.normalize` says."""
     config = (dataclasses.replace(self.preprocessing, normalize=True) if normalized
               else self.preprocessing)
-    return pipeline.ReadClips(self.source, config, train=train, seed=int(seed))
+    return loader.ReadClips(self.source, config, train=train, seed=int(seed))

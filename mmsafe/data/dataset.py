@@ -19,36 +19,12 @@ import zlib
 
 import numpy as np
 
+from mmsafe.data.plans import ReadArrays
+from mmsafe.data.types import SourceInfo, Standardization
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.7, 0.1, 0.2)
 NUM_CLASSES = 10  # both embedded datasets classify the digits 0-9
-
-
-@dataclasses.dataclass(frozen=True)
-class Standardization:
-  """Per-feature or per-channel affine normalisation: `x = (raw - mean) / std`.
-
-  `mean` and `std` broadcast against one example (shape `[D]` for vectors,
-  `[1, 1, C]` for images/spectrograms) and against a batch `[N, ...]`.
-
-  `unit` names the input unit a user perturbs the modality in (the units of
-  certified radii, `mmsafe.certify.units`) and `raw_per_unit` how many stored
-  raw values make one such unit: "raw" and 1 for features stored as they are
-  (mfeat, av_digits, audio fbank), "pixel/255" and 255 for uint8 frames.
-  """
-
-  mean: np.ndarray
-  std: np.ndarray
-  unit: str = "raw"
-  raw_per_unit: float = 1.0
-
-  def normalize(self, raw: np.ndarray) -> np.ndarray:
-    """Raw values -> model space (float32)."""
-    return ((np.asarray(raw, np.float32) - self.mean) / self.std).astype(np.float32)
-
-  def denormalize(self, x: np.ndarray) -> np.ndarray:
-    """Model space -> raw values (float32)."""
-    return (np.asarray(x, np.float32) * self.std + self.mean).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,8 +70,7 @@ class Dataset:
 
   @property
   def info(self):
-    """The split's `mmsafe.data.source.SourceInfo`."""
-    from mmsafe.data.source import SourceInfo
+    """The split's `mmsafe.data.types.SourceInfo`."""
     return SourceInfo(num_classes=self.num_classes, shapes=self.modality_shapes,
                       dtypes={m: x.dtype for m, x in self.inputs.items()},
                       stats=dict(self.stats), value_range=dict(self.value_range))
@@ -104,7 +79,6 @@ class Dataset:
     """Batch plans -> batches: slices of the arrays (model space already; `train`,
     `seed` and `normalized` change nothing)."""
     del train, seed, normalized
-    from mmsafe.data.pipeline import ReadArrays
     return ReadArrays(self.inputs, self.labels)
 
   def select(self, indices: np.ndarray, split: str) -> "Dataset":

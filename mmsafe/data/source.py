@@ -4,8 +4,8 @@ batches through grain.
 
 A source has `len()`, an `info` (`SourceInfo`), `reader(train=..., seed=...,
 normalized=...)` (a picklable function from a batch plan `(indices, epoch, extra)`
-to a batch, see `pipeline.grain_batches`) and `prepare_inputs` (None, or the map to
-model space applied inside the compiled steps). Everything here works on any
+to a batch, see `mmsafe.data.loader.grain_batches`) and `prepare_inputs` (None, or
+the map to model space applied inside the compiled steps). Everything here works on any
 source: `full_pass` (one process, every example once), `host_pass` (this host's
 rows), `in_memory`, `modality_means`, `check_splits`.
 
@@ -17,33 +17,14 @@ count only valid rows.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from mmsafe.data import pipeline
-from mmsafe.data.dataset import Dataset, Standardization
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInfo:
-  """What is known of a split before reading it.
-
-  Attributes:
-    num_classes: the number of classes.
-    shapes: modality -> per-example model-input shape.
-    dtypes: modality -> dtype of the loaded batches (uint8 for raw clip frames).
-    stats: modality -> `Standardization` from raw values to model space.
-    value_range: modality -> raw-space (low, high) of bounded modalities (attack boxes).
-  """
-
-  num_classes: int
-  shapes: Mapping[str, tuple[int, ...]]
-  dtypes: Mapping[str, Any]
-  stats: Mapping[str, Standardization]
-  value_range: Mapping[str, tuple[float, float]]
+from mmsafe.data.dataset import Dataset
+from mmsafe.data.loader import Batches, grain_batches
+from mmsafe.data.plans import eval_plans
 
 
 def check_splits(splits: Mapping[str, Any], reference: str = "train") -> None:
@@ -92,30 +73,31 @@ def split_off(data, fraction: float, *, seed: int, field: str = "fraction"):
 
 
 def full_pass(data, *, batch_size: int, max_examples: int = 0, num_threads: int = 4
-              ) -> pipeline.Batches:
+              ) -> Batches:
   """Evaluation batches in model space (float32) covering the first `max_examples`
   (0: all) examples of `data` once on this process (no sharding over hosts), each
   with `"valid"` (the module's batching rule)."""
   n = _count(data, max_examples)
-  plans = pipeline.eval_plans(n, batch_size=max(1, min(batch_size, n)))
-  return pipeline.grain_batches(plans, data.reader(train=False, normalized=True),
-                                num_threads=num_threads)
+  plans = eval_plans(n, batch_size=max(1, min(batch_size, n)))
+  return grain_batches(plans, data.reader(train=False, normalized=True),
+                       num_threads=num_threads)
 
 
 def host_pass(data, *, batch_size: int, process_index: int | None = None,
-              process_count: int | None = None, num_threads: int = 4) -> pipeline.Batches:
+              process_count: int | None = None, num_threads: int = 4) -> Batches:
   """This host's evaluation batches in model space (float32): its contiguous block of
-  `data` (`pipeline.shard_indices`), as many batches on every host, with `"valid"`.
+  `data` (`mmsafe.data.plans.shard_indices`), as many batches on every host, with
+  `"valid"`.
   Host defaults: JAX's. Reduce what is computed from them over hosts
   (`mmsafe.train.distributed`)."""
   if process_index is None or process_count is None:
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  plans = pipeline.eval_plans(len(data), batch_size=max(1, min(batch_size, len(data))),
-                              process_index=process_index, process_count=process_count)
-  return pipeline.grain_batches(plans, data.reader(train=False, normalized=True),
-                                num_threads=num_threads)
+  plans = eval_plans(len(data), batch_size=max(1, min(batch_size, len(data))),
+                     process_index=process_index, process_count=process_count)
+  return grain_batches(plans, data.reader(train=False, normalized=True),
+                       num_threads=num_threads)
 
 
 def in_memory(data, max_examples: int = 0, *, batch_size: int = 64,

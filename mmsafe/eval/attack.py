@@ -1,5 +1,7 @@
-"""What the l2 attack evaluators (`fgm`, `pgd`) share: eps grids per scope and
-the curves, headline entries and per-example flags assembled from them.
+"""What the attack evaluators share: the compiled, optionally box-clipped attack
+(`BoxedAttack`: `fgm`, `pgd`, `decoupling`) and, for the l2 attacks (`fgm`,
+`pgd`), eps grids per scope and the curves, headline entries and per-example
+flags assembled from them.
 
 Definitions (CRMT, Yang et al., ICLR 2024, Sec. 4 / Tables 1-2 / Fig. 1 and 4):
 an example is *robust* at eps when it is classified correctly both clean and
@@ -21,7 +23,30 @@ from mmsafe.eval.batching import MULTI, Progress, encode_flags
 from mmsafe.eval.clean import Clean
 
 
-class AttackEvaluator(Clean):
+class BoxedAttack(Clean):
+  """An evaluator whose `_attack(variables, inputs, labels, key, value, scope, loop)`
+  is compiled once by its `loop` strategy, clipped to `bounds` when `box`."""
+
+  static_argnames: ClassVar[tuple[str, ...]] = ("scope",)  # of `_attack`, besides `loop`
+  loop = "scan"  # the loop strategy of `_attack` (`mmsafe.attacks.engine`)
+  box = False
+
+  @functools.cached_property
+  def bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The attack's box constraints (None without `box`), computed once."""
+    return self.box_bounds(self.box)
+
+  @functools.cached_property
+  def _program(self):
+    """The compiled attack (`_attack`), built on first use (after `bounds`)."""
+    self.bounds  # pylint: disable=pointless-statement  # fixed before tracing
+    return base.compile_program(self._attack, self.loop, self.static_argnames)
+
+  def _attack(self, variables, inputs, labels, key, value, scope, loop):
+    raise NotImplementedError
+
+
+class AttackEvaluator(BoxedAttack):
   """Robust accuracy against an l2 attack over eps grids, one grid per scope.
 
   Args:
@@ -33,9 +58,6 @@ class AttackEvaluator(Clean):
       (CRMT's 0.5 / 1.0) are added to the grids and name the headline entries.
     box: clip the attacks to the raw value range (`Dataset.normalized_range`).
   """
-
-  static_argnames: ClassVar[tuple[str, ...]] = ("scope",)  # of `_attack`, besides `loop`
-  loop = "scan"  # the loop strategy of `_attack` (`mmsafe.attacks.engine`)
 
   def __init__(self, *, scope: str | Sequence[str] = MULTI,
                eps: float | Sequence[float] = (0.125, 0.25, 0.5, 1.0),
@@ -68,20 +90,6 @@ class AttackEvaluator(Clean):
         values = base.floats(uni_eps, "uni_eps") + tuple(extra.get(scope, ()))
         grids[scope] = base.eps_grid(values, self.protocol.uni_eps, "uni_eps")
     return grids
-
-  @functools.cached_property
-  def bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The attacks' box constraints (None without `box`), computed once."""
-    return self.box_bounds(self.box)
-
-  @functools.cached_property
-  def _program(self):
-    """The compiled attack (`_attack`), built on first use (after `bounds`)."""
-    self.bounds  # pylint: disable=pointless-statement  # fixed before tracing
-    return base.compile_program(self._attack, self.loop, self.static_argnames)
-
-  def _attack(self, variables, inputs, labels, key, value, scope, loop):
-    raise NotImplementedError
 
   def _curve(self, variables, correct: np.ndarray, scope: str, grid: Sequence[float],
              first_index: int, progress: Progress, certified_radius: np.ndarray | None

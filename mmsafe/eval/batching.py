@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsafe.data.pipeline import eval_batches
+from mmsafe.data.plans import eval_batches
 
 Array = jax.Array
 Progress = Callable[[int], None] | None

@@ -20,10 +20,10 @@ from mmsafe.attacks import engine
 from mmsafe.attacks.decoupling import budget as decoupling_budget
 from mmsafe.eval import base
 from mmsafe.eval.batching import MULTI, Progress, over_batches, task_key
-from mmsafe.eval.clean import Clean
+from mmsafe.eval.attack import BoxedAttack
 
 
-class Decoupling(Clean):
+class Decoupling(BoxedAttack):
   """The decoupling attack's ASR per scope and budget: {"num_examples",
   "clean_accuracy", "asr": {"<scope>@<fraction>": asr}, "curves"}.
 
@@ -67,17 +67,6 @@ class Decoupling(Clean):
         number, self.num_entries[scope] = decoupling_budget(zeros, fraction, attacked)
         self.tasks.append((scope, fraction, number))
         self.max_count[scope] = max(self.max_count.get(scope, 0), number)
-
-  @functools.cached_property
-  def bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The attack's box constraints (None without `box`), computed once."""
-    return self.box_bounds(self.box)
-
-  @functools.cached_property
-  def _program(self):
-    """The compiled attack (`_attack`), built on first use (after `bounds`)."""
-    self.bounds  # pylint: disable=pointless-statement  # fixed before tracing
-    return base.compile_program(self._attack, self.loop, "scope")
 
   def _attack(self, variables, inputs, labels, key, number, scope, loop):
     _, info = attacks.decoupling(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels,

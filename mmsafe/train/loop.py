@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the one Python loop over training steps.
 
 Side effects (files in `workdir`, the progress bar, signal handlers) live here
-and in the small modules it uses (`metrics`, `checkpoint`, `preemption`).
+and in the small modules it uses (`metrics`, `checkpoint`, `preemption`, `progress`).
 Layout of a workdir:
 
     config.json          the run's config (written once the config is valid)
@@ -63,43 +63,11 @@ from mmsafe.train import distributed
 from mmsafe.train import metrics as metrics_lib
 from mmsafe.train import parallel as parallel_lib
 from mmsafe.train import workdir as workdir_lib
-from mmsafe.train.checkpoint import Checkpointer, DamagedCheckpoint
+from mmsafe.train.checkpoint import Checkpointer
 from mmsafe.train.experiment import Experiment, build_experiment
 from mmsafe.train.preemption import CheckpointCadence, Preempted, SigtermFlag
+from mmsafe.train.progress import DAMAGED_DIR, is_better, restore_or_init
 from mmsafe.train.stages import TrainingStage
-
-DAMAGED_DIR = "checkpoints_damaged"
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  """Where a run stands, checkpointed as JSON beside the train state.
-
-  Attributes:
-    stage: the stage in progress (None before the first step).
-    best_validation_accuracy, best_validation_loss, best_step: the model
-      selection so far (`is_better`; -1.0 / None / 0 before the first epoch).
-    pending_metrics: the training metrics not yet logged at the checkpoint
-      (`metrics.pending_to_json`).
-    data_iterator: the training loader's position at the checkpoint
-      (`Batches.get_state`), or None.
-  """
-
-  stage: str | None = None
-  best_validation_accuracy: float = -1.0
-  best_validation_loss: float | None = None
-  best_step: int = 0
-  pending_metrics: dict = dataclasses.field(default_factory=dict)
-  data_iterator: dict | None = None
-
-  @classmethod
-  def from_json(cls, saved: Mapping[str, Any]) -> "Progress":
-    """The progress of a checkpoint's JSON; ValueError naming unknown entries."""
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"checkpoint progress: unknown entries {unknown}; expected those of "
-                       f"{[f.name for f in dataclasses.fields(cls)]}")
-    return cls(**saved)
 
 
 @dataclasses.dataclass
@@ -162,7 +130,7 @@ def _run(context: _Context, workdir: str) -> dict[str, Any]:
                               max_to_keep=int(config.get("checkpoint_max_to_keep", 2)))
   # Closed on every exit (pending saves finish), so no orbax thread outlives a failure.
   with contextlib.closing(checkpointer):
-    state, best, progress, resume_step = _restore_or_init(
+    state, best, progress, resume_step = restore_or_init(
         experiment, context.parallel, checkpointer, os.path.join(workdir, DAMAGED_DIR))
     if jax.process_index() == 0:
       write_json_atomic(os.path.join(workdir, "config.json"), config)
@@ -210,46 +178,6 @@ def _let_grain_workers_read_flags() -> None:
   absl program (a notebook, pytest) they are marked parsed with their defaults."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-
-def _restore_or_init(experiment: Experiment, parallel, checkpointer: Checkpointer,
-                     damaged_dir: str):
-  """(state, best, progress, resume step or None): the newest checkpoint of the
-  workdir that verifies (restored into a shape-only template), or a fresh run.
-
-  Damaged checkpoints newer than it are moved to `damaged_dir`, each with a
-  warning naming it and why it was skipped.
-
-  Raises:
-    DamagedCheckpoint: the workdir holds checkpoints and none verifies.
-    CheckpointMismatch: a checkpoint's structure differs from the config's model.
-  """
-  steps = checkpointer.all_steps()
-  if not steps:
-    state = parallel.put(experiment.init_train_state())
-    best = {"variables": parallel.put(parallel.get(state.variables))}
-    return state, best, Progress(), None
-  template = experiment.abstract_train_state(parallel_lib.replicated_sharding(parallel.mesh))
-  damaged = []
-  for step in steps:
-    try:
-      state, best, saved = checkpointer.restore(step, template,
-                                                {"variables": template.variables})
-      break
-    except DamagedCheckpoint as error:
-      damaged.append((step, error))
-  else:
-    raise DamagedCheckpoint(checkpointer.directory, "no checkpoint verifies: " + "; ".join(
-        f"{step}: {error.reason}" for step, error in damaged)
-        + ". Rerun with a fresh workdir (or --fresh) to start over")
-  for bad_step, error in damaged:
-    moved = checkpointer.quarantine(bad_step, damaged_dir) if jax.process_index() == 0 else ""
-    logging.warning("skipped damaged checkpoint %s (%s); moved to %s; resuming from step %d",
-                    error.path, error.reason, moved, step)
-  if damaged:
-    distributed.sync_processes("mmsafe_quarantine")
-    checkpointer.reload()
-  return state, best, Progress.from_json(saved), step
 
 
 def _train(context: _Context, checkpointer: Checkpointer, state, best, progress, pending):
@@ -412,18 +340,6 @@ def _run_evaluators(context: _Context, done: int, state) -> None:
     context.writer.write(done, **{f"{name}/{k}": v for k, v in scalars.items()})
     if jax.process_index() == 0:
       context.writer.write_images(done, report.figures(evaluator.type, metrics, prefix=name))
-
-
-def is_better(validation: Mapping[str, float], progress: Progress) -> bool:
-  """The model-selection rule: higher validation accuracy, and on a tie lower
-  validation cross-entropy. (Accuracy saturates on small validation splits,
-  e.g. av_digits' synthetic voices reach 1.0 within two epochs; the tie rule
-  then keeps training rather than the first epoch that got there.)"""
-  best = progress.best_validation_accuracy
-  if validation["accuracy"] != best:
-    return validation["accuracy"] > best
-  best_loss = progress.best_validation_loss
-  return best_loss is None or validation["loss"] < best_loss
 
 
 def host_batch_size(parallel: parallel_lib.DataParallel, global_size: int) -> int:

@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Any
 
-from mmsafe.files import to_json
+from mmsafe.files import process_alive, to_json
 
 LOCK_NAME = ".lock"
 MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT: no process id is larger.
@@ -183,7 +183,8 @@ class WorkdirLock:
       return kernel_lock is True
     if holder.get("host") != socket.gethostname():
       return False
-    return (holder["pid"] == os.getpid() and kernel_lock is True) or not _pid_alive(holder["pid"])
+    return ((holder["pid"] == os.getpid() and kernel_lock is True)
+            or not process_alive(holder["pid"]))
 
   def _write_record(self, fd: int, owner: dict) -> None:
     """Replaces the lock file's record by `owner` (under the kernel lock)."""
@@ -230,15 +231,6 @@ def _in_use_message(path: str, holder: dict | None) -> str:
   return (f"workdir: in use by {who} (lock {path}); wait for it to finish, or delete the "
           f"lock if that process is gone")
 
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def check_same_run(workdir: str, config: Mapping[str, Any]) -> None:

@@ -11,7 +11,7 @@ Importing this package registers the builders with TFDS:
 Each reads a manual directory (layouts in `audio_visual` and `ucf101_rgb_flow`),
 writes `array_record` files of plain `tfds.features.Tensor` features and is
 read with `tfds.data_source` / `builder.as_data_source()`; frames are selected,
-cropped and normalised at read time by `mmsafe.data.pipeline`.
+cropped and normalised at read time by `mmsafe.data.clips`.
 
     builder = KineticsSounds(data_dir=out)
     builder.download_and_prepare(

@@ -22,7 +22,7 @@ and stored un-normalised (`audio_dtype`, default float16: its rounding error,
 below 0.008 for |x| < 16, is ~1/1000 of the data's std of 5.14, and it halves
 disk and read bandwidth). The 3 frames (one per third of the clip, random within
 the third for training, the middle one for evaluation), crops and the
-normalisations are applied at read time by `mmsafe.data.pipeline`.
+normalisations are applied at read time by `mmsafe.data.clips`.
 
 Features: "clip_id" (text: the relative path), "label" (ClassLabel),
 "visual" (object [T]: JPEG bytes, min_frames <= T <= max_frames),
