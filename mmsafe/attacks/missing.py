@@ -22,6 +22,24 @@ Array = jax.Array
 FILLS = ("zeros", "mean", "noise")
 
 
+def _fill_centre(mean: Any, example_shape: tuple[int, ...], modality: str, fill: str) -> Array:
+  """`mean` broadcast to one example of `modality` (zeros when None), checked."""
+  if fill == "mean" and mean is None:
+    raise ValueError("mean: expected an array broadcastable to one example "
+                     f"{list(example_shape)} for fill='mean', got None")
+  if mean is None:
+    return jnp.zeros(example_shape, jnp.float32)
+  mean = jnp.asarray(mean, jnp.float32)
+  try:
+    shape = np.broadcast_shapes(tuple(mean.shape), example_shape)
+  except ValueError:
+    shape = None
+  if shape != example_shape:
+    raise ValueError(f"mean: expected a shape broadcastable to one example "
+                     f"{list(example_shape)} of {modality!r}, got {list(mean.shape)}")
+  return jnp.broadcast_to(mean, example_shape)
+
+
 def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
                   mean: Any = None, key: Array | None = None, noise_std: float = 1.0
                   ) -> dict[str, Array]:
@@ -59,22 +77,7 @@ def drop_modality(inputs: common.Inputs, modality: str, fill: str = "zeros", *,
   if fill not in FILLS:
     raise ValueError(f"fill: expected one of {list(FILLS)}, got {fill!r}")
   x = inputs[modality]
-  example_shape = tuple(x.shape[1:])
-  if fill == "mean" and mean is None:
-    raise ValueError("mean: expected an array broadcastable to one example "
-                     f"{list(example_shape)} for fill='mean', got None")
-  centre = jnp.zeros(example_shape, jnp.float32)
-  if mean is not None:
-    mean = jnp.asarray(mean, jnp.float32)
-    try:
-      shape = np.broadcast_shapes(tuple(mean.shape), example_shape)
-    except ValueError:
-      shape = None
-    if shape != example_shape:
-      raise ValueError(f"mean: expected a shape broadcastable to one example "
-                       f"{list(example_shape)} of {modality!r}, got {list(mean.shape)}")
-    centre = jnp.broadcast_to(mean, example_shape)
-  value = jnp.broadcast_to(centre, x.shape)
+  value = jnp.broadcast_to(_fill_centre(mean, tuple(x.shape[1:]), modality, fill), x.shape)
   if fill == "zeros":
     value = jnp.zeros(x.shape, x.dtype)
   elif fill == "noise":
