@@ -81,10 +81,9 @@ def measurements(smoke: bool, out: str) -> list[tuple[str, list[str]]]:
 def run_one(name: str, args: list[str], out: str, timeout_s: int) -> dict:
   """Runs one measurement in a fresh process: its last JSON line, plus `wall_s`,
   or `error` with the last line the process wrote."""
-  # A first run: no compiled program cached, no workdir left by an earlier run.
+  # A first run: no compiled program cached.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(out, "jax_cache", name))
-  for stale in (env["JAX_COMPILATION_CACHE_DIR"], os.path.join(out, "main_job")):
-    shutil.rmtree(stale, ignore_errors=True)
+  shutil.rmtree(env["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
   start = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
@@ -121,6 +120,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   out = _OUT.value
+  shutil.rmtree(os.path.join(out, "main_job"), ignore_errors=True)  # the main job's first run
   os.makedirs(out, exist_ok=True)
   results = [run_one(name, args, out, _TIMEOUT.value)
              for name, args in measurements(_SMOKE.value, out)]
