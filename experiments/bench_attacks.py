@@ -73,7 +73,7 @@ def _model():
     encoders, shapes, classes = _MFEAT_ENCODERS, _MFEAT_SHAPES, 10
   else:
     shapes, classes = ks_shapes.input_shapes(fold_single_frame=True), ks_shapes.CLASSES.value
-    encoders = {m: {"name": "resnet18", "widths": ks_shapes.resnet_widths()} for m in shapes}
+    encoders = {m: ks_shapes.resnet() for m in shapes}
   model = models.build({"head": _HEAD.value, "dtype": _DTYPE.value, "encoders": encoders},
                        num_classes=classes, input_shapes=shapes)
   return model, shapes, classes

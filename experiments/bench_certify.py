@@ -144,10 +144,8 @@ def compare_per_example(run, variables, inputs, labels, batches: list[int], repe
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  widths = ks_shapes.resnet_widths()
   shapes = ks_shapes.input_shapes()
-  model = models.build({"head": _HEAD.value,
-                        "encoders": {m: {"name": "resnet18", "widths": widths} for m in shapes}},
+  model = models.build({"head": _HEAD.value, "encoders": {m: ks_shapes.resnet() for m in shapes}},
                        num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
   rng = np.random.default_rng(0)
   batch = max([_BATCH.value] + [int(b) for b in _COMPARE.value])
@@ -161,7 +159,7 @@ def main(argv):
                                                 chunk_size=chunk, precision=precision))
   print(f"devices: {jax.devices()}  backend: {jax.default_backend()}")
   print(f"shapes: { {m: (batch, *s) for m, s in shapes.items()} }, K={ks_shapes.CLASSES.value}, "
-        f"ResNet18 widths {widths}, {_HEAD.value} head, precision {_PRECISION.value}")
+        f"ResNet18 {ks_shapes.resnet()}, {_HEAD.value} head, precision {_PRECISION.value}")
   with jax.default_matmul_precision(_PRECISION.value):
     if _COMPARE.value:
       # The direct call (its default chunking: host chunks on a CPU) at each B, against

@@ -24,7 +24,8 @@ reports one JSON line, read back here:
   wall seconds of a first run with an empty compilation cache.
 
 `--smoke` shrinks every shape (one 32x32 frame, a 64x32 spectrogram, widths 8,
-batch 4, 5 classes, one timed step) and runs the main job with `runlocal`.
+one block per stage, batch 4, 5 classes, one timed step) and runs the main job
+with `runlocal` and JT only.
 A part that fails is reported in the table with the last line of its error,
 the other parts still run, and the exit status is 1. Writes `results.json`
 and `results.md` to `--out`.
@@ -48,8 +49,8 @@ _PARTS = flags.DEFINE_list("parts", ["train", "pgd", "certify", "main_job"], "Pa
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 240, "Seconds allowed to each measurement.")
 
 _KS_SMOKE = ["--frames=1", "--image_size=32", "--audio_frames=64", "--audio_bins=32",
-             "--widths=8,8,8,8", "--num_classes=5"]
-_MAIN_JOB = ["-m", "experiments.compare", "--methods=jt,ojt", "--protocol=quick"]
+             "--widths=8,8,8,8", "--stage_sizes=1,1,1,1", "--num_classes=5"]
+_MAIN_JOB = ["-m", "experiments.compare", "--protocol=quick"]
 _MAIN_CONFIG = "experiments/configs/embedded.py"
 
 
@@ -71,6 +72,7 @@ def measurements(smoke: bool, out: str) -> list[tuple[str, list[str]]]:
                         *(["--batch=4", "--repeats=1"] if smoke else ["--batch=64"]), *shapes])],
           "main_job": [("main job (first run)",
                         [*_MAIN_JOB, f"--config={_MAIN_CONFIG}{':runlocal' if smoke else ''}",
+                         f"--methods={'jt' if smoke else 'jt,ojt'}",
                          f"--workdir={os.path.join(out, 'main_job')}"])]}
   unknown = sorted(set(_PARTS.value) - set(runs))
   if unknown:

@@ -60,9 +60,9 @@ def ks_variants() -> dict[str, dict]:
   `narrow`: the last stage as wide as the one before it; `stem4`: ResNet18's
   resolutions; `cayley`: a Cayley stem convolution."""
   widths = ks_shapes.resnet_widths()
-  lip = {"name": "lip_resnet", "widths": widths, "features": widths[-1], "stem_block": 2}
+  lip = ks_shapes.resnet("lip_resnet", features=widths[-1], stem_block=2)
   return {
-      "free resnet18": {"name": "resnet18", "widths": widths},
+      "free resnet18": ks_shapes.resnet(),
       "lip_resnet": lip,
       "lip_resnet narrow": {**lip, "widths": (*widths[:-1], widths[-2]), "features": widths[-2]},
       "lip_resnet stem4": {**lip, "stem_block": 4},

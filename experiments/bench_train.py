@@ -128,10 +128,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   batch_size = _BATCH.value
-  widths = ks_shapes.resnet_widths()
   shapes = ks_shapes.input_shapes()
-  resnet = ({"name": "resnet18", "widths": widths} if _ENCODER.value == "resnet18" else
-            {"name": "lip_resnet", "widths": widths, "features": widths[-1]})
+  resnet = (ks_shapes.resnet() if _ENCODER.value == "resnet18" else
+            ks_shapes.resnet("lip_resnet", features=ks_shapes.resnet_widths()[-1]))
   model = models.build({"head": "orthogonal", "dtype": _DTYPE.value,
                         "encoders": {"visual": resnet, "audio": resnet}},
                        num_classes=ks_shapes.CLASSES.value, input_shapes=shapes)
@@ -199,7 +198,7 @@ def main(argv):
       "device": f"{device.platform}:{device.device_kind}", "devices": par.num_devices,
       "parallel": par.mode, "jax": jax.__version__, "encoder": _ENCODER.value,
       "dtype": _DTYPE.value, "input_dtype": str(input_dtype), "batch_size": batch_size,
-      "shapes": {m: list(s) for m, s in shapes.items()}, "widths": list(widths),
+      "shapes": {m: list(s) for m, s in shapes.items()}, "encoder_config": resnet,
       "compile_s": round(compile_s, 2), "step_ms": round(1e3 * seconds, 3),
       "samples_per_s": round(batch_size / seconds, 2),
       "xla_cost_analysis": {

@@ -13,6 +13,8 @@ AUDIO_FRAMES = flags.DEFINE_integer("audio_frames", 1024, "Spectrogram frames.")
 AUDIO_BINS = flags.DEFINE_integer("audio_bins", 128, "Spectrogram (mel) bins.")
 CLASSES = flags.DEFINE_integer("num_classes", 31, "Classes K (KS: 31).")
 WIDTHS = flags.DEFINE_list("widths", ["64", "128", "256", "512"], "ResNet18 stage widths.")
+STAGES = flags.DEFINE_list("stage_sizes", ["2", "2", "2", "2"],
+                           "Residual blocks per stage (ResNet18: 2 each).")
 
 
 def input_shapes(fold_single_frame: bool = False) -> dict[str, tuple[int, ...]]:
@@ -25,3 +27,10 @@ def input_shapes(fold_single_frame: bool = False) -> dict[str, tuple[int, ...]]:
 
 def resnet_widths() -> tuple[int, ...]:
   return tuple(int(w) for w in WIDTHS.value)
+
+
+def resnet(name: str = "resnet18", **options) -> dict:
+  """The encoder config of `name` ("resnet18" or "lip_resnet") at `--widths` and
+  `--stage_sizes`, with `options` added."""
+  return {"name": name, "widths": resnet_widths(),
+          "stage_sizes": tuple(int(s) for s in STAGES.value), **options}
