@@ -17,6 +17,7 @@ from mmsafe import certify
 from mmsafe.certify import smoothing, threats, units
 from mmsafe.data import clips
 from mmsafe.data.types import Standardization
+from mmsafe.eval.radius_attack import make_radius_attack
 
 K = 4
 
@@ -109,6 +110,24 @@ def test_attacks_in_input_space_break_nothing_at_0999_r_and_something_at_3_r():
                               eps=0.999 * cert.per_modality[m], steps=100, restarts=2,
                               loss="margin", modalities=m)
     assert np.all(np.asarray(jnp.argmax(logits_of(adversarial), -1) == labels)), m
+
+
+def test_the_radius_check_allows_for_float32_rounding_of_large_input_values():
+  # Inputs near 1e4 in their units: storing an attacked point in float32 moves it
+  # by up to float32's epsilon times its norm, far beyond the attack's 1e-4 r
+  # margin, so a check without that allowance stops with "attack left the ball".
+  # The radii are exact (a linear model, std 1), so nothing may break either.
+  d, mean = 4096, 1e4
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(d, 2)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(16, d)), jnp.float32)
+  x = (x + mean) - mean  # the normalised inputs as read back from input units
+  logits = np.asarray(x @ w, np.float64)
+  radius = np.abs(logits[:, 0] - logits[:, 1]) / np.linalg.norm(np.asarray(w[:, 0] - w[:, 1]))
+  attack = make_radius_attack(lambda v, inputs: inputs["a"] @ v["w"], steps=20, restarts=1)
+  attacked, broken = attack({"w": w}, {"a": x}, logits.argmax(1), radius, jax.random.PRNGKey(0),
+                            {"a": (jnp.full((d,), mean), jnp.ones((d,)))})
+  assert attacked.all() and not broken.any()
 
 
 @pytest.mark.slow

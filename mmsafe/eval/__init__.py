@@ -11,13 +11,13 @@
   `base`: the common keys, defence and checks; `batching`: running a compiled
   program over a split, per-example flags.
 * `certification`: whole-split certification checked by attacks
-  (`Certification`, `run_certification`).
+  (`Certification`, `run_certification`); `radius_attack`: that attack.
 * `report`, `plots`: their reports and plots (JSON, markdown, PNG).
 """
 
 from mmsafe.eval.base import Evaluator, logits_apply
-from mmsafe.eval.certification import (Certification, certify_dataset, make_radius_attack,
-                                       run_certification)
+from mmsafe.eval.certification import Certification, certify_dataset, run_certification
+from mmsafe.eval.radius_attack import make_radius_attack
 from mmsafe.eval.registry import EVALUATOR_TYPES, build_evaluators, scalar_metrics
 
 __all__ = ["EVALUATOR_TYPES", "Certification", "Evaluator", "build_evaluators",

@@ -3,7 +3,8 @@
 `Certification` certifies every example of a split with each Lipschitz kind
 ("local", "empirical", "sound"; `mmsafe.certify`), summarises the
 certified-accuracy curves, uni-modal (Prop. 3.4) curves and the eta ratio
-heat map (CRMT Fig. 3), and checks the radii with an attack: for every
+heat map (CRMT Fig. 3), and checks the radii with an attack
+(`mmsafe.eval.radius_attack`): for every
 correctly classified sample with a positive radius r(x), an l2-PGD attack
 (margin loss, `attack_steps` steps of 2.5 r/steps, `attack_restarts` random
 restarts, worst iterate kept) searches the ball of radius `(1 - 1e-4) r(x)`.
@@ -33,74 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
 from mmsafe import models
 from mmsafe import programs
-from mmsafe.attacks.common import misclassified
 from mmsafe.certify import units as units_lib
+from mmsafe.eval.radius_attack import INSIDE, make_radius_attack
 
 Track = Callable[[Iterable, int, str], Iterable]
 
-# Attacks search the open ball of radius (1 - _INSIDE) r(x).
-_INSIDE = 1e-4
 # What the results say about the function they certify.
 CERTIFIED_FUNCTION = "the model's parameters evaluated in float32"
-
-
-def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str | None = None):
-  """A jitted `attack(variables, inputs, labels, radius, key, unit_stats=None) ->
-  (attacked [B], broken [B])` for `logits_apply(variables, inputs) -> [B, K]`.
-
-  Searches for a misclassified point strictly inside each sample's radius
-  (joint, or of `modality` alone: a uni-modal radius) with
-  `mmsafe.attacks.pgd`: per-example budgets `eps = (1 - 1e-4) r(x)`, margin
-  loss, `steps` steps of `2.5 eps / steps`, `restarts` random restarts, the
-  worst iterate kept. Samples that are misclassified, or whose radius is 0 or
-  infinite, are not attacked. `broken` marks attacked samples for which a
-  misclassified point was found strictly inside the ball (its norm is checked,
-  allowing for float32 rounding of the attacked point).
-  `unit_stats` (modality -> `(mean, std)` in input units,
-  `units.unit_standardization`): the ball is in input units, the attack moves
-  `u = x std + mean` and the model reads `(u - mean) / std`; None: the ball is
-  in the model's normalised input space. The variables are an argument, not
-  constants of the compiled program (XLA would otherwise fold e.g. the AOL
-  rescaling of every layer at compile time).
-  """
-
-  def attack(variables, inputs, labels, radius, key, unit_stats):
-    logits_fn = lambda x: logits_apply(variables, x)
-    if unit_stats is not None:  # attack u, the inputs in input units
-      inputs = {m: x * unit_stats[m][1] + unit_stats[m][0] for m, x in inputs.items()}
-      logits_fn = lambda u: logits_apply(variables, {m: (v - unit_stats[m][0]) / unit_stats[m][1]
-                                                     for m, v in u.items()})
-    correct = ~misclassified(logits_fn(inputs), labels)
-    attacked = correct & (radius > 0) & jnp.isfinite(radius)
-    eps = jnp.where(attacked, radius * (1.0 - _INSIDE), 0.0)
-    adversarial = attacks.pgd(logits_fn, inputs, labels, key, eps=eps, steps=steps,
-                              restarts=restarts, random_start=True, loss="margin",
-                              modalities=modality)
-    norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(v).reshape(labels.shape[0], -1), axis=1)
-                                     for v in tree.values()))
-    delta = norm({m: adversarial[m] - inputs[m] for m in inputs})
-    # Storing `inputs + delta` in float32 moves the point by up to float32's
-    # epsilon times its norm: in input units (pixels near 0.5) that can exceed the
-    # 1e-4 r margin of a small radius. A flip counts only strictly inside r.
-    rounding = jnp.finfo(jnp.float32).eps * norm(adversarial)
-    flipped = misclassified(logits_fn(adversarial), labels) & (delta < radius)
-    return attacked, attacked & flipped, delta - eps - rounding
-
-  jitted = jax.jit(attack)
-
-  def attack_batch(variables, inputs, labels, radius, key, unit_stats=None):
-    attacked, broken, excess = jitted(variables, inputs, jnp.asarray(labels),
-                                      jnp.asarray(radius, jnp.float32), key, unit_stats)
-    if float(jnp.max(excess)) > 1e-5 * float(jnp.max(jnp.asarray(radius))) + 1e-6:
-      raise AssertionError(f"attack left the ball: max excess {float(jnp.max(excess))}")
-    return np.asarray(attacked), np.asarray(broken)
-
-  return attack_batch
 
 
 def _batches(inputs, labels, batch_size):
@@ -345,7 +289,7 @@ class Certification:
       broken_all.append(broken & valid)
     attacked, broken = np.concatenate(attacked_all), np.concatenate(broken_all)
     steps, restarts = self.attack_steps, self.attack_restarts
-    return {"description": f"l2-PGD inside (1 - {_INSIDE}) r(x) in {self.units} units: "
+    return {"description": f"l2-PGD inside (1 - {INSIDE}) r(x) in {self.units} units: "
                            f"{steps} steps of 2.5 r/{steps}, {restarts} random restarts, "
                            f"margin loss, worst iterate kept",
             "attacked": int(attacked.sum()), "broken": int(broken.sum()),
