@@ -201,8 +201,8 @@ def _minimal_loop(config, steps: int) -> float:
   step_fn = jax.jit(make_train_step(experiment.objective(stage),
                                     experiment.optimizers[stage.name]), donate_argnums=0)
   state = experiment.init_train_state()
-  batches = data_lib.make_iterator(experiment.splits["train"], train=True, seed=0,
-                                   start_step=0, batch_size=int(config.batch_size))
+  batches = data_lib.train_iterator(experiment.splits["train"], seed=0, start_step=0,
+                                    batch_size=int(config.batch_size))
   state, metrics = step_fn(state, next(batches))
   jax.block_until_ready(metrics)
   start = time.perf_counter()

@@ -8,7 +8,7 @@ and measures:
 * build: clips/s of `download_and_prepare` (ffmpeg decode, fbank, JPEG; UCF101 adds
   TV-L1 flow, also timed per frame pair);
 * read: stored examples/s of `tfds.data_source` random access (deserialisation only);
-* train / eval: examples/s of `make_iterator(..., train=True / False)` (decode,
+* train / eval: examples/s of `train_iterator(...)` / `eval_pass(...)` (decode,
   crop, resize, flip, normalise, batch) for each thread / process count, with
   normalisation on the host (float32 batches) or left to the device
   (`normalize=False`, uint8 frames), and the CPU they use: `*_per_core` is examples
@@ -261,11 +261,11 @@ def _bench_iterators(source) -> dict:
                  else {"processes": count, "num_threads": 1})
       # Built one at a time: a loader's workers start with it.
       for split, make in (
-          ("train", lambda: data_lib.make_iterator(
-              _Repeat(source, max(len(source), 4 * b)), train=True, batch_size=b, seed=0,
+          ("train", lambda: data_lib.train_iterator(
+              _Repeat(source, max(len(source), 4 * b)), batch_size=b, seed=0,
               config=config, prefetch=4, process_index=0, process_count=1, **options)),
-          ("eval", lambda: data_lib.make_iterator(
-              _Repeat(source, (steps + _WARMUP.value) * b), train=False, batch_size=b,
+          ("eval", lambda: data_lib.eval_pass(
+              _Repeat(source, (steps + _WARMUP.value) * b), normalized=False, batch_size=b,
               config=config, prefetch=4, process_index=0, process_count=1, **options))):
         result[f"{split}_{tag}"], result[f"{split}_{tag}_per_core"] = rate(make(), b, steps)
   return result

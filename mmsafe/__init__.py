@@ -41,7 +41,7 @@ docstring says otherwise):
              config through its stages (the only Python loop over steps);
              `train.restore.restore_run(workdir)` reads a run back.
   data       `load(name, split)` (embedded `mfeat` / `av_digits` in memory; TFDS
-             clip datasets), `make_iterator`, `validate_batch`.
+             clip datasets), `train_iterator`, `eval_pass`, `validate_batch`.
   eval       evaluators from `config.evals` (`eval.build_evaluators`, one module
              per type: clean, FGM/PGD, missing, decoupling, the robustness
              suite, certify, sweep; each with `run(variables) -> metrics`),

@@ -100,8 +100,8 @@ def test_frames_show_the_clips_digit_and_audio_holds_the_speech(tiny):
 
 def test_loader_batches_train_and_test_clips(tiny):
   _, train = tiny
-  batches = data_lib.make_iterator(train, train=True, batch_size=2, num_steps=2,
-                                   process_index=0, process_count=1, num_threads=2)
+  batches = data_lib.train_iterator(train, batch_size=2, num_steps=2,
+                                    process_index=0, process_count=1, num_threads=2)
   for batch in batches:
     types.validate_batch(batch, train.modality_shapes, 10, raw_inputs=True)
     assert batch["inputs"]["visual"].dtype == np.uint8

@@ -22,17 +22,17 @@ def _arrays(n=20):
 
 def test_saved_position_restores_the_next_batch():
   data = _arrays()
-  kwargs = dict(train=True, batch_size=3, seed=2, process_index=0, process_count=1)
-  with data_lib.make_iterator(data, num_threads=2, **kwargs) as batches:
+  kwargs = dict(batch_size=3, seed=2, process_index=0, process_count=1)
+  with data_lib.train_iterator(data, num_threads=2, **kwargs) as batches:
     for _ in range(4):  # past the end of the first epoch (6 steps of 3)
       next(batches)
     state = batches.get_state()
     expected = [next(batches) for _ in range(4)]
   assert state["grain"] == {"next_index": 4} and state["step"] == 4
-  with data_lib.make_iterator(data, num_threads=1, **kwargs) as resumed:
+  with data_lib.train_iterator(data, num_threads=1, **kwargs) as resumed:
     with pytest.raises(ValueError, match="data iterator state: expected one saved with"):
       resumed.set_state(state)  # other workers
-  with data_lib.make_iterator(data, num_threads=2, **kwargs) as resumed:
+  with data_lib.train_iterator(data, num_threads=2, **kwargs) as resumed:
     resumed.set_state(state)
     for step, batch in enumerate(expected, start=4):
       got = next(resumed)
@@ -82,17 +82,17 @@ def test_raw_batches_pass_validation_only_when_declared_raw():
 def test_bad_loader_options_and_hosts_fail_naming_the_field():
   data = _arrays()
   with pytest.raises(ValueError, match="loader.num_threads: expected >= 0, got -1"):
-    data_lib.make_iterator(data, train=True, batch_size=2, process_index=0, process_count=1,
-                           num_threads=-1)
+    data_lib.train_iterator(data, batch_size=2, process_index=0, process_count=1,
+                            num_threads=-1)
   with pytest.raises(ValueError, match=r"process_index: expected in \[0, 2\), got 2"):
-    data_lib.make_iterator(data, train=False, batch_size=2, process_index=2, process_count=2)
+    data_lib.eval_pass(data, normalized=False, batch_size=2, process_index=2, process_count=2)
 
 
 def test_hosts_stream_disjoint_rows_that_cover_the_split_once():
   data = _arrays(n=7)
   rows, counts = [], []
   for host in range(2):
-    with data_lib.host_pass(data, batch_size=2, process_index=host, process_count=2) as passes:
+    with data_lib.eval_pass(data, batch_size=2, process_index=host, process_count=2) as passes:
       batches = list(passes)
     counts.append(len(batches))
     for batch in batches:

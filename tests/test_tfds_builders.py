@@ -155,16 +155,16 @@ def test_two_hosts_read_disjoint_covering_shards_of_the_written_split(ks_built):
   config = clips.ClipPreprocessing(image_size=16)
   seen = []
   for host in range(2):
-    for batch in data_lib.make_iterator(source, train=False, batch_size=2, process_index=host,
-                                        process_count=2, config=config, num_threads=2):
+    for batch in data_lib.eval_pass(source, normalized=False, batch_size=2, process_index=host,
+                                    process_count=2, config=config, num_threads=2):
       assert batch["inputs"]["visual"].shape == (2, 3, 16, 16, 3)
       assert batch["inputs"]["audio"].shape == (2, AUDIO_FRAMES, 128, 1)
       types.validate_batch(batch, {"visual": (3, 16, 16, 3), "audio": (AUDIO_FRAMES, 128, 1)},
                            num_classes=3)
       seen += batch["label"][batch["valid"]].tolist()
   assert sorted(seen) == sorted(source[i]["label"] for i in range(4))
-  train = [list(data_lib.make_iterator(source, train=True, batch_size=1, seed=3, num_steps=2,
-                                       process_index=h, process_count=2, config=config))
+  train = [list(data_lib.train_iterator(source, batch_size=1, seed=3, num_steps=2,
+                                        process_index=h, process_count=2, config=config))
            for h in range(2)]
   ids = [b["inputs"]["audio"].tobytes() for host in train for b in host]
   assert len(set(ids)) == 4  # 2 steps x 2 hosts x 1 example: one epoch, all distinct
@@ -364,9 +364,9 @@ def test_ucf101_computed_flow_shapes_labels_splits(ucf_manual, tmp_path):
   assert ex["visual"].shape == (3,) and ex["flow"].shape == (3, 2)
   flow = np.stack([media.decode_jpeg(b) for b in ex["flow"][1]], -1)
   assert flow.shape == (FRAME, FRAME, 2) and flow.dtype == np.uint8
-  batch = next(iter(data_lib.make_iterator(sources["test"], train=True, batch_size=2, seed=0,
-                                           process_index=0, process_count=1,
-                                           config=clips.ClipPreprocessing(image_size=16))))
+  batch = next(iter(data_lib.train_iterator(sources["test"], batch_size=2, seed=0,
+                                            process_index=0, process_count=1,
+                                            config=clips.ClipPreprocessing(image_size=16))))
   types.validate_batch(batch, {"visual": (3, 16, 16, 3), "flow": (3, 16, 16, 2)},
                        num_classes=3)
   assert mtfds.Ucf101RgbFlow.builder_configs.keys() >= {"split1", "split2", "split3"}

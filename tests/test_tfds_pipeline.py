@@ -175,10 +175,10 @@ def test_normalize_inputs_matches_in_pipeline_normalisation():
 def test_train_iterator_resumes_and_threads_do_not_change_batches():
   records = _records(n=10)
   kwargs = dict(batch_size=2, seed=5, config=CONFIG, prefetch=2)
-  with data_lib.make_iterator(records, train=True, num_steps=6, num_threads=1, **kwargs) as it:
+  with data_lib.train_iterator(records, num_steps=6, num_threads=1, **kwargs) as it:
     serial = list(it)
-  with data_lib.make_iterator(records, train=True, num_steps=3, start_step=3, num_threads=3,
-                             **kwargs) as it:
+  with data_lib.train_iterator(records, num_steps=3, start_step=3, num_threads=3,
+                               **kwargs) as it:
     resumed = list(it)
   assert len(serial) == 6 and len(resumed) == 3
   for a, b in zip(serial[3:], resumed):
@@ -193,11 +193,11 @@ def test_train_iterator_resumes_and_threads_do_not_change_batches():
 def test_worker_processes_give_the_same_batches_as_threads():
   records = _records(n=6)
   kwargs = dict(batch_size=3, seed=1, num_steps=2, config=CONFIG)
-  with data_lib.make_iterator(records, train=True, num_threads=2, **kwargs) as it:
+  with data_lib.train_iterator(records, num_threads=2, **kwargs) as it:
     threads = list(it)
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest is no absl program)
     flags.FLAGS.mark_as_parsed()
-  with data_lib.make_iterator(records, train=True, processes=2, **kwargs) as it:
+  with data_lib.train_iterator(records, processes=2, **kwargs) as it:
     processes = list(it)
   assert len(threads) == len(processes) == 2
   for a, b in zip(threads, processes):
@@ -211,8 +211,8 @@ def test_two_hosts_eval_iterators_cover_the_split_once():
   config = clips.ClipPreprocessing(image_size=8, modalities=("audio",))
   seen = []
   for host in range(2):
-    batches = list(data_lib.make_iterator(records, train=False, batch_size=2,
-                                          process_index=host, process_count=2, config=config))
+    batches = list(data_lib.eval_pass(records, normalized=False, batch_size=2,
+                                      process_index=host, process_count=2, config=config))
     assert len(batches) == 2 and set(batches[0]["inputs"]) == {"audio"}
     for b in batches:
       # audio of record i is -i everywhere
@@ -224,11 +224,11 @@ def test_two_hosts_eval_iterators_cover_the_split_once():
 def test_iterator_errors_surface_and_close_stops():
   records = _records(n=4, with_flow=False)
   records[2] = dict(records[2], visual=np.array([b"broken"] * 7, dtype=object))
-  it = data_lib.make_iterator(records, train=False, batch_size=2, config=CONFIG)
+  it = data_lib.eval_pass(records, normalized=False, batch_size=2, config=CONFIG)
   next(it)
   with pytest.raises(OSError):  # Pillow: cannot identify image file
     next(it)
-  it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG)
+  it = data_lib.train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG)
   next(it)
   it.close()
   with pytest.raises(StopIteration):
@@ -237,13 +237,13 @@ def test_iterator_errors_surface_and_close_stops():
     clips.clip_output_spec(records, clips.ClipPreprocessing(modalities=("flow",)))
 
 
-def test_make_iterator_on_in_memory_and_record_sources():
+def test_iterators_on_in_memory_and_record_sources():
   records = _records(n=6, with_flow=False)
-  batches = list(data_lib.make_iterator(records, train=True, batch_size=3, num_steps=2,
-                                        process_index=0, process_count=1, config=CONFIG))
+  batches = list(data_lib.train_iterator(records, batch_size=3, num_steps=2,
+                                         process_index=0, process_count=1, config=CONFIG))
   assert len(batches) == 2 and batches[0]["inputs"]["visual"].shape == (3, 3, 8, 8, 3)
-  evals = list(data_lib.make_iterator(records, train=False, batch_size=4, process_index=1,
-                                      process_count=2, config=CONFIG))
+  evals = list(data_lib.eval_pass(records, normalized=False, batch_size=4, process_index=1,
+                                  process_count=2, config=CONFIG))
   assert [b["valid"].sum() for b in evals] == [3]
   with pytest.raises(ValueError, match="dataset"):
     data_lib.load("no_such_dataset", "train")
@@ -255,8 +255,8 @@ def test_dropped_iterator_stops_its_threads():
   import time
 
   def drop_one_iterator():
-    it = data_lib.make_iterator(_records(n=4), train=True, batch_size=2, seed=0, config=CONFIG,
-                                num_threads=2)
+    it = data_lib.train_iterator(_records(n=4), batch_size=2, seed=0, config=CONFIG,
+                                 num_threads=2)
     next(it)
     del it
     gc.collect()
@@ -272,20 +272,20 @@ def test_dropped_iterator_stops_its_threads():
   assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
 
 
-def test_make_iterator_on_embedded_arrays_matches_train_batch_and_eval_batches():
+def test_iterators_on_embedded_arrays_match_train_batch_and_eval_batches():
   rng = np.random.default_rng(0)
   inputs = {"x": rng.standard_normal((11, 4)).astype(np.float32)}
   labels = np.arange(11, dtype=np.int32) % 3
   dataset = data_lib.Dataset(name="toy", split="train", inputs=inputs, labels=labels,
                              num_classes=3, stats={})
-  train = list(data_lib.make_iterator(dataset, train=True, batch_size=4, seed=2, start_step=1,
-                                      num_steps=3, process_index=0, process_count=1))
+  train = list(data_lib.train_iterator(dataset, batch_size=4, seed=2, start_step=1,
+                                       num_steps=3, process_index=0, process_count=1))
   assert len(train) == 3
   for step, batch in enumerate(train, start=1):
     expected = plans.train_batch(inputs, labels, batch_size=4, seed=2, step=step)
     np.testing.assert_array_equal(batch["inputs"]["x"], expected["inputs"]["x"])
-  evals = list(data_lib.make_iterator(dataset, train=False, batch_size=4, process_index=0,
-                                      process_count=1))
+  evals = list(data_lib.eval_pass(dataset, normalized=False, batch_size=4, process_index=0,
+                                  process_count=1))
   for got, expected in zip(evals, plans.eval_batches(inputs, labels, batch_size=4)):
     np.testing.assert_array_equal(got["inputs"]["x"], expected["inputs"]["x"])
     np.testing.assert_array_equal(got["valid"], expected["valid"])

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "splits": {"train": "train[:95%]", "validation": "train[95%:]", "test": "test"},
       "modalities": modalities, "image_size": 224, "num_frames": 3, "normalize": False,
   })
-  # Decoding workers of the grain input pipeline (`mmsafe.data.make_iterator`):
+  # Decoding workers of the grain input pipeline (`mmsafe.data.train_iterator`, `eval_pass`):
   # threads (Pillow and numpy release the GIL) or, with processes > 0, grain worker
   # processes (each with num_threads threads). Batches stay uint8 to the devices
   # (`data.normalize=False`; normalised inside the compiled steps).

@@ -13,12 +13,11 @@ from mmsafe.data.av_digits_audio import MissingDependencyError
 from mmsafe.data.clip_dataset import ClipDataset
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.embedded import EMBEDDED_DATASETS, load_embedded
-from mmsafe.data import loader, plans as plan_lib
 from mmsafe.data.clips import ClipPreprocessing, normalize_inputs, preprocess_clip
 from mmsafe.data.loader import Batches
 from mmsafe.data.plans import eval_batches, take, train_batch
-from mmsafe.data.source import (check_splits, full_pass, host_pass, in_memory, modality_means,
-                                split_off)
+from mmsafe.data.source import (check_splits, eval_pass, in_memory, modality_means, split_off,
+                                train_iterator)
 from mmsafe.data.types import SourceInfo, Standardization, validate_batch
 
 TFDS_DATASETS = ("av_clips", "kinetics_sounds", "ucf101_rgb_flow", "vggsound")
@@ -31,7 +30,7 @@ def load(name: str, split: str, **kwargs) -> Dataset | ClipDataset:
   TFDS clip datasets (`TFDS_DATASETS`, optionally with a config:
   "ucf101_rgb_flow/split2"; `split` may be a TFDS slice such as
   "train[95%:]"): a `ClipDataset` of stored examples (`load_tfds`); batch
-  either with `make_iterator`. `av_clips` is built on first use into `data_dir`
+  either with `train_iterator` / `eval_pass`. `av_clips` is built on first use into `data_dir`
   (default `$MMSAFE_DATA_DIR`; extra kwargs `spec`, `build`, `workers`: see
   `mmsafe.data.av_clips_cache.ensure_av_clips`).
   """
@@ -80,45 +79,8 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None,
                      preprocessing=ClipPreprocessing(**preprocessing))
 
 
-def make_iterator(data, *, train: bool, batch_size: int, seed: int = 0, start_step: int = 0,
-                  num_steps: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, config: ClipPreprocessing | None = None,
-                  num_threads: int = 4, prefetch: int = 2, processes: int = 0) -> Batches:
-  """Batches of this host for training (`train=True`: from `start_step`, forever or
-  `num_steps`) or evaluation (one pass, with `"valid"`), from a source
-  (`mmsafe.data.source`: `load(...)`'s result) or a sequence of stored clip records,
-  loaded by grain (`loader.grain_batches`; its position is `get_state()`).
-
-  `batch_size` is per host; `process_index` / `process_count` default to JAX's.
-  Every source is read at the same per-host example indices (`host_train_indices`,
-  `clip_eval_batches`), by its `reader`; `config` replaces a clip source's
-  preprocessing (records: default `ClipPreprocessing()`). Workers: `num_threads`
-  threads or `processes` processes, `prefetch` batches buffered.
-  """
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not hasattr(data, "reader"):
-    data = ClipDataset(name="records", split="records", source=data, num_classes=0,
-                       preprocessing=config or ClipPreprocessing())
-  elif config is not None:
-    data = dataclasses.replace(data, preprocessing=config)
-  workers = dict(num_threads=num_threads, prefetch=prefetch, processes=processes)
-  if train:
-    plans = plan_lib.train_plans(len(data), batch_size=batch_size, seed=seed,
-                                 start_step=start_step, num_steps=num_steps,
-                                 process_index=process_index, process_count=process_count)
-    return loader.grain_batches(plans, data.reader(train=True, seed=seed),
-                                start_step=start_step, **workers)
-  plans = plan_lib.eval_plans(len(data), batch_size=batch_size, process_index=process_index,
-                              process_count=process_count)
-  return loader.grain_batches(plans, data.reader(train=False), **workers)
-
-
 __all__ = ["EMBEDDED_DATASETS", "TFDS_DATASETS", "Batches", "ClipDataset", "ClipPreprocessing",
            "Dataset", "MissingDependencyError", "SourceInfo", "Standardization", "check_splits",
-           "eval_batches", "full_pass", "host_pass", "in_memory", "load", "load_embedded",
-           "load_tfds", "make_iterator", "modality_means",
-           "normalize_inputs", "preprocess_clip", "split_off", "take", "train_batch",
-           "validate_batch"]
+           "eval_batches", "eval_pass", "in_memory", "load", "load_embedded", "load_tfds",
+           "modality_means", "normalize_inputs", "preprocess_clip", "split_off", "take",
+           "train_batch", "train_iterator", "validate_batch"]

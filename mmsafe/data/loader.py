@@ -2,8 +2,8 @@
 (`mmsafe.data.plans`) by a reader (`ReadClips` for clip records,
 `mmsafe.data.plans.ReadArrays` for in-memory arrays) with worker threads or
 processes and prefetch, into `Batches`, an iterator whose position can be saved
-and restored. `make_iterator` (`mmsafe.data`) and the passes of
-`mmsafe.data.source` load every source this way.
+and restored. `train_iterator` and `eval_pass` (`mmsafe.data.source`) load every
+source this way.
 """
 
 from __future__ import annotations

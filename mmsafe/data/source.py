@@ -6,8 +6,9 @@ A source has `len()`, an `info` (`SourceInfo`), `reader(train=..., seed=...,
 normalized=...)` (a picklable function from a batch plan `(indices, epoch, extra)`
 to a batch, see `mmsafe.data.loader.grain_batches`) and `prepare_inputs` (None, or
 the map to model space applied inside the compiled steps). Everything here works on any
-source: `full_pass` (one process, every example once), `host_pass` (this host's
-rows), `in_memory`, `modality_means`, `check_splits`.
+source: `train_iterator` (this host's training batches), `eval_pass` (the one way
+to read an evaluation split: this host's rows, or with `process_count=1` every
+example on this process), `in_memory`, `modality_means`, `check_splits`.
 
 Evaluation batching, one rule for every consumer: batches of a fixed size whose
 last one is completed with copies of the first example of the pass and carries a
@@ -18,13 +19,16 @@ count only valid rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import numpy as np
 
+from mmsafe.data.clip_dataset import ClipDataset
+from mmsafe.data.clips import ClipPreprocessing
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.loader import Batches, grain_batches
-from mmsafe.data.plans import eval_plans
+from mmsafe.data.plans import eval_plans, train_plans
 
 
 def check_splits(splits: Mapping[str, Any], reference: str = "train") -> None:
@@ -72,32 +76,67 @@ def split_off(data, fraction: float, *, seed: int, field: str = "fraction"):
           data.select(np.sort(order[:count]), "heldout"))
 
 
-def full_pass(data, *, batch_size: int, max_examples: int = 0, num_threads: int = 4
-              ) -> Batches:
-  """Evaluation batches in model space (float32) covering the first `max_examples`
-  (0: all) examples of `data` once on this process (no sharding over hosts), each
-  with `"valid"` (the module's batching rule)."""
-  n = _count(data, max_examples)
-  plans = eval_plans(n, batch_size=max(1, min(batch_size, n)))
-  return grain_batches(plans, data.reader(train=False, normalized=True),
-                       num_threads=num_threads)
+def train_iterator(data, *, batch_size: int, seed: int = 0, start_step: int = 0,
+                   num_steps: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None, config: ClipPreprocessing | None = None,
+                   num_threads: int = 4, prefetch: int = 2, processes: int = 0) -> Batches:
+  """This host's training batches of source `data` (or of a sequence of stored clip
+  records) from `start_step`, forever or `num_steps`, loaded by grain
+  (`loader.grain_batches`; its position is `get_state()`): the per-host example
+  indices of `plans.host_train_indices`, read with the source's training
+  augmentation. `batch_size` is per host; `process_index` / `process_count`
+  default to JAX's; `config` replaces a clip source's preprocessing (records:
+  default `ClipPreprocessing()`). Workers: `num_threads` threads or `processes`
+  processes, `prefetch` batches buffered."""
+  data = _as_source(data, config)
+  process_index, process_count = _hosts(process_index, process_count)
+  plans = train_plans(len(data), batch_size=batch_size, seed=seed, start_step=start_step,
+                      num_steps=num_steps, process_index=process_index,
+                      process_count=process_count)
+  return grain_batches(plans, data.reader(train=True, seed=seed), start_step=start_step,
+                       num_threads=num_threads, prefetch=prefetch, processes=processes)
 
 
-def host_pass(data, *, batch_size: int, process_index: int | None = None,
-              process_count: int | None = None, num_threads: int = 4) -> Batches:
-  """This host's evaluation batches in model space (float32): its contiguous block of
-  `data` (`mmsafe.data.plans.shard_indices`), as many batches on every host, with
-  `"valid"`.
-  Host defaults: JAX's. Reduce what is computed from them over hosts
-  (`mmsafe.train.distributed`)."""
+def eval_pass(data, *, batch_size: int, max_examples: int = 0, normalized: bool = True,
+              process_index: int | None = None, process_count: int | None = None,
+              config: ClipPreprocessing | None = None, num_threads: int = 4, prefetch: int = 2,
+              processes: int = 0) -> Batches:
+  """The one way to read an evaluation split: this host's batches covering the first
+  `max_examples` (0: all) examples of source `data` (or of a sequence of stored
+  clip records) once, each with `"valid"` (the module's batching rule).
+
+  Hosts: each reads its contiguous block (`plans.shard_indices`), as many
+  batches on every host; `process_index` / `process_count` default to JAX's,
+  and `process_count=1` reads every example on this process. Reduce what is
+  computed from a host's batches over hosts (`mmsafe.train.distributed`).
+  `normalized`: batches in model space (float32), or, False, as the source
+  stores them (clip frames stay uint8; the source's `prepare_inputs` maps them
+  inside the compiled steps). `config`, workers: as `train_iterator`.
+  """
+  data = _as_source(data, config)
+  process_index, process_count = _hosts(process_index, process_count)
+  plans = eval_plans(_count(data, max_examples), batch_size=max(1, batch_size),
+                     process_index=process_index, process_count=process_count)
+  return grain_batches(plans, data.reader(train=False, normalized=normalized),
+                       num_threads=num_threads, prefetch=prefetch, processes=processes)
+
+
+def _as_source(data, config: ClipPreprocessing | None):
+  """`data` as a source: a sequence of stored clip records is wrapped in a
+  `ClipDataset`; `config` replaces a clip source's preprocessing."""
+  if not hasattr(data, "reader"):
+    return ClipDataset(name="records", split="records", source=data, num_classes=0,
+                       preprocessing=config or ClipPreprocessing())
+  return data if config is None else dataclasses.replace(data, preprocessing=config)
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """`(process_index, process_count)`, each defaulting to JAX's."""
   if process_index is None or process_count is None:
-    import jax
+    import jax  # only here: reading a source needs no JAX
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  plans = eval_plans(len(data), batch_size=max(1, min(batch_size, len(data))),
-                     process_index=process_index, process_count=process_count)
-  return grain_batches(plans, data.reader(train=False, normalized=True),
-                       num_threads=num_threads)
+  return process_index, process_count
 
 
 def in_memory(data, max_examples: int = 0, *, batch_size: int = 64,
@@ -111,8 +150,8 @@ def in_memory(data, max_examples: int = 0, *, batch_size: int = 64,
     return data
   inputs: dict[str, list[np.ndarray]] = {m: [] for m in data.info.shapes}
   labels = []
-  with full_pass(data, batch_size=batch_size, max_examples=n,
-                 num_threads=num_threads) as batches:
+  with eval_pass(data, batch_size=min(batch_size, n), max_examples=n, process_count=1,
+                 process_index=0, num_threads=num_threads) as batches:
     for batch in batches:
       valid = batch["valid"]
       for m in inputs:
@@ -132,7 +171,8 @@ def modality_means(data, max_examples: int = 0, *, batch_size: int = 64
   examples, accumulated batch by batch in float64 (bounded memory)."""
   n = _count(data, max_examples)
   sums = {m: np.zeros(shape, np.float64) for m, shape in data.info.shapes.items()}
-  with full_pass(data, batch_size=batch_size, max_examples=n) as batches:
+  with eval_pass(data, batch_size=min(batch_size, n), max_examples=n, process_index=0,
+                 process_count=1) as batches:
     for batch in batches:
       for m in sums:
         sums[m] += batch["inputs"][m][batch["valid"]].sum(axis=0, dtype=np.float64)

@@ -225,7 +225,9 @@ class Certification:
       if empirical_source is None:
         raise ValueError("empirical_source: expected a dataset for the 'empirical' kind, got None")
       total = math.ceil(len(empirical_source) / min(self.batch_size, len(empirical_source)))
-      batches = data_lib.full_pass(empirical_source, batch_size=self.batch_size)
+      batches = data_lib.eval_pass(
+          empirical_source, batch_size=min(self.batch_size, len(empirical_source)),
+          process_index=0, process_count=1)
       return certify_lib.empirical_constants(
           self.model, variables,
           self.track(batches, total, f"empirical constants ({empirical_split})"),

@@ -11,7 +11,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mmsafe.data import host_pass
+from mmsafe.data import eval_pass
 
 
 def distributed_cluster(env: Mapping[str, str], tpu_vm: bool = False) -> str | None:
@@ -86,14 +86,15 @@ def reduce_over_processes(tree, op: str):
 
 def split_reducer(splits: Mapping[str, Any], *, batch_size: int) -> Callable:
   """`reduce_over_split(split, fn, op)` over `splits` (`methods.CallbackContext`):
-  `fn` of this process's evaluation batches of `splits[split]` (`data.host_pass`,
-  `batch_size` rows each), reduced over the processes by `op`
+  `fn` of this process's evaluation batches of `splits[split]` (`data.eval_pass`,
+  `batch_size` rows each, at most the split's size), reduced over the processes by `op`
   (`reduce_over_processes`)."""
 
   def reduce_over_split(split: str, fn: Callable, op: str):
     if split not in splits:
       raise ValueError(f"split: expected one of {sorted(splits)}, got {split!r}")
-    with host_pass(splits[split], batch_size=batch_size) as batches:
+    data = splits[split]
+    with eval_pass(data, batch_size=min(batch_size, len(data))) as batches:
       local = fn(batches)
     return reduce_over_processes(local, op)
 

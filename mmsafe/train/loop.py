@@ -242,9 +242,9 @@ def _train_batches(context: _Context, start_step: int, saved: dict | None
   planned from `start_step` (the same batches: they are a function of the step)."""
   config = context.experiment.config
   size = host_batch_size(context.parallel, int(config["batch_size"]))
-  make = lambda first: data_lib.make_iterator(
-      context.experiment.splits["train"], train=True, seed=int(config.get("seed", 0)),
-      start_step=first, batch_size=size, **context.loader)
+  make = lambda first: data_lib.train_iterator(
+      context.experiment.splits["train"], seed=int(config.get("seed", 0)), start_step=first,
+      batch_size=size, **context.loader)
   if saved is None:
     return make(start_step)
   if saved.get("step") != start_step:
@@ -344,7 +344,7 @@ def _run_evaluators(context: _Context, done: int, state) -> None:
 
 def host_batch_size(parallel: parallel_lib.DataParallel, global_size: int) -> int:
   """The rows of a global batch this process loads: a contiguous block, the one
-  `make_iterator` gives host `jax.process_index()`."""
+  `data.train_iterator` / `data.eval_pass` give host `jax.process_index()`."""
   rows = parallel.rows(global_size)
   size = global_size // jax.process_count()
   if not np.array_equal(rows, np.arange(size) + jax.process_index() * size):
@@ -363,14 +363,14 @@ def evaluate(eval_step, variables, dataset, batch_size: int,
   capped at the split's size rounded up to the devices, so a small split is
   one batch, not one padded to `batch_size`; `eval_step` is compiled for
   `parallel` (`DataParallel.compile_eval_step`) and this process loads its
-  shard of the split (`make_iterator`, with the `loader` options of clip
-  datasets).
+  shard of the split (`data.eval_pass`, as the source stores it, with the
+  `loader` options of clip datasets).
   """
   parallel = parallel or parallel_lib.DataParallel.create("none")
   batch_size = min(batch_size, parallel.round_batch_size(len(dataset)))
-  batches = data_lib.make_iterator(dataset, train=False,
-                                   batch_size=host_batch_size(parallel, batch_size),
-                                   **dict(loader or {}))
+  batches = data_lib.eval_pass(dataset, normalized=False,
+                               batch_size=host_batch_size(parallel, batch_size),
+                               **dict(loader or {}))
   totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
   for batch in batches:
     sums = parallel.get(eval_step(variables, parallel.put_batch(batch, batch_size)))
