@@ -250,8 +250,9 @@ def _bench_preprocessing(source) -> dict:
 def _bench_iterators(source) -> dict:
   """Examples/s of the training and evaluation iterators for each worker setting."""
   b, steps = _BATCH_SIZE.value, _STEPS.value
-  workers = ([("threads", int(t)) for t in _THREADS.value if t]
-             + [("processes", int(p)) for p in _PROCESSES.value if p])
+  # A count of 0 (or an empty list entry) measures nothing for that kind.
+  workers = ([("threads", int(t)) for t in _THREADS.value if t and int(t) > 0]
+             + [("processes", int(p)) for p in _PROCESSES.value if p and int(p) > 0])
   result = {}
   for kind, count in workers:
     for normalize in (True, False):

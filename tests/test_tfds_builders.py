@@ -226,6 +226,25 @@ def test_paper_config_trains_crmt_on_the_written_clips(ks_built, tmp_path):
   assert test.inputs["visual"].shape == (2, 3, 16, 16, 3)
 
 
+@pytest.mark.parametrize("dataset", ["kinetics_sounds", "ucf101", "vggsound", "av_clips"])
+def test_runlocal_configs_build_a_crmt_model_for_every_dataset(dataset):
+  """`runlocal` shrinks the encoders, but CRMT's orthogonal head still needs at
+  least as many features as the dataset has classes (31 / 101 / 309 / 10)."""
+  import jax
+  from experiments.configs import clips
+  from mmsafe import methods, models
+  _, modalities, num_classes = clips.DATASETS[dataset]
+  shapes = {"audio": (64, 32, 1), "visual": (1, 16, 16, 3), "flow": (1, 16, 16, 2)}
+  for arg in ("runlocal", "runlocal,lipschitz"):
+    config = clips.get_config(f"{dataset},{arg}")
+    model = models.build({**config.model.to_dict(), "head": methods.get(config.method).head},
+                         num_classes=num_classes, input_shapes={m: shapes[m] for m in modalities})
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                               {m: jax.numpy.zeros((2, *shapes[m])) for m in modalities})
+    w_tilde = variables["params"]["head"]["w_tilde"]
+    assert {m: w.shape[0] for m, w in w_tilde.items()} == {m: num_classes for m in modalities}
+
+
 @pytest.fixture(scope="module")
 def vgg_manual(ks_manual, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("vgg_manual"))

@@ -34,14 +34,14 @@ import ml_collections
 
 from experiments.configs import embedded
 
-# Config arg -> (TFDS name, the modality pair).
+# Config arg -> (TFDS name, the modality pair, the number of classes).
 DATASETS = {
-    "kinetics_sounds": ("kinetics_sounds", ("audio", "visual")),
-    "ucf101": ("ucf101_rgb_flow/split1", ("flow", "visual")),
-    "ucf101_split2": ("ucf101_rgb_flow/split2", ("flow", "visual")),
-    "ucf101_split3": ("ucf101_rgb_flow/split3", ("flow", "visual")),
-    "vggsound": ("vggsound", ("audio", "visual")),
-    "av_clips": ("av_clips", ("audio", "visual")),
+    "kinetics_sounds": ("kinetics_sounds", ("audio", "visual"), 31),
+    "ucf101": ("ucf101_rgb_flow/split1", ("flow", "visual"), 101),
+    "ucf101_split2": ("ucf101_rgb_flow/split2", ("flow", "visual"), 101),
+    "ucf101_split3": ("ucf101_rgb_flow/split3", ("flow", "visual"), 101),
+    "vggsound": ("vggsound", ("audio", "visual"), 309),
+    "av_clips": ("av_clips", ("audio", "visual"), 10),
 }
 
 
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if unknown or len(datasets) > 1:
     raise ValueError(f"config arg: expected at most one of {list(DATASETS)} and/or "
                      f"'lipschitz', 'runlocal', got {options}")
-  name, modalities = DATASETS[datasets[0]]
+  name, modalities, num_classes = DATASETS[datasets[0]]
 
   config = embedded.get_config()
   config.dataset = name
@@ -95,16 +95,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 1
     config.data.image_size = 32
     config.loader.num_threads = 2
+    # CRMT's orthogonal head needs at least as many features as classes.
+    features = 8 * -(-num_classes // 8)
     for m in modalities:
-      config.model.encoders[m] = {"name": "resnet18", "widths": (4, 8, 8, 8),
+      config.model.encoders[m] = {"name": "resnet18", "widths": (4, 8, 8, features),
                                   "stage_sizes": (1, 1, 1, 1)}
       config.model.lipschitz_encoders[m] = {"name": "lip_resnet", "widths": (4, 8, 8, 8),
-                                            "stage_sizes": (1, 1, 1, 1), "features": 32}
+                                            "stage_sizes": (1, 1, 1, 1),
+                                            "features": max(32, features)}
   if "runlocal" in options and name == "av_clips":  # a few steps, not two full epochs
     config.data.splits = {"train": "train[:32]", "validation": "validation[:16]",
                           "test": "test[:16]"}
-    for m in modalities:  # CRMT's orthogonal head needs features >= the 10 classes
-      config.model.encoders[m]["widths"] = (4, 8, 8, 16)
   if "lipschitz" in options:
     config.model.encoders = config.model.lipschitz_encoders
   return config
