@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmsafe import attacks
-from mmsafe.attacks.common import misclassified
+from mmsafe.attacks.common import joint_norm, misclassified
 
 # Attacks search the open ball of radius (1 - INSIDE) r(x).
 INSIDE = 1e-4
@@ -50,13 +50,11 @@ def make_radius_attack(logits_apply, *, steps: int, restarts: int, modality: str
     adversarial = attacks.pgd(logits_fn, inputs, labels, key, eps=eps, steps=steps,
                               restarts=restarts, random_start=True, loss="margin",
                               modalities=modality)
-    norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(v).reshape(labels.shape[0], -1), axis=1)
-                                     for v in tree.values()))
-    delta = norm({m: adversarial[m] - inputs[m] for m in inputs})
+    delta = joint_norm({m: adversarial[m] - inputs[m] for m in inputs})
     # Storing `inputs + delta` in float32 moves the point by up to float32's
     # epsilon times its norm: in input units (pixels near 0.5) that can exceed the
     # 1e-4 r margin of a small radius. A flip counts only strictly inside r.
-    rounding = jnp.finfo(jnp.float32).eps * norm(adversarial)
+    rounding = jnp.finfo(jnp.float32).eps * joint_norm(adversarial)
     flipped = misclassified(logits_fn(adversarial), labels) & (delta < radius)
     return attacked, attacked & flipped, delta - eps - rounding
 
