@@ -59,6 +59,7 @@ import numpy as np
 
 from experiments import certified_report
 from experiments import cli
+from experiments.configs import embedded
 from mmsafe import attacks
 from mmsafe import certify as certify_lib
 from mmsafe import data as data_lib
@@ -164,7 +165,8 @@ def run_config(base, method: str, encoders: str, seed: int, kwargs: dict | None 
     field = ENCODER_SETS[encoders]
     if field not in config.model:
       raise ValueError(f"--encoders={encoders}: the config has no model.{field}")
-    config.model.encoders = config.model[field]
+    if encoders == "lipschitz":
+      embedded.use_lipschitz_encoders(config)
     for key, value in (kwargs or {}).items():
       if key not in config.method_kwargs:
         raise ValueError(f"method_kwargs.{key}: not a field of the config; expected one of "

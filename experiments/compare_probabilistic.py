@@ -69,6 +69,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import certified_report, cli
+from experiments.configs import embedded
 from mmsafe import attacks, files
 from mmsafe import certify as certify_lib
 from mmsafe.certify import ablation, curves, smoothing, threats, votes
@@ -124,7 +125,7 @@ def run_config(base, seed: int, run: str, method: str, kept_indicator: bool = Fa
       config.num_epochs = _VOTER_EPOCHS.value
       config.optimizer.decay_epochs = (max(1, _VOTER_EPOCHS.value * 3 // 4),)
     if run in LIPSCHITZ_RUNS:
-      config.model.encoders = config.model.lipschitz_encoders
+      embedded.use_lipschitz_encoders(config)
     if kept_indicator:
       for encoder in config.model.encoders.values():
         encoder.kept_indicator = True

@@ -96,6 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "pix": lip_cnn, "fou": lip_mlp, "fac": lip_mlp, "kar": lip_mlp, "zer": lip_mlp,
       "mor": lip_mlp, "visual": lip_cnn, "audio": lip_cnn,
   }
+  # Optimizer fields that replace `optimizer`'s whenever the 1-Lipschitz
+  # encoders are used (`use_lipschitz_encoders`); empty: the same optimizer.
+  config.lipschitz_optimizer = ml_collections.ConfigDict()
 
   config.batch_size = 64
   config.eval_batch_size = 500
@@ -144,7 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif option == "mfeat":
       config.dataset = option
     elif option == "lipschitz":
-      config.model.encoders = config.model.lipschitz_encoders
+      use_lipschitz_encoders(config)
     elif option == "runlocal":
       config.num_epochs = 2
       config.optimizer.decay_epochs = (1,)
@@ -153,3 +156,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       raise ValueError(f"config arg: expected a comma-separated subset of ['mfeat', "
                        f"'av_digits', 'av_digits_8x8', 'lipschitz', 'runlocal'], got {option!r}")
   return config
+
+
+def use_lipschitz_encoders(config: ml_collections.ConfigDict) -> None:
+  """Swaps in `model.lipschitz_encoders` and their optimizer fields
+  (`lipschitz_optimizer`, over `optimizer`), in place."""
+  config.model.encoders = config.model.lipschitz_encoders
+  config.optimizer.update(dict(config.get("lipschitz_optimizer") or {}))
