@@ -119,6 +119,31 @@ def test_host_loop_compiles_each_piece_once_with_committed_variables():
   assert (step._cache_size() - before[0], finish._cache_size() - before[1]) == (1, 1)
 
 
+def test_the_losses_of_one_attack_share_one_compiled_step():
+  """`loss` a sequence, `loss_index` an array: every loss runs in one compiled
+  step, and each gives bit for bit the attack with that loss alone."""
+  inputs, labels = _data()
+  inputs, labels = {m: x[:5] for m, x in inputs.items()}, labels[:5]  # a shape of its own
+  logits_fn = jax.tree_util.Partial(_apply, _variables())
+  step = PGD_MODULE._COMPILED[1]
+  losses = ("ce", "margin", "targeted")
+
+  def run(**loss):
+    return attacks.pgd(logits_fn, inputs, labels, jax.random.PRNGKey(0), eps=2.0, steps=4,
+                       restarts=2, loop="python", return_info=True, **loss)
+
+  before = step._cache_size()
+  shared = [run(loss=losses, loss_index=i) for i in range(len(losses))]
+  assert step._cache_size() - before == 1
+  for name, (adversarial, info) in zip(losses, shared):
+    alone, alone_info = run(loss=name)
+    for m in inputs:
+      np.testing.assert_array_equal(adversarial[m], alone[m], err_msg=name)
+    np.testing.assert_array_equal(info["loss"], alone_info["loss"], err_msg=name)
+  with pytest.raises(ValueError, match=r"loss_index: expected in \[0, 3\), got 3"):
+    run(loss=losses, loss_index=3)
+
+
 def test_strategy_resolution_and_errors():
   inputs, labels = _data()
   logits_fn = jax.tree_util.Partial(_apply, _variables())

@@ -21,7 +21,8 @@ def run_compare(workdir, *extra) -> subprocess.CompletedProcess:
              "--methods=jt_cert,uni", "--variant=uni=ojt_cert:cert_uni_weight=1:cert_uni_eps=2",
              "--grid=jt_cert:cert_eps=1,2", "--control=jt_cert", "--encoders=lipschitz",
              "--seeds=0,1", "--max_examples=32", "--attack_examples=24", "--attack_steps=5",
-             "--attack_restarts=1", f"--workdir={workdir}", *extra]
+             "--attack_restarts=1", "--config.lipschitz_optimizer.learning_rate=0.04",
+             f"--workdir={workdir}", *extra]
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -78,6 +79,8 @@ def test_compare_certified_tunes_certifies_every_threat_and_pairs_the_seeds(tmp_
   setting = certified_report.setting_key({"cert_eps": rows["jt_cert"]["kwargs"]["cert_eps"]})
   cache = tmp_path / "lipschitz" / "jt_cert" / setting / "seed_1" / "certified_sound.json"
   cached = json.loads(cache.read_text())
+  trained = json.loads((cache.parent / "config.json").read_text())
+  assert trained["optimizer"]["learning_rate"] == 0.04  # lipschitz_optimizer over optimizer
   assert cached["settings"]["attack_steps"] == 5
   cached["result"]["clean"] = 0.123
   cache.write_text(json.dumps(cached))

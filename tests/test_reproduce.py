@@ -12,6 +12,7 @@ from experiments import claims
 from experiments import reproduction
 from experiments import reproduction_report
 from experiments.configs import embedded
+from mmsafe import attacks
 from mmsafe.methods import crmt
 
 
@@ -104,6 +105,9 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(reproduction, "CALIBRATION_GRID", tuple(2.0 ** k for k in range(-3, 6)))
   monkeypatch.setattr(reproduction, "MULTI_GRID", (0.25, 1.0, 4.0))
   monkeypatch.setattr(reproduction, "UNI_GRID", (0.5, 2.0, 8.0))
+  # The protocol check's reference, shrunk like the grids (same code path).
+  monkeypatch.setitem(attacks.PROTOCOLS, "default", dataclasses.replace(
+      attacks.PROTOCOLS["default"], steps=10, restarts=2))
   plan = reproduction.Plan(seeds=(0, 1), methods=("jt", "crmt"), protocol="fast",
                            max_examples=24, parts=("main", "iterations", "pairs", "imbalance"),
                            pairs=(("fou", "kar"),), pair_methods=("jt",), noise_levels=(2.0,))

@@ -211,7 +211,7 @@ def test_pgd_curves_attack_only_undecided_examples_and_match_attacking_all(monke
     for loss in protocol.losses:
       _, info = attacks.pgd(lambda x: apply_fn(variables, x), inputs, jnp.asarray(labels),
                             jnp.zeros(2, jnp.uint32), return_info=True,
-                            **protocol.pgd_kwargs(eps, loss))
+                            **{**protocol.pgd_kwargs(eps), "loss": loss})  # alone
       broken = broken | np.asarray(info["misclassified"])
     expected.append(float((correct & ~broken).mean()))
   assert curve["accuracy"] == expected and expected[-1] < expected[0] < correct.mean()

@@ -245,6 +245,23 @@ def test_runlocal_configs_build_a_crmt_model_for_every_dataset(dataset):
     assert {m: w.shape[0] for m, w in w_tilde.items()} == {m: num_classes for m in modalities}
 
 
+def test_the_lipschitz_encoders_bring_their_optimizer():
+  """`use_lipschitz_encoders` is the one swap (config args, compare_certified,
+  compare_probabilistic): on av_clips it gives the 1-Lipschitz encoders Adam at
+  1e-3; on mfeat, whose `lipschitz_optimizer` is unset, the optimizer stays."""
+  from experiments.configs import clips as clips_config
+  from experiments.configs import embedded
+  free, lipschitz = clips_config.get_config("av_clips"), clips_config.get_config("av_clips,lipschitz")
+  assert (free.optimizer.name, free.optimizer.learning_rate) == ("sgd", 0.05)
+  assert (lipschitz.optimizer.name, lipschitz.optimizer.learning_rate) == ("adam", 1e-3)
+  swapped = free.copy_and_resolve_references()
+  embedded.use_lipschitz_encoders(swapped)
+  assert swapped.to_dict() == lipschitz.copy_and_resolve_references().to_dict()
+  mfeat, mfeat_lipschitz = embedded.get_config("mfeat"), embedded.get_config("mfeat,lipschitz")
+  assert mfeat_lipschitz.optimizer.to_dict() == mfeat.optimizer.to_dict()
+  assert mfeat_lipschitz.model.encoders.to_dict() == mfeat.model.lipschitz_encoders.to_dict()
+
+
 @pytest.fixture(scope="module")
 def vgg_manual(ks_manual, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("vgg_manual"))

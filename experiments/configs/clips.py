@@ -128,7 +128,8 @@ def _av_clips(config: ml_collections.ConfigDict) -> None:
   # 1-Lipschitz encoders have no batch norm and learn slowly under this SGD: in 15
   # epochs crmt_cert stayed near chance (train accuracy 0.16) and JT reached 0.30;
   # with Adam crmt_cert reached 0.58 (BUILD_NOTES, av_clips).
-  config.lipschitz_optimizer = {"name": "adam", "learning_rate": 1e-3}
+  config.lipschitz_optimizer.name = "adam"
+  config.lipschitz_optimizer.learning_rate = 1e-3
   config.num_epochs = 15
   config.optimizer.learning_rate = 0.05
   config.optimizer.decay_epochs = (10,)

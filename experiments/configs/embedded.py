@@ -97,8 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "mor": lip_mlp, "visual": lip_cnn, "audio": lip_cnn,
   }
   # Optimizer fields that replace `optimizer`'s whenever the 1-Lipschitz
-  # encoders are used (`use_lipschitz_encoders`); empty: the same optimizer.
-  config.lipschitz_optimizer = ml_collections.ConfigDict()
+  # encoders are used (`use_lipschitz_encoders`); None: `optimizer`'s.
+  config.lipschitz_optimizer = ml_collections.ConfigDict({
+      "name": config_dict.placeholder(str), "learning_rate": config_dict.placeholder(float)})
 
   config.batch_size = 64
   config.eval_batch_size = 500
@@ -159,7 +160,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def use_lipschitz_encoders(config: ml_collections.ConfigDict) -> None:
-  """Swaps in `model.lipschitz_encoders` and their optimizer fields
-  (`lipschitz_optimizer`, over `optimizer`), in place."""
+  """Swaps in `model.lipschitz_encoders` and their optimizer fields (the set
+  fields of `lipschitz_optimizer`, over `optimizer`'s), in place."""
   config.model.encoders = config.model.lipschitz_encoders
-  config.optimizer.update(dict(config.get("lipschitz_optimizer") or {}))
+  config.optimizer.update({field: value for field, value in config.lipschitz_optimizer.items()
+                           if value is not None})

@@ -355,6 +355,18 @@ def per_example_loss(logits: Array, labels: Array, loss: str, target: Array | No
   return jnp.max(numerics.mask_labels(logits, labels, -jnp.inf), axis=1) - true
 
 
+def chosen_loss(logits: Array, labels: Array, losses: tuple[str, ...], index: Array,
+                target: Array | None = None) -> Array:
+  """`per_example_loss` with `losses[index]` [B], `index` an int32 scalar that
+  may be traced: one compiled program serves every loss of `losses` (each is
+  computed, the chosen one selected; the others get a zero gradient)."""
+  values = [per_example_loss(logits, labels, loss, target) for loss in losses]
+  chosen = values[-1]
+  for i in reversed(range(len(values) - 1)):
+    chosen = jnp.where(index == i, values[i], chosen)
+  return chosen
+
+
 def misclassified(logits: Array, labels: Array) -> Array:
   """bool [B]: `argmax logits != labels`, or a NaN/Inf logit (a non-finite
   prediction never counts as correct, e.g. under jit where inputs go unchecked)."""

@@ -50,8 +50,8 @@ Best = tuple[Perturbation, Array, Array]
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("logits_fn", "inputs", "labels", "key", "x", "box", "eps", "step_size",
-                 "wrong_classes", "restart_offset"),
-    meta_fields=("steps", "restarts", "random_start", "loss", "keep_best", "return_info"))
+                 "loss_index", "wrong_classes", "restart_offset"),
+    meta_fields=("steps", "restarts", "random_start", "losses", "keep_best", "return_info"))
 @dataclasses.dataclass(frozen=True)
 class _Attack:
   """The checked arguments of one `pgd` call (the arrays may be traced); a
@@ -61,8 +61,10 @@ class _Attack:
   Attributes:
     x: the attacked modalities of the clean inputs, float32.
     box: attacked modality -> (low, high) (see `common.check_bounds`).
-    wrong_classes: loss "targeted": int32 [B, K - 1], the wrong classes at
-      the clean input, most likely first; None otherwise.
+    losses: the attack losses one compiled program can run (`pgd`'s `loss`).
+    loss_index: int32 scalar, the index in `losses` of the loss maximised.
+    wrong_classes: loss "targeted" among `losses`: int32 [B, K - 1], the wrong
+      classes at the clean input, most likely first; None otherwise.
     restart_offset: int32 scalar, the index of the first restart; None for 0
       (then no random draw is compiled for a single clean-start restart).
   The other fields are `pgd`'s arguments, checked.
@@ -79,7 +81,8 @@ class _Attack:
   steps: int
   restarts: int
   random_start: bool
-  loss: str
+  losses: tuple[str, ...]
+  loss_index: Array
   keep_best: bool
   return_info: bool
   wrong_classes: Array | None
@@ -89,34 +92,47 @@ class _Attack:
 def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
            eps: float | Array, steps: int, step_size: float | Array | None,
            modalities: str | Sequence[str] | None, restarts: int, random_start: bool,
-           bounds: common.Bounds | None, loss: str, keep_best: bool, return_info: bool,
-           restart_offset: int | Array | None) -> _Attack:
+           bounds: common.Bounds | None, loss: str | Sequence[str], loss_index: int | Array,
+           keep_best: bool, return_info: bool, restart_offset: int | Array | None) -> _Attack:
   """`pgd`'s arguments checked (ValueError naming the bad one) into an `_Attack`."""
   attacked = common.resolve_modalities(inputs, modalities)
   b = common.checked_batch(logits_fn, inputs, labels)
   eps = common.check_radius(eps, b, "eps")
   steps = common.check_positive_int(steps, "steps")
   restarts = common.check_positive_int(restarts, "restarts")
-  loss = common.check_loss(loss)
+  losses = (common.check_loss(loss),) if isinstance(loss, str) else tuple(
+      common.check_loss(name) for name in loss)
+  if not losses:
+    raise ValueError("loss: expected a loss name or a non-empty sequence of them, got ()")
+  loss_index = _checked_index(loss_index, len(losses), "loss_index")
   if step_size is None:
     step_size = 2.5 * eps / steps
   else:
     step_size = common.check_radius(step_size, b, "step_size")
   box = common.check_bounds(bounds, inputs, attacked)
   if restart_offset is not None:
-    restart_offset = jnp.asarray(restart_offset, jnp.int32)
-    if restart_offset.ndim != 0:
-      raise ValueError(f"restart_offset: expected a scalar, got shape {restart_offset.shape}")
-    if not is_traced(restart_offset) and int(restart_offset) < 0:
-      raise ValueError(f"restart_offset: expected >= 0, got {int(restart_offset)}")
+    restart_offset = _checked_index(restart_offset, None, "restart_offset")
   wrong_classes = None
-  if loss == "targeted":
+  if "targeted" in losses:
     wrong_classes = common.ranked_wrong_classes(logits_fn(dict(inputs)), labels)
   return _Attack(logits_fn=common.as_partial(logits_fn), inputs=dict(inputs), labels=labels,
                  key=key, x={m: inputs[m].astype(jnp.float32) for m in attacked}, box=box, eps=eps,
                  step_size=step_size, steps=steps, restarts=restarts, random_start=random_start,
-                 loss=loss, keep_best=keep_best, return_info=return_info,
-                 wrong_classes=wrong_classes, restart_offset=restart_offset)
+                 losses=losses, loss_index=loss_index, keep_best=keep_best,
+                 return_info=return_info, wrong_classes=wrong_classes,
+                 restart_offset=restart_offset)
+
+
+def _checked_index(index: int | Array, size: int | None, name: str) -> Array:
+  """`index` as an int32 scalar, checked (when concrete) to be >= 0 and, with
+  `size`, < `size` (ValueError naming `name`)."""
+  index = jnp.asarray(index, jnp.int32)
+  if index.ndim != 0:
+    raise ValueError(f"{name}: expected a scalar, got shape {index.shape}")
+  if not is_traced(index) and (int(index) < 0 or (size is not None and int(index) >= size)):
+    expected = ">= 0" if size is None else f"in [0, {size})"
+    raise ValueError(f"{name}: expected {expected}, got {int(index)}")
+  return index
 
 
 def _evaluate(attack: _Attack, delta: Perturbation, target: Array | None
@@ -124,7 +140,7 @@ def _evaluate(attack: _Attack, delta: Perturbation, target: Array | None
   """`(sum of the losses, (loss [B], misclassified [B]))` at `x + delta`."""
   logits = attack.logits_fn(common.merge(attack.inputs,
                                          common.add_in_box(attack.x, delta, attack.box)))
-  per = common.per_example_loss(logits, attack.labels, attack.loss, target)
+  per = common.chosen_loss(logits, attack.labels, attack.losses, attack.loss_index, target)
   misclassified = common.misclassified(logits, attack.labels)
   return jnp.sum(per), (per, misclassified)
 
@@ -261,8 +277,9 @@ _FINALISE = jax.jit(_finalise)
 def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: Array, *,
         eps: float | Array, steps: int, step_size: float | Array | None = None,
         modalities: str | Sequence[str] | None = None, restarts: int = 1,
-        random_start: bool = True, bounds: common.Bounds | None = None, loss: str = "ce",
-        keep_best: bool = True, return_info: bool = False, loop: str = "auto",
+        random_start: bool = True, bounds: common.Bounds | None = None,
+        loss: str | Sequence[str] = "ce", loss_index: int | Array = 0, keep_best: bool = True,
+        return_info: bool = False, loop: str = "auto",
         restart_offset: int | Array | None = None):
   """l2-PGD: maximise the loss over the joint l2 ball of radius eps (per example).
 
@@ -270,9 +287,9 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
   worst-case selection are described in the module docstring.
 
   Pure and jit-able (with a traced `loop`): the arrays (`inputs`, `labels`,
-  `key`, `eps`, `step_size`, `bounds`) may be traced; `logits_fn`, `steps`,
-  `restarts`, `modalities`, `loss` and the boolean options are static (close
-  over them). Checks that need values (eps >= 0, finite inputs, labels in
+  `key`, `eps`, `step_size`, `bounds`, `loss_index`, `restart_offset`) may be
+  traced; `logits_fn`, `steps`, `restarts`, `modalities`, `loss` and the
+  boolean options are static (close over them). Checks that need values (eps >= 0, finite inputs, labels in
   `[0, K)`) run only on concrete inputs, once per call.
 
   Args:
@@ -298,7 +315,11 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       most likely wrong class at the clean input: multi-targeted PGD; with
       `restarts = K - 1` every wrong class is tried). Note the loss of
       different restarts then differs in meaning; selection still prefers
-      misclassified points first.
+      misclassified points first. Or a sequence of these names, of which
+      `loss_index` chooses one: one compiled program serves them all (e.g. a
+      protocol's CE and margin attacks).
+    loss_index: with a sequence `loss`, the index of the loss maximised; an
+      int32 scalar, may be traced.
     keep_best: also keep the worst-case iterate within each restart (costs
       one extra forward pass per restart); False returns each restart's last
       iterate (as the CRMT reference code).
@@ -322,15 +343,15 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
 
   Raises:
     ValueError for eps < 0, steps < 1, restarts < 1, restart_offset < 0 or not
-    a scalar, an unknown modality name,
+    a scalar, loss_index outside the losses, an unknown modality name,
     an unknown loss, an unknown loop or "python" under a transformation,
     malformed bounds/inputs/labels, an empty batch, or (when concrete) NaN/Inf
     inputs or labels outside `[0, K)`.
   """
   attack = _setup(logits_fn, inputs, labels, key, eps=eps, steps=steps, step_size=step_size,
                   modalities=modalities, restarts=restarts, random_start=random_start,
-                  bounds=bounds, loss=loss, keep_best=keep_best, return_info=return_info,
-                  restart_offset=restart_offset)
+                  bounds=bounds, loss=loss, loss_index=loss_index, keep_best=keep_best,
+                  return_info=return_info, restart_offset=restart_offset)
   loop = engine.resolve(loop, attack)
   if loop == "python":
     attack = engine.host_ready(attack)
@@ -375,13 +396,14 @@ class PGDProtocol:
     """The attack losses, each run as its own attack (the worst case is kept)."""
     return tuple(self.loss.split("+"))
 
-  def pgd_kwargs(self, eps: Any, loss: str | None = None) -> dict[str, Any]:
-    """Keyword arguments of `pgd` for radius `eps` (scalar or [B], may be traced)
-    and one of `losses` (default: the first)."""
+  def pgd_kwargs(self, eps: Any) -> dict[str, Any]:
+    """Keyword arguments of `pgd` for radius `eps` (scalar or [B], may be traced),
+    with every loss of `losses`: add `loss_index` to choose one (default: the
+    first); one compiled program serves them all."""
     rel = 2.5 / self.steps if self.relative_step_size is None else self.relative_step_size
     return {"eps": eps, "steps": self.steps, "step_size": rel * jnp.asarray(eps, jnp.float32),
             "restarts": self.restarts, "random_start": self.random_start,
-            "keep_best": self.keep_best, "loss": loss or self.losses[0]}
+            "keep_best": self.keep_best, "loss": self.losses}
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

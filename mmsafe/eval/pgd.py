@@ -52,18 +52,18 @@ class PGD(AttackEvaluator):
   """
 
   type = "pgd"
-  static_argnames = ("scope", "loss")
 
   def __init__(self, *, skip_certified: bool = True, loop: str = "auto", **attack):
     self.skip_certified = base.flag(skip_certified, "skip_certified")
     super().__init__(**attack)
     self.loop = engine.resolve(loop)
 
-  def _attack(self, variables, inputs, labels, key, value, scope, loss, loop):
-    """Restart `r` of the protocol's attack with `loss` at radius `eps`, for
-    `value = (eps, r)`."""
-    eps, restart = value
-    kwargs = dict(self.protocol.pgd_kwargs(eps, loss), restarts=1, restart_offset=restart)
+  def _attack(self, variables, inputs, labels, key, value, scope, loop):
+    """Restart `r` of the protocol's attack with its `l`-th loss at radius
+    `eps`, for `value = (eps, r, l)`: one program for every loss."""
+    eps, restart, loss_index = value
+    kwargs = dict(self.protocol.pgd_kwargs(eps), loss_index=loss_index, restarts=1,
+                  restart_offset=restart)
     _, info = attacks.pgd(jax.tree_util.Partial(self.apply_fn, variables), inputs, labels, key,
                           modalities=None if scope == MULTI else scope, bounds=self.bounds,
                           return_info=True, loop=loop, **kwargs)
@@ -79,14 +79,13 @@ class PGD(AttackEvaluator):
       if certified_radius is not None:
         certified = certified_radius > eps * (1 + CERTIFIED_SLACK)
         num_certified.append(int((correct & certified).sum()))
-      for loss in self.protocol.losses:
+      for loss_index in range(len(self.protocol.losses)):
         for restart in range(self.protocol.restarts):
           rows = np.flatnonzero(~broken & ~certified)
           broken[rows], norm[rows] = over_rows(
-              functools.partial(self._program, scope=scope, loss=loss), variables, inputs,
-              labels, rows, batch_size=self.batch_size,
-              key=task_key(self.seed, self.type, first_index + i),
-              value=(jnp.float32(eps), jnp.int32(restart)))
+              functools.partial(self._program, scope=scope), variables, inputs, labels, rows,
+              batch_size=self.batch_size, key=task_key(self.seed, self.type, first_index + i),
+              value=(jnp.float32(eps), jnp.int32(restart), jnp.int32(loss_index)))
       if progress is not None:
         progress(batches)
       robust.append(correct & ~broken)
