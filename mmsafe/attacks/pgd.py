@@ -61,8 +61,7 @@ class _Attack:
   Attributes:
     x: the attacked modalities of the clean inputs, float32.
     box: attacked modality -> (low, high) (see `common.check_bounds`).
-    losses: the attack losses one compiled program can run (`pgd`'s `loss`).
-    loss_index: int32 scalar, the index in `losses` of the loss maximised.
+    losses, loss_index: `pgd`'s loss names as a tuple; int32, the one maximised.
     wrong_classes: loss "targeted" among `losses`: int32 [B, K - 1], the wrong
       classes at the clean input, most likely first; None otherwise.
     restart_offset: int32 scalar, the index of the first restart; None for 0
@@ -103,7 +102,7 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
   losses = (common.check_loss(loss),) if isinstance(loss, str) else tuple(
       common.check_loss(name) for name in loss)
   if not losses:
-    raise ValueError("loss: expected a loss name or a non-empty sequence of them, got ()")
+    raise ValueError("loss: expected a name or a non-empty sequence of names, got ()")
   loss_index = _checked_index(loss_index, len(losses), "loss_index")
   if step_size is None:
     step_size = 2.5 * eps / steps
@@ -124,8 +123,7 @@ def _setup(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key
 
 
 def _checked_index(index: int | Array, size: int | None, name: str) -> Array:
-  """`index` as an int32 scalar, checked (when concrete) to be >= 0 and, with
-  `size`, < `size` (ValueError naming `name`)."""
+  """`index` as an int32 scalar, checked when concrete: >= 0 (and < `size`)."""
   index = jnp.asarray(index, jnp.int32)
   if index.ndim != 0:
     raise ValueError(f"{name}: expected a scalar, got shape {index.shape}")
@@ -315,11 +313,10 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
       most likely wrong class at the clean input: multi-targeted PGD; with
       `restarts = K - 1` every wrong class is tried). Note the loss of
       different restarts then differs in meaning; selection still prefers
-      misclassified points first. Or a sequence of these names, of which
-      `loss_index` chooses one: one compiled program serves them all (e.g. a
-      protocol's CE and margin attacks).
-    loss_index: with a sequence `loss`, the index of the loss maximised; an
-      int32 scalar, may be traced.
+      misclassified points first. Or a sequence of names, of which
+      `loss_index` (an int32 scalar, may be traced) picks one: one compiled
+      program serves them all (e.g. a protocol's CE and margin attacks).
+    loss_index: see `loss`; 0 for a single name.
     keep_best: also keep the worst-case iterate within each restart (costs
       one extra forward pass per restart); False returns each restart's last
       iterate (as the CRMT reference code).
