@@ -251,7 +251,8 @@ def test_the_lipschitz_encoders_bring_their_optimizer():
   1e-3; on mfeat, whose `lipschitz_optimizer` is unset, the optimizer stays."""
   from experiments.configs import clips as clips_config
   from experiments.configs import embedded
-  free, lipschitz = clips_config.get_config("av_clips"), clips_config.get_config("av_clips,lipschitz")
+  free = clips_config.get_config("av_clips")
+  lipschitz = clips_config.get_config("av_clips,lipschitz")
   assert (free.optimizer.name, free.optimizer.learning_rate) == ("sgd", 0.05)
   assert (lipschitz.optimizer.name, lipschitz.optimizer.learning_rate) == ("adam", 1e-3)
   swapped = free.copy_and_resolve_references()

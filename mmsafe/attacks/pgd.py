@@ -287,8 +287,8 @@ def pgd(logits_fn: common.LogitsFn, inputs: common.Inputs, labels: Array, key: A
   Pure and jit-able (with a traced `loop`): the arrays (`inputs`, `labels`,
   `key`, `eps`, `step_size`, `bounds`, `loss_index`, `restart_offset`) may be
   traced; `logits_fn`, `steps`, `restarts`, `modalities`, `loss` and the
-  boolean options are static (close over them). Checks that need values (eps >= 0, finite inputs, labels in
-  `[0, K)`) run only on concrete inputs, once per call.
+  boolean options are static (close over them). Checks that need values (eps
+  >= 0, finite inputs, labels in `[0, K)`) run only on concrete inputs, once.
 
   Args:
     logits_fn: dict modality -> [B, ...] to fused logits [B, K] (closes over
