@@ -5,7 +5,7 @@ r"""The CRMT paper's claims checked on one dataset, in one command:
 
 Trains (resumably; a rerun skips finished runs and cached evaluations) and
 evaluates on the test split, with seeds 0-4 by default, the parts of
-`experiments.reproduction.PARTS`: every Table 1 and ablation method on the
+`mmsafe.paper.reproduction.PARTS`: every Table 1 and ablation method on the
 dataset's default modality pair, the transformer (Table 3), CRMT with two
 iterations (App. 8.3), JT / CRMT / GB / MMAT on every other modality pair
 (mfeat: 14 more pairs), and the imbalance dial. Attack budgets are the paper's
@@ -28,11 +28,13 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from experiments import claims as claims_lib
 from experiments import cli
-from experiments import reproduction
-from experiments import reproduction_report
+from experiments.configs import reproduce as reproduce_config
 from mmsafe import methods as methods_lib
+from mmsafe.paper import budgets as budgets_lib
+from mmsafe.paper import claims as claims_lib
+from mmsafe.paper import report as report_lib
+from mmsafe.paper import reproduction
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config file.",
                                           lock_config=True)
@@ -76,19 +78,20 @@ def main(argv):
     bar.set_description(f"reproduce: {part}")
     bar.reset(total=count)
 
-  results, meta = reproduction.reproduce(_CONFIG.value, _WORKDIR.value, plan,
+  presets = reproduce_config.get_presets(_CONFIG.value.dataset)
+  results, meta = reproduction.reproduce(_CONFIG.value, _WORKDIR.value, plan, presets,
                                          progress=lambda job: bar.update(1), on_part=on_part)
   bar.close()
   meta.update(wall_seconds=time.time() - start, device=reproduction.device_description())
   outdir = _REPORT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                              "results", _CONFIG.value.dataset)
-  report = reproduction_report.write_report(results, reproduction.default_pair(_CONFIG.value),
-                                            outdir, meta)
+  report = report_lib.write_report(results, reproduction.default_pair(_CONFIG.value), outdir,
+                                   meta)
   print(claims_lib.markdown(report["claims"]))
   print(f"report: {os.path.join(outdir, 'report.md')}")
   index = cli.record_in_index(
       _WORKDIR.value, f"reproduce on {_CONFIG.value.dataset}",
-      [outdir, os.path.join(_WORKDIR.value, reproduction.BUDGETS_FILE)], config=_CONFIG.value,
+      [outdir, os.path.join(_WORKDIR.value, budgets_lib.BUDGETS_FILE)], config=_CONFIG.value,
       key="reproduce")
   print(f"index of the reports and figures: {index}")
 

@@ -46,13 +46,16 @@ docstring says otherwise):
              per type: clean, FGM/PGD, missing, decoupling, the robustness
              suite, certify, sweep; each with `run(variables) -> metrics`),
              `run_certification`, reports and plots.
+  paper      the paper's claims judged on seeded runs: `paper.CLAIMS`,
+             `paper.evaluate_claims(evidence)` (a verdict per claim from 95%
+             intervals over seeds and test examples).
 
 The most used names are also importable from here: `mmsafe.build`,
 `mmsafe.ModelOutput`, `mmsafe.certified_radius`, `mmsafe.radius_from_scores`,
 `mmsafe.pgd`, `mmsafe.fgm`, `mmsafe.stiefel_transform`, `mmsafe.make_train_step`.
 """
 
-from mmsafe import attacks, certify, data, manifold, methods, models, train
+from mmsafe import attacks, certify, data, manifold, methods, models, paper, train
 from mmsafe import eval  # pylint: disable=redefined-builtin
 from mmsafe.attacks import fgm, pgd
 from mmsafe.certify import certified_radius, radius_from_scores
@@ -64,6 +67,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HeadParams", "ModelOutput", "attacks", "build", "certified_radius", "certify", "data", "eval",
-    "fgm", "make_eval_step", "make_train_step", "manifold", "methods", "models", "pgd",
+    "fgm", "make_eval_step", "make_train_step", "manifold", "methods", "models", "paper", "pgd",
     "radius_from_scores", "stiefel_transform", "train",
 ]

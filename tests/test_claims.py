@@ -1,20 +1,21 @@
-"""experiments.claims: every claim judged on constructed runs, each verdict coming
+"""mmsafe.paper.claims: every claim judged on constructed runs, each verdict coming
 out each way, and claims that cannot be judged saying why."""
 
 import numpy as np
 import pytest
 
-from experiments import claims
 from mmsafe.eval import batching
 from mmsafe.eval import statistics
+from mmsafe.paper import claims
+from mmsafe.paper import evidence
 
 N = 200
 SEEDS = (0, 1, 2, 3, 4)
 MODALITIES = ("pix", "fou")
 MULTI_GRID = (0.5, 1.0, 2.0)
 UNI_GRID = (1.0, 2.0, 4.0)
-BITE = claims.Budgets(claims.BITE, 2.0, {"pix": 2.0, "fou": 4.0})
-BUDGETS = {claims.PAPER: claims.paper_budgets(MODALITIES), claims.BITE: BITE}
+BITE = evidence.Budgets(evidence.BITE, 2.0, {"pix": 2.0, "fou": 4.0})
+BUDGETS = {evidence.PAPER: evidence.paper_budgets(MODALITIES), evidence.BITE: BITE}
 
 
 def _flags(rng, level: float) -> str:
@@ -50,53 +51,53 @@ def runs_at(level: float, **kwargs) -> list[dict]:
   return [fake_run(seed, level, **kwargs) for seed in SEEDS]
 
 
-def evidence(runs, **parts) -> claims.Evidence:
-  return claims.Evidence(runs=runs, modalities=MODALITIES, preferred="pix", budgets=BUDGETS,
+def make_evidence(runs, **parts) -> evidence.Evidence:
+  return evidence.Evidence(runs=runs, modalities=MODALITIES, preferred="pix", budgets=BUDGETS,
                          multi_grid=MULTI_GRID, uni_grid=UNI_GRID, **parts)
 
 
 def test_compare_comes_out_each_way():
   runs = {"good": runs_at(0.9), "bad": runs_at(0.5), "same": runs_at(0.7, draw=1),
           "same_too": runs_at(0.7, draw=2)}
-  better = claims.compare(runs, "good", "bad", claims.clean, "clean")
+  better = evidence.compare(runs, "good", "bad", evidence.clean, "clean")
   assert better["verdict"] == statistics.REPRODUCED and better["interval"]["low"] > 0.3
   assert better["interval"]["num_examples"] == N and better["interval"]["num_seeds"] == 5
-  assert claims.compare(runs, "bad", "good", claims.clean, "")["verdict"] == (
+  assert evidence.compare(runs, "bad", "good", evidence.clean, "")["verdict"] == (
       statistics.CONTRADICTED)
-  assert claims.compare(runs, "same", "same_too", claims.clean, "")["verdict"] == (
+  assert evidence.compare(runs, "same", "same_too", evidence.clean, "")["verdict"] == (
       statistics.INCONCLUSIVE)
   # Equivalence: identical outcomes are equivalent; a large gain is not.
   runs["copy"] = runs_at(0.7, draw=1)
-  assert claims.compare(runs, "copy", "same", claims.clean, "",
+  assert evidence.compare(runs, "copy", "same", evidence.clean, "",
                         kind=statistics.EQUIVALENT)["verdict"] == statistics.REPRODUCED
-  assert claims.compare(runs, "good", "bad", claims.clean, "",
+  assert evidence.compare(runs, "good", "bad", evidence.clean, "",
                         kind=statistics.EQUIVALENT)["verdict"] == statistics.CONTRADICTED
   # A group is compared by its mean; per-seed metrics give a t interval.
-  group = claims.compare(runs, ("good", "bad"), "same", claims.clean, "")
+  group = evidence.compare(runs, ("good", "bad"), "same", evidence.clean, "")
   assert "mean(good, bad) − same" in group["text"]
-  eta = claims.compare({"a": runs_at(0.7, eta=1.0), "b": runs_at(0.7, eta=10.0)}, "a", "b",
-                       claims.eta_balance, "", effect=claims.ETA_EFFECT)
+  eta = evidence.compare({"a": runs_at(0.7, eta=1.0), "b": runs_at(0.7, eta=10.0)}, "a", "b",
+                       evidence.eta_balance, "", effect=evidence.ETA_EFFECT)
   assert eta["verdict"] == statistics.REPRODUCED and eta["interval"]["num_examples"] == 0
 
 
 @pytest.mark.parametrize("rule, verdicts, expected", [
-    (claims.ALL, ["reproduced", "reproduced"], "reproduced"),
-    (claims.ALL, ["reproduced", "inconclusive"], "inconclusive"),
-    (claims.ALL, ["reproduced", "contradicted"], "contradicted"),
-    (claims.MAJORITY, ["reproduced", "reproduced", "contradicted"], "reproduced"),
-    (claims.MAJORITY, ["reproduced", "inconclusive", "contradicted"], "inconclusive"),
-    (claims.MAJORITY, ["contradicted", "contradicted", "reproduced"], "contradicted"),
-    (claims.ANY, ["inconclusive", "reproduced"], "reproduced"),
-    (claims.ANY, ["contradicted", "contradicted"], "contradicted"),
-    (claims.ANY, ["contradicted", "inconclusive"], "inconclusive"),
-    (claims.ALL, ["reproduced", "not run"], "not run"),
+    (evidence.ALL, ["reproduced", "reproduced"], "reproduced"),
+    (evidence.ALL, ["reproduced", "inconclusive"], "inconclusive"),
+    (evidence.ALL, ["reproduced", "contradicted"], "contradicted"),
+    (evidence.MAJORITY, ["reproduced", "reproduced", "contradicted"], "reproduced"),
+    (evidence.MAJORITY, ["reproduced", "inconclusive", "contradicted"], "inconclusive"),
+    (evidence.MAJORITY, ["contradicted", "contradicted", "reproduced"], "contradicted"),
+    (evidence.ANY, ["inconclusive", "reproduced"], "reproduced"),
+    (evidence.ANY, ["contradicted", "contradicted"], "contradicted"),
+    (evidence.ANY, ["contradicted", "inconclusive"], "inconclusive"),
+    (evidence.ALL, ["reproduced", "not run"], "not run"),
 ])
 def test_claim_rules(rule, verdicts, expected):
-  assert claims.combine([{"verdict": v} for v in verdicts], rule) == expected
+  assert evidence.combine([{"verdict": v} for v in verdicts], rule) == expected
 
 
 def _verdicts(runs, **parts) -> dict:
-  return {row["key"]: row for row in claims.evaluate_claims(evidence(runs, **parts))}
+  return {row["key"]: row for row in claims.evaluate_claims(make_evidence(runs, **parts))}
 
 
 def test_every_claim_reproduced_on_runs_made_to_hold_it():
@@ -104,10 +105,10 @@ def test_every_claim_reproduced_on_runs_made_to_hold_it():
   runs = {"jt": runs_at(0.4, pix_drop=0.3, eta=10.0),
           # imbalance methods: better clean than JT (and under attack)
           **{m: runs_at(0.55, pix_drop=0.3, eta=10.0, draw=i)
-             for i, m in enumerate(claims.IMBALANCE_METHODS, 1)},
+             for i, m in enumerate(evidence.IMBALANCE_METHODS, 1)},
           # robustness methods: better than JT and the imbalance methods
           **{m: runs_at(0.7, pix_drop=0.3, eta=10.0, draw=i)
-             for i, m in enumerate(claims.ROBUSTNESS_METHODS, 4)},
+             for i, m in enumerate(evidence.ROBUSTNESS_METHODS, 4)},
           "crmt": runs_at(0.8, eta=1.5, draw=7), "crmt_at": runs_at(0.9, eta=1.5, draw=8),
           "crmt_mix": runs_at(0.9, eta=1.5, draw=9),
           "ojt": runs_at(0.4, pix_drop=0.3, eta=10.0),  # JT's outcomes exactly
@@ -131,14 +132,14 @@ def test_every_claim_reproduced_on_runs_made_to_hold_it():
                    iterations={"crmt": runs["crmt"], "crmt_2iter": runs["crmt"]}, pairs=pairs,
                    imbalance=imbalance)
   for key, row in rows.items():
-    if row["verdicts"] == {claims.PAPER: claims.NOT_CHECKED}:
+    if row["verdicts"] == {evidence.PAPER: evidence.NOT_CHECKED}:
       assert row["reason"], key
       continue
     for budget, verdict in row["verdicts"].items():
       assert verdict == statistics.REPRODUCED, (key, budget, row["tests"][budget])
-  assert set(rows["crmt_best"]["verdicts"]) == {claims.PAPER, claims.BITE}
-  assert set(rows["ojt_no_help"]["verdicts"]) == {claims.PAPER}  # not a budget claim
-  assert "PGD@2" in " ".join(t["text"] for t in rows["crmt_best"]["tests"][claims.BITE])
+  assert set(rows["crmt_best"]["verdicts"]) == {evidence.PAPER, evidence.BITE}
+  assert set(rows["ojt_no_help"]["verdicts"]) == {evidence.PAPER}  # not a budget claim
+  assert "PGD@2" in " ".join(t["text"] for t in rows["crmt_best"]["tests"][evidence.BITE])
 
 
 def test_claims_contradicted_when_runs_say_the_opposite_and_not_run_without_parts():
@@ -148,16 +149,16 @@ def test_claims_contradicted_when_runs_say_the_opposite_and_not_run_without_part
           "crmt_step2": runs_at(0.5, draw=6)}
   rows = _verdicts(runs)
   contradicted = statistics.CONTRADICTED
-  assert rows["ojt_no_help"]["verdicts"][claims.PAPER] == contradicted  # OJT clearly helps
-  assert rows["each_step_helps"]["verdicts"][claims.PAPER] == contradicted
-  assert rows["eta_balanced"]["verdicts"][claims.PAPER] == contradicted
-  assert rows["crmt_jt_over_jt"]["verdicts"] == {claims.PAPER: contradicted,
-                                                 claims.BITE: contradicted}
+  assert rows["ojt_no_help"]["verdicts"][evidence.PAPER] == contradicted  # OJT clearly helps
+  assert rows["each_step_helps"]["verdicts"][evidence.PAPER] == contradicted
+  assert rows["eta_balanced"]["verdicts"][evidence.PAPER] == contradicted
+  assert rows["crmt_jt_over_jt"]["verdicts"] == {evidence.PAPER: contradicted,
+                                                 evidence.BITE: contradicted}
   # Methods or parts that did not run: "not run", with the reason.
-  assert rows["imbalance_clean"]["verdicts"] == {claims.PAPER: claims.NOT_RUN}
+  assert rows["imbalance_clean"]["verdicts"] == {evidence.PAPER: evidence.NOT_RUN}
   assert "gb, ogm, pmr" in rows["imbalance_clean"]["reason"]
   assert rows["transformer"]["reason"] == "experiment part 'transformer' not run"
-  assert rows["paper_datasets"]["verdicts"] == {claims.PAPER: claims.NOT_CHECKED}
+  assert rows["paper_datasets"]["verdicts"] == {evidence.PAPER: evidence.NOT_CHECKED}
   markdown = claims.markdown(list(rows.values()))
   assert "| The orthogonal head alone (OJT) does not change robustness" in markdown
   assert "ojt ≈ jt multi-modal PGD area: +0." in markdown
@@ -165,12 +166,12 @@ def test_claims_contradicted_when_runs_say_the_opposite_and_not_run_without_part
 
 def test_preferred_modality_and_eta_helpers():
   runs = runs_at(0.8, eta=4.0)
-  assert claims.preferred_modality(runs, MODALITIES) == "pix"  # without pix: 0.5 < 0.7
-  assert claims.eta_log_ratio(runs[0], "pix") == pytest.approx(np.log10(4.0))
+  assert evidence.preferred_modality(runs, MODALITIES) == "pix"  # without pix: 0.5 < 0.7
+  assert evidence.eta_log_ratio(runs[0], "pix") == pytest.approx(np.log10(4.0))
   run = fake_run(0, 0.8)
   run["eta_ratio"]["matrix"] = [[None, 10.0], [10.0, None]]
-  assert claims.eta_log_ratio(run, "pix") == pytest.approx(1.0)
-  assert claims.eta_log_ratio(run, "fou") == pytest.approx(-1.0)
-  assert claims.eta_imbalance(run["eta_ratio"]["matrix"]) == pytest.approx(1.0)
+  assert evidence.eta_log_ratio(run, "pix") == pytest.approx(1.0)
+  assert evidence.eta_log_ratio(run, "fou") == pytest.approx(-1.0)
+  assert evidence.eta_imbalance(run["eta_ratio"]["matrix"]) == pytest.approx(1.0)
   with pytest.raises(ValueError, match=r"pgd/multi: eps 3.0 is not on the run's grid"):
-    claims.robust("pgd", "multi", 3.0)(run)
+    evidence.robust("pgd", "multi", 3.0)(run)

@@ -14,7 +14,7 @@ import pytest
 import mmsafe
 
 PACKAGES = ["mmsafe", "mmsafe.attacks", "mmsafe.certify", "mmsafe.data", "mmsafe.eval",
-            "mmsafe.manifold", "mmsafe.methods", "mmsafe.models", "mmsafe.train"]
+            "mmsafe.manifold", "mmsafe.methods", "mmsafe.models", "mmsafe.paper", "mmsafe.train"]
 
 # The functions a user composes with their own JAX code (issue: public API).
 CORE = [

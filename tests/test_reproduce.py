@@ -8,21 +8,25 @@ import os
 import numpy as np
 import pytest
 
-from experiments import claims
-from experiments import reproduction
-from experiments import reproduction_report
 from experiments.configs import embedded
+from experiments.configs import reproduce as reproduce_config
 from mmsafe import attacks
 from mmsafe.methods import crmt
+from mmsafe.paper import budgets
+from mmsafe.paper import claims
+from mmsafe.paper import evidence
+from mmsafe.paper import report as report_lib
+from mmsafe.paper import reproduction
+from mmsafe.paper import runs
 
 
 def test_crossing_interpolates_in_log_eps_and_rounds():
   eps, accuracy = [0.5, 1.0, 2.0, 4.0], [0.9, 0.8, 0.4, 0.1]
   # 0.5 lies a quarter of the way from 0.8 (eps 1) to 0.4 (eps 2) in log eps.
-  assert reproduction.crossing(eps, accuracy, 0.5) == float(f"{2 ** 0.75:.2g}") == 1.7
-  assert reproduction.crossing(eps, accuracy, 0.8) == 1.0
-  assert reproduction.crossing(eps, accuracy, 0.95) == 0.5  # already below at the start
-  assert reproduction.crossing(eps, accuracy, 0.05) == 4.0  # never reached: the grid's end
+  assert budgets.crossing(eps, accuracy, 0.5) == float(f"{2 ** 0.75:.2g}") == 1.7
+  assert budgets.crossing(eps, accuracy, 0.8) == 1.0
+  assert budgets.crossing(eps, accuracy, 0.95) == 0.5  # already below at the start
+  assert budgets.crossing(eps, accuracy, 0.05) == 4.0  # never reached: the grid's end
 
 
 def test_the_eta_ratio_is_certified_in_normalised_units():
@@ -30,12 +34,12 @@ def test_the_eta_ratio_is_certified_in_normalised_units():
   # (input units would divide each modality's eta by its own smallest std).
   settings = {"protocol": "fast", "multi_eps": (0.5,), "uni_eps": (1.0,), "uni_extra_eps": {},
               "attacks": ("pgd",), "max_examples": 8, "with_eta": True}
-  evals = reproduction.evaluator_configs(settings)
+  evals = runs.evaluator_configs(settings, reproduce_config.get_presets("mfeat"))
   assert evals["certify"]["units"] == "normalised" and evals["certify"]["kinds"] == ("empirical",)
 
 
 def test_two_iterations_lists_both_steps_twice():
-  config = reproduction.two_iterations(reproduction.configured(
+  config = runs.two_iterations(runs.configured(
       embedded.get_config("mfeat"), "crmt", 3))
   stages = config.stages
   assert [s["name"] for s in stages] == ["step1", "step2", "step1_iter2", "step2_iter2"]
@@ -59,17 +63,18 @@ def test_step2_constants_are_estimated_again_at_a_second_step2(monkeypatch):
 
 @pytest.mark.slow
 def test_a_diverged_run_is_recorded_once_and_not_evaluated(tmp_path):
-  config = reproduction.configured(embedded.get_config("mfeat,runlocal"), "jt", 0,
-                                   **{"optimizer.learning_rate": 1000.0})
+  config = runs.configured(embedded.get_config("mfeat,runlocal"), "jt", 0,
+                           **{"optimizer.learning_rate": 1000.0})
   run_dir = str(tmp_path / "run")
   settings = {"protocol": "fast"}
-  result = reproduction.train_and_evaluate_run(config, run_dir, settings, label="jt")
+  result = runs.train_and_evaluate_run(config, run_dir, settings,
+                                       reproduce_config.get_presets("mfeat"), label="jt")
   assert "non-finite training loss" in result["diverged"] and "headline" not in result
   assert result["training_seconds"] > 0
-  stamp = os.stat(os.path.join(run_dir, reproduction.DIVERGED_FILE)).st_mtime_ns
-  assert reproduction.train_run(config, run_dir)["diverged"] == result["diverged"]
-  assert os.stat(os.path.join(run_dir, reproduction.DIVERGED_FILE)).st_mtime_ns == stamp
-  groups = reproduction_report.grouped([dict(result, part="main", setting="default")])
+  stamp = os.stat(os.path.join(run_dir, runs.DIVERGED_FILE)).st_mtime_ns
+  assert runs.train_run(config, run_dir)["diverged"] == result["diverged"]
+  assert os.stat(os.path.join(run_dir, runs.DIVERGED_FILE)).st_mtime_ns == stamp
+  groups = report_lib.grouped([dict(result, part="main", setting="default")])
   assert groups == {}
 
 
@@ -87,7 +92,11 @@ def test_part_jobs_order_and_layout(tmp_path):
   assert {job.config.data.noise["fou"] for job in dial} == {2.0}
   with pytest.raises(ValueError, match="imbalance: expected the preferred modality"):
     reproduction.part_jobs("imbalance", base, str(tmp_path), (0,))
-  transformer = reproduction.part_jobs("transformer", base, str(tmp_path), (0,))
+  with pytest.raises(ValueError, match="transformer: expected a config for each of"):
+    reproduction.part_jobs("transformer", base, str(tmp_path), (0,))
+  presets = reproduce_config.get_presets("mfeat")
+  transformer = reproduction.part_jobs("transformer", base, str(tmp_path), (0,),
+                                       transformer=presets.transformer)
   assert {job.config.model.architecture for job in transformer} == {"transformer"}
 
 
@@ -102,9 +111,9 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
   base = embedded.get_config("mfeat,runlocal")
   with base.unlocked():
     base.num_epochs, base.optimizer.decay_epochs = 1, ()
-  monkeypatch.setattr(reproduction, "CALIBRATION_GRID", tuple(2.0 ** k for k in range(-3, 6)))
-  monkeypatch.setattr(reproduction, "MULTI_GRID", (0.25, 1.0, 4.0))
-  monkeypatch.setattr(reproduction, "UNI_GRID", (0.5, 2.0, 8.0))
+  monkeypatch.setattr(budgets, "CALIBRATION_GRID", tuple(2.0 ** k for k in range(-3, 6)))
+  monkeypatch.setattr(runs, "MULTI_GRID", (0.25, 1.0, 4.0))
+  monkeypatch.setattr(runs, "UNI_GRID", (0.5, 2.0, 8.0))
   # The protocol check's reference, shrunk like the grids (same code path).
   monkeypatch.setitem(attacks.PROTOCOLS, "default", dataclasses.replace(
       attacks.PROTOCOLS["default"], steps=10, restarts=2))
@@ -112,29 +121,30 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
                            max_examples=24, parts=("main", "iterations", "pairs", "imbalance"),
                            pairs=(("fou", "kar"),), pair_methods=("jt",), noise_levels=(2.0,))
   workdir = str(tmp_path / "reproduce")
-  results, meta = reproduction.reproduce(base, workdir, plan)
+  presets = reproduce_config.get_presets("mfeat")
+  results, meta = reproduction.reproduce(base, workdir, plan, presets)
   assert {(r["part"], r["setting"]) for r in results} == {
       ("main", "default"), ("iterations", "default"), ("pairs", "fou+kar"),
       ("imbalance", "noise2")}
-  budgets = json.loads((tmp_path / "reproduce" / reproduction.BUDGETS_FILE).read_text())
-  assert set(budgets) == {"default", "fou+kar"}
-  for scope, entry in budgets["default"].items():
+  calibration = json.loads((tmp_path / "reproduce" / budgets.BUDGETS_FILE).read_text())
+  assert set(calibration) == {"default", "fou+kar"}
+  for scope, entry in calibration["default"].items():
     assert len(entry["budgets"]) == 3 and entry["budgets"] == sorted(entry["budgets"]), scope
   jt = next(r for r in results if r["part"] == "main" and r["method"] == "jt")
-  calibrated = budgets["default"]["multi"]["budgets"]
+  calibrated = calibration["default"]["multi"]["budgets"]
   assert set(calibrated) <= set(jt["curves"]["pgd"]["multi"]["eps"])
-  assert set(budgets["default"]["fou"]["budgets"]) <= set(jt["curves"]["pgd"]["fou"]["eps"])
+  assert set(calibration["default"]["fou"]["budgets"]) <= set(jt["curves"]["pgd"]["fou"]["eps"])
   assert "eta_ratio" in jt and jt["num_examples"] == 24
   assert "protocol_check" in meta and set(meta["protocol_check_points"]) == {"jt", "crmt"}
 
   # A rerun reuses every cached evaluation.
-  cached = os.path.join(workdir, "runs", "main", "jt", "seed0", reproduction.RESULTS_FILE)
+  cached = os.path.join(workdir, "runs", "main", "jt", "seed0", runs.RESULTS_FILE)
   stamp = os.stat(cached).st_mtime_ns
-  again, _ = reproduction.reproduce(base, workdir, plan)
+  again, _ = reproduction.reproduce(base, workdir, plan, presets)
   assert os.stat(cached).st_mtime_ns == stamp and len(again) == len(results)
   # --cached_only with a seed more: nothing trains; the new seed's runs are listed as missing.
   partial, partial_meta = reproduction.reproduce(
-      base, workdir, dataclasses.replace(plan, seeds=(0, 1, 2), cached_only=True))
+      base, workdir, dataclasses.replace(plan, seeds=(0, 1, 2), cached_only=True), presets)
   assert len(partial) == len(results) and not os.path.exists(
       os.path.join(workdir, "runs", "main", "jt", "seed2"))
   assert len(partial_meta["missing"]) == len(results) // 2
@@ -142,15 +152,15 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
 
   partial_meta.update(wall_seconds=1.0, device=reproduction.device_description())
   outdir = tmp_path / "report"
-  report = reproduction_report.write_report(partial, ("pix", "fou"), str(outdir), partial_meta)
+  report = report_lib.write_report(partial, ("pix", "fou"), str(outdir), partial_meta)
   keys = {row["key"] for row in report["claims"]}
   assert keys == {claim.key for claim in claims.CLAIMS}
   rows = {row["key"]: row for row in report["claims"]}
-  assert rows["crmt_jt_over_jt"]["verdicts"][claims.PAPER] in (
+  assert rows["crmt_jt_over_jt"]["verdicts"][evidence.PAPER] in (
       "reproduced", "contradicted", "inconclusive")
-  assert rows["ojt_no_help"]["verdicts"][claims.PAPER] == claims.NOT_RUN
-  assert rows["imbalance_clean"]["verdicts"] == {claims.PAPER: claims.NOT_RUN}
-  assert rows["eta_predicts"]["verdicts"] == {claims.PAPER: claims.NOT_RUN}  # < 3 pairs
+  assert rows["ojt_no_help"]["verdicts"][evidence.PAPER] == evidence.NOT_RUN
+  assert rows["imbalance_clean"]["verdicts"] == {evidence.PAPER: evidence.NOT_RUN}
+  assert rows["eta_predicts"]["verdicts"] == {evidence.PAPER: evidence.NOT_RUN}  # < 3 pairs
   text = (outdir / "report.md").read_text()
   assert text.index("## The paper's claims") < text.index("## Budgets")
   for section in ("## Table 1 (bite budgets)", "## Every modality pair",

@@ -15,6 +15,7 @@ from mmsafe import data as data_lib
 from mmsafe.manifold import orthogonality_error
 from mmsafe.train import TrainState, loop, make_optimizer, restore
 from mmsafe.train.checkpoint import Checkpointer
+from mmsafe.train.experiment import build_experiment
 from mmsafe.train.optimizer import MAX_LEARNING_RATE
 from mmsafe.train.progress import Progress, is_better
 from tests.conftest import assert_fails_before_touching_the_workdir, mfeat_config, rewind
@@ -72,6 +73,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   steps = [line["step"] for line in _read_jsonl(str(tmp_path / "resumed" / "metrics.jsonl"))
            if "train/loss" in line]
   assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
+
+
+def test_every_seed_of_one_model_initialises_with_one_program():
+  """The seed is the init program's argument: seeds 0 and 7 lower to the same
+  program (one compilation, then the persistent cache) and still differ."""
+  lowered, states = [], []
+  for seed in (0, 7):
+    config = mfeat_config("ojt")
+    config.seed = seed
+    experiment = build_experiment(config)
+    init = experiment._init_train_state  # pylint: disable=protected-access
+    lowered.append(jax.jit(init).lower(jax.random.PRNGKey(seed)).as_text())
+    states.append(experiment.init_train_state())
+  assert lowered[0] == lowered[1]
+  first, second = (jax.tree_util.tree_leaves(state.params) for state in states)
+  assert not all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
 def test_checkpoint_round_trip(tmp_path):

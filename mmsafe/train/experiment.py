@@ -80,8 +80,11 @@ class Experiment:
 
   def init_train_state(self) -> TrainState:
     """The initial `TrainState` (deterministic in `config.seed`), built by one
-    compiled program."""
-    return jax.jit(self._init_train_state)()
+    compiled program. The seed's key is an argument, not a constant, so every
+    seed of one model runs the same program (read from the persistent
+    compilation cache after the first)."""
+    key = jax.random.PRNGKey(int(self.config.get("seed", 0)))
+    return jax.jit(self._init_train_state)(key)
 
   def abstract_train_state(self, sharding: jax.sharding.Sharding) -> TrainState:
     """The train state's shapes and dtypes, placed by `sharding` (a checkpoint
@@ -90,8 +93,8 @@ class Experiment:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         jax.eval_shape(self.init_train_state))
 
-  def _init_train_state(self) -> TrainState:
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))
+  def _init_train_state(self, key: jax.Array) -> TrainState:
+    init_rng, train_rng = jax.random.split(key)
     example = {m: jnp.zeros((int(self.config["batch_size"]), *shape), jnp.float32)
                for m, shape in self.splits["train"].modality_shapes.items()}
     variables = self.model.init(init_rng, example)
