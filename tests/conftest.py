@@ -12,22 +12,17 @@ import tempfile
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=1"]).strip()
 
-# Many tests build the same small models and train steps afresh, in this process
-# and in the commands they run as subprocesses: one persistent compilation cache
-# per test session (per worker), which those subprocesses inherit, compiles each
-# distinct program once. A worker runs one test at a time, so no two processes
-# write the same entry at once (the tests that start processes side by side give
-# each its own cache).
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmsafe_jax_cache_")
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-
 import jax  # pylint: disable=wrong-import-position
 import pytest
 
 from experiments.configs import embedded
 from mmsafe.train import loop, restore
 
+# Many tests build the same small models and train steps afresh; a persistent
+# compilation cache (per test session) compiles each distinct program once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mmsafe_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # Fixtures that train models (here and in test modules: `finished_run` in
