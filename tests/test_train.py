@@ -3,7 +3,9 @@ leave the workdir intact."""
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 
 import jax
@@ -75,18 +77,18 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
 
 
-def test_every_seed_of_one_model_initialises_with_one_program():
-  """The seed is the init program's argument: seeds 0 and 7 lower to the same
-  program (one compilation, then the persistent cache) and still differ."""
-  lowered, states = [], []
+def test_every_seed_of_one_model_initialises_with_one_program(caplog):
+  """`init_train_state` passes the seed's key as an argument: seeds 0 and 7 run
+  one compiled program (one persistent-cache key) and still differ."""
+  caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+  states = []
   for seed in (0, 7):
     config = mfeat_config("ojt")
     config.seed = seed
-    experiment = build_experiment(config)
-    init = experiment._init_train_state  # pylint: disable=protected-access
-    lowered.append(jax.jit(init).lower(jax.random.PRNGKey(seed)).as_text())
-    states.append(experiment.init_train_state())
-  assert lowered[0] == lowered[1]
+    states.append(build_experiment(config).init_train_state())
+  keys = re.findall(r"cache (?:hit|miss) for 'jit__init_train_state' with key '([^']+)'",
+                    caplog.text, flags=re.I)
+  assert len(keys) == 2 and keys[0] == keys[1], keys
   first, second = (jax.tree_util.tree_leaves(state.params) for state in states)
   assert not all(np.array_equal(a, b) for a, b in zip(first, second))
 

@@ -57,6 +57,13 @@ def suite(preset: Mapping[str, Any], split: str, protocol: str, max_examples: in
               max_examples=max_examples, **changes)
 
 
+def run_suite(run_dir: str, config: Mapping[str, Any]) -> dict[str, Any]:
+  """The robustness suite `config` run on the model selected in `run_dir`."""
+  _, model, variables, splits = restore.restore_run(run_dir)
+  built = registry.build_evaluators({"robustness": config}, model=model, splits=splits)
+  return built["robustness"].run(variables)
+
+
 def calibrate(run_dir: str, preset: Mapping[str, Any], protocol: str, max_examples: int = 0
               ) -> dict[str, Any]:
   """Budgets at which the model of `run_dir` (JT) keeps robust accuracy
@@ -66,11 +73,9 @@ def calibrate(run_dir: str, preset: Mapping[str, Any], protocol: str, max_exampl
   Returns:
     {scope: {"budgets": [eps per target], "eps": grid, "accuracy": curve}}.
   """
-  _, model, variables, splits = restore.restore_run(run_dir)
-  curve_suite = suite(preset, "validation", protocol, max_examples, multi_eps=CALIBRATION_GRID,
-                      uni_eps=CALIBRATION_GRID, attacks=("pgd",), missing_fills=())
-  built = registry.build_evaluators({"robustness": curve_suite}, model=model, splits=splits)
-  curves = built["robustness"].run(variables)["curves"]["pgd"]
+  curves = run_suite(run_dir, suite(
+      preset, "validation", protocol, max_examples, multi_eps=CALIBRATION_GRID,
+      uni_eps=CALIBRATION_GRID, attacks=("pgd",), missing_fills=()))["curves"]["pgd"]
   return {scope: {"budgets": [crossing(c["eps"], c["accuracy"], t) for t in TARGETS],
                   "eps": c["eps"], "accuracy": c["accuracy"]} for scope, c in curves.items()}
 
@@ -88,13 +93,9 @@ def budgets_of(calibration: Mapping[str, Any], modalities: Sequence[str]
 def pgd_points(run: Mapping[str, Any], budgets: Mapping[str, evidence.Budgets]
                ) -> dict[str, float]:
   """`{"pgd/<scope>@<eps>": accuracy}` of a run's PGD curves at `budgets`."""
-  out = {}
-  for budget in budgets.values():
-    for scope, eps in [(MULTI, budget.multi), *budget.uni.items()]:
-      curve = run["curves"]["pgd"][scope]
-      out[f"pgd/{scope}@{eps:g}"] = curve["accuracy"][
-          [float(e) for e in curve["eps"]].index(float(eps))]
-  return out
+  return {f"pgd/{scope}@{eps:g}": evidence.curve_point(run, "pgd", scope, eps)
+          for budget in budgets.values()
+          for scope, eps in [(MULTI, budget.multi), *budget.uni.items()]}
 
 
 def protocol_check(run: Mapping[str, Any], run_dir: str,
@@ -115,11 +116,9 @@ def protocol_check(run: Mapping[str, Any], run_dir: str,
   multi = sorted({b.multi for b in budgets.values()})
   modalities = sorted(next(iter(budgets.values())).uni)
   uni = {m: sorted({b.uni[m] for b in budgets.values()}) for m in modalities}
-  points_suite = suite(preset, "test", "default", max_examples, multi_eps=tuple(multi),
-                       uni_eps=(), uni_extra_eps=uni, attacks=("pgd",), missing_fills=())
-  _, model, variables, splits = restore.restore_run(run_dir)
-  built = registry.build_evaluators({"robustness": points_suite}, model=model, splits=splits)
-  default = pgd_points(built["robustness"].run(variables), budgets)
+  default = pgd_points(run_suite(run_dir, suite(
+      preset, "test", "default", max_examples, multi_eps=tuple(multi), uni_eps=(),
+      uni_extra_eps=uni, attacks=("pgd",), missing_fills=())), budgets)
   cheap = pgd_points(run, budgets)
   points = {point: [cheap[point], default[point]] for point in default}
   files.write_json_atomic(cached, {"budgets": key, "points": points})

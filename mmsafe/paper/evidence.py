@@ -86,6 +86,12 @@ def robust(kind: str, scope: str, eps: float) -> Outcome:
   return outcome
 
 
+def curve_point(run: Run, kind: str, scope: str, eps: float) -> float:
+  """A run's robust accuracy against `kind` on `scope` at `eps` (a point of its curve)."""
+  curve = run["curves"][kind][scope]
+  return float(curve["accuracy"][[float(e) for e in curve["eps"]].index(float(eps))])
+
+
 def missing(modality: str, fill: str = "zeros") -> Outcome:
   """1 where the example is classified correctly without `modality`."""
   return lambda run: _decode(run, run["per_example"]["missing"][modality][fill])

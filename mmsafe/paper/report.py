@@ -20,6 +20,7 @@ from mmsafe.paper import claims as claims_lib
 from mmsafe.paper import evidence
 from mmsafe.paper import reproduction
 from mmsafe.paper import runs as runs_lib
+from mmsafe.paper.evidence import curve_point
 
 MULTI = evidence.MULTI
 Runs = dict[str, list[dict[str, Any]]]
@@ -41,12 +42,6 @@ def grouped(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Runs]]:
   return out
 
 
-def point(run: Mapping[str, Any], kind: str, scope: str, eps: float) -> float:
-  """A run's robust accuracy against `kind` on `scope` at `eps` (a grid point)."""
-  curve = run["curves"][kind][scope]
-  return float(curve["accuracy"][[float(e) for e in curve["eps"]].index(float(eps))])
-
-
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
   """Mean and sample standard deviation (ddof 1; 0 for one value)."""
   values = np.asarray(values, float)
@@ -65,10 +60,10 @@ def columns(budgets: evidence.Budgets, modalities: Sequence[str], table: str
   """Column name -> `run -> value` of Table 1 (clean, multi-modal FGM / PGD),
   Table 2 (clean, uni-modal FGM / PGD per modality, missing) or Table 3
   (clean, uni-modal then multi-modal FGM / PGD) at `budgets`."""
-  multi = {f"{k.upper()}@{budgets.multi:g}": (lambda r, k=k: point(r, k, MULTI, budgets.multi))
-           for k in ("fgm", "pgd")}
+  multi = {f"{k.upper()}@{budgets.multi:g}":
+           (lambda r, k=k: curve_point(r, k, MULTI, budgets.multi)) for k in ("fgm", "pgd")}
   uni = {f"{k.upper()} {m}@{budgets.uni[m]:g}":
-         (lambda r, k=k, m=m: point(r, k, m, budgets.uni[m]))
+         (lambda r, k=k, m=m: curve_point(r, k, m, budgets.uni[m]))
          for k in ("fgm", "pgd") for m in modalities}
   clean = {"clean": lambda r: float(r["headline"]["clean"])}
   if table == "Table 1":
@@ -96,7 +91,7 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
 def curve_summary(runs: Sequence[Mapping[str, Any]], kind: str, scope: str,
                   grid: Sequence[float]) -> tuple[list[float], list[float], list[float]]:
   """Mean, mean - std and mean + std over seeds of a curve at `grid`."""
-  values = np.asarray([[point(r, kind, scope, e) for e in grid] for r in runs])
+  values = np.asarray([[curve_point(r, kind, scope, e) for e in grid] for r in runs])
   std = values.std(0, ddof=1) if len(runs) > 1 else np.zeros(len(grid))
   return values.mean(0).tolist(), (values.mean(0) - std).tolist(), (values.mean(0) + std).tolist()
 
@@ -117,7 +112,7 @@ def pair_points(pairs: Mapping[str, Runs], uni_grid: Sequence[float]) -> list[di
       for run in seeded:
         if "eta_ratio" not in run:
           continue
-        area = lambda m: float(np.mean([point(run, "pgd", m, e) for e in uni_grid]))
+        area = lambda m: float(np.mean([curve_point(run, "pgd", m, e) for e in uni_grid]))
         points.append({"pair": pair, "method": method, "seed": run["seed"],
                        "eta_log_ratio": evidence.eta_log_ratio(run, first),
                        "attack_gap": area(second) - area(first)})
@@ -141,9 +136,9 @@ def pair_table(pairs: Mapping[str, Runs], budgets: Mapping[str, Any]) -> list[li
     jt = runs["jt"]
     row = [pair, f"{bite.multi:g} / {bite.uni[first]:g} / {bite.uni[second]:g}",
            _cell([r["headline"]["clean"] for r in jt]),
-           _cell([point(r, "pgd", MULTI, bite.multi) for r in jt]),
-           _cell([point(r, "pgd", first, bite.uni[first]) for r in jt]),
-           _cell([point(r, "pgd", second, bite.uni[second]) for r in jt])]
+           _cell([curve_point(r, "pgd", MULTI, bite.multi) for r in jt]),
+           _cell([curve_point(r, "pgd", first, bite.uni[first]) for r in jt]),
+           _cell([curve_point(r, "pgd", second, bite.uni[second]) for r in jt])]
     for method in others:
       if method not in runs:
         row.append("—")

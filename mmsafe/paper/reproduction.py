@@ -92,21 +92,16 @@ def parse_pair(text: str, dataset: str) -> tuple[str, str]:
 
 def transformer_config(base: ml_collections.ConfigDict,
                        transformer: Mapping[str, ml_collections.ConfigDict] | None,
-                       method: str) -> ml_collections.ConfigDict:
-  """`method`'s transformer config (Table 3) with `base`'s epochs, learning-rate
-  decay and modalities, so that it compares with the main part's runs."""
+                       method: str, seed: int) -> ml_collections.ConfigDict:
+  """`method`'s transformer config (Table 3) for `seed`, with `base`'s epochs,
+  learning-rate decay and modalities, so that it compares with the main part's
+  runs."""
   if not transformer or method not in transformer:
     raise ValueError(f"transformer: expected a config for each of {list(TRANSFORMER_METHODS)}, "
                      f"got {sorted(transformer or {})}")
-  config = transformer[method].copy_and_resolve_references()
-  for field in ("num_epochs", "optimizer.decay_epochs", "data.modalities"):
-    *parents, leaf = field.split(".")
-    source, target = base, config
-    for parent in parents:
-      source, target = source[parent], target[parent]
-    with config.unlocked():
-      target[leaf] = source[leaf]
-  return config
+  return runs_lib.configured(transformer[method], method, seed, **{
+      field: runs_lib.field_value(base, field)
+      for field in ("num_epochs", "optimizer.decay_epochs", "data.modalities")})
 
 
 def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
@@ -136,8 +131,8 @@ def part_jobs(part: str, base: ml_collections.ConfigDict, workdir: str, seeds: S
           method in ETA_METHODS)
   elif part == "transformer":
     for method, seed in itertools.product(TRANSFORMER_METHODS, seeds):
-      config = runs_lib.configured(transformer_config(base, transformer, method), method, seed)
-      add("default", method, method, seed, config, False)
+      add("default", method, method, seed, transformer_config(base, transformer, method, seed),
+          False)
   elif part == "iterations":
     for seed in seeds:
       config = runs_lib.two_iterations(runs_lib.configured(base, "crmt", seed))

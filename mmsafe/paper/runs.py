@@ -146,6 +146,21 @@ def train_run(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, Any]
     return diverged
 
 
+def _holder(config: ml_collections.ConfigDict, field: str) -> tuple[Any, str]:
+  """The node of `config` holding the dotted `field`, and the field's last name."""
+  *parents, leaf = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  return node, leaf
+
+
+def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
+  """The value of the dotted `field` of `config` (e.g. "optimizer.decay_epochs")."""
+  node, leaf = _holder(config, field)
+  return node[leaf]
+
+
 def configured(base: ml_collections.ConfigDict, method: str, seed: int, **changes
                ) -> ml_collections.ConfigDict:
   """`base` with `method`, `seed` and `changes` (dotted field -> value)."""
@@ -153,10 +168,7 @@ def configured(base: ml_collections.ConfigDict, method: str, seed: int, **change
   with config.unlocked():
     config.method, config.seed = method, seed
     for field, value in changes.items():
-      *parents, leaf = field.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
+      node, leaf = _holder(config, field)
       node[leaf] = value
   return config
 
